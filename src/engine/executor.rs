@@ -1,0 +1,1024 @@
+//! Runs operations against one tenant database, and computes how to undo each one.
+//!
+//! Every operation runs in two phases. `prepare` checks preconditions and stores, in the tenant
+//! database, whatever the operation is about to destroy (pre-images in `_dbshift_rollback`,
+//! dropped collections moved aside); it returns the operations that undo it. `execute` then
+//! changes the data. A failure at any point can therefore be undone exactly, from data that was
+//! written before anything changed.
+
+use std::sync::Arc;
+
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::{ClientSession, Collection, Database};
+
+use super::bsonx::{self, and, filter_doc, top_field};
+use super::model::*;
+use super::tracking::{DROPPED_PREFIX, ROLLBACK, STAGING_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The operation cannot run on this database as it is (a precondition failed).
+    #[error("{0}")]
+    Precondition(String),
+    /// The operation's own input is wrong (found only at run time, e.g. a value that cannot convert).
+    #[error("{0}")]
+    Data(String),
+    #[error("{action}: {source}")]
+    Mongo {
+        action: String,
+        #[source]
+        source: mongodb::error::Error,
+    },
+}
+
+fn mongo(action: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> ExecError {
+    let action = action.into();
+    move |source| ExecError::Mongo { action, source }
+}
+
+fn data_err(e: String) -> ExecError {
+    ExecError::Data(e)
+}
+
+/// Progress of long operations: (documents done, documents expected if known).
+pub type Progress = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
+
+/// The outcome of `prepare`.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The operation to execute (with run-time choices filled in, e.g. generated `_id`s).
+    pub op: Operation,
+    /// Operations that undo it, or why it cannot be undone.
+    pub undo: Result<Vec<Operation>, String>,
+    /// Nothing to do (e.g. the identical index already exists).
+    pub skip: bool,
+}
+
+fn json(b: Bson) -> serde_json::Value {
+    b.into_canonical_extjson()
+}
+
+async fn collection_exists(db: &Database, name: &str) -> Result<bool, ExecError> {
+    let names = db
+        .list_collection_names()
+        .filter(doc! {"name": name})
+        .await
+        .map_err(mongo(format!("listing collections to find {name}")))?;
+    Ok(!names.is_empty())
+}
+
+/// Store pre-images of the documents matching `query` under `key`: whole documents, or only
+/// the given top-level fields. Runs server-side (`$merge`); nothing crosses the network.
+async fn capture(
+    db: &Database,
+    coll: &str,
+    query: Document,
+    fields: Option<&[String]>,
+    key: &str,
+) -> Result<(), ExecError> {
+    let d: Bson = match fields {
+        None => Bson::String("$$ROOT".into()),
+        Some(fields) => {
+            let mut p = doc! {"_id": "$_id"};
+            for f in fields {
+                p.insert(f.clone(), format!("${f}"));
+            }
+            Bson::Document(p)
+        }
+    };
+    let pipeline = vec![
+        doc! {"$match": query},
+        doc! {"$project": {"_id": {"k": key, "id": "$_id"}, "d": d}},
+        doc! {"$merge": {"into": ROLLBACK, "on": "_id", "whenMatched": "replace", "whenNotMatched": "insert"}},
+    ];
+    db.collection::<Document>(coll)
+        .aggregate(pipeline)
+        .await
+        .map_err(mongo(format!("storing rollback data of {coll}")))?;
+    Ok(())
+}
+
+/// Put pre-images stored under `key` back into `coll`.
+pub async fn restore_preimages(db: &Database, r: &RestorePreimages) -> Result<u64, ExecError> {
+    let stored = db
+        .collection::<Document>(ROLLBACK)
+        .count_documents(doc! {"_id.k": &r.key})
+        .await
+        .map_err(mongo("counting rollback data"))?;
+    if stored == 0 {
+        return Ok(0);
+    }
+    let merge = match r.mode {
+        RestoreMode::Replace => {
+            doc! {"into": &r.collection, "on": "_id", "whenMatched": "replace", "whenNotMatched": "insert"}
+        }
+        RestoreMode::Fields => {
+            let mut when = Vec::new();
+            if !r.unset.is_empty() {
+                when.push(doc! {"$unset": r.unset.clone()});
+            }
+            when.push(doc! {"$replaceWith": {"$mergeObjects": ["$$ROOT", "$$new"]}});
+            doc! {"into": &r.collection, "on": "_id", "whenMatched": when, "whenNotMatched": "discard"}
+        }
+    };
+    let pipeline = vec![
+        doc! {"$match": {"_id.k": &r.key}},
+        doc! {"$replaceRoot": {"newRoot": "$d"}},
+        doc! {"$merge": merge},
+    ];
+    db.collection::<Document>(ROLLBACK)
+        .aggregate(pipeline)
+        .await
+        .map_err(mongo(format!(
+            "restoring rollback data into {}",
+            r.collection
+        )))?;
+    Ok(stored)
+}
+
+/// Delete the rollback data whose keys start with `prefix`.
+pub async fn forget_rollback_data(db: &Database, prefix: &str) -> Result<(), ExecError> {
+    db.collection::<Document>(ROLLBACK)
+        .delete_many(doc! {"_id.k": {"$regex": format!("^{}", regex::escape(prefix))}})
+        .await
+        .map_err(mongo("deleting old rollback data"))?;
+    Ok(())
+}
+
+/// Make sure dbshift's own collections have the indexes they need.
+pub async fn ensure_internal(db: &Database) -> Result<(), ExecError> {
+    db.run_command(
+        doc! {"createIndexes": ROLLBACK, "indexes": [{"key": {"_id.k": 1}, "name": "key"}]},
+    )
+    .await
+    .map_err(mongo("creating the rollback data index"))?;
+    Ok(())
+}
+
+async fn index_specs(db: &Database, coll: &str) -> Result<Vec<Document>, ExecError> {
+    if !collection_exists(db, coll).await? {
+        return Ok(Vec::new());
+    }
+    let r = db
+        .run_command(doc! {"listIndexes": coll})
+        .await
+        .map_err(mongo(format!("listing indexes of {coll}")))?;
+    let batch = r
+        .get_document("cursor")
+        .and_then(|c| c.get_array("firstBatch"))
+        .cloned()
+        .unwrap_or_default();
+    Ok(batch
+        .into_iter()
+        .filter_map(|b| b.as_document().cloned())
+        .collect())
+}
+
+fn index_spec(o: &CreateIndex) -> Result<Document, ExecError> {
+    let keys = bsonx::map_to_doc(&o.keys).map_err(data_err)?;
+    let name = o.name.clone().unwrap_or_else(|| {
+        keys.iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}_{}",
+                    match v {
+                        Bson::String(s) => s.clone(),
+                        other => other.to_string(),
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("_")
+    });
+    let mut spec = doc! {"key": keys, "name": name};
+    if o.unique {
+        spec.insert("unique", true);
+    }
+    if o.sparse {
+        spec.insert("sparse", true);
+    }
+    if let Some(s) = o.expire_after_seconds {
+        spec.insert("expireAfterSeconds", s as i64);
+    }
+    if let Some(p) = &o.partial_filter_expression {
+        spec.insert(
+            "partialFilterExpression",
+            bsonx::to_doc(p).map_err(data_err)?,
+        );
+    }
+    Ok(spec)
+}
+
+/// Compare two index definitions, ignoring server-added fields and number types.
+fn same_index(a: &Document, b: &Document) -> bool {
+    let norm = |d: &Document| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = d
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "v" | "ns" | "background"))
+            .map(|(k, v)| {
+                let v = match v {
+                    Bson::Document(d) => d
+                        .iter()
+                        .map(|(k, v)| format!("{k}:{}", num_str(v)))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => num_str(other),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    norm(a) == norm(b)
+}
+
+fn num_str(b: &Bson) -> String {
+    match b {
+        Bson::Int32(v) => v.to_string(),
+        Bson::Int64(v) => v.to_string(),
+        Bson::Double(v) if v.fract() == 0.0 => (*v as i64).to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn restore(collection: &str, key: &str, mode: RestoreMode, unset: Vec<String>) -> Operation {
+    Operation::RestorePreimages(RestorePreimages {
+        collection: collection.to_string(),
+        key: key.to_string(),
+        mode,
+        unset,
+    })
+}
+
+/// Phase one: check preconditions, store what will be destroyed, and work out the undo.
+pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepared, ExecError> {
+    let ok = |undo: Vec<Operation>| {
+        Ok(Prepared {
+            op: op.clone(),
+            undo: Ok(undo),
+            skip: false,
+        })
+    };
+    match op {
+        Operation::AddField(o) => {
+            let value = bsonx::to_bson(&o.value).map_err(data_err)?;
+            let top = top_field(&o.field).to_string();
+            // Documents that already hold the value are not touched by `up`, but the undo
+            // (unset where field == value) would reach them: keep them as they are.
+            capture(
+                db,
+                &o.collection,
+                doc! {&o.field: value.clone()},
+                Some(&[top.clone()]),
+                key,
+            )
+            .await?;
+            let mut unset = doc! {};
+            unset.insert(&o.field, "");
+            ok(vec![
+                Operation::UpdateMany(UpdateMany {
+                    collection: o.collection.clone(),
+                    filter: serde_json::json!({ &o.field: json(value) }),
+                    update: serde_json::json!({ "$unset": { &o.field: "" } }),
+                }),
+                restore(&o.collection, key, RestoreMode::Fields, vec![top]),
+            ])
+        }
+        Operation::RemoveField(o) => {
+            let q = and(
+                filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                doc! {&o.field: {"$exists": true}},
+            );
+            let top = top_field(&o.field).to_string();
+            capture(db, &o.collection, q, Some(&[top.clone()]), key).await?;
+            ok(vec![restore(
+                &o.collection,
+                key,
+                RestoreMode::Fields,
+                vec![top],
+            )])
+        }
+        Operation::RenameField(o) => {
+            let (tf, tt) = (top_field(&o.from).to_string(), top_field(&o.to).to_string());
+            let fields: Vec<String> = if tf == tt {
+                vec![tf.clone()]
+            } else {
+                vec![tf.clone(), tt.clone()]
+            };
+            // Documents that already have `to`: the rename overwrites it, and the reverse rename
+            // must not move it. Keep both fields of those documents.
+            capture(
+                db,
+                &o.collection,
+                doc! {&o.to: {"$exists": true}},
+                Some(&fields),
+                key,
+            )
+            .await?;
+            ok(vec![
+                Operation::UpdateMany(UpdateMany {
+                    collection: o.collection.clone(),
+                    filter: serde_json::json!({ &o.to: { "$exists": true }, &o.from: { "$exists": false } }),
+                    update: serde_json::json!({ "$rename": { &o.to: &o.from } }),
+                }),
+                restore(&o.collection, key, RestoreMode::Fields, fields),
+            ])
+        }
+        Operation::ConvertType(o) => {
+            let top = top_field(&o.field).to_string();
+            capture(
+                db,
+                &o.collection,
+                convert_query(o)?,
+                Some(&[top.clone()]),
+                key,
+            )
+            .await?;
+            ok(vec![restore(
+                &o.collection,
+                key,
+                RestoreMode::Fields,
+                vec![top],
+            )])
+        }
+        Operation::CreateIndex(o) => {
+            let spec = index_spec(o)?;
+            let name = spec.get_str("name").unwrap_or_default().to_string();
+            let existing = index_specs(db, &o.collection).await?;
+            if let Some(e) = existing
+                .iter()
+                .find(|e| e.get_str("name").ok() == Some(name.as_str()))
+            {
+                if same_index(e, &spec) {
+                    return Ok(Prepared {
+                        op: op.clone(),
+                        undo: Ok(vec![]),
+                        skip: true,
+                    });
+                }
+                return Err(ExecError::Precondition(format!(
+                    "index {name} already exists on {} with a different definition ({e}); drop it first or choose another name",
+                    o.collection
+                )));
+            }
+            ok(vec![Operation::DropIndex(DropIndex {
+                collection: o.collection.clone(),
+                name,
+            })])
+        }
+        Operation::DropIndex(o) => {
+            let existing = index_specs(db, &o.collection).await?;
+            let Some(spec) = existing
+                .into_iter()
+                .find(|e| e.get_str("name").ok() == Some(o.name.as_str()))
+            else {
+                return Err(ExecError::Precondition(format!(
+                    "index {} does not exist on {}",
+                    o.name, o.collection
+                )));
+            };
+            let mut spec = spec;
+            spec.remove("v");
+            spec.remove("ns");
+            let mut cmd = serde_json::Map::new();
+            cmd.insert(
+                "createIndexes".into(),
+                serde_json::Value::String(o.collection.clone()),
+            );
+            cmd.insert(
+                "indexes".into(),
+                serde_json::Value::Array(vec![json(Bson::Document(spec))]),
+            );
+            ok(vec![Operation::RunCommand(RunCommand { command: cmd })])
+        }
+        Operation::CreateCollection(o) => {
+            if collection_exists(db, &o.collection).await? {
+                return Err(ExecError::Precondition(format!(
+                    "collection {} already exists",
+                    o.collection
+                )));
+            }
+            ok(vec![Operation::DropCollection(CollectionRef {
+                collection: o.collection.clone(),
+            })])
+        }
+        Operation::DropCollection(o) => {
+            if !collection_exists(db, &o.collection).await? {
+                return Err(ExecError::Precondition(format!(
+                    "collection {} does not exist",
+                    o.collection
+                )));
+            }
+            let aside = aside_name(key, &o.collection);
+            Ok(Prepared {
+                op: Operation::RenameCollection(RenameCollection {
+                    from: o.collection.clone(),
+                    to: aside.clone(),
+                }),
+                undo: Ok(vec![Operation::RenameCollection(RenameCollection {
+                    from: aside,
+                    to: o.collection.clone(),
+                })]),
+                skip: false,
+            })
+        }
+        Operation::RenameCollection(o) => {
+            if !collection_exists(db, &o.from).await? {
+                return Err(ExecError::Precondition(format!(
+                    "collection {} does not exist",
+                    o.from
+                )));
+            }
+            if collection_exists(db, &o.to).await? {
+                return Err(ExecError::Precondition(format!(
+                    "cannot rename {} to {}: {} already exists",
+                    o.from, o.to, o.to
+                )));
+            }
+            ok(vec![Operation::RenameCollection(RenameCollection {
+                from: o.to.clone(),
+                to: o.from.clone(),
+            })])
+        }
+        Operation::InsertDocuments(o) => {
+            let mut docs = Vec::new();
+            let mut ids = Vec::new();
+            for d in &o.documents {
+                let mut d = bsonx::map_to_doc(d).map_err(data_err)?;
+                if !d.contains_key("_id") {
+                    let mut with_id = doc! {"_id": bson::oid::ObjectId::new()};
+                    with_id.extend(d);
+                    d = with_id;
+                }
+                ids.push(d.get("_id").cloned().unwrap_or(Bson::Null));
+                match json(Bson::Document(d)) {
+                    serde_json::Value::Object(m) => docs.push(m),
+                    _ => unreachable!(),
+                }
+            }
+            Ok(Prepared {
+                op: Operation::InsertDocuments(InsertDocuments {
+                    collection: o.collection.clone(),
+                    documents: docs,
+                }),
+                undo: Ok(vec![Operation::DeleteDocuments(DeleteDocuments {
+                    collection: o.collection.clone(),
+                    filter: serde_json::json!({ "_id": { "$in": json(Bson::Array(ids)) } }),
+                })]),
+                skip: false,
+            })
+        }
+        Operation::DeleteDocuments(o) => {
+            capture(
+                db,
+                &o.collection,
+                bsonx::to_doc(&o.filter).map_err(data_err)?,
+                None,
+                key,
+            )
+            .await?;
+            ok(vec![restore(
+                &o.collection,
+                key,
+                RestoreMode::Replace,
+                vec![],
+            )])
+        }
+        Operation::UpdateMany(o) => {
+            capture(
+                db,
+                &o.collection,
+                bsonx::to_doc(&o.filter).map_err(data_err)?,
+                None,
+                key,
+            )
+            .await?;
+            // Documents an upsert-free update may have changed: put the whole pre-image back.
+            ok(vec![restore(
+                &o.collection,
+                key,
+                RestoreMode::Replace,
+                vec![],
+            )])
+        }
+        // Pre-images of the documents a transform changes are written while it runs, before
+        // the changed documents are merged back.
+        Operation::Transform(o) => ok(vec![restore(
+            &o.collection,
+            key,
+            RestoreMode::Replace,
+            vec![],
+        )]),
+        Operation::RunCommand(_) => Ok(Prepared {
+            op: op.clone(),
+            undo: Err(
+                "runCommand has no automatic inverse; give the migration an explicit `down`".into(),
+            ),
+            skip: false,
+        }),
+        Operation::RestorePreimages(_) => Ok(Prepared {
+            op: op.clone(),
+            undo: Err("putting rollback data back cannot itself be undone".into()),
+            skip: false,
+        }),
+    }
+}
+
+fn aside_name(key: &str, coll: &str) -> String {
+    let k: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{DROPPED_PREFIX}{k}_{coll}")
+}
+
+fn convert_query(o: &ConvertType) -> Result<Document, ExecError> {
+    let type_cond = match o.from {
+        Some(from) => doc! {"$type": from.mongo_name()},
+        None => doc! {"$exists": true, "$ne": null, "$not": {"$type": o.to.mongo_name()}},
+    };
+    Ok(and(
+        filter_doc(o.filter.as_ref()).map_err(data_err)?,
+        doc! {&o.field: type_cond},
+    ))
+}
+
+/// Run a session-aware driver action: inside the transaction when there is one.
+macro_rules! in_session {
+    ($action:expr, $session:expr) => {
+        match $session {
+            Some(s) => $action.session(&mut **s).await,
+            None => $action.await,
+        }
+    };
+}
+
+/// Phase two: change the data. Returns the number of documents affected.
+pub async fn execute(
+    db: &Database,
+    prepared: &Prepared,
+    key: &str,
+    mut session: Option<&mut ClientSession>,
+    progress: Option<Progress>,
+) -> Result<u64, ExecError> {
+    if prepared.skip {
+        return Ok(0);
+    }
+    let coll = |name: &str| -> Collection<Document> { db.collection(name) };
+    let s = &mut session;
+    match &prepared.op {
+        Operation::AddField(o) => {
+            let value = bsonx::to_bson(&o.value).map_err(data_err)?;
+            let q = and(
+                filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                doc! {&o.field: {"$exists": false}},
+            );
+            let r = in_session!(
+                coll(&o.collection).update_many(q, doc! {"$set": {&o.field: value}}),
+                s
+            )
+            .map_err(mongo(format!("adding {} to {}", o.field, o.collection)))?;
+            Ok(r.modified_count)
+        }
+        Operation::RemoveField(o) => {
+            let q = and(
+                filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                doc! {&o.field: {"$exists": true}},
+            );
+            let r = in_session!(
+                coll(&o.collection).update_many(q, doc! {"$unset": {&o.field: ""}}),
+                s
+            )
+            .map_err(mongo(format!("removing {} from {}", o.field, o.collection)))?;
+            Ok(r.modified_count)
+        }
+        Operation::RenameField(o) => {
+            let q = and(
+                filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                doc! {&o.from: {"$exists": true}},
+            );
+            let r = in_session!(
+                coll(&o.collection).update_many(q, doc! {"$rename": {&o.from: &o.to}}),
+                s
+            )
+            .map_err(mongo(format!(
+                "renaming {} to {} in {}",
+                o.from, o.to, o.collection
+            )))?;
+            Ok(r.modified_count)
+        }
+        Operation::ConvertType(o) => {
+            let q = convert_query(o)?;
+            let on_error = match o.on_error {
+                OnConvertError::Null => Bson::Null,
+                OnConvertError::Keep | OnConvertError::Fail => {
+                    Bson::String(format!("${}", o.field))
+                }
+            };
+            let pipeline = vec![
+                doc! {"$set": {&o.field: {"$convert": {"input": format!("${}", o.field), "to": o.to.mongo_name(), "onError": on_error}}}},
+            ];
+            let r = in_session!(coll(&o.collection).update_many(q.clone(), pipeline), s).map_err(
+                mongo(format!(
+                    "converting {} in {} to {}",
+                    o.field,
+                    o.collection,
+                    o.to.mongo_name()
+                )),
+            )?;
+            if o.on_error == OnConvertError::Fail {
+                let left = in_session!(coll(&o.collection).find_one(q.clone()), s)
+                    .map_err(mongo("checking the conversion"))?;
+                if let Some(d) = left {
+                    let n = in_session!(coll(&o.collection).count_documents(q), s)
+                        .map_err(mongo("checking the conversion"))?;
+                    return Err(ExecError::Data(format!(
+                        "{n} value(s) of {} in {} cannot be converted to {}, e.g. {} in the document with _id {} \
+                         (set `onError: keep` or `onError: null` to allow this)",
+                        o.field,
+                        o.collection,
+                        o.to.mongo_name(),
+                        d.get(&o.field).map(|v| v.to_string()).unwrap_or_else(|| "(nested)".into()),
+                        d.get("_id").map(|v| v.to_string()).unwrap_or_default()
+                    )));
+                }
+            }
+            Ok(r.modified_count)
+        }
+        Operation::CreateIndex(o) => {
+            let spec = index_spec(o)?;
+            db.run_command(doc! {"createIndexes": &o.collection, "indexes": [spec]})
+                .await
+                .map_err(mongo(format!("creating an index on {}", o.collection)))?;
+            Ok(0)
+        }
+        Operation::DropIndex(o) => {
+            match db
+                .run_command(doc! {"dropIndexes": &o.collection, "index": &o.name})
+                .await
+            {
+                Ok(_) => Ok(0),
+                // Undoing a createIndex that never completed.
+                Err(e) if error_code(&e) == Some(27) => Ok(0),
+                Err(e) => Err(mongo(format!(
+                    "dropping index {} of {}",
+                    o.name, o.collection
+                ))(e)),
+            }
+        }
+        Operation::CreateCollection(o) => {
+            let mut cmd = doc! {"create": &o.collection};
+            let schema = o
+                .json_schema
+                .as_ref()
+                .map(bsonx::to_doc)
+                .transpose()
+                .map_err(data_err)?;
+            let other = o
+                .validator
+                .as_ref()
+                .map(bsonx::to_doc)
+                .transpose()
+                .map_err(data_err)?;
+            let validator = match (schema, other) {
+                (Some(s), Some(v)) => Some(doc! {"$and": [{"$jsonSchema": s}, v]}),
+                (Some(s), None) => Some(doc! {"$jsonSchema": s}),
+                (None, v) => v,
+            };
+            if let Some(v) = validator {
+                cmd.insert("validator", v);
+            }
+            if let Some(l) = o.validation_level {
+                cmd.insert(
+                    "validationLevel",
+                    serde_json::to_value(l).unwrap().as_str().unwrap(),
+                );
+            }
+            if let Some(a) = o.validation_action {
+                cmd.insert(
+                    "validationAction",
+                    serde_json::to_value(a).unwrap().as_str().unwrap(),
+                );
+            }
+            db.run_command(cmd)
+                .await
+                .map_err(mongo(format!("creating collection {}", o.collection)))?;
+            Ok(0)
+        }
+        Operation::DropCollection(o) => {
+            // Only reached when undoing createCollection: the data goes aside, not away.
+            if !collection_exists(db, &o.collection).await? {
+                return Ok(0);
+            }
+            let aside = aside_name(key, &o.collection);
+            rename_collection(db, &o.collection, &aside).await?;
+            Ok(0)
+        }
+        Operation::RenameCollection(o) => {
+            rename_collection(db, &o.from, &o.to).await?;
+            Ok(0)
+        }
+        Operation::InsertDocuments(o) => {
+            let docs: Vec<Document> = o
+                .documents
+                .iter()
+                .map(bsonx::map_to_doc)
+                .collect::<Result<_, _>>()
+                .map_err(data_err)?;
+            let r = in_session!(coll(&o.collection).insert_many(docs), s)
+                .map_err(mongo(format!("inserting documents into {}", o.collection)))?;
+            Ok(r.inserted_ids.len() as u64)
+        }
+        Operation::DeleteDocuments(o) => {
+            let q = bsonx::to_doc(&o.filter).map_err(data_err)?;
+            let r = in_session!(coll(&o.collection).delete_many(q), s)
+                .map_err(mongo(format!("deleting documents from {}", o.collection)))?;
+            Ok(r.deleted_count)
+        }
+        Operation::UpdateMany(o) => {
+            let q = bsonx::to_doc(&o.filter).map_err(data_err)?;
+            let r = match &o.update {
+                serde_json::Value::Array(stages) => {
+                    let p: Vec<Document> = stages
+                        .iter()
+                        .map(bsonx::to_doc)
+                        .collect::<Result<_, _>>()
+                        .map_err(data_err)?;
+                    in_session!(coll(&o.collection).update_many(q, p), s)
+                }
+                u => in_session!(
+                    coll(&o.collection).update_many(q, bsonx::to_doc(u).map_err(data_err)?),
+                    s
+                ),
+            }
+            .map_err(mongo(format!("updating documents of {}", o.collection)))?;
+            Ok(r.modified_count)
+        }
+        Operation::Transform(o) => run_transform(db, o, key, progress).await,
+        Operation::RunCommand(o) => {
+            let cmd = bsonx::map_to_doc(&o.command).map_err(data_err)?;
+            let name = cmd.keys().next().cloned().unwrap_or_default();
+            db.run_command(cmd)
+                .await
+                .map_err(mongo(format!("running command {name}")))?;
+            Ok(0)
+        }
+        Operation::RestorePreimages(r) => restore_preimages(db, r).await,
+    }
+}
+
+pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+async fn rename_collection(db: &Database, from: &str, to: &str) -> Result<(), ExecError> {
+    let name = db.name();
+    db.client()
+        .database("admin")
+        .run_command(doc! {"renameCollection": format!("{name}.{from}"), "to": format!("{name}.{to}"), "dropTarget": false})
+        .await
+        .map_err(mongo(format!("renaming collection {from} to {to}")))?;
+    Ok(())
+}
+
+/// `transform`: read in batches, run the script on a thread of its own, and write back cheaply.
+///
+/// Changed documents are not updated one by one (each single-document update costs the server
+/// far more than an insert). Their pre-images go to `_dbshift_rollback` and the new versions
+/// to a staging collection, both with bulk inserts; one server-side `$merge` then replaces the
+/// originals. Reading, JavaScript and writing overlap, with at most two batches in flight each.
+async fn run_transform(
+    db: &Database,
+    o: &Transform,
+    key: &str,
+    progress: Option<Progress>,
+) -> Result<u64, ExecError> {
+    let source = db.collection::<Document>(&o.collection);
+    let staging_name = format!(
+        "{STAGING_PREFIX}{}",
+        key.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect::<String>()
+    );
+    let staging = db.collection::<Document>(&staging_name);
+    staging
+        .drop()
+        .await
+        .map_err(mongo("clearing the transform staging collection"))?;
+    let filter = filter_doc(o.filter.as_ref()).map_err(data_err)?;
+    let batch_size = o.batch_size.unwrap_or(1000).max(1) as usize;
+    let total = if filter.is_empty() {
+        source.estimated_document_count().await.ok()
+    } else {
+        source.count_documents(filter.clone()).await.ok()
+    };
+
+    let (to_js, mut js_in) = tokio::sync::mpsc::channel::<Vec<Document>>(2);
+    let (js_out, mut from_js) =
+        tokio::sync::mpsc::channel::<Result<(Vec<Document>, Vec<Document>), String>>(2);
+    let script = o.script.clone();
+    let js = std::thread::Builder::new()
+        .name("dbshift-transform".into())
+        .spawn(move || {
+            let t = match super::transform::Transformer::new(&script) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = js_out.blocking_send(Err(e));
+                    return;
+                }
+            };
+            while let Some(docs) = js_in.blocking_recv() {
+                let r = t.run_batch(&docs).map(|outs| {
+                    let mut pre = Vec::new();
+                    let mut new = Vec::new();
+                    for (old, out) in docs.into_iter().zip(outs) {
+                        if let Some(n) = out {
+                            new.push(n);
+                            pre.push(old);
+                        }
+                    }
+                    (pre, new)
+                });
+                let failed = r.is_err();
+                if js_out.blocking_send(r).is_err() || failed {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| ExecError::Data(format!("cannot start the transform thread: {e}")))?;
+
+    let key_owned = key.to_string();
+    let rollback = db.collection::<Document>(ROLLBACK);
+    let staging_w = staging.clone();
+    let writer = tokio::spawn(async move {
+        let mut changed = 0u64;
+        let opts = mongodb::options::InsertManyOptions::builder()
+            .ordered(false)
+            .build();
+        while let Some(batch) = from_js.recv().await {
+            let (pre, new) = batch.map_err(ExecError::Data)?;
+            if new.is_empty() {
+                continue;
+            }
+            changed += new.len() as u64;
+            let wrapped: Vec<Document> = pre
+                .into_iter()
+                .map(|d| doc! {"_id": {"k": &key_owned, "id": d.get("_id").cloned().unwrap_or(Bson::Null)}, "d": d})
+                .collect();
+            let (a, b) = tokio::join!(
+                rollback.insert_many(wrapped).with_options(opts.clone()),
+                staging_w.insert_many(new).with_options(opts.clone())
+            );
+            a.map_err(mongo("storing pre-images of transformed documents"))?;
+            b.map_err(mongo("staging transformed documents"))?;
+        }
+        Ok::<u64, ExecError>(changed)
+    });
+
+    let read = async {
+        let mut cursor = source
+            .find(filter)
+            .batch_size(batch_size as u32)
+            .await
+            .map_err(mongo(format!("reading {}", o.collection)))?;
+        let mut batch = Vec::with_capacity(batch_size);
+        let mut done = 0u64;
+        while let Some(d) = cursor
+            .try_next()
+            .await
+            .map_err(mongo(format!("reading {}", o.collection)))?
+        {
+            batch.push(d);
+            if batch.len() == batch_size {
+                done += batch.len() as u64;
+                if to_js
+                    .send(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(batch_size),
+                    ))
+                    .await
+                    .is_err()
+                {
+                    return Ok(()); // the script failed; the writer reports why
+                }
+                if let Some(p) = &progress {
+                    p(done, total);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            done += batch.len() as u64;
+            let _ = to_js.send(batch).await;
+        }
+        if let Some(p) = &progress {
+            p(done, total);
+        }
+        Ok::<(), ExecError>(())
+    };
+    let read_result = read.await;
+    drop(to_js);
+    let written = writer
+        .await
+        .map_err(|e| ExecError::Data(format!("transform writer stopped: {e}")))?;
+    let _ = js.join();
+    read_result?;
+    let changed = written?;
+    if changed > 0 {
+        staging
+            .aggregate(vec![doc! {"$merge": {"into": &o.collection, "on": "_id", "whenMatched": "replace", "whenNotMatched": "discard"}}])
+            .await
+            .map_err(mongo(format!("merging transformed documents into {}", o.collection)))?;
+    }
+    staging
+        .drop()
+        .await
+        .map_err(mongo("dropping the transform staging collection"))?;
+    Ok(changed)
+}
+
+/// How many documents an operation would touch (for plans), when that can be known cheaply.
+pub async fn estimate(db: &Database, op: &Operation) -> Result<Option<u64>, ExecError> {
+    let count = |c: &str, q: Document| {
+        let c = db.collection::<Document>(c);
+        async move {
+            c.count_documents(q)
+                .await
+                .map(Some)
+                .map_err(mongo("counting documents for the plan"))
+        }
+    };
+    match op {
+        Operation::AddField(o) => {
+            count(
+                &o.collection,
+                and(
+                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                    doc! {&o.field: {"$exists": false}},
+                ),
+            )
+            .await
+        }
+        Operation::RemoveField(o) => {
+            count(
+                &o.collection,
+                and(
+                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                    doc! {&o.field: {"$exists": true}},
+                ),
+            )
+            .await
+        }
+        Operation::RenameField(o) => {
+            count(
+                &o.collection,
+                and(
+                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
+                    doc! {&o.from: {"$exists": true}},
+                ),
+            )
+            .await
+        }
+        Operation::ConvertType(o) => count(&o.collection, convert_query(o)?).await,
+        Operation::DeleteDocuments(o) => {
+            count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await
+        }
+        Operation::UpdateMany(o) => {
+            count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await
+        }
+        Operation::Transform(o) => {
+            count(
+                &o.collection,
+                filter_doc(o.filter.as_ref()).map_err(data_err)?,
+            )
+            .await
+        }
+        Operation::InsertDocuments(o) => Ok(Some(o.documents.len() as u64)),
+        Operation::DropCollection(o) => count(&o.collection, doc! {}).await,
+        _ => Ok(None),
+    }
+}
+
+/// Documents currently in rollback storage, for reports.
+pub async fn rollback_count(db: &Database, prefix: &str) -> Result<u64, ExecError> {
+    db.collection::<Document>(ROLLBACK)
+        .count_documents(doc! {"_id.k": {"$regex": format!("^{}", regex::escape(prefix))}})
+        .await
+        .map_err(mongo("counting rollback data"))
+}
+
+/// Collections moved aside by dropCollection.
+pub async fn dropped_collections(db: &Database) -> Result<Vec<String>, ExecError> {
+    let names: Vec<String> = db
+        .list_collection_names()
+        .await
+        .map_err(mongo("listing collections"))?;
+    Ok(names
+        .into_iter()
+        .filter(|n| n.starts_with(DROPPED_PREFIX))
+        .collect())
+}

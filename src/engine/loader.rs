@@ -1,0 +1,658 @@
+//! Reads a migrations directory: file names, YAML, semantic checks, checksums.
+//!
+//! Everything is checked before any database is touched; every problem found is reported
+//! (not just the first) with the file, the line when it is known, and what to change.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::bsonx;
+use super::model::*;
+
+/// A migration read from disk.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    /// `yyyyMMddHHmmss`, UTC.
+    pub version: String,
+    /// The slug after the version in the file name.
+    pub name: String,
+    pub path: PathBuf,
+    pub file: MigrationFile,
+    /// SHA-256 of the canonical form of what changes the database (`up`, `down`, `transaction`).
+    /// Comments, formatting, description and checks can be edited without changing it.
+    pub checksum: String,
+}
+
+impl Migration {
+    /// `<version>_<name>`, the id recorded in the tracking collection.
+    pub fn id(&self) -> String {
+        format!("{}_{}", self.version, self.name)
+    }
+
+    /// Whether this migration runs under the given active profiles.
+    pub fn active_for(&self, profiles: &[String]) -> bool {
+        self.file.profiles.is_empty() || self.file.profiles.iter().any(|p| profiles.contains(p))
+    }
+}
+
+/// One problem in one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a migrations directory.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct LoadError {
+    pub errors: Vec<FileError>,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "{n} problem{} in migration files:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Split `20250105120000_add_preferences.yaml` into version and slug.
+pub fn parse_file_name(name: &str) -> Result<(String, String), String> {
+    let stem = name
+        .strip_suffix(".yaml")
+        .or_else(|| name.strip_suffix(".yml"))
+        .ok_or_else(|| "not a .yaml file".to_string())?;
+    let bad = || {
+        format!(
+            "file name must be <version>_<slug>.yaml with a 14-digit UTC version (yyyyMMddHHmmss) \
+             and a slug of lowercase letters, digits, '_' or '-', e.g. 20250105120000_add_preferences.yaml"
+        )
+    };
+    let (version, slug) = stem.split_once('_').ok_or_else(bad)?;
+    if version.len() != 14 || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if slug.is_empty()
+        || !slug
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(bad());
+    }
+    chrono::NaiveDateTime::parse_from_str(version, "%Y%m%d%H%M%S")
+        .map_err(|_| format!("version {version} is not a valid UTC timestamp (yyyyMMddHHmmss)"))?;
+    Ok((version.to_string(), slug.to_string()))
+}
+
+/// Load every migration file of `dir`, sorted by version.
+pub fn load_dir(dir: &Path) -> Result<Vec<Migration>, LoadError> {
+    let one = |message: String| LoadError {
+        errors: vec![FileError {
+            path: dir.to_path_buf(),
+            line: None,
+            column: None,
+            message,
+        }],
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| one(format!("cannot read the migrations directory: {e}")))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| one(format!("cannot read the migrations directory: {e}")))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if (name.ends_with(".yaml") || name.ends_with(".yml")) && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for path in files {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push((path, text)),
+            Err(e) => errors.push(FileError {
+                path,
+                line: None,
+                column: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    match load_sources(sources) {
+        Ok(m) if errors.is_empty() => Ok(m),
+        Ok(_) => Err(LoadError { errors }),
+        Err(mut e) => {
+            errors.append(&mut e.errors);
+            Err(LoadError { errors })
+        }
+    }
+}
+
+/// Parse and check migrations given as (path, text) pairs. Used by [`load_dir`] and by the
+/// operator, which reads files from a ConfigMap.
+pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, LoadError> {
+    let mut errors = Vec::new();
+    let mut by_version: BTreeMap<String, Migration> = BTreeMap::new();
+    for (path, text) in sources {
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let err = |line, column, message| FileError {
+            path: path.clone(),
+            line,
+            column,
+            message,
+        };
+        let (version, name) = match parse_file_name(&file_name) {
+            Ok(v) => v,
+            Err(m) => {
+                errors.push(err(None, None, m));
+                continue;
+            }
+        };
+        let file: MigrationFile = match parse_yaml(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                let loc = e.location();
+                errors.push(err(
+                    loc.as_ref().map(|l| l.line()),
+                    loc.as_ref().map(|l| l.column()),
+                    e.to_string()
+                        .split(" at line ")
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                ));
+                continue;
+            }
+        };
+        let problems = check_file(&file);
+        if !problems.is_empty() {
+            for (section, index, message) in problems {
+                let line = index.and_then(|i| locate_item(&text, section, i));
+                let place = match index {
+                    Some(i) => format!("{section}[{i}]: "),
+                    None => String::new(),
+                };
+                errors.push(err(line, None, format!("{place}{message}")));
+            }
+            continue;
+        }
+        if let Some(other) = by_version.get(&version) {
+            errors.push(err(
+                None,
+                None,
+                format!("version {version} is also used by {}", other.path.display()),
+            ));
+            continue;
+        }
+        let checksum = checksum(&file);
+        by_version.insert(
+            version.clone(),
+            Migration {
+                version,
+                name,
+                path: path.clone(),
+                file,
+                checksum,
+            },
+        );
+    }
+    if errors.is_empty() {
+        Ok(by_version.into_values().collect())
+    } else {
+        Err(LoadError { errors })
+    }
+}
+
+/// Parse a migration file. Operations are written as single-key maps (`- addField: {...}`).
+pub fn parse_yaml(text: &str) -> Result<MigrationFile, serde_yaml::Error> {
+    serde_yaml::with::singleton_map_recursive::deserialize(serde_yaml::Deserializer::from_str(text))
+}
+
+/// Checksum of what a migration does to a database.
+pub fn checksum(file: &MigrationFile) -> String {
+    let canonical =
+        serde_json::json!({ "up": file.up, "down": file.down, "transaction": file.transaction });
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&canonical).expect("serializable"));
+    hex::encode(h.finalize())
+}
+
+/// The line of item `index` of the top-level list `section` (best effort, for error messages).
+fn locate_item(text: &str, section: &str, index: usize) -> Option<usize> {
+    let mut lines = text.lines().enumerate();
+    lines.find(|(_, l)| {
+        l.trim_end() == format!("{section}:") || l.starts_with(&format!("{section}: "))
+    })?;
+    let mut indent = None;
+    let mut seen = 0;
+    for (n, l) in lines {
+        let trimmed = l.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let ind = l.len() - trimmed.len();
+        if ind == 0 && !trimmed.starts_with('-') {
+            return None;
+        }
+        if trimmed.starts_with('-') {
+            let expected = *indent.get_or_insert(ind);
+            if ind == expected {
+                if seen == index {
+                    return Some(n + 1);
+                }
+                seen += 1;
+            }
+        }
+    }
+    None
+}
+
+type Problem = (&'static str, Option<usize>, String);
+
+/// Semantic checks serde cannot express. Returns (section, item index, message).
+pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
+    let mut out: Vec<Problem> = Vec::new();
+    if file.up.is_empty() {
+        out.push(("up", None, "`up` must list at least one operation".into()));
+    }
+    for (i, op) in file.up.iter().enumerate() {
+        for m in check_operation(op) {
+            out.push(("up", Some(i), format!("{}: {m}", op.kind())));
+        }
+        if file.transaction && !op.is_data_operation() {
+            out.push(("up", Some(i), format!("{} cannot run inside a transaction (`transaction: true` allows only document operations)", op.kind())));
+        }
+    }
+    for (i, op) in file.down.iter().flatten().enumerate() {
+        for m in check_operation(op) {
+            out.push(("down", Some(i), format!("{}: {m}", op.kind())));
+        }
+    }
+    for (i, c) in file.validate.iter().enumerate() {
+        for m in check_check(c) {
+            out.push(("validate", Some(i), format!("{}: {m}", c.kind())));
+        }
+    }
+    for p in &file.profiles {
+        if p.trim().is_empty() {
+            out.push(("profiles", None, "profile names must not be empty".into()));
+        }
+    }
+    out
+}
+
+/// Problems with a collection name written by a user.
+pub fn check_collection_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("collection name is empty".into())
+    } else if name.starts_with("_dbshift") {
+        Some(format!("collection `{name}`: names starting with `_dbshift` are reserved for dbshift's own data"))
+    } else if name.starts_with("system.") {
+        Some(format!(
+            "collection `{name}`: system collections cannot be migrated"
+        ))
+    } else if name.contains('$') || name.contains('\0') {
+        Some(format!(
+            "collection `{name}` contains `$` or a NUL character"
+        ))
+    } else {
+        None
+    }
+}
+
+fn check_field(field: &str, what: &str) -> Option<String> {
+    if field.is_empty() {
+        Some(format!("`{what}` is empty"))
+    } else if field.starts_with('$') || field.split('.').any(|s| s.is_empty()) {
+        Some(format!("`{what}` `{field}` is not a valid field path"))
+    } else if field == "_id" || field.starts_with("_id.") {
+        Some(format!(
+            "`{what}` cannot be `_id`: a document's _id cannot change"
+        ))
+    } else {
+        None
+    }
+}
+
+fn check_filter(filter: Option<&serde_json::Value>, what: &str) -> Option<String> {
+    filter
+        .and_then(|f| bsonx::to_doc(f).err())
+        .map(|e| format!("`{what}`: {e}"))
+}
+
+fn check_operation(op: &Operation) -> Vec<String> {
+    let mut p: Vec<Option<String>> = Vec::new();
+    if let Some(c) = op.collection() {
+        p.push(check_collection_name(c));
+    }
+    match op {
+        Operation::AddField(o) => {
+            p.push(check_field(&o.field, "field"));
+            p.push(
+                bsonx::to_bson(&o.value)
+                    .err()
+                    .map(|e| format!("`value`: {e}")),
+            );
+            p.push(check_filter(o.filter.as_ref(), "filter"));
+        }
+        Operation::RemoveField(o) => {
+            p.push(check_field(&o.field, "field"));
+            p.push(check_filter(o.filter.as_ref(), "filter"));
+        }
+        Operation::RenameField(o) => {
+            p.push(check_field(&o.from, "from"));
+            p.push(check_field(&o.to, "to"));
+            if o.from == o.to {
+                p.push(Some("`from` and `to` are the same".into()));
+            } else if o.to.starts_with(&format!("{}.", o.from))
+                || o.from.starts_with(&format!("{}.", o.to))
+            {
+                p.push(Some(
+                    "`from` and `to` cannot be a path and its parent".into(),
+                ));
+            }
+            p.push(check_filter(o.filter.as_ref(), "filter"));
+        }
+        Operation::ConvertType(o) => {
+            p.push(check_field(&o.field, "field"));
+            if o.from == Some(o.to) {
+                p.push(Some("`from` and `to` are the same type".into()));
+            }
+            p.push(check_filter(o.filter.as_ref(), "filter"));
+        }
+        Operation::CreateIndex(o) => {
+            if o.keys.is_empty() {
+                p.push(Some("`keys` is empty".into()));
+            }
+            for (k, v) in &o.keys {
+                let ok = matches!(v.as_i64(), Some(1) | Some(-1))
+                    || matches!(
+                        v.as_str(),
+                        Some("2dsphere") | Some("2d") | Some("text") | Some("hashed")
+                    );
+                if !ok {
+                    p.push(Some(format!("key `{k}`: direction must be 1, -1, \"2dsphere\", \"2d\", \"text\" or \"hashed\"")));
+                }
+                if k.is_empty() || k.starts_with('$') {
+                    p.push(Some(format!("key `{k}` is not a valid field path")));
+                }
+            }
+            if o.expire_after_seconds.is_some() && o.keys.len() != 1 {
+                p.push(Some(
+                    "a TTL index (`expireAfterSeconds`) must have exactly one key".into(),
+                ));
+            }
+            p.push(check_filter(
+                o.partial_filter_expression.as_ref(),
+                "partialFilterExpression",
+            ));
+            if o.name.as_deref() == Some("") {
+                p.push(Some("`name` is empty".into()));
+            }
+        }
+        Operation::DropIndex(o) => {
+            if o.name == "_id_" {
+                p.push(Some("the `_id_` index cannot be dropped".into()));
+            }
+        }
+        Operation::CreateCollection(o) => {
+            p.push(check_filter(o.json_schema.as_ref(), "jsonSchema"));
+            p.push(check_filter(o.validator.as_ref(), "validator"));
+        }
+        Operation::DropCollection(_) => {}
+        Operation::RenameCollection(o) => {
+            p.push(check_collection_name(&o.to));
+            if o.from == o.to {
+                p.push(Some("`from` and `to` are the same".into()));
+            }
+        }
+        Operation::InsertDocuments(o) => {
+            if o.documents.is_empty() {
+                p.push(Some("`documents` is empty".into()));
+            }
+            for (i, d) in o.documents.iter().enumerate() {
+                p.push(
+                    bsonx::map_to_doc(d)
+                        .err()
+                        .map(|e| format!("documents[{i}]: {e}")),
+                );
+            }
+        }
+        Operation::DeleteDocuments(o) => p.push(check_filter(Some(&o.filter), "filter")),
+        Operation::UpdateMany(o) => {
+            p.push(check_filter(Some(&o.filter), "filter"));
+            match &o.update {
+                serde_json::Value::Array(stages) => {
+                    if stages.is_empty() {
+                        p.push(Some("`update` pipeline is empty".into()));
+                    }
+                    for (i, s) in stages.iter().enumerate() {
+                        p.push(
+                            bsonx::to_doc(s)
+                                .err()
+                                .map(|e| format!("`update[{i}]`: {e}")),
+                        );
+                    }
+                }
+                serde_json::Value::Object(m) => {
+                    if m.is_empty() || !m.keys().all(|k| k.starts_with('$')) {
+                        p.push(Some("`update` must contain only update operators such as `$set` (a replacement document is not allowed)".into()));
+                    }
+                    p.push(check_filter(Some(&o.update), "update"));
+                }
+                _ => p.push(Some(
+                    "`update` must be a mapping of update operators or a list of pipeline stages"
+                        .into(),
+                )),
+            }
+        }
+        Operation::Transform(o) => {
+            p.push(check_filter(o.filter.as_ref(), "filter"));
+            if o.batch_size == Some(0) {
+                p.push(Some("`batchSize` must be at least 1".into()));
+            }
+            p.push(
+                super::transform::compile_check(&o.script)
+                    .err()
+                    .map(|e| format!("`script`: {e}")),
+            );
+        }
+        Operation::RunCommand(o) => {
+            if o.command.is_empty() {
+                p.push(Some("`command` is empty".into()));
+            }
+            p.push(
+                bsonx::map_to_doc(&o.command)
+                    .err()
+                    .map(|e| format!("`command`: {e}")),
+            );
+        }
+        Operation::RestorePreimages(_) => p.push(Some(
+            "is internal to dbshift and cannot be written in a file".into(),
+        )),
+    }
+    p.into_iter().flatten().collect()
+}
+
+fn check_check(c: &Check) -> Vec<String> {
+    let mut p = vec![check_collection_name(c.collection())];
+    match c {
+        Check::Count(c) => {
+            p.push(check_filter(c.filter.as_ref(), "filter"));
+            if c.equals.is_none() && c.max.is_none() && c.min.is_none() {
+                p.push(Some("give at least one of `equals`, `min` or `max`".into()));
+            }
+        }
+        Check::IndexExists(c) => {
+            if c.name.is_none() && c.keys.is_none() {
+                p.push(Some("give the index `name` or its `keys`".into()));
+            }
+        }
+        Check::JsonSchema(c) => {
+            p.push(check_filter(Some(&c.schema), "schema"));
+            p.push(check_filter(c.filter.as_ref(), "filter"));
+        }
+        Check::Aggregate(c) => {
+            for (i, s) in c.pipeline.iter().enumerate() {
+                p.push(
+                    bsonx::to_doc(s)
+                        .err()
+                        .map(|e| format!("`pipeline[{i}]`: {e}")),
+                );
+            }
+        }
+    }
+    p.into_iter().flatten().collect()
+}
+
+/// The text of a new migration file, for `dbshift new`.
+pub fn scaffold(slug: &str, author: &str) -> String {
+    format!(
+        "# yaml-language-server: $schema=../docs/migration.schema.json\n\
+         description: {desc}\n\
+         author: {author}\n\
+         # profiles: [staging]      # run only when one of these profiles is active\n\
+         up:\n\
+         \x20 - addField: {{ collection: CHANGE_ME, field: newField, value: null }}\n\
+         # down is optional: dbshift inverts `up` and keeps what lossy operations destroy.\n\
+         validate:\n\
+         \x20 - count: {{ collection: CHANGE_ME, filter: {{ newField: {{ $exists: false }} }}, equals: 0 }}\n",
+        desc = slug.replace(['_', '-'], " "),
+        author = if author.is_empty() { "unknown" } else { author },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, text: &str) -> Result<Vec<Migration>, LoadError> {
+        load_sources(vec![(
+            PathBuf::from(format!("migrations/{name}")),
+            text.to_string(),
+        )])
+    }
+
+    #[test]
+    fn file_names_are_checked() {
+        assert_eq!(
+            parse_file_name("20250105120000_add_prefs.yaml").unwrap(),
+            ("20250105120000".into(), "add_prefs".into())
+        );
+        assert!(parse_file_name("2025_add.yaml").is_err());
+        assert!(parse_file_name("20251305120000_add.yaml")
+            .unwrap_err()
+            .contains("not a valid UTC timestamp"));
+        assert!(parse_file_name("20250105120000_Add.yaml").is_err());
+    }
+
+    #[test]
+    fn yaml_errors_carry_the_line() {
+        let e = load(
+            "20250105120000_x.yaml",
+            "description: x\nup:\n  - addFeild: { collection: c, field: f, value: 1 }\n",
+        )
+        .unwrap_err();
+        let fe = &e.errors[0];
+        assert_eq!(fe.line, Some(3), "{e}");
+        assert!(fe.message.contains("unknown variant `addFeild`"), "{e}");
+        assert!(
+            e.to_string().contains("migrations/20250105120000_x.yaml:3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_item_and_line() {
+        let text = "up:\n  - addField: { collection: c, field: f, value: 1 }\n  - renameField: { collection: c, from: a, to: a }\n";
+        let e = load("20250105120000_x.yaml", text).unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(e.errors[0].line, Some(3));
+        assert!(
+            e.errors[0]
+                .message
+                .contains("up[1]: renameField: `from` and `to` are the same"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reserved_collections_and_id_are_refused() {
+        let text = "up:\n  - removeField: { collection: _dbshift_migrations, field: _id }\n";
+        let e = load("20250105120000_x.yaml", text).unwrap_err();
+        let all = e.to_string();
+        assert!(all.contains("reserved for dbshift"), "{all}");
+        assert!(all.contains("cannot be `_id`"), "{all}");
+    }
+
+    #[test]
+    fn checksum_ignores_description_and_comments() {
+        let a = load(
+            "20250105120000_x.yaml",
+            "description: one\nup:\n  - dropIndex: { collection: c, name: i }\n",
+        )
+        .unwrap();
+        let b = load(
+            "20250105120000_x.yaml",
+            "# comment\ndescription: two\nup: [ { dropIndex: { collection: c, name: i } } ]\n",
+        )
+        .unwrap();
+        let c = load(
+            "20250105120000_x.yaml",
+            "up:\n  - dropIndex: { collection: c, name: j }\n",
+        )
+        .unwrap();
+        assert_eq!(a[0].checksum, b[0].checksum);
+        assert_ne!(a[0].checksum, c[0].checksum);
+    }
+
+    #[test]
+    fn duplicate_versions_are_refused() {
+        let e = load_sources(vec![
+            (
+                PathBuf::from("m/20250105120000_a.yaml"),
+                "up: [ { dropIndex: { collection: c, name: i } } ]".into(),
+            ),
+            (
+                PathBuf::from("m/20250105120000_b.yaml"),
+                "up: [ { dropIndex: { collection: c, name: i } } ]".into(),
+            ),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("also used by"), "{e}");
+    }
+
+    #[test]
+    fn scaffold_parses_after_naming_the_collection() {
+        let text = scaffold("add_prefs", "ann").replace("CHANGE_ME", "users");
+        load("20250105120000_add_prefs.yaml", &text).unwrap();
+    }
+}

@@ -1,0 +1,728 @@
+//! Everything that happens to one tenant database: plan, lock, apply or undo, validate, record.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::{doc, DateTime, Document};
+use mongodb::Database;
+use serde::Serialize;
+
+use super::executor::{self, ExecError, Prepared};
+use super::loader::Migration;
+use super::lock::{Lease, LockError};
+use super::model::Operation;
+use super::plan::{self, Direction, DownRequest, PlanError, UpRequest};
+use super::tracking::{self, Record, State, StepRecord};
+use super::validate::{self, CheckResult};
+
+/// Hooks for progress display. Every method has a no-op default.
+pub trait Observer: Send + Sync {
+    fn migration_started(&self, _tenant: &str, _id: &str, _direction: Direction) {}
+    fn step_started(&self, _tenant: &str, _id: &str, _step: usize, _op: &Operation) {}
+    fn progress(&self, _done: u64, _total: Option<u64>) {}
+    fn migration_finished(&self, _tenant: &str, _outcome: &Outcome) {}
+}
+
+/// An observer that shows nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Tracking collection name.
+    pub tracking: String,
+    pub lock_ttl: Duration,
+    /// Identifies this run in records and locks (a CLI invocation, or an operator run).
+    pub run_id: String,
+    /// Identifies this process in locks (host/pid).
+    pub owner: String,
+    pub allow_changed: bool,
+    pub dry_run: bool,
+    pub profiles: Vec<String>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl RunOptions {
+    pub fn new(run_id: impl Into<String>) -> Self {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        RunOptions {
+            tracking: tracking::TRACKING.to_string(),
+            lock_ttl: Duration::from_secs(60),
+            run_id: run_id.into(),
+            owner: format!("{host}/{}", std::process::id()),
+            allow_changed: false,
+            dry_run: false,
+            profiles: Vec::new(),
+            observer: Arc::new(Quiet),
+        }
+    }
+    fn host(&self) -> String {
+        self.owner.split('/').next().unwrap_or_default().to_string()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{action}: {source}")]
+    Mongo {
+        action: &'static str,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+}
+
+fn mongo(action: &'static str) -> impl FnOnce(mongodb::error::Error) -> RunError {
+    move |source| RunError::Mongo { action, source }
+}
+
+/// What happened to one migration on one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    pub id: String,
+    pub direction: Direction,
+    /// applied / rolled_back / failed / planned
+    pub state: String,
+    pub duration_ms: i64,
+    pub documents_affected: i64,
+    pub steps: Vec<StepRecord>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<CheckResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For plans: documents each step would touch, where it can be counted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub estimates: Vec<Option<u64>>,
+}
+
+/// What a run did on one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantReport {
+    pub tenant: String,
+    pub ok: bool,
+    pub direction: Direction,
+    pub dry_run: bool,
+    /// Latest applied version before and after the run.
+    pub from_version: Option<String>,
+    pub to_version: Option<String>,
+    pub migrations: Vec<Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn current_version(records: &[Record]) -> Option<String> {
+    records
+        .iter()
+        .filter(|r| r.state == State::Applied)
+        .map(|r| r.version.clone())
+        .max()
+}
+
+/// The status of every migration on this tenant.
+pub async fn status(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<Vec<plan::Entry>, RunError> {
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    Ok(plan::status(migrations, &records, &opts.profiles))
+}
+
+/// Whether the server runs multi-document transactions (replica set or sharded cluster).
+pub async fn supports_transactions(db: &Database) -> bool {
+    match db.run_command(doc! {"hello": 1}).await {
+        Ok(h) => h.contains_key("setName") || h.get_str("msg").ok() == Some("isdbgrid"),
+        Err(_) => false,
+    }
+}
+
+/// Apply pending migrations.
+pub async fn up(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &UpRequest,
+    opts: &RunOptions,
+) -> Result<TenantReport, RunError> {
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let from_version = current_version(&records);
+    let planned = plan::plan_up(migrations, &records, req)?;
+    if opts.dry_run {
+        let mut outs = Vec::new();
+        for m in planned {
+            let mut estimates = Vec::new();
+            for op in &m.file.up {
+                estimates.push(executor::estimate(db, op).await?);
+            }
+            outs.push(planned_outcome(
+                m.id(),
+                Direction::Up,
+                &m.file.up,
+                estimates,
+            ));
+        }
+        return Ok(TenantReport {
+            tenant: tenant.into(),
+            ok: true,
+            direction: Direction::Up,
+            dry_run: true,
+            from_version: from_version.clone(),
+            to_version: from_version,
+            migrations: outs,
+            error: None,
+        });
+    }
+    if planned.is_empty() {
+        return Ok(TenantReport {
+            tenant: tenant.into(),
+            ok: true,
+            direction: Direction::Up,
+            dry_run: false,
+            from_version: from_version.clone(),
+            to_version: from_version,
+            migrations: vec![],
+            error: None,
+        });
+    }
+    let lease = Lease::acquire(db, &opts.owner, &opts.run_id, opts.lock_ttl).await?;
+    let result = up_locked(db, tenant, migrations, req, opts, &lease).await;
+    let released = lease.release().await;
+    let report = result?;
+    released.map_err(mongo("releasing the lock"))?;
+    Ok(report)
+}
+
+async fn up_locked(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &UpRequest,
+    opts: &RunOptions,
+    lease: &Lease,
+) -> Result<TenantReport, RunError> {
+    // Read again under the lock: another runner may have applied some in the meantime.
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let from_version = current_version(&records);
+    let planned = plan::plan_up(migrations, &records, req)?;
+    executor::ensure_internal(db).await?;
+    let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
+    let txn = supports_transactions(db).await;
+    let mut outs = Vec::new();
+    let mut ok = true;
+    for m in planned {
+        opts.observer
+            .migration_started(tenant, &m.id(), Direction::Up);
+        let out = apply(db, tenant, m, batch, txn, opts, lease).await?;
+        opts.observer.migration_finished(tenant, &out);
+        ok = out.state == "applied";
+        outs.push(out);
+        if !ok {
+            break;
+        }
+    }
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let error = outs.iter().find_map(|o| o.error.clone());
+    Ok(TenantReport {
+        tenant: tenant.into(),
+        ok,
+        direction: Direction::Up,
+        dry_run: false,
+        from_version,
+        to_version: current_version(&records),
+        migrations: outs,
+        error,
+    })
+}
+
+fn planned_outcome(
+    id: String,
+    direction: Direction,
+    ops: &[Operation],
+    estimates: Vec<Option<u64>>,
+) -> Outcome {
+    Outcome {
+        id,
+        direction,
+        state: "planned".into(),
+        duration_ms: 0,
+        documents_affected: 0,
+        steps: ops
+            .iter()
+            .map(|op| StepRecord {
+                op: op.kind().into(),
+                collection: op.collection().map(str::to_string),
+                documents_affected: 0,
+                duration_ms: 0,
+            })
+            .collect(),
+        validation: vec![],
+        error: None,
+        estimates,
+    }
+}
+
+/// The result of running a list of operations with undo on failure.
+struct Steps {
+    done: Vec<Prepared>,
+    records: Vec<StepRecord>,
+    error: Option<String>,
+    affected: i64,
+}
+
+/// Run `ops` one by one (prepare, then execute). Stops at the first failure.
+async fn run_steps(
+    db: &Database,
+    tenant: &str,
+    id: &str,
+    tag: &str,
+    ops: &[Operation],
+    opts: &RunOptions,
+    lease: &Lease,
+) -> Steps {
+    let mut s = Steps {
+        done: Vec::new(),
+        records: Vec::new(),
+        error: None,
+        affected: 0,
+    };
+    for (i, op) in ops.iter().enumerate() {
+        if lease.is_lost() {
+            s.error = Some(
+                "the migration lock was lost (not renewed in time); stopped to avoid two runners"
+                    .into(),
+            );
+            break;
+        }
+        opts.observer.step_started(tenant, id, i, op);
+        let key = format!("{id}/{tag}{i}");
+        let t = Instant::now();
+        let prepared = match executor::prepare(db, op, &key).await {
+            Ok(p) => p,
+            Err(e) => {
+                s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
+                break;
+            }
+        };
+        let observer = opts.observer.clone();
+        let progress: executor::Progress = Arc::new(move |d, t| observer.progress(d, t));
+        let r = executor::execute(db, &prepared, &key, None, Some(progress)).await;
+        s.done.push(prepared);
+        match r {
+            Ok(n) => {
+                s.affected += n as i64;
+                s.records.push(StepRecord {
+                    op: op.kind().into(),
+                    collection: op.collection().map(str::to_string),
+                    documents_affected: n as i64,
+                    duration_ms: t.elapsed().as_millis() as i64,
+                });
+            }
+            Err(e) => {
+                s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
+                break;
+            }
+        }
+    }
+    s
+}
+
+/// Undo prepared steps, newest first. Returns what could not be undone.
+async fn undo(db: &Database, id: &str, done: &[Prepared]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, p) in done.iter().enumerate().rev() {
+        let ops = match &p.undo {
+            Ok(ops) => ops,
+            Err(why) => {
+                problems.push(format!(
+                    "step {} ({}) was not undone: {why}",
+                    i + 1,
+                    p.op.kind()
+                ));
+                continue;
+            }
+        };
+        for (j, op) in ops.iter().enumerate() {
+            let key = format!("{id}/x{i}_{j}");
+            let r = match executor::prepare(db, op, &key).await {
+                Ok(prep) => executor::execute(db, &prep, &key, None, None)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                problems.push(format!("undoing step {} ({}): {e}", i + 1, p.op.kind()));
+            }
+        }
+    }
+    problems
+}
+
+/// The operations `down` will run for a migration applied with these prepared steps.
+fn auto_down(done: &[Prepared]) -> Result<Vec<Operation>, String> {
+    let mut ops = Vec::new();
+    for (i, p) in done.iter().enumerate().rev() {
+        match &p.undo {
+            Ok(u) => ops.extend(u.iter().cloned()),
+            Err(why) => return Err(format!("step {} ({}): {why}", i + 1, p.op.kind())),
+        }
+    }
+    Ok(ops)
+}
+
+async fn apply(
+    db: &Database,
+    tenant: &str,
+    m: &Migration,
+    batch: i32,
+    txn_supported: bool,
+    opts: &RunOptions,
+    lease: &Lease,
+) -> Result<Outcome, RunError> {
+    let id = m.id();
+    let started = Instant::now();
+    let applied_at = DateTime::now();
+    executor::forget_rollback_data(db, &format!("{id}/")).await?;
+    let mut steps = if m.file.transaction && txn_supported {
+        run_in_transaction(db, &id, &m.file.up, opts).await?
+    } else {
+        if m.file.transaction {
+            tracing::info!(migration = %id, "the server does not support transactions; running without one (failures are undone from rollback data)");
+        }
+        run_steps(db, tenant, &id, "u", &m.file.up, opts, lease).await
+    };
+    let mut validation = Vec::new();
+    if steps.error.is_none() {
+        for c in &m.file.validate {
+            validation.push(validate::run_check(db, &id, c).await);
+        }
+        let failed: Vec<String> = validation
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| format!("{} on {}: {}", r.check, r.collection, r.message))
+            .collect();
+        if !failed.is_empty() {
+            steps.error = Some(format!("validation failed: {}", failed.join("; ")));
+        }
+    }
+    let mut record = Record {
+        id: id.clone(),
+        version: m.version.clone(),
+        name: m.name.clone(),
+        description: m.file.description.clone(),
+        author: m.file.author.clone(),
+        checksum: m.checksum.clone(),
+        state: State::Applied,
+        applied_at,
+        duration_ms: 0,
+        documents_affected: steps.affected,
+        batch,
+        run_id: opts.run_id.clone(),
+        host: opts.host(),
+        steps: steps.records.clone(),
+        rollback_data: Some(format!("{}: _id.k starting with {id}/", tracking::ROLLBACK)),
+        down: None,
+        irreversible: None,
+        error: None,
+        rolled_back_at: None,
+        rolled_back_by: None,
+    };
+    if let Some(err) = steps.error.clone() {
+        let problems = undo(db, &id, &steps.done).await;
+        let error = if problems.is_empty() {
+            format!("{err}; every change of this migration was undone")
+        } else {
+            format!(
+                "{err}; UNDO INCOMPLETE, the database may be partly migrated: {}",
+                problems.join("; ")
+            )
+        };
+        if problems.is_empty() {
+            executor::forget_rollback_data(db, &format!("{id}/")).await?;
+            record.rollback_data = None;
+        }
+        record.state = State::Failed;
+        record.error = Some(error.clone());
+        record.duration_ms = started.elapsed().as_millis() as i64;
+        tracking::save(db, &opts.tracking, &record)
+            .await
+            .map_err(mongo("recording the failed migration"))?;
+        return Ok(Outcome {
+            id,
+            direction: Direction::Up,
+            state: "failed".into(),
+            duration_ms: record.duration_ms,
+            documents_affected: 0,
+            steps: steps.records,
+            validation,
+            error: Some(error),
+            estimates: vec![],
+        });
+    }
+    match (&m.file.down, auto_down(&steps.done)) {
+        (Some(explicit), _) => {
+            record.down = Some(serde_json::to_string(explicit).expect("serializable"))
+        }
+        (None, Ok(ops)) => record.down = Some(serde_json::to_string(&ops).expect("serializable")),
+        (None, Err(why)) => record.irreversible = Some(why),
+    }
+    record.duration_ms = started.elapsed().as_millis() as i64;
+    tracking::save(db, &opts.tracking, &record)
+        .await
+        .map_err(mongo("recording the applied migration"))?;
+    Ok(Outcome {
+        id,
+        direction: Direction::Up,
+        state: "applied".into(),
+        duration_ms: record.duration_ms,
+        documents_affected: steps.affected,
+        steps: steps.records,
+        validation,
+        error: None,
+        estimates: vec![],
+    })
+}
+
+/// `transaction: true`: rollback data is stored first (outside), then every operation runs in
+/// one transaction, so a failure leaves nothing to undo.
+async fn run_in_transaction(
+    db: &Database,
+    id: &str,
+    ops: &[Operation],
+    opts: &RunOptions,
+) -> Result<Steps, RunError> {
+    let mut s = Steps {
+        done: Vec::new(),
+        records: Vec::new(),
+        error: None,
+        affected: 0,
+    };
+    for (i, op) in ops.iter().enumerate() {
+        match executor::prepare(db, op, &format!("{id}/u{i}")).await {
+            Ok(p) => s.done.push(p),
+            Err(e) => {
+                s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
+                s.done.clear();
+                return Ok(s);
+            }
+        }
+    }
+    let mut session = db
+        .client()
+        .start_session()
+        .await
+        .map_err(mongo("starting a session"))?;
+    session
+        .start_transaction()
+        .await
+        .map_err(mongo("starting a transaction"))?;
+    for (i, p) in s.done.iter().enumerate() {
+        let t = Instant::now();
+        match executor::execute(db, p, &format!("{id}/u{i}"), Some(&mut session), None).await {
+            Ok(n) => {
+                s.affected += n as i64;
+                s.records.push(StepRecord {
+                    op: p.op.kind().into(),
+                    collection: p.op.collection().map(str::to_string),
+                    documents_affected: n as i64,
+                    duration_ms: t.elapsed().as_millis() as i64,
+                });
+            }
+            Err(e) => {
+                s.error = Some(format!(
+                    "step {} ({}): {e}; the transaction was aborted",
+                    i + 1,
+                    p.op.kind()
+                ));
+                break;
+            }
+        }
+    }
+    if s.error.is_none() {
+        if let Err(e) = session.commit_transaction().await {
+            s.error = Some(format!("committing the transaction: {e}"));
+        }
+    }
+    if s.error.is_some() {
+        let _ = session.abort_transaction().await;
+        let _ = opts;
+        // Nothing was changed: there is nothing to undo.
+        s.done.clear();
+    }
+    Ok(s)
+}
+
+/// Undo applied migrations.
+pub async fn down(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &DownRequest,
+    opts: &RunOptions,
+) -> Result<TenantReport, RunError> {
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let from_version = current_version(&records);
+    let chosen = plan::plan_down(migrations, &records, req)?;
+    if opts.dry_run || chosen.is_empty() {
+        let outs = chosen
+            .iter()
+            .map(|r| {
+                planned_outcome(
+                    r.id.clone(),
+                    Direction::Down,
+                    &r.down_ops().unwrap_or_default(),
+                    vec![],
+                )
+            })
+            .collect();
+        return Ok(TenantReport {
+            tenant: tenant.into(),
+            ok: true,
+            direction: Direction::Down,
+            dry_run: opts.dry_run,
+            from_version: from_version.clone(),
+            to_version: from_version,
+            migrations: outs,
+            error: None,
+        });
+    }
+    let lease = Lease::acquire(db, &opts.owner, &opts.run_id, opts.lock_ttl).await?;
+    let result = down_locked(db, tenant, migrations, req, opts, &lease).await;
+    let released = lease.release().await;
+    let report = result?;
+    released.map_err(mongo("releasing the lock"))?;
+    Ok(report)
+}
+
+async fn down_locked(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &DownRequest,
+    opts: &RunOptions,
+    lease: &Lease,
+) -> Result<TenantReport, RunError> {
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let from_version = current_version(&records);
+    let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?
+        .into_iter()
+        .cloned()
+        .collect();
+    executor::ensure_internal(db).await?;
+    let mut outs = Vec::new();
+    let mut ok = true;
+    for r in &chosen {
+        opts.observer
+            .migration_started(tenant, &r.id, Direction::Down);
+        let started = Instant::now();
+        let ops = r.down_ops().map_err(PlanError::Irreversible)?;
+        executor::forget_rollback_data(db, &format!("{}/d", r.id)).await?;
+        executor::forget_rollback_data(db, &format!("{}/x", r.id)).await?;
+        let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
+        let out = if let Some(err) = steps.error {
+            let problems = undo(db, &r.id, &steps.done).await;
+            let error = if problems.is_empty() {
+                format!("{err}; the rollback was undone, the migration is still applied")
+            } else {
+                format!(
+                    "{err}; UNDO INCOMPLETE, the database may be partly rolled back: {}",
+                    problems.join("; ")
+                )
+            };
+            db.collection::<Document>(&opts.tracking)
+                .update_one(doc! {"_id": &r.id}, doc! {"$set": {"error": &error}})
+                .await
+                .map_err(mongo("recording the failed rollback"))?;
+            ok = false;
+            Outcome {
+                id: r.id.clone(),
+                direction: Direction::Down,
+                state: "failed".into(),
+                duration_ms: started.elapsed().as_millis() as i64,
+                documents_affected: 0,
+                steps: steps.records,
+                validation: vec![],
+                error: Some(error),
+                estimates: vec![],
+            }
+        } else {
+            tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
+                .await
+                .map_err(mongo("recording the rollback"))?;
+            executor::forget_rollback_data(db, &format!("{}/", r.id)).await?;
+            Outcome {
+                id: r.id.clone(),
+                direction: Direction::Down,
+                state: "rolled_back".into(),
+                duration_ms: started.elapsed().as_millis() as i64,
+                documents_affected: steps.affected,
+                steps: steps.records,
+                validation: vec![],
+                error: None,
+                estimates: vec![],
+            }
+        };
+        opts.observer.migration_finished(tenant, &out);
+        outs.push(out);
+        if !ok {
+            break;
+        }
+    }
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let error = outs.iter().find_map(|o| o.error.clone());
+    Ok(TenantReport {
+        tenant: tenant.into(),
+        ok,
+        direction: Direction::Down,
+        dry_run: false,
+        from_version,
+        to_version: current_version(&records),
+        migrations: outs,
+        error,
+    })
+}
+
+/// Run the checks of every applied migration that has checks.
+pub async fn validate(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<Vec<CheckResult>, RunError> {
+    let records = tracking::load(db, &opts.tracking)
+        .await
+        .map_err(mongo("reading the tracking collection"))?;
+    let mut out = Vec::new();
+    for m in migrations {
+        if records
+            .iter()
+            .any(|r| r.id == m.id() && r.state == State::Applied)
+        {
+            for c in &m.file.validate {
+                out.push(validate::run_check(db, &m.id(), c).await);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,130 @@
+//! The tracking collection: one record per migration that ran on a tenant database.
+
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::Database;
+use serde::{Deserialize, Serialize};
+
+use super::model::Operation;
+
+/// Prefix of every collection dbshift keeps in a tenant database.
+pub const INTERNAL_PREFIX: &str = "_dbshift";
+/// Default tracking collection.
+pub const TRACKING: &str = "_dbshift_migrations";
+/// Pre-images kept by lossy operations.
+pub const ROLLBACK: &str = "_dbshift_rollback";
+/// The per-database lock.
+pub const LOCK: &str = "_dbshift_lock";
+/// Prefix of collections moved aside by `dropCollection`.
+pub const DROPPED_PREFIX: &str = "_dbshift_dropped_";
+/// Prefix of the staging collections of `transform`.
+pub const STAGING_PREFIX: &str = "_dbshift_staging_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Applied and in effect.
+    Applied,
+    /// Tried and failed; the database was put back as it was before it.
+    Failed,
+    /// Applied, then rolled back.
+    RolledBack,
+}
+
+/// Per-operation details of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    pub documents_affected: i64,
+    pub duration_ms: i64,
+}
+
+/// One document of the tracking collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// `<version>_<name>`.
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub version: String,
+    pub name: String,
+    pub description: String,
+    pub author: String,
+    pub checksum: String,
+    pub state: State,
+    pub applied_at: DateTime,
+    pub duration_ms: i64,
+    pub documents_affected: i64,
+    /// Migrations applied by one `up` share a batch number (`down --batch` undoes the last batch).
+    pub batch: i32,
+    /// The run that applied it (a CLI invocation or an operator run).
+    pub run_id: String,
+    pub host: String,
+    pub steps: Vec<StepRecord>,
+    /// Where rollback data lives: collection `_dbshift_rollback`, documents whose `_id.m` is this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_data: Option<String>,
+    /// What `down` runs, as JSON (the file's `down`, or the inverse computed when it ran).
+    /// Absent when the migration cannot be undone (see `irreversible`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
+    /// Why `down` is impossible, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irreversible: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_by: Option<String>,
+}
+
+impl Record {
+    /// The operations `down` runs, when it can run.
+    pub fn down_ops(&self) -> Result<Vec<Operation>, String> {
+        match (&self.down, &self.irreversible) {
+            (Some(json), _) => serde_json::from_str(json)
+                .map_err(|e| format!("the stored down of {} is unreadable: {e}", self.id)),
+            (None, Some(why)) => Err(format!("{} cannot be rolled back: {why}", self.id)),
+            (None, None) => Err(format!("{} has no recorded down", self.id)),
+        }
+    }
+}
+
+/// All records, sorted by version.
+pub async fn load(db: &Database, collection: &str) -> mongodb::error::Result<Vec<Record>> {
+    let mut v: Vec<Record> = db
+        .collection::<Record>(collection)
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
+    v.sort_by(|a, b| a.version.cmp(&b.version));
+    Ok(v)
+}
+
+pub async fn save(db: &Database, collection: &str, record: &Record) -> mongodb::error::Result<()> {
+    db.collection::<Record>(collection)
+        .replace_one(doc! {"_id": &record.id}, record)
+        .upsert(true)
+        .await
+        .map(|_| ())
+}
+
+pub async fn mark_rolled_back(
+    db: &Database,
+    collection: &str,
+    id: &str,
+    run_id: &str,
+) -> mongodb::error::Result<()> {
+    db.collection::<Document>(collection)
+        .update_one(
+            doc! {"_id": id},
+            doc! {"$set": {"state": "rolled_back", "rolledBackAt": DateTime::now(), "rolledBackBy": run_id}},
+        )
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,192 @@
+//! Post-migration checks, each reported on its own.
+
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::Database;
+use serde::Serialize;
+
+use super::bsonx;
+use super::model::*;
+
+/// The result of one check.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckResult {
+    /// The migration the check belongs to.
+    pub migration: String,
+    pub check: String,
+    pub collection: String,
+    pub passed: bool,
+    /// What was found, in a sentence.
+    pub message: String,
+}
+
+const EXAMPLES: i64 = 3;
+
+fn ids(docs: &[Document]) -> String {
+    docs.iter()
+        .map(|d| {
+            d.get("_id")
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| d.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Run one check. Errors reaching the server are returned as failed checks with the reason.
+pub async fn run_check(db: &Database, migration: &str, check: &Check) -> CheckResult {
+    let (passed, message) = match evaluate(db, check).await {
+        Ok(r) => r,
+        Err(e) => (false, format!("could not run the check: {e}")),
+    };
+    CheckResult {
+        migration: migration.to_string(),
+        check: check.kind().to_string(),
+        collection: check.collection().to_string(),
+        passed,
+        message,
+    }
+}
+
+async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String> {
+    let coll = db.collection::<Document>(check.collection());
+    let e = |e: mongodb::error::Error| e.to_string();
+    match check {
+        Check::Count(c) => {
+            let f = bsonx::filter_doc(c.filter.as_ref())?;
+            let n = coll.count_documents(f).await.map_err(e)?;
+            let mut wrong = Vec::new();
+            if let Some(x) = c.equals.filter(|x| n != *x) {
+                wrong.push(format!("expected exactly {x}"));
+            }
+            if let Some(x) = c.max.filter(|x| n > *x) {
+                wrong.push(format!("expected at most {x}"));
+            }
+            if let Some(x) = c.min.filter(|x| n < *x) {
+                wrong.push(format!("expected at least {x}"));
+            }
+            Ok(if wrong.is_empty() {
+                (true, format!("{n} document(s)"))
+            } else {
+                (false, format!("{n} document(s), {}", wrong.join(", ")))
+            })
+        }
+        Check::IndexExists(c) => {
+            let r = db.run_command(doc! {"listIndexes": &c.collection}).await;
+            let specs: Vec<Document> = match r {
+                Ok(r) => r
+                    .get_document("cursor")
+                    .and_then(|c| c.get_array("firstBatch"))
+                    .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
+                    .unwrap_or_default(),
+                Err(err) if super::executor::error_code(&err) == Some(26) => Vec::new(),
+                Err(err) => return Err(err.to_string()),
+            };
+            let found = match (&c.name, &c.keys) {
+                (Some(n), _) => specs
+                    .iter()
+                    .any(|s| s.get_str("name").ok() == Some(n.as_str())),
+                (None, Some(k)) => {
+                    let want = bsonx::map_to_doc(k)?;
+                    specs.iter().any(|s| {
+                        s.get_document("key")
+                            .map(|key| {
+                                key.len() == want.len()
+                                    && key
+                                        .iter()
+                                        .zip(want.iter())
+                                        .all(|((a, av), (b, bv))| a == b && num(av) == num(bv))
+                            })
+                            .unwrap_or(false)
+                    })
+                }
+                (None, None) => false,
+            };
+            let what = c.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{:?}",
+                    c.keys
+                        .as_ref()
+                        .map(|k| serde_json::Value::Object(k.clone()).to_string())
+                )
+            });
+            Ok(if found {
+                (true, format!("index {what} exists"))
+            } else {
+                (false, format!("index {what} does not exist"))
+            })
+        }
+        Check::JsonSchema(c) => {
+            let schema = bsonx::to_doc(&c.schema)?;
+            let q = bsonx::and(
+                bsonx::filter_doc(c.filter.as_ref())?,
+                doc! {"$nor": [{"$jsonSchema": schema}]},
+            );
+            let n = coll.count_documents(q.clone()).await.map_err(e)?;
+            if n == 0 {
+                return Ok((true, "every document matches the schema".into()));
+            }
+            let sample: Vec<Document> = coll
+                .find(q)
+                .limit(EXAMPLES)
+                .projection(doc! {"_id": 1})
+                .await
+                .map_err(e)?
+                .try_collect()
+                .await
+                .map_err(e)?;
+            Ok((
+                false,
+                format!(
+                    "{n} document(s) do not match the schema, e.g. _id {}",
+                    ids(&sample)
+                ),
+            ))
+        }
+        Check::Aggregate(c) => {
+            let pipeline: Vec<Document> = c
+                .pipeline
+                .iter()
+                .map(bsonx::to_doc)
+                .collect::<Result<_, _>>()?;
+            let mut cursor = coll.aggregate(pipeline).await.map_err(e)?;
+            let mut found = Vec::new();
+            let mut n = 0u64;
+            while let Some(d) = cursor.try_next().await.map_err(e)? {
+                n += 1;
+                if found.len() < EXAMPLES as usize {
+                    found.push(d);
+                }
+            }
+            let what = c
+                .description
+                .clone()
+                .unwrap_or_else(|| "the aggregation".into());
+            Ok(if n == 0 {
+                (true, format!("{what}: no violations"))
+            } else {
+                (
+                    false,
+                    format!(
+                        "{what}: {n} violation(s), e.g. {}",
+                        found
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                )
+            })
+        }
+    }
+}
+
+fn num(b: &Bson) -> String {
+    match b {
+        Bson::Int32(v) => v.to_string(),
+        Bson::Int64(v) => v.to_string(),
+        Bson::Double(v) => (*v as i64).to_string(),
+        other => other.to_string(),
+    }
+}

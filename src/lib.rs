@@ -1,0 +1,12 @@
+//! dbshift: MongoDB migrations for multi-tenant databases.
+//!
+//! - [`engine`]: everything that happens to one tenant database (files, plan, lock, apply,
+//!   undo, validate, tracking).
+//! - [`backup`]: snapshots in mongodump's layout and exact restores.
+//! - [`cli`]: the `dbshift` command line, which is also what each Kubernetes Job runs.
+
+pub mod backup;
+pub mod cli;
+pub mod engine;
+pub mod redact;
+pub mod tenants;
