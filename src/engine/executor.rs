@@ -612,7 +612,7 @@ pub async fn execute(
         Operation::ConvertType(o) => {
             let q = convert_query(o)?;
             let on_error = match o.on_error {
-                OnConvertError::Null => Bson::Null,
+                OnConvertError::SetNull => Bson::Null,
                 OnConvertError::Keep | OnConvertError::Fail => {
                     Bson::String(format!("${}", o.field))
                 }
@@ -636,7 +636,7 @@ pub async fn execute(
                         .map_err(mongo("checking the conversion"))?;
                     return Err(ExecError::Data(format!(
                         "{n} value(s) of {} in {} cannot be converted to {}, e.g. {} in the document with _id {} \
-                         (set `onError: keep` or `onError: null` to allow this)",
+                         (set `onError: keep` or `onError: setNull` to allow this)",
                         o.field,
                         o.collection,
                         o.to.mongo_name(),

@@ -166,7 +166,7 @@ pub enum OnConvertError {
     /// Leave such values as they are.
     Keep,
     /// Set such values to null.
-    Null,
+    SetNull,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs SecantusDB (a MongoDB wire-protocol server, from PyPI) into a cached venv and,
+# with `start`, runs one on a free loopback port.
+#
+#   tests/support/secantus.sh install        # venv under ~/.cache/dbshift (once per version)
+#   tests/support/secantus.sh start PIDFILE  # prints the mongodb:// URI once it answers
+#
+# SecantusDB is GPL-2.0: it only ever runs as a separate process, never linked into dbshift.
+set -euo pipefail
+
+VERSION=0.7.0b3
+CACHE=${DBSHIFT_CACHE:-$HOME/.cache/dbshift}
+VENV=$CACHE/secantus-$VERSION
+BIN=$VENV/bin/secantusd-py
+
+install() {
+  # The stamp is written last, so an interrupted install is redone, not half-used.
+  if [ -f "$VENV/.complete" ]; then return 0; fi
+  rm -rf "$VENV"
+  mkdir -p "$CACHE"
+  python3 -m venv "$VENV" >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "SecantusDB==$VERSION" >&2
+  touch "$VENV/.complete"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+start() {
+  local pidfile=$1
+  install
+  local port
+  port=$(free_port)
+  "$BIN" --host 127.0.0.1 --port "$port" --storage-path :memory: >"${pidfile%.pid}.log" 2>&1 &
+  echo $! >"$pidfile"
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$port)))" 2>/dev/null; then
+      echo "mongodb://127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "SecantusDB did not start; log: ${pidfile%.pid}.log" >&2
+  return 1
+}
+
+case "${1:-}" in
+  install) install; echo "$BIN" ;;
+  start) start "${2:?pidfile}" ;;
+  bin) echo "$BIN" ;;
+  *) echo "usage: $0 install | start PIDFILE | bin" >&2; exit 2 ;;
+esac
