@@ -63,15 +63,9 @@ mod tests {
     #[test]
     fn removes_uri_userinfo_and_password() {
         let r = Redactor::for_uri("mongodb://app:p%40ssw0rd@db1:27017/shop");
-        assert_eq!(
-            r.apply("failed for mongodb://app:p%40ssw0rd@db1:27017/shop"),
-            "failed for ***"
-        );
+        assert_eq!(r.apply("failed for mongodb://app:p%40ssw0rd@db1:27017/shop"), "failed for ***");
         assert_eq!(r.apply("auth p@ssw0rd and p%40ssw0rd"), "auth *** and ***");
         assert_eq!(r.apply("user app:p%40ssw0rd"), "user ***");
-        assert_eq!(
-            Redactor::for_uri("mongodb://localhost").apply("host localhost"),
-            "host localhost"
-        );
+        assert_eq!(Redactor::for_uri("mongodb://localhost").apply("host localhost"), "host localhost");
     }
 }

@@ -32,8 +32,7 @@ pub enum TenantError {
 }
 
 pub fn check_db_name(name: &str) -> Result<(), TenantError> {
-    let bad =
-        name.is_empty() || name.len() > 63 || name.chars().any(|c| "/\\. \"$*<>:|?\0".contains(c));
+    let bad = name.is_empty() || name.len() > 63 || name.chars().any(|c| "/\\. \"$*<>:|?\0".contains(c));
     if bad {
         Err(TenantError::BadName(name.to_string()))
     } else {
@@ -50,10 +49,7 @@ impl TenantSelector {
         self.pattern
             .as_ref()
             .map(|p| {
-                regex::Regex::new(p).map_err(|e| TenantError::BadPattern {
-                    pattern: p.clone(),
-                    message: e.to_string(),
-                })
+                regex::Regex::new(p).map_err(|e| TenantError::BadPattern { pattern: p.clone(), message: e.to_string() })
             })
             .transpose()
     }
@@ -63,18 +59,11 @@ impl TenantSelector {
         let re = self.validate()?;
         let mut out: Vec<String> = self.names.clone();
         if let Some(re) = &re {
-            let names = client
-                .list_database_names()
-                .await
-                .map_err(TenantError::List)?;
-            let matched: Vec<String> = names
-                .into_iter()
-                .filter(|n| !SYSTEM.contains(&n.as_str()) && re.is_match(n))
-                .collect();
+            let names = client.list_database_names().await.map_err(TenantError::List)?;
+            let matched: Vec<String> =
+                names.into_iter().filter(|n| !SYSTEM.contains(&n.as_str()) && re.is_match(n)).collect();
             if matched.is_empty() && self.names.is_empty() {
-                return Err(TenantError::NoMatch(
-                    self.pattern.clone().unwrap_or_default(),
-                ));
+                return Err(TenantError::NoMatch(self.pattern.clone().unwrap_or_default()));
             }
             out.extend(matched);
         }

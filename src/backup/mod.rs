@@ -41,15 +41,10 @@ pub enum BackupError {
 }
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
-    move |source| BackupError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| BackupError::Io { path: path.display().to_string(), source }
 }
 
-pub(crate) fn mongo(
-    action: impl Into<String>,
-) -> impl FnOnce(mongodb::error::Error) -> BackupError {
+pub(crate) fn mongo(action: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> BackupError {
     let action = action.into();
     move |source| BackupError::Mongo { action, source }
 }
@@ -142,10 +137,7 @@ mod tests {
 
     #[test]
     fn source_never_carries_credentials() {
-        assert_eq!(
-            describe_source("mongodb://user:s3cret@h1:27017,h2/admin?tls=true", "t1"),
-            "h1:27017,h2/t1"
-        );
+        assert_eq!(describe_source("mongodb://user:s3cret@h1:27017,h2/admin?tls=true", "t1"), "h1:27017,h2/t1");
         assert_eq!(describe_source("mongodb://localhost", "t1"), "localhost/t1");
     }
 }

@@ -46,17 +46,13 @@ pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     let path = from.join(MANIFEST);
     let text = std::fs::read(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            BackupError::Invalid(format!(
-                "{} is not a dbshift snapshot (no {MANIFEST})",
-                from.display()
-            ))
+            BackupError::Invalid(format!("{} is not a dbshift snapshot (no {MANIFEST})", from.display()))
         } else {
             io(&path)(e)
         }
     })?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| {
-        BackupError::Invalid(format!("{}: unreadable manifest: {e}", path.display()))
-    })?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| BackupError::Invalid(format!("{}: unreadable manifest: {e}", path.display())))?;
     if m.format != FORMAT {
         return Err(BackupError::Invalid(format!(
             "{}: unknown snapshot format {:?} (this dbshift reads {FORMAT})",
@@ -77,15 +73,8 @@ impl BsonReader {
     fn open(path: &Path, gzip: bool) -> Result<Self, BackupError> {
         let f = std::fs::File::open(path).map_err(io(path))?;
         let r = std::io::BufReader::with_capacity(1 << 20, f);
-        let inner: Box<dyn Read + Send> = if gzip {
-            Box::new(flate2::read::GzDecoder::new(r))
-        } else {
-            Box::new(r)
-        };
-        Ok(BsonReader {
-            inner,
-            path: path.to_path_buf(),
-        })
+        let inner: Box<dyn Read + Send> = if gzip { Box::new(flate2::read::GzDecoder::new(r)) } else { Box::new(r) };
+        Ok(BsonReader { inner, path: path.to_path_buf() })
     }
 
     fn next(&mut self) -> Result<Option<RawDocumentBuf>, BackupError> {
@@ -97,45 +86,32 @@ impl BsonReader {
         }
         let n = i32::from_le_bytes(len);
         if !(5..=48 * 1024 * 1024).contains(&n) {
-            return Err(BackupError::Invalid(format!(
-                "{}: corrupt BSON (document length {n})",
-                self.path.display()
-            )));
+            return Err(BackupError::Invalid(format!("{}: corrupt BSON (document length {n})", self.path.display())));
         }
         let mut buf = vec![0u8; n as usize];
         buf[..4].copy_from_slice(&len);
-        self.inner.read_exact(&mut buf[4..]).map_err(|e| {
-            BackupError::Invalid(format!("{}: truncated BSON: {e}", self.path.display()))
-        })?;
-        RawDocumentBuf::from_bytes(buf).map(Some).map_err(|e| {
-            BackupError::Invalid(format!("{}: corrupt BSON: {e}", self.path.display()))
-        })
+        self.inner
+            .read_exact(&mut buf[4..])
+            .map_err(|e| BackupError::Invalid(format!("{}: truncated BSON: {e}", self.path.display())))?;
+        RawDocumentBuf::from_bytes(buf)
+            .map(Some)
+            .map_err(|e| BackupError::Invalid(format!("{}: corrupt BSON: {e}", self.path.display())))
     }
 }
 
 fn read_metadata(path: &Path, gzip: bool) -> Result<Document, BackupError> {
     let mut text = Vec::new();
-    BsonReader::open(path, gzip)?
-        .inner
-        .read_to_end(&mut text)
-        .map_err(io(path))?;
-    let v: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| BackupError::Invalid(format!("{}: {e}", path.display())))?;
+    BsonReader::open(path, gzip)?.inner.read_to_end(&mut text).map_err(io(path))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| BackupError::Invalid(format!("{}: {e}", path.display())))?;
     match Bson::try_from(v) {
         Ok(Bson::Document(d)) => Ok(d),
-        _ => Err(BackupError::Invalid(format!(
-            "{}: not a metadata document",
-            path.display()
-        ))),
+        _ => Err(BackupError::Invalid(format!("{}: not a metadata document", path.display()))),
     }
 }
 
 /// Check every file against the manifest before anything is changed.
-fn verify_files(
-    from: &Path,
-    m: &Manifest,
-    wanted: &[&CollectionManifest],
-) -> Result<(), BackupError> {
+fn verify_files(from: &Path, m: &Manifest, wanted: &[&CollectionManifest]) -> Result<(), BackupError> {
     for c in wanted {
         let mut r = BsonReader::open(&from.join(&c.file), m.gzip)?;
         let (mut n, mut hash) = (0u64, ContentHash::default());
@@ -169,46 +145,27 @@ pub async fn restore(
     let m = read_manifest(from)?;
     for want in &opts.collections {
         if !m.collections.iter().any(|c| &c.name == want) {
-            return Err(BackupError::Invalid(format!(
-                "collection {want} is not in the snapshot of {}",
-                m.database
-            )));
+            return Err(BackupError::Invalid(format!("collection {want} is not in the snapshot of {}", m.database)));
         }
     }
-    let wanted: Vec<&CollectionManifest> = m
-        .collections
-        .iter()
-        .filter(|c| opts.collections.is_empty() || opts.collections.contains(&c.name))
-        .collect();
+    let wanted: Vec<&CollectionManifest> =
+        m.collections.iter().filter(|c| opts.collections.is_empty() || opts.collections.contains(&c.name)).collect();
     verify_files(from, &m, &wanted)?;
     let ext = if m.gzip { ".gz" } else { "" };
     let metas: Vec<Document> = wanted
         .iter()
-        .map(|c| {
-            read_metadata(
-                &from
-                    .join(&m.database)
-                    .join(format!("{}.metadata.json{ext}", c.name)),
-                m.gzip,
-            )
-        })
+        .map(|c| read_metadata(&from.join(&m.database).join(format!("{}.metadata.json{ext}", c.name)), m.gzip))
         .collect::<Result<_, _>>()?;
 
     let mut dropped = Vec::new();
     if m.scope == "all" && opts.collections.is_empty() {
-        let names = db
-            .list_collection_names()
-            .await
-            .map_err(mongo("listing collections"))?;
+        let names = db.list_collection_names().await.map_err(mongo("listing collections"))?;
         for n in names {
             if !n.starts_with(INTERNAL_PREFIX)
                 && !n.starts_with("system.")
                 && !m.collections.iter().any(|c| c.name == n)
             {
-                db.collection::<Document>(&n)
-                    .drop()
-                    .await
-                    .map_err(mongo(format!("dropping {n}")))?;
+                db.collection::<Document>(&n).drop().await.map_err(mongo(format!("dropping {n}")))?;
                 dropped.push(n);
             }
         }
@@ -216,15 +173,11 @@ pub async fn restore(
     let mut restored = Vec::new();
     for (c, meta) in wanted.iter().zip(metas) {
         let coll = db.collection::<RawDocumentBuf>(&c.name);
-        coll.drop()
-            .await
-            .map_err(mongo(format!("dropping {}", c.name)))?;
+        coll.drop().await.map_err(mongo(format!("dropping {}", c.name)))?;
         let options = meta.get_document("options").cloned().unwrap_or_default();
         let mut create = doc! {"create": &c.name};
         create.extend(options);
-        db.run_command(create)
-            .await
-            .map_err(mongo(format!("creating {}", c.name)))?;
+        db.run_command(create).await.map_err(mongo(format!("creating {}", c.name)))?;
 
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<RawDocumentBuf>, BackupError>>(4);
         let path = from.join(&c.file);
@@ -298,17 +251,9 @@ pub async fn restore(
                 .map_err(mongo(format!("creating indexes of {}", c.name)))?;
         }
         // Read back and compare with the manifest.
-        let mut cursor = coll
-            .find(doc! {})
-            .batch_size(2000)
-            .await
-            .map_err(mongo(format!("verifying {}", c.name)))?;
+        let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("verifying {}", c.name)))?;
         let (mut n, mut hash) = (0u64, ContentHash::default());
-        while let Some(d) = cursor
-            .try_next()
-            .await
-            .map_err(mongo(format!("verifying {}", c.name)))?
-        {
+        while let Some(d) = cursor.try_next().await.map_err(mongo(format!("verifying {}", c.name)))? {
             hash.add(d.as_bytes());
             n += 1;
         }

@@ -26,14 +26,7 @@ pub type SnapshotProgress<'a> = &'a (dyn Fn(&str, u64, u64) + Send + Sync);
 fn open(path: &Path, gzip: bool) -> Result<Box<dyn Write + Send>, BackupError> {
     let f = std::fs::File::create(path).map_err(io(path))?;
     let w = std::io::BufWriter::with_capacity(1 << 20, f);
-    Ok(if gzip {
-        Box::new(flate2::write::GzEncoder::new(
-            w,
-            flate2::Compression::fast(),
-        ))
-    } else {
-        Box::new(w)
-    })
+    Ok(if gzip { Box::new(flate2::write::GzEncoder::new(w, flate2::Compression::fast())) } else { Box::new(w) })
 }
 
 /// Write a snapshot of `db` into `out` (created if needed; must not already hold a snapshot).
@@ -72,28 +65,14 @@ pub async fn snapshot(
         "all"
     } else {
         for want in &opts.collections {
-            if !infos
-                .iter()
-                .any(|c| c.get_str("name").ok() == Some(want.as_str()))
-            {
-                return Err(BackupError::Invalid(format!(
-                    "collection {want} does not exist in {}",
-                    db.name()
-                )));
+            if !infos.iter().any(|c| c.get_str("name").ok() == Some(want.as_str())) {
+                return Err(BackupError::Invalid(format!("collection {want} does not exist in {}", db.name())));
             }
         }
-        infos.retain(|c| {
-            opts.collections
-                .iter()
-                .any(|w| c.get_str("name").ok() == Some(w.as_str()))
-        });
+        infos.retain(|c| opts.collections.iter().any(|w| c.get_str("name").ok() == Some(w.as_str())));
         "selected"
     };
-    infos.sort_by(|a, b| {
-        a.get_str("name")
-            .unwrap_or_default()
-            .cmp(b.get_str("name").unwrap_or_default())
-    });
+    infos.sort_by(|a, b| a.get_str("name").unwrap_or_default().cmp(b.get_str("name").unwrap_or_default()));
     let ext = if opts.gzip { ".gz" } else { "" };
     let mut collections = Vec::new();
     for info in infos {
@@ -113,14 +92,8 @@ pub async fn snapshot(
             "collectionName": &name,
             "type": "collection",
         };
-        meta.insert(
-            "options",
-            info.get_document("options").cloned().unwrap_or_default(),
-        );
-        if let Ok(Bson::Binary(b)) = info
-            .get_document("info")
-            .map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null))
-        {
+        meta.insert("options", info.get_document("options").cloned().unwrap_or_default());
+        if let Ok(Bson::Binary(b)) = info.get_document("info").map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null)) {
             meta.insert("uuid", hex::encode(&b.bytes));
         }
         let meta_path = dir.join(format!("{name}.metadata.json{ext}"));
@@ -152,18 +125,10 @@ pub async fn snapshot(
             Ok((n, bytes, hash))
         });
         let read = async {
-            let mut cursor = coll
-                .find(doc! {})
-                .batch_size(2000)
-                .await
-                .map_err(mongo(format!("reading {name}")))?;
+            let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("reading {name}")))?;
             let mut batch = Vec::with_capacity(1000);
             let mut done = 0u64;
-            while let Some(d) = cursor
-                .try_next()
-                .await
-                .map_err(mongo(format!("reading {name}")))?
-            {
+            while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {name}")))? {
                 batch.push(d);
                 if batch.len() == 1000 {
                     done += 1000;
@@ -182,9 +147,8 @@ pub async fn snapshot(
         };
         let r = read.await;
         drop(tx);
-        let (documents, bytes, hash) = writer
-            .join()
-            .map_err(|_| BackupError::Invalid("snapshot writer panicked".into()))??;
+        let (documents, bytes, hash) =
+            writer.join().map_err(|_| BackupError::Invalid("snapshot writer panicked".into()))??;
         r?;
         collections.push(CollectionManifest {
             name,
@@ -208,10 +172,6 @@ pub async fn snapshot(
         duration_ms: started.elapsed().as_millis() as u64,
     };
     let mpath = out.join(MANIFEST);
-    std::fs::write(
-        &mpath,
-        serde_json::to_vec_pretty(&manifest).expect("serializable"),
-    )
-    .map_err(io(&mpath))?;
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializable")).map_err(io(&mpath))?;
     Ok(manifest)
 }

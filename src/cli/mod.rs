@@ -13,9 +13,7 @@ use futures::StreamExt;
 use mongodb::{options::ClientOptions, Client};
 
 use crate::backup::{self, BackupError};
-use crate::engine::{
-    self, loader, lock::LockError, runner::RunError, DownRequest, Migration, RunOptions, UpRequest,
-};
+use crate::engine::{self, loader, lock::LockError, runner::RunError, DownRequest, Migration, RunOptions, UpRequest};
 use crate::redact::Redactor;
 use crate::tenants::{TenantError, TenantSelector};
 
@@ -40,23 +38,13 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// MongoDB connection string. Never printed or logged.
-    #[arg(
-        long,
-        env = "DBSHIFT_MONGODB_URI",
-        hide_env_values = true,
-        global = true
-    )]
+    #[arg(long, env = "DBSHIFT_MONGODB_URI", hide_env_values = true, global = true)]
     pub uri: Option<String>,
     /// Directory of migration files.
     #[arg(long, env = "DBSHIFT_DIR", default_value = "migrations", global = true)]
     pub dir: PathBuf,
     /// A tenant database (repeat, or separate with commas).
-    #[arg(
-        long = "tenant",
-        env = "DBSHIFT_TENANT",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long = "tenant", env = "DBSHIFT_TENANT", value_delimiter = ',', global = true)]
     pub tenant: Vec<String>,
     /// Every database whose name matches this regular expression (found with listDatabases).
     #[arg(long = "tenants", value_name = "REGEX", global = true)]
@@ -65,12 +53,7 @@ pub struct Global {
     #[arg(long, value_delimiter = ',', global = true)]
     pub exclude: Vec<String>,
     /// Active profiles: migrations with `profiles` run only when one of them is active.
-    #[arg(
-        long = "profile",
-        env = "DBSHIFT_PROFILES",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long = "profile", env = "DBSHIFT_PROFILES", value_delimiter = ',', global = true)]
     pub profiles: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "human", global = true)]
@@ -194,10 +177,7 @@ pub struct CliError {
 
 impl CliError {
     pub fn invalid(m: impl Into<String>) -> Self {
-        CliError {
-            exit: Exit::Invalid,
-            message: m.into(),
-        }
+        CliError { exit: Exit::Invalid, message: m.into() }
     }
 }
 
@@ -209,15 +189,8 @@ impl From<loader::LoadError> for CliError {
 
 impl From<TenantError> for CliError {
     fn from(e: TenantError) -> Self {
-        let exit = if matches!(e, TenantError::List(_)) {
-            Exit::Unreachable
-        } else {
-            Exit::Invalid
-        };
-        CliError {
-            exit,
-            message: e.to_string(),
-        }
+        let exit = if matches!(e, TenantError::List(_)) { Exit::Unreachable } else { Exit::Invalid };
+        CliError { exit, message: e.to_string() }
     }
 }
 
@@ -230,10 +203,7 @@ impl From<RunError> for CliError {
             RunError::Exec(engine::executor::ExecError::Mongo { .. }) => Exit::Unreachable,
             RunError::Exec(_) => Exit::Failed,
         };
-        CliError {
-            exit,
-            message: e.to_string(),
-        }
+        CliError { exit, message: e.to_string() }
     }
 }
 
@@ -245,10 +215,7 @@ impl From<BackupError> for CliError {
             BackupError::Io { .. } => Exit::Invalid,
             BackupError::Verify(_) => Exit::NeedsAttention,
         };
-        CliError {
-            exit,
-            message: e.to_string(),
-        }
+        CliError { exit, message: e.to_string() }
     }
 }
 
@@ -256,12 +223,7 @@ impl From<BackupError> for CliError {
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let redactor = cli
-        .global
-        .uri
-        .as_deref()
-        .map(Redactor::for_uri)
-        .unwrap_or_default();
+    let redactor = cli.global.uri.as_deref().map(Redactor::for_uri).unwrap_or_default();
     match dispatch(cli).await {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
@@ -272,17 +234,10 @@ pub async fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DBSHIFT_LOG")
-        .unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DBSHIFT_LOG").unwrap_or_else(|_| "warn".into());
     let json = std::env::var("DBSHIFT_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().try_init()
-    } else {
-        b.try_init()
-    };
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.try_init() };
 }
 
 /// A connected client and what the URI names.
@@ -295,43 +250,23 @@ pub struct Connection {
 
 /// Connect and check the server answers, with a few attempts for transient outages.
 pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection, CliError> {
-    let uri = uri.ok_or_else(|| {
-        CliError::invalid("no MongoDB URI: pass --uri or set DBSHIFT_MONGODB_URI")
-    })?;
+    let uri = uri.ok_or_else(|| CliError::invalid("no MongoDB URI: pass --uri or set DBSHIFT_MONGODB_URI"))?;
     let redactor = Redactor::for_uri(uri);
-    let mut options = ClientOptions::parse(uri).await.map_err(|e| {
-        CliError::invalid(format!(
-            "the MongoDB URI is not valid: {}",
-            redactor.apply(&e.to_string())
-        ))
-    })?;
+    let mut options = ClientOptions::parse(uri)
+        .await
+        .map_err(|e| CliError::invalid(format!("the MongoDB URI is not valid: {}", redactor.apply(&e.to_string()))))?;
     options.app_name = Some("dbshift".into());
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);
     let default_db = options.default_database.clone();
-    let hosts = options
-        .hosts
-        .iter()
-        .map(|h| h.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let client = Client::with_options(options)
-        .map_err(|e| CliError::invalid(redactor.apply(&e.to_string())))?;
+    let hosts = options.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",");
+    let client = Client::with_options(options).map_err(|e| CliError::invalid(redactor.apply(&e.to_string())))?;
     let attempts = 3;
     let mut last = String::new();
     for attempt in 1..=attempts {
-        match client
-            .database("admin")
-            .run_command(bson::doc! {"ping": 1})
-            .await
-        {
+        match client.database("admin").run_command(bson::doc! {"ping": 1}).await {
             Ok(_) => {
-                return Ok(Connection {
-                    client,
-                    default_db: default_db.clone(),
-                    redactor,
-                    source: hosts,
-                });
+                return Ok(Connection { client, default_db: default_db.clone(), redactor, source: hosts });
             }
             Err(e) => {
                 last = redactor.apply(&e.to_string());
@@ -364,14 +299,8 @@ fn load(dir: &Path) -> Result<Vec<Migration>, CliError> {
     Ok(loader::load_dir(dir)?)
 }
 
-fn run_options(
-    g: &Global,
-    observer: Arc<dyn engine::runner::Observer>,
-) -> Result<RunOptions, CliError> {
-    if !g
-        .tracking_collection
-        .starts_with(engine::tracking::INTERNAL_PREFIX)
-    {
+fn run_options(g: &Global, observer: Arc<dyn engine::runner::Observer>) -> Result<RunOptions, CliError> {
+    if !g.tracking_collection.starts_with(engine::tracking::INTERNAL_PREFIX) {
         return Err(CliError::invalid(format!(
             "--tracking-collection must start with `{}`",
             engine::tracking::INTERNAL_PREFIX
@@ -386,19 +315,11 @@ fn run_options(
 }
 
 pub fn new_run_id() -> String {
-    format!(
-        "cli-{}-{:08x}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
-        rand::random::<u32>()
-    )
+    format!("cli-{}-{:08x}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), rand::random::<u32>())
 }
 
 /// Run `f` on every tenant, `parallel` at a time, keeping tenant order in the results.
-async fn for_each_tenant<T, F, Fut>(
-    tenants: &[String],
-    parallel: usize,
-    f: F,
-) -> Vec<(String, Result<T, CliError>)>
+async fn for_each_tenant<T, F, Fut>(tenants: &[String], parallel: usize, f: F) -> Vec<(String, Result<T, CliError>)>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<T, CliError>>,
@@ -419,22 +340,14 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::New { slug, author } => {
             let now = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
             let file = format!("{now}_{slug}.yaml");
-            loader::parse_file_name(&file)
-                .map_err(|e| CliError::invalid(format!("slug {slug:?}: {e}")))?;
-            std::fs::create_dir_all(&g.dir)
-                .map_err(|e| CliError::invalid(format!("{}: {e}", g.dir.display())))?;
+            loader::parse_file_name(&file).map_err(|e| CliError::invalid(format!("slug {slug:?}: {e}")))?;
+            std::fs::create_dir_all(&g.dir).map_err(|e| CliError::invalid(format!("{}: {e}", g.dir.display())))?;
             let path = g.dir.join(&file);
             if path.exists() {
-                return Err(CliError::invalid(format!(
-                    "{} already exists",
-                    path.display()
-                )));
+                return Err(CliError::invalid(format!("{} already exists", path.display())));
             }
-            std::fs::write(
-                &path,
-                loader::scaffold(slug, author.as_deref().unwrap_or("")),
-            )
-            .map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
+            std::fs::write(&path, loader::scaffold(slug, author.as_deref().unwrap_or("")))
+                .map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
             output::print_created(out, &path);
             Ok(Exit::Ok)
         }
@@ -445,18 +358,13 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         }
         Command::Schema => {
             let schema = schemars::schema_for!(engine::model::MigrationFile);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&schema).expect("serializable")
-            );
+            println!("{}", serde_json::to_string_pretty(&schema).expect("serializable"));
             Ok(Exit::Ok)
         }
         Command::Status => {
             let migrations = load(&g.dir)?;
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone())
-                .resolve(&conn.client)
-                .await?;
+            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let opts = run_options(g, Arc::new(engine::runner::Quiet))?;
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let (db, m, o) = (conn.client.database(&t), &migrations, &opts);
@@ -470,9 +378,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             let dry = a.dry_run || matches!(cli.command, Command::Plan(_));
             let migrations = load(&g.dir)?;
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone())
-                .resolve(&conn.client)
-                .await?;
+            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let observer = output::observer(out, tenants.len());
             let mut opts = run_options(g, observer)?;
             opts.dry_run = dry;
@@ -488,20 +394,13 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                 async move { Ok(engine::runner::up(&db, &t, m, r, o).await?) }
             })
             .await;
-            output::print_reports(
-                out,
-                if dry { "plan" } else { "up" },
-                &results,
-                &conn.redactor,
-            );
+            output::print_reports(out, if dry { "plan" } else { "up" }, &results, &conn.redactor);
             Ok(worst(&results, report_exit))
         }
         Command::Down(a) => {
             let migrations = load(&g.dir)?;
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone())
-                .resolve(&conn.client)
-                .await?;
+            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let mut opts = run_options(g, output::observer(out, tenants.len()))?;
             opts.dry_run = a.dry_run;
             let req = if let Some(t) = &a.to {
@@ -526,9 +425,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Validate => {
             let migrations = load(&g.dir)?;
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone())
-                .resolve(&conn.client)
-                .await?;
+            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let opts = run_options(g, Arc::new(engine::runner::Quiet))?;
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let (db, m, o) = (conn.client.database(&t), &migrations, &opts);
@@ -536,23 +433,11 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             })
             .await;
             output::print_validation(out, &results, &conn.redactor);
-            Ok(worst(&results, |checks| {
-                if checks.iter().all(|c| c.passed) {
-                    Exit::Ok
-                } else {
-                    Exit::Failed
-                }
-            }))
+            Ok(worst(&results, |checks| if checks.iter().all(|c| c.passed) { Exit::Ok } else { Exit::Failed }))
         }
-        Command::Backup {
-            out: dir,
-            collections,
-            gzip,
-        } => {
+        Command::Backup { out: dir, collections, gzip } => {
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone())
-                .resolve(&conn.client)
-                .await?;
+            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let progress = output::transfer_progress(out);
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let db = conn.client.database(&t);
@@ -573,23 +458,13 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
             let plan = restore_plan(from, g)?;
             let progress = output::transfer_progress(out);
-            let results = for_each_tenant(
-                &plan.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
-                g.parallel,
-                |t| {
-                    let db = conn.client.database(&t);
-                    let src = plan
-                        .iter()
-                        .find(|(n, _)| n == &t)
-                        .map(|(_, p)| p.clone())
-                        .expect("planned");
-                    let opts = backup::RestoreOptions {
-                        collections: collections.clone(),
-                    };
-                    let p = progress.clone();
-                    async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }
-                },
-            )
+            let results = for_each_tenant(&plan.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(), g.parallel, |t| {
+                let db = conn.client.database(&t);
+                let src = plan.iter().find(|(n, _)| n == &t).map(|(_, p)| p.clone()).expect("planned");
+                let opts = backup::RestoreOptions { collections: collections.clone() };
+                let p = progress.clone();
+                async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }
+            })
             .await;
             output::print_restores(out, &results, &conn.redactor);
             Ok(worst(&results, |_| Exit::Ok))
@@ -606,17 +481,12 @@ fn restore_plan(from: &Path, g: &Global) -> Result<Vec<(String, PathBuf)>, CliEr
         let target = match g.tenant.as_slice() {
             [] => m.database.clone(),
             [one] => one.clone(),
-            _ => {
-                return Err(CliError::invalid(
-                    "one snapshot can be restored into one tenant: give a single --tenant",
-                ))
-            }
+            _ => return Err(CliError::invalid("one snapshot can be restored into one tenant: give a single --tenant")),
         };
         crate::tenants::check_db_name(&target)?;
         return Ok(vec![(target, from.to_path_buf())]);
     }
-    let entries = std::fs::read_dir(from)
-        .map_err(|e| CliError::invalid(format!("{}: {e}", from.display())))?;
+    let entries = std::fs::read_dir(from).map_err(|e| CliError::invalid(format!("{}: {e}", from.display())))?;
     let sel = selector(g, None);
     let re = sel.validate()?;
     let mut plan = Vec::new();
@@ -633,10 +503,7 @@ fn restore_plan(from: &Path, g: &Global) -> Result<Vec<(String, PathBuf)>, CliEr
         }
     }
     if plan.is_empty() {
-        return Err(CliError::invalid(format!(
-            "{} holds no snapshot for the selected tenants",
-            from.display()
-        )));
+        return Err(CliError::invalid(format!("{} holds no snapshot for the selected tenants", from.display())));
     }
     plan.sort();
     Ok(plan)

@@ -28,25 +28,19 @@ pub enum Output {
 type Results<T> = [(String, Result<T, CliError>)];
 
 /// Results as JSON: `{ command, ok, tenants: [ { tenant, ok, result | error } ] }`.
-fn print_json<T: Serialize>(
-    command: &str,
-    results: &Results<T>,
-    ok: impl Fn(&T) -> bool,
-    redactor: &Redactor,
-) {
+fn print_json<T: Serialize>(command: &str, results: &Results<T>, ok: impl Fn(&T) -> bool, redactor: &Redactor) {
     let tenants: Vec<serde_json::Value> = results
         .iter()
         .map(|(t, r)| match r {
             Ok(v) => json!({ "tenant": t, "ok": ok(v), "result": v }),
-            Err(e) => json!({ "tenant": t, "ok": false, "error": redactor.apply(&e.message), "exitCode": e.exit as u8 }),
+            Err(e) => {
+                json!({ "tenant": t, "ok": false, "error": redactor.apply(&e.message), "exitCode": e.exit as u8 })
+            }
         })
         .collect();
     let all_ok = tenants.iter().all(|t| t["ok"] == json!(true));
     let doc = json!({ "command": command, "ok": all_ok, "tenants": tenants });
-    println!(
-        "{}",
-        redactor.apply(&serde_json::to_string_pretty(&doc).expect("serializable"))
-    );
+    println!("{}", redactor.apply(&serde_json::to_string_pretty(&doc).expect("serializable")));
 }
 
 fn print_error(tenant: &str, e: &CliError, redactor: &Redactor) {
@@ -55,10 +49,7 @@ fn print_error(tenant: &str, e: &CliError, redactor: &Redactor) {
 
 pub fn print_created(out: Output, path: &Path) {
     match out {
-        Output::Json => println!(
-            "{}",
-            json!({ "command": "new", "ok": true, "created": path })
-        ),
+        Output::Json => println!("{}", json!({ "command": "new", "ok": true, "created": path })),
         Output::Human => println!("created {}", path.display()),
     }
 }
@@ -66,13 +57,14 @@ pub fn print_created(out: Output, path: &Path) {
 pub fn print_lint(out: Output, migrations: &[Migration]) {
     match out {
         Output::Json => {
-            let list: Vec<_> = migrations.iter().map(|m| json!({ "id": m.id(), "file": m.path, "checksum": m.checksum, "operations": m.file.up.len() })).collect();
+            let list: Vec<_> = migrations
+                .iter()
+                .map(|m| json!({ "id": m.id(), "file": m.path, "checksum": m.checksum, "operations": m.file.up.len() }))
+                .collect();
             println!(
                 "{}",
-                serde_json::to_string_pretty(
-                    &json!({ "command": "lint", "ok": true, "migrations": list })
-                )
-                .expect("json")
+                serde_json::to_string_pretty(&json!({ "command": "lint", "ok": true, "migrations": list }))
+                    .expect("json")
             );
         }
         Output::Human => {
@@ -81,11 +73,7 @@ pub fn print_lint(out: Output, migrations: &[Migration]) {
                     "ok  {}  ({} operation(s){})",
                     m.id(),
                     m.file.up.len(),
-                    if m.file.down.is_some() {
-                        ", explicit down"
-                    } else {
-                        ""
-                    }
+                    if m.file.down.is_some() { ", explicit down" } else { "" }
                 );
             }
             println!("{} migration file(s) are valid", migrations.len());
@@ -98,10 +86,7 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
         return print_json(
             "status",
             results,
-            |e| {
-                e.iter()
-                    .all(|e| matches!(e.standing, Standing::Applied | Standing::Skipped))
-            },
+            |e| e.iter().all(|e| matches!(e.standing, Standing::Applied | Standing::Skipped)),
             redactor,
         );
     }
@@ -125,31 +110,17 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
             let (mark, what) = match e.standing {
                 Standing::Applied => (
                     "  applied ",
-                    format!(
-                        "{} (batch {})",
-                        e.applied_at.clone().unwrap_or_default(),
-                        e.batch.unwrap_or(0)
-                    ),
+                    format!("{} (batch {})", e.applied_at.clone().unwrap_or_default(), e.batch.unwrap_or(0)),
                 ),
                 Standing::Pending => (
                     "  pending ",
-                    e.last_error
-                        .as_ref()
-                        .map(|m| format!("last attempt failed: {m}"))
-                        .unwrap_or_default(),
+                    e.last_error.as_ref().map(|m| format!("last attempt failed: {m}")).unwrap_or_default(),
                 ),
                 Standing::Changed => ("! changed ", "the file changed after it was applied".into()),
-                Standing::Missing => (
-                    "? missing ",
-                    "applied here, but no file has this id (drift)".into(),
-                ),
+                Standing::Missing => ("? missing ", "applied here, but no file has this id (drift)".into()),
                 Standing::Skipped => ("  skipped ", "not active under the current profiles".into()),
             };
-            let ooo = if e.out_of_order {
-                " [older than an applied migration]"
-            } else {
-                ""
-            };
+            let ooo = if e.out_of_order { " [older than an applied migration]" } else { "" };
             println!("  {mark} {}  {}{ooo}", e.id, what);
         }
     }
@@ -162,12 +133,7 @@ fn describe(op: &Operation) -> String {
     }
 }
 
-pub fn print_reports(
-    out: Output,
-    command: &str,
-    results: &Results<TenantReport>,
-    redactor: &Redactor,
-) {
+pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>, redactor: &Redactor) {
     if out == Output::Json {
         return print_json(command, results, |r| r.ok, redactor);
     }
@@ -187,20 +153,13 @@ pub fn print_reports(
             failed += 1;
         }
         if report.migrations.is_empty() {
-            println!(
-                "{tenant}: nothing to do (at {})",
-                report.from_version.as_deref().unwrap_or("no migration")
-            );
+            println!("{tenant}: nothing to do (at {})", report.from_version.as_deref().unwrap_or("no migration"));
             continue;
         }
         for m in &report.migrations {
             match m.state.as_str() {
                 "planned" => {
-                    let verb = if m.direction == Direction::Up {
-                        "would apply"
-                    } else {
-                        "would roll back"
-                    };
+                    let verb = if m.direction == Direction::Up { "would apply" } else { "would roll back" };
                     println!("{tenant}: {verb} {}", m.id);
                     for (i, s) in m.steps.iter().enumerate() {
                         let est = m
@@ -214,25 +173,14 @@ pub fn print_reports(
                             "    {}. {}{}{est}",
                             i + 1,
                             s.op,
-                            s.collection
-                                .as_ref()
-                                .map(|c| format!(" on {c}"))
-                                .unwrap_or_default()
+                            s.collection.as_ref().map(|c| format!(" on {c}")).unwrap_or_default()
                         );
                     }
                 }
-                "failed" => println!(
-                    "{tenant}: FAILED {}: {}",
-                    m.id,
-                    redactor.apply(m.error.as_deref().unwrap_or(""))
-                ),
+                "failed" => println!("{tenant}: FAILED {}: {}", m.id, redactor.apply(m.error.as_deref().unwrap_or(""))),
                 state => println!(
                     "{tenant}: {} {} in {} ms ({} documents)",
-                    if state == "applied" {
-                        "applied"
-                    } else {
-                        "rolled back"
-                    },
+                    if state == "applied" { "applied" } else { "rolled back" },
                     m.id,
                     m.duration_ms,
                     m.documents_affected
@@ -256,12 +204,7 @@ pub fn print_reports(
 
 pub fn print_validation(out: Output, results: &Results<Vec<CheckResult>>, redactor: &Redactor) {
     if out == Output::Json {
-        return print_json(
-            "validate",
-            results,
-            |c| c.iter().all(|c| c.passed),
-            redactor,
-        );
+        return print_json("validate", results, |c| c.iter().all(|c| c.passed), redactor);
     }
     for (tenant, r) in results {
         match r {
@@ -308,12 +251,7 @@ pub fn print_backups(out: Output, dir: &Path, results: &Results<Manifest>, redac
 
 pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &Redactor) {
     if out == Output::Json {
-        return print_json(
-            "restore",
-            results,
-            |r| r.collections.iter().all(|c| c.verified),
-            redactor,
-        );
+        return print_json("restore", results, |r| r.collections.iter().all(|c| c.verified), redactor);
     }
     for (tenant, r) in results {
         match r {
@@ -325,10 +263,7 @@ pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &
                     rep.duration_ms
                 );
                 if !rep.dropped.is_empty() {
-                    println!(
-                        "  dropped collections not in the snapshot: {}",
-                        rep.dropped.join(", ")
-                    );
+                    println!("  dropped collections not in the snapshot: {}", rep.dropped.join(", "));
                 }
             }
             Err(e) => print_error(tenant, e, redactor),
@@ -353,15 +288,8 @@ impl Observer for Progress {
             b.finish_and_clear();
         }
         let b = ProgressBar::new_spinner();
-        b.set_style(
-            ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{elapsed}]")
-                .expect("template"),
-        );
-        b.set_message(format!(
-            "{tenant}: {id} step {} ({})",
-            step + 1,
-            describe(op)
-        ));
+        b.set_style(ProgressStyle::with_template("{spinner} {msg} {pos}/{len} [{elapsed}]").expect("template"));
+        b.set_message(format!("{tenant}: {id} step {} ({})", step + 1, describe(op)));
         b.enable_steady_tick(std::time::Duration::from_millis(120));
         *bar = Some(b);
     }
@@ -395,10 +323,7 @@ pub fn transfer_progress(out: Output) -> Arc<dyn Fn(&str, u64, u64) + Send + Syn
         return Arc::new(|_, _, _| {});
     }
     let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} documents [{elapsed}]")
-            .expect("template"),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} documents [{elapsed}]").expect("template"));
     Arc::new(move |coll, done, total| {
         bar.set_message(coll.to_string());
         bar.set_length(total);

@@ -34,11 +34,7 @@ pub struct RunArgs {
     #[arg(long, env = "DBSHIFT_ALLOW_CHANGED")]
     pub allow_changed: bool,
     /// Where to write the compact result (skipped when its directory does not exist).
-    #[arg(
-        long,
-        env = "DBSHIFT_RESULT_FILE",
-        default_value = "/dev/termination-log"
-    )]
+    #[arg(long, env = "DBSHIFT_RESULT_FILE", default_value = "/dev/termination-log")]
     pub result_file: PathBuf,
 }
 
@@ -98,20 +94,11 @@ impl JobResult {
     pub fn to_compact_json(&self) -> String {
         let mut r = self.clone();
         r.error = r.error.map(|e| cut(&e, 1500));
-        r.failed_checks = r
-            .failed_checks
-            .iter()
-            .take(5)
-            .map(|c| cut(c, 200))
-            .collect();
+        r.failed_checks = r.failed_checks.iter().take(5).map(|c| cut(c, 200)).collect();
         loop {
             let s = serde_json::to_string(&r).expect("serializable");
             if s.len() <= MAX_RESULT || (r.done.is_empty() && r.failed_checks.is_empty()) {
-                return if s.len() <= MAX_RESULT {
-                    s
-                } else {
-                    cut(&s, MAX_RESULT)
-                };
+                return if s.len() <= MAX_RESULT { s } else { cut(&s, MAX_RESULT) };
             }
             if !r.failed_checks.is_empty() {
                 r.failed_checks.pop();
@@ -123,20 +110,12 @@ impl JobResult {
     }
 
     fn from_report(rep: &engine::TenantReport, code: Exit) -> Self {
-        let checks: Vec<_> = rep
-            .migrations
-            .iter()
-            .flat_map(|m| m.validation.iter())
-            .collect();
+        let checks: Vec<_> = rep.migrations.iter().flat_map(|m| m.validation.iter()).collect();
         JobResult {
             v: 1,
             tenant: rep.tenant.clone(),
             ok: rep.ok,
-            dir: if rep.direction == Direction::Up {
-                "up".into()
-            } else {
-                "down".into()
-            },
+            dir: if rep.direction == Direction::Up { "up".into() } else { "down".into() },
             from: rep.from_version.clone(),
             to: rep.to_version.clone(),
             done: rep
@@ -150,12 +129,7 @@ impl JobResult {
             failed_checks: checks
                 .iter()
                 .filter(|c| !c.passed)
-                .map(|c| {
-                    format!(
-                        "{}: {} on {}: {}",
-                        c.migration, c.check, c.collection, c.message
-                    )
-                })
+                .map(|c| format!("{}: {} on {}: {}", c.migration, c.check, c.collection, c.message))
                 .collect(),
             error: rep.error.clone(),
             code: code as u8,
@@ -167,35 +141,14 @@ impl JobResult {
 pub async fn run(g: &Global, a: &RunArgs) -> Result<Exit, CliError> {
     let tenant = match g.tenant.as_slice() {
         [one] => one.clone(),
-        [] => {
-            return finish(
-                a,
-                JobResult::failed(
-                    "",
-                    "no tenant: set DBSHIFT_TENANT or pass --tenant",
-                    Exit::Invalid,
-                ),
-            )
-        }
-        _ => {
-            return finish(
-                a,
-                JobResult::failed("", "`run` migrates exactly one tenant", Exit::Invalid),
-            )
-        }
+        [] => return finish(a, JobResult::failed("", "no tenant: set DBSHIFT_TENANT or pass --tenant", Exit::Invalid)),
+        _ => return finish(a, JobResult::failed("", "`run` migrates exactly one tenant", Exit::Invalid)),
     };
     match run_inner(g, a, &tenant).await {
         Ok(r) => finish(a, r),
         Err(e) => {
-            let redactor = g
-                .uri
-                .as_deref()
-                .map(crate::redact::Redactor::for_uri)
-                .unwrap_or_default();
-            finish(
-                a,
-                JobResult::failed(&tenant, &redactor.apply(&e.message), e.exit),
-            )
+            let redactor = g.uri.as_deref().map(crate::redact::Redactor::for_uri).unwrap_or_default();
+            finish(a, JobResult::failed(&tenant, &redactor.apply(&e.message), e.exit))
         }
     }
 }
@@ -226,31 +179,16 @@ async fn run_inner(g: &Global, a: &RunArgs, tenant: &str) -> Result<JobResult, C
     opts.dry_run = a.dry_run;
     opts.allow_changed = a.allow_changed;
     let report = if let Some(run) = &a.rollback_run {
-        runner::down(
-            &db,
-            tenant,
-            &migrations,
-            &DownRequest::Run(run.clone()),
-            &opts,
-        )
-        .await?
+        runner::down(&db, tenant, &migrations, &DownRequest::Run(run.clone()), &opts).await?
     } else {
-        let records = engine::tracking::load(&db, &opts.tracking)
-            .await
-            .map_err(|e| CliError {
-                exit: Exit::Unreachable,
-                message: format!("reading the tracking collection: {e}"),
-            })?;
+        let records = engine::tracking::load(&db, &opts.tracking).await.map_err(|e| CliError {
+            exit: Exit::Unreachable,
+            message: format!("reading the tracking collection: {e}"),
+        })?;
         match engine::plan::direction_for(&records, a.target.as_deref()) {
             Direction::Down => {
-                runner::down(
-                    &db,
-                    tenant,
-                    &migrations,
-                    &DownRequest::To(a.target.clone().unwrap_or_default()),
-                    &opts,
-                )
-                .await?
+                runner::down(&db, tenant, &migrations, &DownRequest::To(a.target.clone().unwrap_or_default()), &opts)
+                    .await?
             }
             Direction::Up => {
                 let req = UpRequest {
@@ -291,20 +229,9 @@ mod tests {
 
     #[test]
     fn results_fit_a_termination_message() {
-        let mut r = JobResult {
-            v: 1,
-            tenant: "t".into(),
-            ok: false,
-            dir: "up".into(),
-            code: 1,
-            ..Default::default()
-        };
+        let mut r = JobResult { v: 1, tenant: "t".into(), ok: false, dir: "up".into(), code: 1, ..Default::default() };
         for i in 0..500 {
-            r.done.push((
-                format!("20250101{i:06}_a_rather_long_migration_name"),
-                12345,
-                67890,
-            ));
+            r.done.push((format!("20250101{i:06}_a_rather_long_migration_name"), 12345, 67890));
         }
         r.error = Some("x".repeat(10_000));
         r.failed_checks = vec!["y".repeat(1000); 20];

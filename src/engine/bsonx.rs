@@ -65,9 +65,7 @@ pub fn to_js_json(b: &Bson) -> Json {
     const SAFE: i64 = 1 << 53;
     match b {
         Bson::Int64(v) if v.abs() > SAFE => serde_json::json!({ "$numberLong": v.to_string() }),
-        Bson::Document(d) => {
-            Json::Object(d.iter().map(|(k, v)| (k.clone(), to_js_json(v))).collect())
-        }
+        Bson::Document(d) => Json::Object(d.iter().map(|(k, v)| (k.clone(), to_js_json(v))).collect()),
         Bson::Array(a) => Json::Array(a.iter().map(to_js_json).collect()),
         other => other.clone().into_relaxed_extjson(),
     }
@@ -85,12 +83,9 @@ pub fn restore_number_types(new: Bson, old: Option<&Bson>) -> Bson {
                 })
                 .collect(),
         ),
-        (Bson::Array(na), Some(Bson::Array(oa))) => Bson::Array(
-            na.into_iter()
-                .enumerate()
-                .map(|(i, v)| restore_number_types(v, oa.get(i)))
-                .collect(),
-        ),
+        (Bson::Array(na), Some(Bson::Array(oa))) => {
+            Bson::Array(na.into_iter().enumerate().map(|(i, v)| restore_number_types(v, oa.get(i))).collect())
+        }
         (n, Some(o)) => match (as_f64(&n), as_f64(o)) {
             (Some(a), Some(b)) if a == b || (a.is_nan() && b.is_nan()) => o.clone(),
             _ => n,
@@ -115,15 +110,14 @@ mod tests {
 
     #[test]
     fn extended_json_becomes_bson_types() {
-        let v: Json = serde_json::json!({"at": {"$date": "2025-01-01T00:00:00Z"}, "n": 3, "big": 5000000000i64, "x": 1.5});
+        let v: Json =
+            serde_json::json!({"at": {"$date": "2025-01-01T00:00:00Z"}, "n": 3, "big": 5000000000i64, "x": 1.5});
         let d = to_doc(&v).unwrap();
         assert!(matches!(d.get("at"), Some(Bson::DateTime(_))));
         assert_eq!(d.get("n"), Some(&Bson::Int32(3)));
         assert_eq!(d.get("big"), Some(&Bson::Int64(5_000_000_000)));
         assert_eq!(d.get("x"), Some(&Bson::Double(1.5)));
-        assert!(to_doc(&serde_json::json!([1]))
-            .unwrap_err()
-            .contains("expected a mapping"));
+        assert!(to_doc(&serde_json::json!([1])).unwrap_err().contains("expected a mapping"));
     }
 
     #[test]
@@ -131,10 +125,7 @@ mod tests {
         let old = Bson::Document(doc! {"a": 1.0f64, "b": 5i64, "c": 7, "d": {"e": 2.0f64}});
         let new = Bson::Document(doc! {"a": 1, "b": 5, "c": 8, "d": {"e": 2}, "f": 3});
         let got = restore_number_types(new, Some(&old));
-        assert_eq!(
-            got,
-            Bson::Document(doc! {"a": 1.0f64, "b": 5i64, "c": 8, "d": {"e": 2.0f64}, "f": 3})
-        );
+        assert_eq!(got, Bson::Document(doc! {"a": 1.0f64, "b": 5i64, "c": 8, "d": {"e": 2.0f64}, "f": 3}));
     }
 
     #[test]

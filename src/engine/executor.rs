@@ -122,18 +122,12 @@ pub async fn restore_preimages(db: &Database, r: &RestorePreimages) -> Result<u6
             doc! {"into": &r.collection, "on": "_id", "whenMatched": when, "whenNotMatched": "discard"}
         }
     };
-    let pipeline = vec![
-        doc! {"$match": {"_id.k": &r.key}},
-        doc! {"$replaceRoot": {"newRoot": "$d"}},
-        doc! {"$merge": merge},
-    ];
+    let pipeline =
+        vec![doc! {"$match": {"_id.k": &r.key}}, doc! {"$replaceRoot": {"newRoot": "$d"}}, doc! {"$merge": merge}];
     db.collection::<Document>(ROLLBACK)
         .aggregate(pipeline)
         .await
-        .map_err(mongo(format!(
-            "restoring rollback data into {}",
-            r.collection
-        )))?;
+        .map_err(mongo(format!("restoring rollback data into {}", r.collection)))?;
     Ok(stored)
 }
 
@@ -148,11 +142,9 @@ pub async fn forget_rollback_data(db: &Database, prefix: &str) -> Result<(), Exe
 
 /// Make sure dbshift's own collections have the indexes they need.
 pub async fn ensure_internal(db: &Database) -> Result<(), ExecError> {
-    db.run_command(
-        doc! {"createIndexes": ROLLBACK, "indexes": [{"key": {"_id.k": 1}, "name": "key"}]},
-    )
-    .await
-    .map_err(mongo("creating the rollback data index"))?;
+    db.run_command(doc! {"createIndexes": ROLLBACK, "indexes": [{"key": {"_id.k": 1}, "name": "key"}]})
+        .await
+        .map_err(mongo("creating the rollback data index"))?;
     Ok(())
 }
 
@@ -160,19 +152,9 @@ async fn index_specs(db: &Database, coll: &str) -> Result<Vec<Document>, ExecErr
     if !collection_exists(db, coll).await? {
         return Ok(Vec::new());
     }
-    let r = db
-        .run_command(doc! {"listIndexes": coll})
-        .await
-        .map_err(mongo(format!("listing indexes of {coll}")))?;
-    let batch = r
-        .get_document("cursor")
-        .and_then(|c| c.get_array("firstBatch"))
-        .cloned()
-        .unwrap_or_default();
-    Ok(batch
-        .into_iter()
-        .filter_map(|b| b.as_document().cloned())
-        .collect())
+    let r = db.run_command(doc! {"listIndexes": coll}).await.map_err(mongo(format!("listing indexes of {coll}")))?;
+    let batch = r.get_document("cursor").and_then(|c| c.get_array("firstBatch")).cloned().unwrap_or_default();
+    Ok(batch.into_iter().filter_map(|b| b.as_document().cloned()).collect())
 }
 
 fn index_spec(o: &CreateIndex) -> Result<Document, ExecError> {
@@ -202,10 +184,7 @@ fn index_spec(o: &CreateIndex) -> Result<Document, ExecError> {
         spec.insert("expireAfterSeconds", s as i64);
     }
     if let Some(p) = &o.partial_filter_expression {
-        spec.insert(
-            "partialFilterExpression",
-            bsonx::to_doc(p).map_err(data_err)?,
-        );
+        spec.insert("partialFilterExpression", bsonx::to_doc(p).map_err(data_err)?);
     }
     Ok(spec)
 }
@@ -218,11 +197,9 @@ fn same_index(a: &Document, b: &Document) -> bool {
             .filter(|(k, _)| !matches!(k.as_str(), "v" | "ns" | "background"))
             .map(|(k, v)| {
                 let v = match v {
-                    Bson::Document(d) => d
-                        .iter()
-                        .map(|(k, v)| format!("{k}:{}", num_str(v)))
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    Bson::Document(d) => {
+                        d.iter().map(|(k, v)| format!("{k}:{}", num_str(v))).collect::<Vec<_>>().join(",")
+                    }
                     other => num_str(other),
                 };
                 (k.clone(), v)
@@ -254,27 +231,14 @@ fn restore(collection: &str, key: &str, mode: RestoreMode, unset: Vec<String>) -
 
 /// Phase one: check preconditions, store what will be destroyed, and work out the undo.
 pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepared, ExecError> {
-    let ok = |undo: Vec<Operation>| {
-        Ok(Prepared {
-            op: op.clone(),
-            undo: Ok(undo),
-            skip: false,
-        })
-    };
+    let ok = |undo: Vec<Operation>| Ok(Prepared { op: op.clone(), undo: Ok(undo), skip: false });
     match op {
         Operation::AddField(o) => {
             let value = bsonx::to_bson(&o.value).map_err(data_err)?;
             let top = top_field(&o.field).to_string();
             // Documents that already hold the value are not touched by `up`, but the undo
             // (unset where field == value) would reach them: keep them as they are.
-            capture(
-                db,
-                &o.collection,
-                doc! {&o.field: value.clone()},
-                Some(&[top.clone()]),
-                key,
-            )
-            .await?;
+            capture(db, &o.collection, doc! {&o.field: value.clone()}, Some(&[top.clone()]), key).await?;
             let mut unset = doc! {};
             unset.insert(&o.field, "");
             ok(vec![
@@ -287,36 +251,17 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             ])
         }
         Operation::RemoveField(o) => {
-            let q = and(
-                filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                doc! {&o.field: {"$exists": true}},
-            );
+            let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": true}});
             let top = top_field(&o.field).to_string();
             capture(db, &o.collection, q, Some(&[top.clone()]), key).await?;
-            ok(vec![restore(
-                &o.collection,
-                key,
-                RestoreMode::Fields,
-                vec![top],
-            )])
+            ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::RenameField(o) => {
             let (tf, tt) = (top_field(&o.from).to_string(), top_field(&o.to).to_string());
-            let fields: Vec<String> = if tf == tt {
-                vec![tf.clone()]
-            } else {
-                vec![tf.clone(), tt.clone()]
-            };
+            let fields: Vec<String> = if tf == tt { vec![tf.clone()] } else { vec![tf.clone(), tt.clone()] };
             // Documents that already have `to`: the rename overwrites it, and the reverse rename
             // must not move it. Keep both fields of those documents.
-            capture(
-                db,
-                &o.collection,
-                doc! {&o.to: {"$exists": true}},
-                Some(&fields),
-                key,
-            )
-            .await?;
+            capture(db, &o.collection, doc! {&o.to: {"$exists": true}}, Some(&fields), key).await?;
             ok(vec![
                 Operation::UpdateMany(UpdateMany {
                     collection: o.collection.clone(),
@@ -328,108 +273,57 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
         }
         Operation::ConvertType(o) => {
             let top = top_field(&o.field).to_string();
-            capture(
-                db,
-                &o.collection,
-                convert_query(o)?,
-                Some(&[top.clone()]),
-                key,
-            )
-            .await?;
-            ok(vec![restore(
-                &o.collection,
-                key,
-                RestoreMode::Fields,
-                vec![top],
-            )])
+            capture(db, &o.collection, convert_query(o)?, Some(&[top.clone()]), key).await?;
+            ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::CreateIndex(o) => {
             let spec = index_spec(o)?;
             let name = spec.get_str("name").unwrap_or_default().to_string();
             let existing = index_specs(db, &o.collection).await?;
-            if let Some(e) = existing
-                .iter()
-                .find(|e| e.get_str("name").ok() == Some(name.as_str()))
-            {
+            if let Some(e) = existing.iter().find(|e| e.get_str("name").ok() == Some(name.as_str())) {
                 if same_index(e, &spec) {
-                    return Ok(Prepared {
-                        op: op.clone(),
-                        undo: Ok(vec![]),
-                        skip: true,
-                    });
+                    return Ok(Prepared { op: op.clone(), undo: Ok(vec![]), skip: true });
                 }
                 return Err(ExecError::Precondition(format!(
                     "index {name} already exists on {} with a different definition ({e}); drop it first or choose another name",
                     o.collection
                 )));
             }
-            ok(vec![Operation::DropIndex(DropIndex {
-                collection: o.collection.clone(),
-                name,
-            })])
+            ok(vec![Operation::DropIndex(DropIndex { collection: o.collection.clone(), name })])
         }
         Operation::DropIndex(o) => {
             let existing = index_specs(db, &o.collection).await?;
-            let Some(spec) = existing
-                .into_iter()
-                .find(|e| e.get_str("name").ok() == Some(o.name.as_str()))
-            else {
-                return Err(ExecError::Precondition(format!(
-                    "index {} does not exist on {}",
-                    o.name, o.collection
-                )));
+            let Some(spec) = existing.into_iter().find(|e| e.get_str("name").ok() == Some(o.name.as_str())) else {
+                return Err(ExecError::Precondition(format!("index {} does not exist on {}", o.name, o.collection)));
             };
             let mut spec = spec;
             spec.remove("v");
             spec.remove("ns");
             let mut cmd = serde_json::Map::new();
-            cmd.insert(
-                "createIndexes".into(),
-                serde_json::Value::String(o.collection.clone()),
-            );
-            cmd.insert(
-                "indexes".into(),
-                serde_json::Value::Array(vec![json(Bson::Document(spec))]),
-            );
+            cmd.insert("createIndexes".into(), serde_json::Value::String(o.collection.clone()));
+            cmd.insert("indexes".into(), serde_json::Value::Array(vec![json(Bson::Document(spec))]));
             ok(vec![Operation::RunCommand(RunCommand { command: cmd })])
         }
         Operation::CreateCollection(o) => {
             if collection_exists(db, &o.collection).await? {
-                return Err(ExecError::Precondition(format!(
-                    "collection {} already exists",
-                    o.collection
-                )));
+                return Err(ExecError::Precondition(format!("collection {} already exists", o.collection)));
             }
-            ok(vec![Operation::DropCollection(CollectionRef {
-                collection: o.collection.clone(),
-            })])
+            ok(vec![Operation::DropCollection(CollectionRef { collection: o.collection.clone() })])
         }
         Operation::DropCollection(o) => {
             if !collection_exists(db, &o.collection).await? {
-                return Err(ExecError::Precondition(format!(
-                    "collection {} does not exist",
-                    o.collection
-                )));
+                return Err(ExecError::Precondition(format!("collection {} does not exist", o.collection)));
             }
             let aside = aside_name(key, &o.collection);
             Ok(Prepared {
-                op: Operation::RenameCollection(RenameCollection {
-                    from: o.collection.clone(),
-                    to: aside.clone(),
-                }),
-                undo: Ok(vec![Operation::RenameCollection(RenameCollection {
-                    from: aside,
-                    to: o.collection.clone(),
-                })]),
+                op: Operation::RenameCollection(RenameCollection { from: o.collection.clone(), to: aside.clone() }),
+                undo: Ok(vec![Operation::RenameCollection(RenameCollection { from: aside, to: o.collection.clone() })]),
                 skip: false,
             })
         }
         Operation::RenameCollection(o) => {
             if !collection_exists(db, &o.from).await? {
-                return Err(ExecError::Precondition(format!(
-                    "collection {} does not exist",
-                    o.from
-                )));
+                return Err(ExecError::Precondition(format!("collection {} does not exist", o.from)));
             }
             if collection_exists(db, &o.to).await? {
                 return Err(ExecError::Precondition(format!(
@@ -437,10 +331,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
                     o.from, o.to, o.to
                 )));
             }
-            ok(vec![Operation::RenameCollection(RenameCollection {
-                from: o.to.clone(),
-                to: o.from.clone(),
-            })])
+            ok(vec![Operation::RenameCollection(RenameCollection { from: o.to.clone(), to: o.from.clone() })])
         }
         Operation::InsertDocuments(o) => {
             let mut docs = Vec::new();
@@ -459,10 +350,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
                 }
             }
             Ok(Prepared {
-                op: Operation::InsertDocuments(InsertDocuments {
-                    collection: o.collection.clone(),
-                    documents: docs,
-                }),
+                op: Operation::InsertDocuments(InsertDocuments { collection: o.collection.clone(), documents: docs }),
                 undo: Ok(vec![Operation::DeleteDocuments(DeleteDocuments {
                     collection: o.collection.clone(),
                     filter: serde_json::json!({ "_id": { "$in": json(Bson::Array(ids)) } }),
@@ -471,51 +359,20 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             })
         }
         Operation::DeleteDocuments(o) => {
-            capture(
-                db,
-                &o.collection,
-                bsonx::to_doc(&o.filter).map_err(data_err)?,
-                None,
-                key,
-            )
-            .await?;
-            ok(vec![restore(
-                &o.collection,
-                key,
-                RestoreMode::Replace,
-                vec![],
-            )])
+            capture(db, &o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?, None, key).await?;
+            ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
         }
         Operation::UpdateMany(o) => {
-            capture(
-                db,
-                &o.collection,
-                bsonx::to_doc(&o.filter).map_err(data_err)?,
-                None,
-                key,
-            )
-            .await?;
+            capture(db, &o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?, None, key).await?;
             // Documents an upsert-free update may have changed: put the whole pre-image back.
-            ok(vec![restore(
-                &o.collection,
-                key,
-                RestoreMode::Replace,
-                vec![],
-            )])
+            ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
         }
         // Pre-images of the documents a transform changes are written while it runs, before
         // the changed documents are merged back.
-        Operation::Transform(o) => ok(vec![restore(
-            &o.collection,
-            key,
-            RestoreMode::Replace,
-            vec![],
-        )]),
+        Operation::Transform(o) => ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])]),
         Operation::RunCommand(_) => Ok(Prepared {
             op: op.clone(),
-            undo: Err(
-                "runCommand has no automatic inverse; give the migration an explicit `down`".into(),
-            ),
+            undo: Err("runCommand has no automatic inverse; give the migration an explicit `down`".into()),
             skip: false,
         }),
         Operation::RestorePreimages(_) => Ok(Prepared {
@@ -527,10 +384,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
 }
 
 fn aside_name(key: &str, coll: &str) -> String {
-    let k: String = key
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let k: String = key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     format!("{DROPPED_PREFIX}{k}_{coll}")
 }
 
@@ -539,10 +393,7 @@ fn convert_query(o: &ConvertType) -> Result<Document, ExecError> {
         Some(from) => doc! {"$type": from.mongo_name()},
         None => doc! {"$exists": true, "$ne": null, "$not": {"$type": o.to.mongo_name()}},
     };
-    Ok(and(
-        filter_doc(o.filter.as_ref()).map_err(data_err)?,
-        doc! {&o.field: type_cond},
-    ))
+    Ok(and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: type_cond}))
 }
 
 /// Run a session-aware driver action: inside the transaction when there is one.
@@ -571,63 +422,38 @@ pub async fn execute(
     match &prepared.op {
         Operation::AddField(o) => {
             let value = bsonx::to_bson(&o.value).map_err(data_err)?;
-            let q = and(
-                filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                doc! {&o.field: {"$exists": false}},
-            );
-            let r = in_session!(
-                coll(&o.collection).update_many(q, doc! {"$set": {&o.field: value}}),
-                s
-            )
-            .map_err(mongo(format!("adding {} to {}", o.field, o.collection)))?;
+            let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": false}});
+            let r = in_session!(coll(&o.collection).update_many(q, doc! {"$set": {&o.field: value}}), s)
+                .map_err(mongo(format!("adding {} to {}", o.field, o.collection)))?;
             Ok(r.modified_count)
         }
         Operation::RemoveField(o) => {
-            let q = and(
-                filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                doc! {&o.field: {"$exists": true}},
-            );
-            let r = in_session!(
-                coll(&o.collection).update_many(q, doc! {"$unset": {&o.field: ""}}),
-                s
-            )
-            .map_err(mongo(format!("removing {} from {}", o.field, o.collection)))?;
+            let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": true}});
+            let r = in_session!(coll(&o.collection).update_many(q, doc! {"$unset": {&o.field: ""}}), s)
+                .map_err(mongo(format!("removing {} from {}", o.field, o.collection)))?;
             Ok(r.modified_count)
         }
         Operation::RenameField(o) => {
-            let q = and(
-                filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                doc! {&o.from: {"$exists": true}},
-            );
-            let r = in_session!(
-                coll(&o.collection).update_many(q, doc! {"$rename": {&o.from: &o.to}}),
-                s
-            )
-            .map_err(mongo(format!(
-                "renaming {} to {} in {}",
-                o.from, o.to, o.collection
-            )))?;
+            let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.from: {"$exists": true}});
+            let r = in_session!(coll(&o.collection).update_many(q, doc! {"$rename": {&o.from: &o.to}}), s)
+                .map_err(mongo(format!("renaming {} to {} in {}", o.from, o.to, o.collection)))?;
             Ok(r.modified_count)
         }
         Operation::ConvertType(o) => {
             let q = convert_query(o)?;
             let on_error = match o.on_error {
                 OnConvertError::SetNull => Bson::Null,
-                OnConvertError::Keep | OnConvertError::Fail => {
-                    Bson::String(format!("${}", o.field))
-                }
+                OnConvertError::Keep | OnConvertError::Fail => Bson::String(format!("${}", o.field)),
             };
             let pipeline = vec![
                 doc! {"$set": {&o.field: {"$convert": {"input": format!("${}", o.field), "to": o.to.mongo_name(), "onError": on_error}}}},
             ];
-            let r = in_session!(coll(&o.collection).update_many(q.clone(), pipeline), s).map_err(
-                mongo(format!(
-                    "converting {} in {} to {}",
-                    o.field,
-                    o.collection,
-                    o.to.mongo_name()
-                )),
-            )?;
+            let r = in_session!(coll(&o.collection).update_many(q.clone(), pipeline), s).map_err(mongo(format!(
+                "converting {} in {} to {}",
+                o.field,
+                o.collection,
+                o.to.mongo_name()
+            )))?;
             if o.on_error == OnConvertError::Fail {
                 let left = in_session!(coll(&o.collection).find_one(q.clone()), s)
                     .map_err(mongo("checking the conversion"))?;
@@ -655,33 +481,17 @@ pub async fn execute(
             Ok(0)
         }
         Operation::DropIndex(o) => {
-            match db
-                .run_command(doc! {"dropIndexes": &o.collection, "index": &o.name})
-                .await
-            {
+            match db.run_command(doc! {"dropIndexes": &o.collection, "index": &o.name}).await {
                 Ok(_) => Ok(0),
                 // Undoing a createIndex that never completed.
                 Err(e) if error_code(&e) == Some(27) => Ok(0),
-                Err(e) => Err(mongo(format!(
-                    "dropping index {} of {}",
-                    o.name, o.collection
-                ))(e)),
+                Err(e) => Err(mongo(format!("dropping index {} of {}", o.name, o.collection))(e)),
             }
         }
         Operation::CreateCollection(o) => {
             let mut cmd = doc! {"create": &o.collection};
-            let schema = o
-                .json_schema
-                .as_ref()
-                .map(bsonx::to_doc)
-                .transpose()
-                .map_err(data_err)?;
-            let other = o
-                .validator
-                .as_ref()
-                .map(bsonx::to_doc)
-                .transpose()
-                .map_err(data_err)?;
+            let schema = o.json_schema.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
+            let other = o.validator.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
             let validator = match (schema, other) {
                 (Some(s), Some(v)) => Some(doc! {"$and": [{"$jsonSchema": s}, v]}),
                 (Some(s), None) => Some(doc! {"$jsonSchema": s}),
@@ -691,20 +501,12 @@ pub async fn execute(
                 cmd.insert("validator", v);
             }
             if let Some(l) = o.validation_level {
-                cmd.insert(
-                    "validationLevel",
-                    serde_json::to_value(l).unwrap().as_str().unwrap(),
-                );
+                cmd.insert("validationLevel", serde_json::to_value(l).unwrap().as_str().unwrap());
             }
             if let Some(a) = o.validation_action {
-                cmd.insert(
-                    "validationAction",
-                    serde_json::to_value(a).unwrap().as_str().unwrap(),
-                );
+                cmd.insert("validationAction", serde_json::to_value(a).unwrap().as_str().unwrap());
             }
-            db.run_command(cmd)
-                .await
-                .map_err(mongo(format!("creating collection {}", o.collection)))?;
+            db.run_command(cmd).await.map_err(mongo(format!("creating collection {}", o.collection)))?;
             Ok(0)
         }
         Operation::DropCollection(o) => {
@@ -721,12 +523,8 @@ pub async fn execute(
             Ok(0)
         }
         Operation::InsertDocuments(o) => {
-            let docs: Vec<Document> = o
-                .documents
-                .iter()
-                .map(bsonx::map_to_doc)
-                .collect::<Result<_, _>>()
-                .map_err(data_err)?;
+            let docs: Vec<Document> =
+                o.documents.iter().map(bsonx::map_to_doc).collect::<Result<_, _>>().map_err(data_err)?;
             let r = in_session!(coll(&o.collection).insert_many(docs), s)
                 .map_err(mongo(format!("inserting documents into {}", o.collection)))?;
             Ok(r.inserted_ids.len() as u64)
@@ -741,17 +539,11 @@ pub async fn execute(
             let q = bsonx::to_doc(&o.filter).map_err(data_err)?;
             let r = match &o.update {
                 serde_json::Value::Array(stages) => {
-                    let p: Vec<Document> = stages
-                        .iter()
-                        .map(bsonx::to_doc)
-                        .collect::<Result<_, _>>()
-                        .map_err(data_err)?;
+                    let p: Vec<Document> =
+                        stages.iter().map(bsonx::to_doc).collect::<Result<_, _>>().map_err(data_err)?;
                     in_session!(coll(&o.collection).update_many(q, p), s)
                 }
-                u => in_session!(
-                    coll(&o.collection).update_many(q, bsonx::to_doc(u).map_err(data_err)?),
-                    s
-                ),
+                u => in_session!(coll(&o.collection).update_many(q, bsonx::to_doc(u).map_err(data_err)?), s),
             }
             .map_err(mongo(format!("updating documents of {}", o.collection)))?;
             Ok(r.modified_count)
@@ -760,9 +552,7 @@ pub async fn execute(
         Operation::RunCommand(o) => {
             let cmd = bsonx::map_to_doc(&o.command).map_err(data_err)?;
             let name = cmd.keys().next().cloned().unwrap_or_default();
-            db.run_command(cmd)
-                .await
-                .map_err(mongo(format!("running command {name}")))?;
+            db.run_command(cmd).await.map_err(mongo(format!("running command {name}")))?;
             Ok(0)
         }
         Operation::RestorePreimages(r) => restore_preimages(db, r).await,
@@ -780,7 +570,9 @@ async fn rename_collection(db: &Database, from: &str, to: &str) -> Result<(), Ex
     let name = db.name();
     db.client()
         .database("admin")
-        .run_command(doc! {"renameCollection": format!("{name}.{from}"), "to": format!("{name}.{to}"), "dropTarget": false})
+        .run_command(
+            doc! {"renameCollection": format!("{name}.{from}"), "to": format!("{name}.{to}"), "dropTarget": false},
+        )
         .await
         .map_err(mongo(format!("renaming collection {from} to {to}")))?;
     Ok(())
@@ -792,24 +584,29 @@ async fn rename_collection(db: &Database, from: &str, to: &str) -> Result<(), Ex
 /// far more than an insert). Their pre-images go to `_dbshift_rollback` and the new versions
 /// to a staging collection, both with bulk inserts; one server-side `$merge` then replaces the
 /// originals. Reading, JavaScript and writing overlap, with at most two batches in flight each.
-async fn run_transform(
+async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option<Progress>) -> Result<u64, ExecError> {
+    let staging_name = format!(
+        "{STAGING_PREFIX}{}",
+        key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>()
+    );
+    let staging = db.collection::<Document>(&staging_name);
+    staging.drop().await.map_err(mongo("clearing the transform staging collection"))?;
+    let result = transform_through(db, o, key, &staging, progress).await;
+    // The staging collection goes whether the transform worked or not.
+    let dropped = staging.drop().await.map_err(mongo("dropping the transform staging collection"));
+    let changed = result?;
+    dropped?;
+    Ok(changed)
+}
+
+async fn transform_through(
     db: &Database,
     o: &Transform,
     key: &str,
+    staging: &Collection<Document>,
     progress: Option<Progress>,
 ) -> Result<u64, ExecError> {
     let source = db.collection::<Document>(&o.collection);
-    let staging_name = format!(
-        "{STAGING_PREFIX}{}",
-        key.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect::<String>()
-    );
-    let staging = db.collection::<Document>(&staging_name);
-    staging
-        .drop()
-        .await
-        .map_err(mongo("clearing the transform staging collection"))?;
     let filter = filter_doc(o.filter.as_ref()).map_err(data_err)?;
     let batch_size = o.batch_size.unwrap_or(1000).max(1) as usize;
     let total = if filter.is_empty() {
@@ -819,8 +616,7 @@ async fn run_transform(
     };
 
     let (to_js, mut js_in) = tokio::sync::mpsc::channel::<Vec<Document>>(2);
-    let (js_out, mut from_js) =
-        tokio::sync::mpsc::channel::<Result<(Vec<Document>, Vec<Document>), String>>(2);
+    let (js_out, mut from_js) = tokio::sync::mpsc::channel::<Result<(Vec<Document>, Vec<Document>), String>>(2);
     let script = o.script.clone();
     let js = std::thread::Builder::new()
         .name("dbshift-transform".into())
@@ -857,9 +653,7 @@ async fn run_transform(
     let staging_w = staging.clone();
     let writer = tokio::spawn(async move {
         let mut changed = 0u64;
-        let opts = mongodb::options::InsertManyOptions::builder()
-            .ordered(false)
-            .build();
+        let opts = mongodb::options::InsertManyOptions::builder().ordered(false).build();
         while let Some(batch) = from_js.recv().await {
             let (pre, new) = batch.map_err(ExecError::Data)?;
             if new.is_empty() {
@@ -888,22 +682,11 @@ async fn run_transform(
             .map_err(mongo(format!("reading {}", o.collection)))?;
         let mut batch = Vec::with_capacity(batch_size);
         let mut done = 0u64;
-        while let Some(d) = cursor
-            .try_next()
-            .await
-            .map_err(mongo(format!("reading {}", o.collection)))?
-        {
+        while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {}", o.collection)))? {
             batch.push(d);
             if batch.len() == batch_size {
                 done += batch.len() as u64;
-                if to_js
-                    .send(std::mem::replace(
-                        &mut batch,
-                        Vec::with_capacity(batch_size),
-                    ))
-                    .await
-                    .is_err()
-                {
+                if to_js.send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).await.is_err() {
                     return Ok(()); // the script failed; the writer reports why
                 }
                 if let Some(p) = &progress {
@@ -922,9 +705,7 @@ async fn run_transform(
     };
     let read_result = read.await;
     drop(to_js);
-    let written = writer
-        .await
-        .map_err(|e| ExecError::Data(format!("transform writer stopped: {e}")))?;
+    let written = writer.await.map_err(|e| ExecError::Data(format!("transform writer stopped: {e}")))?;
     let _ = js.join();
     read_result?;
     let changed = written?;
@@ -934,10 +715,6 @@ async fn run_transform(
             .await
             .map_err(mongo(format!("merging transformed documents into {}", o.collection)))?;
     }
-    staging
-        .drop()
-        .await
-        .map_err(mongo("dropping the transform staging collection"))?;
     Ok(changed)
 }
 
@@ -945,58 +722,34 @@ async fn run_transform(
 pub async fn estimate(db: &Database, op: &Operation) -> Result<Option<u64>, ExecError> {
     let count = |c: &str, q: Document| {
         let c = db.collection::<Document>(c);
-        async move {
-            c.count_documents(q)
-                .await
-                .map(Some)
-                .map_err(mongo("counting documents for the plan"))
-        }
+        async move { c.count_documents(q).await.map(Some).map_err(mongo("counting documents for the plan")) }
     };
     match op {
         Operation::AddField(o) => {
             count(
                 &o.collection,
-                and(
-                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                    doc! {&o.field: {"$exists": false}},
-                ),
+                and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": false}}),
             )
             .await
         }
         Operation::RemoveField(o) => {
             count(
                 &o.collection,
-                and(
-                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                    doc! {&o.field: {"$exists": true}},
-                ),
+                and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": true}}),
             )
             .await
         }
         Operation::RenameField(o) => {
             count(
                 &o.collection,
-                and(
-                    filter_doc(o.filter.as_ref()).map_err(data_err)?,
-                    doc! {&o.from: {"$exists": true}},
-                ),
+                and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.from: {"$exists": true}}),
             )
             .await
         }
         Operation::ConvertType(o) => count(&o.collection, convert_query(o)?).await,
-        Operation::DeleteDocuments(o) => {
-            count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await
-        }
-        Operation::UpdateMany(o) => {
-            count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await
-        }
-        Operation::Transform(o) => {
-            count(
-                &o.collection,
-                filter_doc(o.filter.as_ref()).map_err(data_err)?,
-            )
-            .await
-        }
+        Operation::DeleteDocuments(o) => count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await,
+        Operation::UpdateMany(o) => count(&o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?).await,
+        Operation::Transform(o) => count(&o.collection, filter_doc(o.filter.as_ref()).map_err(data_err)?).await,
         Operation::InsertDocuments(o) => Ok(Some(o.documents.len() as u64)),
         Operation::DropCollection(o) => count(&o.collection, doc! {}).await,
         _ => Ok(None),
@@ -1013,12 +766,6 @@ pub async fn rollback_count(db: &Database, prefix: &str) -> Result<u64, ExecErro
 
 /// Collections moved aside by dropCollection.
 pub async fn dropped_collections(db: &Database) -> Result<Vec<String>, ExecError> {
-    let names: Vec<String> = db
-        .list_collection_names()
-        .await
-        .map_err(mongo("listing collections"))?;
-    Ok(names
-        .into_iter()
-        .filter(|n| n.starts_with(DROPPED_PREFIX))
-        .collect())
+    let names: Vec<String> = db.list_collection_names().await.map_err(mongo("listing collections"))?;
+    Ok(names.into_iter().filter(|n| n.starts_with(DROPPED_PREFIX)).collect())
 }

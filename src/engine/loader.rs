@@ -69,11 +69,7 @@ pub struct LoadError {
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        writeln!(
-            f,
-            "{n} problem{} in migration files:",
-            if n == 1 { "" } else { "s" }
-        )?;
+        writeln!(f, "{n} problem{} in migration files:", if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
             writeln!(f, "  {e}")?;
         }
@@ -97,10 +93,7 @@ pub fn parse_file_name(name: &str) -> Result<(String, String), String> {
     if version.len() != 14 || !version.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    if slug.is_empty()
-        || !slug
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    if slug.is_empty() || !slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
     {
         return Err(bad());
     }
@@ -112,15 +105,9 @@ pub fn parse_file_name(name: &str) -> Result<(String, String), String> {
 /// Load every migration file of `dir`, sorted by version.
 pub fn load_dir(dir: &Path) -> Result<Vec<Migration>, LoadError> {
     let one = |message: String| LoadError {
-        errors: vec![FileError {
-            path: dir.to_path_buf(),
-            line: None,
-            column: None,
-            message,
-        }],
+        errors: vec![FileError { path: dir.to_path_buf(), line: None, column: None, message }],
     };
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| one(format!("cannot read the migrations directory: {e}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| one(format!("cannot read the migrations directory: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| one(format!("cannot read the migrations directory: {e}")))?;
@@ -135,12 +122,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Migration>, LoadError> {
     for path in files {
         match std::fs::read_to_string(&path) {
             Ok(text) => sources.push((path, text)),
-            Err(e) => errors.push(FileError {
-                path,
-                line: None,
-                column: None,
-                message: format!("cannot read: {e}"),
-            }),
+            Err(e) => errors.push(FileError { path, line: None, column: None, message: format!("cannot read: {e}") }),
         }
     }
     match load_sources(sources) {
@@ -159,16 +141,8 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, L
     let mut errors = Vec::new();
     let mut by_version: BTreeMap<String, Migration> = BTreeMap::new();
     for (path, text) in sources {
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let err = |line, column, message| FileError {
-            path: path.clone(),
-            line,
-            column,
-            message,
-        };
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let err = |line, column, message| FileError { path: path.clone(), line, column, message };
         let (version, name) = match parse_file_name(&file_name) {
             Ok(v) => v,
             Err(m) => {
@@ -183,11 +157,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, L
                 errors.push(err(
                     loc.as_ref().map(|l| l.line()),
                     loc.as_ref().map(|l| l.column()),
-                    e.to_string()
-                        .split(" at line ")
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
+                    e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
                 ));
                 continue;
             }
@@ -205,24 +175,11 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, L
             continue;
         }
         if let Some(other) = by_version.get(&version) {
-            errors.push(err(
-                None,
-                None,
-                format!("version {version} is also used by {}", other.path.display()),
-            ));
+            errors.push(err(None, None, format!("version {version} is also used by {}", other.path.display())));
             continue;
         }
         let checksum = checksum(&file);
-        by_version.insert(
-            version.clone(),
-            Migration {
-                version,
-                name,
-                path: path.clone(),
-                file,
-                checksum,
-            },
-        );
+        by_version.insert(version.clone(), Migration { version, name, path: path.clone(), file, checksum });
     }
     if errors.is_empty() {
         Ok(by_version.into_values().collect())
@@ -238,8 +195,7 @@ pub fn parse_yaml(text: &str) -> Result<MigrationFile, serde_yaml::Error> {
 
 /// Checksum of what a migration does to a database.
 pub fn checksum(file: &MigrationFile) -> String {
-    let canonical =
-        serde_json::json!({ "up": file.up, "down": file.down, "transaction": file.transaction });
+    let canonical = serde_json::json!({ "up": file.up, "down": file.down, "transaction": file.transaction });
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(&canonical).expect("serializable"));
     hex::encode(h.finalize())
@@ -248,9 +204,7 @@ pub fn checksum(file: &MigrationFile) -> String {
 /// The line of item `index` of the top-level list `section` (best effort, for error messages).
 fn locate_item(text: &str, section: &str, index: usize) -> Option<usize> {
     let mut lines = text.lines().enumerate();
-    lines.find(|(_, l)| {
-        l.trim_end() == format!("{section}:") || l.starts_with(&format!("{section}: "))
-    })?;
+    lines.find(|(_, l)| l.trim_end() == format!("{section}:") || l.starts_with(&format!("{section}: ")))?;
     let mut indent = None;
     let mut seen = 0;
     for (n, l) in lines {
@@ -288,7 +242,14 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
             out.push(("up", Some(i), format!("{}: {m}", op.kind())));
         }
         if file.transaction && !op.is_data_operation() {
-            out.push(("up", Some(i), format!("{} cannot run inside a transaction (`transaction: true` allows only document operations)", op.kind())));
+            out.push((
+                "up",
+                Some(i),
+                format!(
+                    "{} cannot run inside a transaction (`transaction: true` allows only document operations)",
+                    op.kind()
+                ),
+            ));
         }
     }
     for (i, op) in file.down.iter().flatten().enumerate() {
@@ -316,13 +277,9 @@ pub fn check_collection_name(name: &str) -> Option<String> {
     } else if name.starts_with("_dbshift") {
         Some(format!("collection `{name}`: names starting with `_dbshift` are reserved for dbshift's own data"))
     } else if name.starts_with("system.") {
-        Some(format!(
-            "collection `{name}`: system collections cannot be migrated"
-        ))
+        Some(format!("collection `{name}`: system collections cannot be migrated"))
     } else if name.contains('$') || name.contains('\0') {
-        Some(format!(
-            "collection `{name}` contains `$` or a NUL character"
-        ))
+        Some(format!("collection `{name}` contains `$` or a NUL character"))
     } else {
         None
     }
@@ -334,18 +291,14 @@ fn check_field(field: &str, what: &str) -> Option<String> {
     } else if field.starts_with('$') || field.split('.').any(|s| s.is_empty()) {
         Some(format!("`{what}` `{field}` is not a valid field path"))
     } else if field == "_id" || field.starts_with("_id.") {
-        Some(format!(
-            "`{what}` cannot be `_id`: a document's _id cannot change"
-        ))
+        Some(format!("`{what}` cannot be `_id`: a document's _id cannot change"))
     } else {
         None
     }
 }
 
 fn check_filter(filter: Option<&serde_json::Value>, what: &str) -> Option<String> {
-    filter
-        .and_then(|f| bsonx::to_doc(f).err())
-        .map(|e| format!("`{what}`: {e}"))
+    filter.and_then(|f| bsonx::to_doc(f).err()).map(|e| format!("`{what}`: {e}"))
 }
 
 fn check_operation(op: &Operation) -> Vec<String> {
@@ -356,11 +309,7 @@ fn check_operation(op: &Operation) -> Vec<String> {
     match op {
         Operation::AddField(o) => {
             p.push(check_field(&o.field, "field"));
-            p.push(
-                bsonx::to_bson(&o.value)
-                    .err()
-                    .map(|e| format!("`value`: {e}")),
-            );
+            p.push(bsonx::to_bson(&o.value).err().map(|e| format!("`value`: {e}")));
             p.push(check_filter(o.filter.as_ref(), "filter"));
         }
         Operation::RemoveField(o) => {
@@ -372,12 +321,8 @@ fn check_operation(op: &Operation) -> Vec<String> {
             p.push(check_field(&o.to, "to"));
             if o.from == o.to {
                 p.push(Some("`from` and `to` are the same".into()));
-            } else if o.to.starts_with(&format!("{}.", o.from))
-                || o.from.starts_with(&format!("{}.", o.to))
-            {
-                p.push(Some(
-                    "`from` and `to` cannot be a path and its parent".into(),
-                ));
+            } else if o.to.starts_with(&format!("{}.", o.from)) || o.from.starts_with(&format!("{}.", o.to)) {
+                p.push(Some("`from` and `to` cannot be a path and its parent".into()));
             }
             p.push(check_filter(o.filter.as_ref(), "filter"));
         }
@@ -394,26 +339,20 @@ fn check_operation(op: &Operation) -> Vec<String> {
             }
             for (k, v) in &o.keys {
                 let ok = matches!(v.as_i64(), Some(1) | Some(-1))
-                    || matches!(
-                        v.as_str(),
-                        Some("2dsphere") | Some("2d") | Some("text") | Some("hashed")
-                    );
+                    || matches!(v.as_str(), Some("2dsphere") | Some("2d") | Some("text") | Some("hashed"));
                 if !ok {
-                    p.push(Some(format!("key `{k}`: direction must be 1, -1, \"2dsphere\", \"2d\", \"text\" or \"hashed\"")));
+                    p.push(Some(format!(
+                        "key `{k}`: direction must be 1, -1, \"2dsphere\", \"2d\", \"text\" or \"hashed\""
+                    )));
                 }
                 if k.is_empty() || k.starts_with('$') {
                     p.push(Some(format!("key `{k}` is not a valid field path")));
                 }
             }
             if o.expire_after_seconds.is_some() && o.keys.len() != 1 {
-                p.push(Some(
-                    "a TTL index (`expireAfterSeconds`) must have exactly one key".into(),
-                ));
+                p.push(Some("a TTL index (`expireAfterSeconds`) must have exactly one key".into()));
             }
-            p.push(check_filter(
-                o.partial_filter_expression.as_ref(),
-                "partialFilterExpression",
-            ));
+            p.push(check_filter(o.partial_filter_expression.as_ref(), "partialFilterExpression"));
             if o.name.as_deref() == Some("") {
                 p.push(Some("`name` is empty".into()));
             }
@@ -439,11 +378,7 @@ fn check_operation(op: &Operation) -> Vec<String> {
                 p.push(Some("`documents` is empty".into()));
             }
             for (i, d) in o.documents.iter().enumerate() {
-                p.push(
-                    bsonx::map_to_doc(d)
-                        .err()
-                        .map(|e| format!("documents[{i}]: {e}")),
-                );
+                p.push(bsonx::map_to_doc(d).err().map(|e| format!("documents[{i}]: {e}")));
             }
         }
         Operation::DeleteDocuments(o) => p.push(check_filter(Some(&o.filter), "filter")),
@@ -455,11 +390,7 @@ fn check_operation(op: &Operation) -> Vec<String> {
                         p.push(Some("`update` pipeline is empty".into()));
                     }
                     for (i, s) in stages.iter().enumerate() {
-                        p.push(
-                            bsonx::to_doc(s)
-                                .err()
-                                .map(|e| format!("`update[{i}]`: {e}")),
-                        );
+                        p.push(bsonx::to_doc(s).err().map(|e| format!("`update[{i}]`: {e}")));
                     }
                 }
                 serde_json::Value::Object(m) => {
@@ -468,10 +399,7 @@ fn check_operation(op: &Operation) -> Vec<String> {
                     }
                     p.push(check_filter(Some(&o.update), "update"));
                 }
-                _ => p.push(Some(
-                    "`update` must be a mapping of update operators or a list of pipeline stages"
-                        .into(),
-                )),
+                _ => p.push(Some("`update` must be a mapping of update operators or a list of pipeline stages".into())),
             }
         }
         Operation::Transform(o) => {
@@ -479,25 +407,15 @@ fn check_operation(op: &Operation) -> Vec<String> {
             if o.batch_size == Some(0) {
                 p.push(Some("`batchSize` must be at least 1".into()));
             }
-            p.push(
-                super::transform::compile_check(&o.script)
-                    .err()
-                    .map(|e| format!("`script`: {e}")),
-            );
+            p.push(super::transform::compile_check(&o.script).err().map(|e| format!("`script`: {e}")));
         }
         Operation::RunCommand(o) => {
             if o.command.is_empty() {
                 p.push(Some("`command` is empty".into()));
             }
-            p.push(
-                bsonx::map_to_doc(&o.command)
-                    .err()
-                    .map(|e| format!("`command`: {e}")),
-            );
+            p.push(bsonx::map_to_doc(&o.command).err().map(|e| format!("`command`: {e}")));
         }
-        Operation::RestorePreimages(_) => p.push(Some(
-            "is internal to dbshift and cannot be written in a file".into(),
-        )),
+        Operation::RestorePreimages(_) => p.push(Some("is internal to dbshift and cannot be written in a file".into())),
     }
     p.into_iter().flatten().collect()
 }
@@ -522,11 +440,7 @@ fn check_check(c: &Check) -> Vec<String> {
         }
         Check::Aggregate(c) => {
             for (i, s) in c.pipeline.iter().enumerate() {
-                p.push(
-                    bsonx::to_doc(s)
-                        .err()
-                        .map(|e| format!("`pipeline[{i}]`: {e}")),
-                );
+                p.push(bsonx::to_doc(s).err().map(|e| format!("`pipeline[{i}]`: {e}")));
             }
         }
     }
@@ -555,10 +469,7 @@ mod tests {
     use super::*;
 
     fn load(name: &str, text: &str) -> Result<Vec<Migration>, LoadError> {
-        load_sources(vec![(
-            PathBuf::from(format!("migrations/{name}")),
-            text.to_string(),
-        )])
+        load_sources(vec![(PathBuf::from(format!("migrations/{name}")), text.to_string())])
     }
 
     #[test]
@@ -568,26 +479,19 @@ mod tests {
             ("20250105120000".into(), "add_prefs".into())
         );
         assert!(parse_file_name("2025_add.yaml").is_err());
-        assert!(parse_file_name("20251305120000_add.yaml")
-            .unwrap_err()
-            .contains("not a valid UTC timestamp"));
+        assert!(parse_file_name("20251305120000_add.yaml").unwrap_err().contains("not a valid UTC timestamp"));
         assert!(parse_file_name("20250105120000_Add.yaml").is_err());
     }
 
     #[test]
     fn yaml_errors_carry_the_line() {
-        let e = load(
-            "20250105120000_x.yaml",
-            "description: x\nup:\n  - addFeild: { collection: c, field: f, value: 1 }\n",
-        )
-        .unwrap_err();
+        let e =
+            load("20250105120000_x.yaml", "description: x\nup:\n  - addFeild: { collection: c, field: f, value: 1 }\n")
+                .unwrap_err();
         let fe = &e.errors[0];
         assert_eq!(fe.line, Some(3), "{e}");
         assert!(fe.message.contains("unknown variant `addFeild`"), "{e}");
-        assert!(
-            e.to_string().contains("migrations/20250105120000_x.yaml:3"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("migrations/20250105120000_x.yaml:3"), "{e}");
     }
 
     #[test]
@@ -596,12 +500,7 @@ mod tests {
         let e = load("20250105120000_x.yaml", text).unwrap_err();
         assert_eq!(e.errors.len(), 1, "{e}");
         assert_eq!(e.errors[0].line, Some(3));
-        assert!(
-            e.errors[0]
-                .message
-                .contains("up[1]: renameField: `from` and `to` are the same"),
-            "{e}"
-        );
+        assert!(e.errors[0].message.contains("up[1]: renameField: `from` and `to` are the same"), "{e}");
     }
 
     #[test]
@@ -615,21 +514,14 @@ mod tests {
 
     #[test]
     fn checksum_ignores_description_and_comments() {
-        let a = load(
-            "20250105120000_x.yaml",
-            "description: one\nup:\n  - dropIndex: { collection: c, name: i }\n",
-        )
-        .unwrap();
+        let a = load("20250105120000_x.yaml", "description: one\nup:\n  - dropIndex: { collection: c, name: i }\n")
+            .unwrap();
         let b = load(
             "20250105120000_x.yaml",
             "# comment\ndescription: two\nup: [ { dropIndex: { collection: c, name: i } } ]\n",
         )
         .unwrap();
-        let c = load(
-            "20250105120000_x.yaml",
-            "up:\n  - dropIndex: { collection: c, name: j }\n",
-        )
-        .unwrap();
+        let c = load("20250105120000_x.yaml", "up:\n  - dropIndex: { collection: c, name: j }\n").unwrap();
         assert_eq!(a[0].checksum, b[0].checksum);
         assert_ne!(a[0].checksum, c[0].checksum);
     }
@@ -637,14 +529,8 @@ mod tests {
     #[test]
     fn duplicate_versions_are_refused() {
         let e = load_sources(vec![
-            (
-                PathBuf::from("m/20250105120000_a.yaml"),
-                "up: [ { dropIndex: { collection: c, name: i } } ]".into(),
-            ),
-            (
-                PathBuf::from("m/20250105120000_b.yaml"),
-                "up: [ { dropIndex: { collection: c, name: i } } ]".into(),
-            ),
+            (PathBuf::from("m/20250105120000_a.yaml"), "up: [ { dropIndex: { collection: c, name: i } } ]".into()),
+            (PathBuf::from("m/20250105120000_b.yaml"), "up: [ { dropIndex: { collection: c, name: i } } ]".into()),
         ])
         .unwrap_err();
         assert!(e.to_string().contains("also used by"), "{e}");

@@ -14,13 +14,11 @@ const LOCK_ID: &str = "migrations";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("the database is locked by {owner} (run {run}) until {expires}; another dbshift is migrating it. \
-             The lock expires by itself if that runner died")]
-    Held {
-        owner: String,
-        run: String,
-        expires: String,
-    },
+    #[error(
+        "the database is locked by {owner} (run {run}) until {expires}; another dbshift is migrating it. \
+             The lock expires by itself if that runner died"
+    )]
+    Held { owner: String, run: String, expires: String },
     #[error("could not take the lock: {0}")]
     Mongo(#[from] mongodb::error::Error),
 }
@@ -35,12 +33,7 @@ pub struct Lease {
 
 impl Lease {
     /// Take the lock of `db` for `owner`, or fail at once if someone else holds an unexpired lease.
-    pub async fn acquire(
-        db: &Database,
-        owner: &str,
-        run_id: &str,
-        ttl: Duration,
-    ) -> Result<Lease, LockError> {
+    pub async fn acquire(db: &Database, owner: &str, run_id: &str, ttl: Duration) -> Result<Lease, LockError> {
         let coll = db.collection::<Document>(LOCK);
         let now = DateTime::now();
         let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
@@ -54,10 +47,7 @@ impl Lease {
         match res {
             Ok(_) => {}
             Err(e) if is_duplicate_key(&e) => {
-                let held = coll
-                    .find_one(doc! {"_id": LOCK_ID})
-                    .await?
-                    .unwrap_or_default();
+                let held = coll.find_one(doc! {"_id": LOCK_ID}).await?.unwrap_or_default();
                 return Err(LockError::Held {
                     owner: held.get_str("owner").unwrap_or("?").to_string(),
                     run: held.get_str("run").unwrap_or("?").to_string(),
@@ -79,22 +69,15 @@ impl Lease {
                     _ = tokio::time::sleep(every) => {}
                     _ = stopped.changed() => return,
                 }
-                let expires = DateTime::from_millis(
-                    DateTime::now().timestamp_millis() + ttl.as_millis() as i64,
-                );
+                let expires = DateTime::from_millis(DateTime::now().timestamp_millis() + ttl.as_millis() as i64);
                 let r = db2
                     .collection::<Document>(LOCK)
-                    .update_one(
-                        doc! {"_id": LOCK_ID, "owner": &owner2},
-                        doc! {"$set": {"expiresAt": expires}},
-                    )
+                    .update_one(doc! {"_id": LOCK_ID, "owner": &owner2}, doc! {"$set": {"expiresAt": expires}})
                     .await;
                 match r {
                     Ok(r) if r.matched_count == 1 => {}
                     Ok(_) => {
-                        tracing::error!(
-                            "lost the migration lock (it expired and was taken by another runner)"
-                        );
+                        tracing::error!("lost the migration lock (it expired and was taken by another runner)");
                         lost2.store(true, std::sync::atomic::Ordering::SeqCst);
                         return;
                     }
@@ -104,12 +87,7 @@ impl Lease {
                 }
             }
         });
-        Ok(Lease {
-            db: db.clone(),
-            owner: owner.to_string(),
-            stop,
-            lost,
-        })
+        Ok(Lease { db: db.clone(), owner: owner.to_string(), stop, lost })
     }
 
     /// Whether another runner took the lock after this one failed to renew it in time.
@@ -119,11 +97,7 @@ impl Lease {
 
     pub async fn release(self) -> mongodb::error::Result<()> {
         let _ = self.stop.send(true);
-        self.db
-            .collection::<Document>(LOCK)
-            .delete_one(doc! {"_id": LOCK_ID, "owner": &self.owner})
-            .await
-            .map(|_| ())
+        self.db.collection::<Document>(LOCK).delete_one(doc! {"_id": LOCK_ID, "owner": &self.owner}).await.map(|_| ())
     }
 }
 

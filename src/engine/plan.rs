@@ -46,22 +46,14 @@ pub struct Entry {
 pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String]) -> Vec<Entry> {
     let mut out = Vec::new();
     let applied = |r: &&Record| r.state == State::Applied;
-    let latest_applied = records
-        .iter()
-        .filter(applied)
-        .map(|r| r.version.clone())
-        .max();
+    let latest_applied = records.iter().filter(applied).map(|r| r.version.clone()).max();
     for m in migrations {
         let rec = records.iter().find(|r| r.id == m.id());
         let entry = match rec {
             Some(r) if r.state == State::Applied => Entry {
                 id: m.id(),
                 version: m.version.clone(),
-                standing: if r.checksum == m.checksum {
-                    Standing::Applied
-                } else {
-                    Standing::Changed
-                },
+                standing: if r.checksum == m.checksum { Standing::Applied } else { Standing::Changed },
                 description: Some(m.file.description.clone()).filter(|d| !d.is_empty()),
                 applied_at: r.applied_at.try_to_rfc3339_string().ok(),
                 batch: Some(r.batch),
@@ -71,21 +63,13 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
             _ => Entry {
                 id: m.id(),
                 version: m.version.clone(),
-                standing: if m.active_for(profiles) {
-                    Standing::Pending
-                } else {
-                    Standing::Skipped
-                },
+                standing: if m.active_for(profiles) { Standing::Pending } else { Standing::Skipped },
                 description: Some(m.file.description.clone()).filter(|d| !d.is_empty()),
                 applied_at: None,
                 batch: None,
-                last_error: rec
-                    .filter(|r| r.state == State::Failed)
-                    .and_then(|r| r.error.clone()),
+                last_error: rec.filter(|r| r.state == State::Failed).and_then(|r| r.error.clone()),
                 out_of_order: m.active_for(profiles)
-                    && latest_applied
-                        .as_deref()
-                        .is_some_and(|l| l > m.version.as_str()),
+                    && latest_applied.as_deref().is_some_and(|l| l > m.version.as_str()),
             },
         };
         out.push(entry);
@@ -147,11 +131,7 @@ pub fn plan_up<'a>(
 ) -> Result<Vec<&'a Migration>, PlanError> {
     let changed: Vec<String> = migrations
         .iter()
-        .filter(|m| {
-            records
-                .iter()
-                .any(|r| r.id == m.id() && r.state == State::Applied && r.checksum != m.checksum)
-        })
+        .filter(|m| records.iter().any(|r| r.id == m.id() && r.state == State::Applied && r.checksum != m.checksum))
         .map(|m| format!("{} ({})", m.id(), m.path.display()))
         .collect();
     if !changed.is_empty() && !req.allow_changed {
@@ -168,17 +148,9 @@ pub fn plan_up<'a>(
         None => None,
     };
     if let Some(t) = &target {
-        if let Some(current) = records
-            .iter()
-            .filter(|r| r.state == State::Applied)
-            .map(|r| &r.version)
-            .max()
-        {
+        if let Some(current) = records.iter().filter(|r| r.state == State::Applied).map(|r| &r.version).max() {
             if current > t {
-                return Err(PlanError::TargetBelowCurrent {
-                    target: t.clone(),
-                    current: current.clone(),
-                });
+                return Err(PlanError::TargetBelowCurrent { target: t.clone(), current: current.clone() });
             }
         }
     }
@@ -187,23 +159,13 @@ pub fn plan_up<'a>(
             .iter()
             .find(|m| matches(&m.version, &m.id(), only))
             .ok_or_else(|| PlanError::UnknownMigration(only.clone()))?;
-        let applied = records
-            .iter()
-            .any(|r| r.id == m.id() && r.state == State::Applied);
-        return Ok(if applied || !m.active_for(&req.profiles) {
-            vec![]
-        } else {
-            vec![m]
-        });
+        let applied = records.iter().any(|r| r.id == m.id() && r.state == State::Applied);
+        return Ok(if applied || !m.active_for(&req.profiles) { vec![] } else { vec![m] });
     }
     Ok(migrations
         .iter()
         .filter(|m| m.active_for(&req.profiles))
-        .filter(|m| {
-            !records
-                .iter()
-                .any(|r| r.id == m.id() && r.state == State::Applied)
-        })
+        .filter(|m| !records.iter().any(|r| r.id == m.id() && r.state == State::Applied))
         .filter(|m| target.as_ref().is_none_or(|t| &m.version <= t))
         .collect())
 }
@@ -229,10 +191,7 @@ pub fn plan_down<'a>(
     records: &'a [Record],
     req: &DownRequest,
 ) -> Result<Vec<&'a Record>, PlanError> {
-    let mut applied: Vec<&Record> = records
-        .iter()
-        .filter(|r| r.state == State::Applied)
-        .collect();
+    let mut applied: Vec<&Record> = records.iter().filter(|r| r.state == State::Applied).collect();
     applied.sort_by(|a, b| b.version.cmp(&a.version));
     let chosen: Vec<&Record> = match req {
         DownRequest::Steps(n) => applied.into_iter().take(*n).collect(),
@@ -248,17 +207,11 @@ pub fn plan_down<'a>(
                     .map(|(v, _)| v)
                     .ok_or_else(|| PlanError::UnknownMigration(t.clone()))?
             };
-            applied
-                .into_iter()
-                .filter(|r| r.version > version)
-                .collect()
+            applied.into_iter().filter(|r| r.version > version).collect()
         }
         DownRequest::LastBatch => {
             let last = applied.iter().map(|r| r.batch).max();
-            applied
-                .into_iter()
-                .filter(|r| Some(r.batch) == last)
-                .collect()
+            applied.into_iter().filter(|r| Some(r.batch) == last).collect()
         }
         DownRequest::Only(o) => {
             let r = applied
@@ -278,11 +231,7 @@ pub fn plan_down<'a>(
 
 /// When the operator (or `run`) is given only a target: up to it, or down to it if it is lower.
 pub fn direction_for(records: &[Record], target: Option<&str>) -> Direction {
-    let current = records
-        .iter()
-        .filter(|r| r.state == State::Applied)
-        .map(|r| r.version.as_str())
-        .max();
+    let current = records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.as_str()).max();
     match (target, current) {
         (Some(t), Some(c)) if t < c => Direction::Down,
         _ => Direction::Up,
@@ -304,22 +253,13 @@ mod tests {
 
     fn migs() -> Vec<Migration> {
         load_sources(vec![
-            (
-                PathBuf::from("20250101000000_a.yaml"),
-                "up: [ { dropIndex: { collection: c, name: a } } ]".into(),
-            ),
-            (
-                PathBuf::from("20250102000000_b.yaml"),
-                "up: [ { dropIndex: { collection: c, name: b } } ]".into(),
-            ),
+            (PathBuf::from("20250101000000_a.yaml"), "up: [ { dropIndex: { collection: c, name: a } } ]".into()),
+            (PathBuf::from("20250102000000_b.yaml"), "up: [ { dropIndex: { collection: c, name: b } } ]".into()),
             (
                 PathBuf::from("20250103000000_c.yaml"),
                 "profiles: [dev]\nup: [ { dropIndex: { collection: c, name: c } } ]".into(),
             ),
-            (
-                PathBuf::from("20250104000000_d.yaml"),
-                "up: [ { dropIndex: { collection: c, name: d } } ]".into(),
-            ),
+            (PathBuf::from("20250104000000_d.yaml"), "up: [ { dropIndex: { collection: c, name: d } } ]".into()),
         ])
         .unwrap()
     }
@@ -354,31 +294,13 @@ mod tests {
         let m = migs();
         let recs = vec![rec(&m[0], 1)];
         let ids = |v: Vec<&Migration>| v.iter().map(|m| m.version.clone()).collect::<Vec<_>>();
-        assert_eq!(
-            ids(plan_up(&m, &recs, &UpRequest::default()).unwrap()),
-            ["20250102000000", "20250104000000"]
-        );
-        let dev = UpRequest {
-            profiles: vec!["dev".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            ids(plan_up(&m, &recs, &dev).unwrap()),
-            ["20250102000000", "20250103000000", "20250104000000"]
-        );
-        let to = UpRequest {
-            target: Some("20250102000000_b".into()),
-            ..Default::default()
-        };
+        assert_eq!(ids(plan_up(&m, &recs, &UpRequest::default()).unwrap()), ["20250102000000", "20250104000000"]);
+        let dev = UpRequest { profiles: vec!["dev".into()], ..Default::default() };
+        assert_eq!(ids(plan_up(&m, &recs, &dev).unwrap()), ["20250102000000", "20250103000000", "20250104000000"]);
+        let to = UpRequest { target: Some("20250102000000_b".into()), ..Default::default() };
         assert_eq!(ids(plan_up(&m, &recs, &to).unwrap()), ["20250102000000"]);
-        let bad = UpRequest {
-            target: Some("2099".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            plan_up(&m, &recs, &bad).unwrap_err(),
-            PlanError::UnknownMigration("2099".into())
-        );
+        let bad = UpRequest { target: Some("2099".into()), ..Default::default() };
+        assert_eq!(plan_up(&m, &recs, &bad).unwrap_err(), PlanError::UnknownMigration("2099".into()));
     }
 
     #[test]
@@ -387,20 +309,8 @@ mod tests {
         let mut r = rec(&m[0], 1);
         r.checksum = "old".into();
         let e = plan_up(&m, &[r.clone()], &UpRequest::default()).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("20250101000000_a (20250101000000_a.yaml)"),
-            "{e}"
-        );
-        assert!(plan_up(
-            &m,
-            &[r.clone()],
-            &UpRequest {
-                allow_changed: true,
-                ..Default::default()
-            }
-        )
-        .is_ok());
+        assert!(e.to_string().contains("20250101000000_a (20250101000000_a.yaml)"), "{e}");
+        assert!(plan_up(&m, &[r.clone()], &UpRequest { allow_changed: true, ..Default::default() }).is_ok());
         let st = status(&m, &[r], &[]);
         assert_eq!(st[0].standing, Standing::Changed);
     }
@@ -426,36 +336,19 @@ mod tests {
         let m = migs();
         let recs = vec![rec(&m[0], 1), rec(&m[1], 2), rec(&m[3], 2)];
         let ids = |v: Vec<&Record>| v.iter().map(|r| r.version.clone()).collect::<Vec<_>>();
-        assert_eq!(
-            ids(plan_down(&m, &recs, &DownRequest::Steps(1)).unwrap()),
-            ["20250104000000"]
-        );
-        assert_eq!(
-            ids(plan_down(&m, &recs, &DownRequest::LastBatch).unwrap()),
-            ["20250104000000", "20250102000000"]
-        );
+        assert_eq!(ids(plan_down(&m, &recs, &DownRequest::Steps(1)).unwrap()), ["20250104000000"]);
+        assert_eq!(ids(plan_down(&m, &recs, &DownRequest::LastBatch).unwrap()), ["20250104000000", "20250102000000"]);
         assert_eq!(
             ids(plan_down(&m, &recs, &DownRequest::To("20250101000000".into())).unwrap()),
             ["20250104000000", "20250102000000"]
         );
-        assert_eq!(
-            plan_down(&m, &recs, &DownRequest::To("0".into()))
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(plan_down(&m, &recs, &DownRequest::To("0".into())).unwrap().len(), 3);
         let mut irr = recs.clone();
         irr[2].down = None;
         irr[2].irreversible = Some("runCommand has no automatic inverse".into());
         let e = plan_down(&m, &irr, &DownRequest::Steps(1)).unwrap_err();
-        assert!(
-            e.to_string().contains("cannot be rolled back: runCommand"),
-            "{e}"
-        );
-        assert_eq!(
-            direction_for(&recs, Some("20250101000000")),
-            Direction::Down
-        );
+        assert!(e.to_string().contains("cannot be rolled back: runCommand"), "{e}");
+        assert_eq!(direction_for(&recs, Some("20250101000000")), Direction::Down);
         assert_eq!(direction_for(&recs, None), Direction::Up);
     }
 }

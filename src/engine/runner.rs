@@ -44,9 +44,7 @@ pub struct RunOptions {
 
 impl RunOptions {
     pub fn new(run_id: impl Into<String>) -> Self {
-        let host = hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "unknown".into());
+        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
         RunOptions {
             tracking: tracking::TRACKING.to_string(),
             lock_ttl: Duration::from_secs(60),
@@ -120,22 +118,12 @@ pub struct TenantReport {
 }
 
 fn current_version(records: &[Record]) -> Option<String> {
-    records
-        .iter()
-        .filter(|r| r.state == State::Applied)
-        .map(|r| r.version.clone())
-        .max()
+    records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
 }
 
 /// The status of every migration on this tenant.
-pub async fn status(
-    db: &Database,
-    migrations: &[Migration],
-    opts: &RunOptions,
-) -> Result<Vec<plan::Entry>, RunError> {
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+pub async fn status(db: &Database, migrations: &[Migration], opts: &RunOptions) -> Result<Vec<plan::Entry>, RunError> {
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     Ok(plan::status(migrations, &records, &opts.profiles))
 }
 
@@ -155,9 +143,7 @@ pub async fn up(
     req: &UpRequest,
     opts: &RunOptions,
 ) -> Result<TenantReport, RunError> {
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
     let planned = plan::plan_up(migrations, &records, req)?;
     if opts.dry_run {
@@ -167,12 +153,7 @@ pub async fn up(
             for op in &m.file.up {
                 estimates.push(executor::estimate(db, op).await?);
             }
-            outs.push(planned_outcome(
-                m.id(),
-                Direction::Up,
-                &m.file.up,
-                estimates,
-            ));
+            outs.push(planned_outcome(m.id(), Direction::Up, &m.file.up, estimates));
         }
         return Ok(TenantReport {
             tenant: tenant.into(),
@@ -214,9 +195,7 @@ async fn up_locked(
     lease: &Lease,
 ) -> Result<TenantReport, RunError> {
     // Read again under the lock: another runner may have applied some in the meantime.
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
     let planned = plan::plan_up(migrations, &records, req)?;
     executor::ensure_internal(db).await?;
@@ -225,8 +204,7 @@ async fn up_locked(
     let mut outs = Vec::new();
     let mut ok = true;
     for m in planned {
-        opts.observer
-            .migration_started(tenant, &m.id(), Direction::Up);
+        opts.observer.migration_started(tenant, &m.id(), Direction::Up);
         let out = apply(db, tenant, m, batch, txn, opts, lease).await?;
         opts.observer.migration_finished(tenant, &out);
         ok = out.state == "applied";
@@ -235,9 +213,7 @@ async fn up_locked(
             break;
         }
     }
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let error = outs.iter().find_map(|o| o.error.clone());
     Ok(TenantReport {
         tenant: tenant.into(),
@@ -251,12 +227,7 @@ async fn up_locked(
     })
 }
 
-fn planned_outcome(
-    id: String,
-    direction: Direction,
-    ops: &[Operation],
-    estimates: Vec<Option<u64>>,
-) -> Outcome {
+fn planned_outcome(id: String, direction: Direction, ops: &[Operation], estimates: Vec<Option<u64>>) -> Outcome {
     Outcome {
         id,
         direction,
@@ -296,18 +267,10 @@ async fn run_steps(
     opts: &RunOptions,
     lease: &Lease,
 ) -> Steps {
-    let mut s = Steps {
-        done: Vec::new(),
-        records: Vec::new(),
-        error: None,
-        affected: 0,
-    };
+    let mut s = Steps { done: Vec::new(), records: Vec::new(), error: None, affected: 0 };
     for (i, op) in ops.iter().enumerate() {
         if lease.is_lost() {
-            s.error = Some(
-                "the migration lock was lost (not renewed in time); stopped to avoid two runners"
-                    .into(),
-            );
+            s.error = Some("the migration lock was lost (not renewed in time); stopped to avoid two runners".into());
             break;
         }
         opts.observer.step_started(tenant, id, i, op);
@@ -350,20 +313,14 @@ async fn undo(db: &Database, id: &str, done: &[Prepared]) -> Vec<String> {
         let ops = match &p.undo {
             Ok(ops) => ops,
             Err(why) => {
-                problems.push(format!(
-                    "step {} ({}) was not undone: {why}",
-                    i + 1,
-                    p.op.kind()
-                ));
+                problems.push(format!("step {} ({}) was not undone: {why}", i + 1, p.op.kind()));
                 continue;
             }
         };
         for (j, op) in ops.iter().enumerate() {
             let key = format!("{id}/x{i}_{j}");
             let r = match executor::prepare(db, op, &key).await {
-                Ok(prep) => executor::execute(db, &prep, &key, None, None)
-                    .await
-                    .map(|_| ()),
+                Ok(prep) => executor::execute(db, &prep, &key, None, None).await.map(|_| ()),
                 Err(e) => Err(e),
             };
             if let Err(e) = r {
@@ -448,10 +405,7 @@ async fn apply(
         let error = if problems.is_empty() {
             format!("{err}; every change of this migration was undone")
         } else {
-            format!(
-                "{err}; UNDO INCOMPLETE, the database may be partly migrated: {}",
-                problems.join("; ")
-            )
+            format!("{err}; UNDO INCOMPLETE, the database may be partly migrated: {}", problems.join("; "))
         };
         if problems.is_empty() {
             executor::forget_rollback_data(db, &format!("{id}/")).await?;
@@ -460,9 +414,7 @@ async fn apply(
         record.state = State::Failed;
         record.error = Some(error.clone());
         record.duration_ms = started.elapsed().as_millis() as i64;
-        tracking::save(db, &opts.tracking, &record)
-            .await
-            .map_err(mongo("recording the failed migration"))?;
+        tracking::save(db, &opts.tracking, &record).await.map_err(mongo("recording the failed migration"))?;
         return Ok(Outcome {
             id,
             direction: Direction::Up,
@@ -476,16 +428,12 @@ async fn apply(
         });
     }
     match (&m.file.down, auto_down(&steps.done)) {
-        (Some(explicit), _) => {
-            record.down = Some(serde_json::to_string(explicit).expect("serializable"))
-        }
+        (Some(explicit), _) => record.down = Some(serde_json::to_string(explicit).expect("serializable")),
         (None, Ok(ops)) => record.down = Some(serde_json::to_string(&ops).expect("serializable")),
         (None, Err(why)) => record.irreversible = Some(why),
     }
     record.duration_ms = started.elapsed().as_millis() as i64;
-    tracking::save(db, &opts.tracking, &record)
-        .await
-        .map_err(mongo("recording the applied migration"))?;
+    tracking::save(db, &opts.tracking, &record).await.map_err(mongo("recording the applied migration"))?;
     Ok(Outcome {
         id,
         direction: Direction::Up,
@@ -501,18 +449,8 @@ async fn apply(
 
 /// `transaction: true`: rollback data is stored first (outside), then every operation runs in
 /// one transaction, so a failure leaves nothing to undo.
-async fn run_in_transaction(
-    db: &Database,
-    id: &str,
-    ops: &[Operation],
-    opts: &RunOptions,
-) -> Result<Steps, RunError> {
-    let mut s = Steps {
-        done: Vec::new(),
-        records: Vec::new(),
-        error: None,
-        affected: 0,
-    };
+async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation], opts: &RunOptions) -> Result<Steps, RunError> {
+    let mut s = Steps { done: Vec::new(), records: Vec::new(), error: None, affected: 0 };
     for (i, op) in ops.iter().enumerate() {
         match executor::prepare(db, op, &format!("{id}/u{i}")).await {
             Ok(p) => s.done.push(p),
@@ -523,15 +461,8 @@ async fn run_in_transaction(
             }
         }
     }
-    let mut session = db
-        .client()
-        .start_session()
-        .await
-        .map_err(mongo("starting a session"))?;
-    session
-        .start_transaction()
-        .await
-        .map_err(mongo("starting a transaction"))?;
+    let mut session = db.client().start_session().await.map_err(mongo("starting a session"))?;
+    session.start_transaction().await.map_err(mongo("starting a transaction"))?;
     for (i, p) in s.done.iter().enumerate() {
         let t = Instant::now();
         match executor::execute(db, p, &format!("{id}/u{i}"), Some(&mut session), None).await {
@@ -545,11 +476,7 @@ async fn run_in_transaction(
                 });
             }
             Err(e) => {
-                s.error = Some(format!(
-                    "step {} ({}): {e}; the transaction was aborted",
-                    i + 1,
-                    p.op.kind()
-                ));
+                s.error = Some(format!("step {} ({}): {e}; the transaction was aborted", i + 1, p.op.kind()));
                 break;
             }
         }
@@ -576,22 +503,13 @@ pub async fn down(
     req: &DownRequest,
     opts: &RunOptions,
 ) -> Result<TenantReport, RunError> {
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
     let chosen = plan::plan_down(migrations, &records, req)?;
     if opts.dry_run || chosen.is_empty() {
         let outs = chosen
             .iter()
-            .map(|r| {
-                planned_outcome(
-                    r.id.clone(),
-                    Direction::Down,
-                    &r.down_ops().unwrap_or_default(),
-                    vec![],
-                )
-            })
+            .map(|r| planned_outcome(r.id.clone(), Direction::Down, &r.down_ops().unwrap_or_default(), vec![]))
             .collect();
         return Ok(TenantReport {
             tenant: tenant.into(),
@@ -620,20 +538,14 @@ async fn down_locked(
     opts: &RunOptions,
     lease: &Lease,
 ) -> Result<TenantReport, RunError> {
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?
-        .into_iter()
-        .cloned()
-        .collect();
+    let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
     executor::ensure_internal(db).await?;
     let mut outs = Vec::new();
     let mut ok = true;
     for r in &chosen {
-        opts.observer
-            .migration_started(tenant, &r.id, Direction::Down);
+        opts.observer.migration_started(tenant, &r.id, Direction::Down);
         let started = Instant::now();
         let ops = r.down_ops().map_err(PlanError::Irreversible)?;
         executor::forget_rollback_data(db, &format!("{}/d", r.id)).await?;
@@ -644,10 +556,7 @@ async fn down_locked(
             let error = if problems.is_empty() {
                 format!("{err}; the rollback was undone, the migration is still applied")
             } else {
-                format!(
-                    "{err}; UNDO INCOMPLETE, the database may be partly rolled back: {}",
-                    problems.join("; ")
-                )
+                format!("{err}; UNDO INCOMPLETE, the database may be partly rolled back: {}", problems.join("; "))
             };
             db.collection::<Document>(&opts.tracking)
                 .update_one(doc! {"_id": &r.id}, doc! {"$set": {"error": &error}})
@@ -688,9 +597,7 @@ async fn down_locked(
             break;
         }
     }
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let error = outs.iter().find_map(|o| o.error.clone());
     Ok(TenantReport {
         tenant: tenant.into(),
@@ -710,15 +617,10 @@ pub async fn validate(
     migrations: &[Migration],
     opts: &RunOptions,
 ) -> Result<Vec<CheckResult>, RunError> {
-    let records = tracking::load(db, &opts.tracking)
-        .await
-        .map_err(mongo("reading the tracking collection"))?;
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let mut out = Vec::new();
     for m in migrations {
-        if records
-            .iter()
-            .any(|r| r.id == m.id() && r.state == State::Applied)
-        {
+        if records.iter().any(|r| r.id == m.id() && r.state == State::Applied) {
             for c in &m.file.validate {
                 out.push(validate::run_check(db, &m.id(), c).await);
             }

@@ -86,8 +86,9 @@ impl Record {
     /// The operations `down` runs, when it can run.
     pub fn down_ops(&self) -> Result<Vec<Operation>, String> {
         match (&self.down, &self.irreversible) {
-            (Some(json), _) => serde_json::from_str(json)
-                .map_err(|e| format!("the stored down of {} is unreadable: {e}", self.id)),
+            (Some(json), _) => {
+                serde_json::from_str(json).map_err(|e| format!("the stored down of {} is unreadable: {e}", self.id))
+            }
             (None, Some(why)) => Err(format!("{} cannot be rolled back: {why}", self.id)),
             (None, None) => Err(format!("{} has no recorded down", self.id)),
         }
@@ -96,30 +97,16 @@ impl Record {
 
 /// All records, sorted by version.
 pub async fn load(db: &Database, collection: &str) -> mongodb::error::Result<Vec<Record>> {
-    let mut v: Vec<Record> = db
-        .collection::<Record>(collection)
-        .find(doc! {})
-        .await?
-        .try_collect()
-        .await?;
+    let mut v: Vec<Record> = db.collection::<Record>(collection).find(doc! {}).await?.try_collect().await?;
     v.sort_by(|a, b| a.version.cmp(&b.version));
     Ok(v)
 }
 
 pub async fn save(db: &Database, collection: &str, record: &Record) -> mongodb::error::Result<()> {
-    db.collection::<Record>(collection)
-        .replace_one(doc! {"_id": &record.id}, record)
-        .upsert(true)
-        .await
-        .map(|_| ())
+    db.collection::<Record>(collection).replace_one(doc! {"_id": &record.id}, record).upsert(true).await.map(|_| ())
 }
 
-pub async fn mark_rolled_back(
-    db: &Database,
-    collection: &str,
-    id: &str,
-    run_id: &str,
-) -> mongodb::error::Result<()> {
+pub async fn mark_rolled_back(db: &Database, collection: &str, id: &str, run_id: &str) -> mongodb::error::Result<()> {
     db.collection::<Document>(collection)
         .update_one(
             doc! {"_id": id},

@@ -117,42 +117,27 @@ impl Transformer {
     /// Run the script over a batch. Returns, per input document, `Some(new)` when the script
     /// changed it and `None` when it returned null or the document unchanged.
     pub fn run_batch(&self, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
-        let input = serde_json::Value::Array(
-            docs.iter()
-                .map(|d| bsonx::to_js_json(&Bson::Document(d.clone())))
-                .collect(),
-        );
+        let input =
+            serde_json::Value::Array(docs.iter().map(|d| bsonx::to_js_json(&Bson::Document(d.clone()))).collect());
         let input = serde_json::to_string(&input).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + BATCH_DEADLINE;
-        self.runtime
-            .set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
+        self.runtime.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
         let output: String = self.context.with(|ctx| {
-            let f: Function = ctx
-                .globals()
-                .get("__dbshiftBatch")
-                .map_err(|e| e.to_string())?;
+            let f: Function = ctx.globals().get("__dbshiftBatch").map_err(|e| e.to_string())?;
             f.call((input,)).map_err(|e| {
                 let m = js_err(&ctx, e);
                 if Instant::now() > deadline {
-                    format!(
-                        "the script ran longer than {}s on one batch",
-                        BATCH_DEADLINE.as_secs()
-                    )
+                    format!("the script ran longer than {}s on one batch", BATCH_DEADLINE.as_secs())
                 } else {
                     m
                 }
             })
         })?;
         self.runtime.set_interrupt_handler(None);
-        let mut parsed: serde_json::Value =
-            serde_json::from_str(&output).map_err(|e| e.to_string())?;
+        let mut parsed: serde_json::Value = serde_json::from_str(&output).map_err(|e| e.to_string())?;
         if let Some(err) = parsed.get("error") {
             let i = parsed.get("index").and_then(|i| i.as_u64()).unwrap_or(0) as usize;
-            let id = docs
-                .get(i)
-                .and_then(|d| d.get("_id"))
-                .map(|v| v.to_string())
-                .unwrap_or_default();
+            let id = docs.get(i).and_then(|d| d.get("_id")).map(|v| v.to_string()).unwrap_or_default();
             return Err(format!(
                 "the script failed on the document with _id {id}: {}",
                 err.as_str().unwrap_or_default()
@@ -168,8 +153,7 @@ impl Transformer {
                 result.push(None);
                 continue;
             }
-            let new = bsonx::to_bson(&new)
-                .map_err(|e| format!("the script returned a document that is {e}"))?;
+            let new = bsonx::to_bson(&new).map_err(|e| format!("the script returned a document that is {e}"))?;
             let old_b = Bson::Document(old.clone());
             let new = match bsonx::restore_number_types(new, Some(&old_b)) {
                 Bson::Document(d) => d,
@@ -222,24 +206,17 @@ mod tests {
     #[test]
     fn unchanged_documents_are_not_rewritten() {
         let t = Transformer::new("(d) => d").unwrap();
-        let out = t
-            .run_batch(&[doc! {"_id": 1, "a": 1.5, "b": [1, 2]}])
-            .unwrap();
+        let out = t.run_batch(&[doc! {"_id": 1, "a": 1.5, "b": [1, 2]}]).unwrap();
         assert_eq!(out, vec![None]);
     }
 
     #[test]
     fn dates_and_ids_are_usable_in_javascript() {
-        let t = Transformer::new(
-            "(d) => { d.year = d.at.getUTCFullYear(); d.ref = d.owner.toString(); return d; }",
-        )
-        .unwrap();
-        let owner = ObjectId::new();
-        let out = t
-            .run_batch(&[
-                doc! {"_id": 1, "at": DateTime::from_millis(1_700_000_000_000), "owner": owner},
-            ])
+        let t = Transformer::new("(d) => { d.year = d.at.getUTCFullYear(); d.ref = d.owner.toString(); return d; }")
             .unwrap();
+        let owner = ObjectId::new();
+        let out =
+            t.run_batch(&[doc! {"_id": 1, "at": DateTime::from_millis(1_700_000_000_000), "owner": owner}]).unwrap();
         let d = out[0].clone().unwrap();
         assert_eq!(d.get_i32("year").unwrap(), 2023);
         assert_eq!(d.get_str("ref").unwrap(), owner.to_hex());
@@ -248,19 +225,12 @@ mod tests {
 
     #[test]
     fn errors_are_specific() {
-        assert!(Transformer::new("(d) => {")
-            .unwrap_err()
-            .contains("does not compile"));
-        assert!(Transformer::new("42")
-            .unwrap_err()
-            .contains("must be a JavaScript function"));
+        assert!(Transformer::new("(d) => {").unwrap_err().contains("does not compile"));
+        assert!(Transformer::new("42").unwrap_err().contains("must be a JavaScript function"));
         let t = Transformer::new("(d) => { throw new Error('boom') }").unwrap();
         let e = t.run_batch(&[doc! {"_id": 7}]).unwrap_err();
         assert!(e.contains("_id 7") && e.contains("boom"), "{e}");
         let t = Transformer::new("(d) => { d._id = 1; return d; }").unwrap();
-        assert!(t
-            .run_batch(&[doc! {"_id": 7}])
-            .unwrap_err()
-            .contains("_id cannot change"));
+        assert!(t.run_batch(&[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
     }
 }

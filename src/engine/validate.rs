@@ -25,11 +25,7 @@ const EXAMPLES: i64 = 3;
 
 fn ids(docs: &[Document]) -> String {
     docs.iter()
-        .map(|d| {
-            d.get("_id")
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| d.to_string())
-        })
+        .map(|d| d.get("_id").map(|v| v.to_string()).unwrap_or_else(|| d.to_string()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -84,9 +80,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                 Err(err) => return Err(err.to_string()),
             };
             let found = match (&c.name, &c.keys) {
-                (Some(n), _) => specs
-                    .iter()
-                    .any(|s| s.get_str("name").ok() == Some(n.as_str())),
+                (Some(n), _) => specs.iter().any(|s| s.get_str("name").ok() == Some(n.as_str())),
                 (None, Some(k)) => {
                     let want = bsonx::map_to_doc(k)?;
                     specs.iter().any(|s| {
@@ -104,12 +98,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                 (None, None) => false,
             };
             let what = c.name.clone().unwrap_or_else(|| {
-                format!(
-                    "{:?}",
-                    c.keys
-                        .as_ref()
-                        .map(|k| serde_json::Value::Object(k.clone()).to_string())
-                )
+                format!("{:?}", c.keys.as_ref().map(|k| serde_json::Value::Object(k.clone()).to_string()))
             });
             Ok(if found {
                 (true, format!("index {what} exists"))
@@ -119,10 +108,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
         }
         Check::JsonSchema(c) => {
             let schema = bsonx::to_doc(&c.schema)?;
-            let q = bsonx::and(
-                bsonx::filter_doc(c.filter.as_ref())?,
-                doc! {"$nor": [{"$jsonSchema": schema}]},
-            );
+            let q = bsonx::and(bsonx::filter_doc(c.filter.as_ref())?, doc! {"$nor": [{"$jsonSchema": schema}]});
             let n = coll.count_documents(q.clone()).await.map_err(e)?;
             if n == 0 {
                 return Ok((true, "every document matches the schema".into()));
@@ -136,20 +122,10 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                 .try_collect()
                 .await
                 .map_err(e)?;
-            Ok((
-                false,
-                format!(
-                    "{n} document(s) do not match the schema, e.g. _id {}",
-                    ids(&sample)
-                ),
-            ))
+            Ok((false, format!("{n} document(s) do not match the schema, e.g. _id {}", ids(&sample))))
         }
         Check::Aggregate(c) => {
-            let pipeline: Vec<Document> = c
-                .pipeline
-                .iter()
-                .map(bsonx::to_doc)
-                .collect::<Result<_, _>>()?;
+            let pipeline: Vec<Document> = c.pipeline.iter().map(bsonx::to_doc).collect::<Result<_, _>>()?;
             let mut cursor = coll.aggregate(pipeline).await.map_err(e)?;
             let mut found = Vec::new();
             let mut n = 0u64;
@@ -159,10 +135,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                     found.push(d);
                 }
             }
-            let what = c
-                .description
-                .clone()
-                .unwrap_or_else(|| "the aggregation".into());
+            let what = c.description.clone().unwrap_or_else(|| "the aggregation".into());
             Ok(if n == 0 {
                 (true, format!("{what}: no violations"))
             } else {
@@ -170,11 +143,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                     false,
                     format!(
                         "{what}: {n} violation(s), e.g. {}",
-                        found
-                            .iter()
-                            .map(|d| d.to_string())
-                            .collect::<Vec<_>>()
-                            .join("; ")
+                        found.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
                     ),
                 )
             })

@@ -37,11 +37,7 @@ pub fn uri() -> String {
             "{} is missing: run tests/support/secantus.sh install (tests/run.sh does)",
             bin.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         // A watchdog shell stops the server when this test process is gone.
         let script = format!(
             "{} --host 127.0.0.1 --port {port} --storage-path :memory: >/dev/null 2>&1 & s=$!; \
@@ -49,18 +45,10 @@ pub fn uri() -> String {
             bin.display(),
             std::process::id()
         );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start SecantusDB");
+        Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("start SecantusDB");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "SecantusDB did not start on port {port}"
-            );
+            assert!(Instant::now() < deadline, "SecantusDB did not start on port {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
         format!("mongodb://127.0.0.1:{port}")
@@ -84,43 +72,23 @@ pub async fn fresh_db(prefix: &str) -> Database {
 
 /// Every document of a collection, sorted by `_id` (as the server orders them).
 pub async fn dump(db: &Database, coll: &str) -> Vec<Document> {
-    db.collection::<Document>(coll)
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
+    db.collection::<Document>(coll).find(doc! {}).sort(doc! {"_id": 1}).await.unwrap().try_collect().await.unwrap()
 }
 
 /// Exact bytes of every document, sorted by `_id`.
 pub async fn dump_bytes(db: &Database, coll: &str) -> Vec<Vec<u8>> {
-    dump(db, coll)
-        .await
-        .iter()
-        .map(|d| bson::to_vec(d).unwrap())
-        .collect()
+    dump(db, coll).await.iter().map(|d| bson::to_vec(d).unwrap()).collect()
 }
 
 /// Every user collection (not dbshift's own) with its documents and index names.
 pub async fn dump_db(db: &Database) -> Vec<(String, Vec<Document>, Vec<String>)> {
-    let mut names: Vec<String> = db
-        .list_collection_names()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|n| !n.starts_with("_dbshift"))
-        .collect();
+    let mut names: Vec<String> =
+        db.list_collection_names().await.unwrap().into_iter().filter(|n| !n.starts_with("_dbshift")).collect();
     names.sort();
     let mut out = Vec::new();
     for n in names {
         let docs = dump(db, &n).await;
-        let mut idx: Vec<String> = db
-            .collection::<Document>(&n)
-            .list_index_names()
-            .await
-            .unwrap();
+        let mut idx: Vec<String> = db.collection::<Document>(&n).list_index_names().await.unwrap();
         idx.sort();
         out.push((n, docs, idx));
     }
@@ -155,9 +123,5 @@ pub fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
 }
 
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }

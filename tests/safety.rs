@@ -1,0 +1,275 @@
+//! What keeps a tenant database safe: checksums, the lock, undo on failure, validation,
+//! profiles, batches, transactions and unreachable servers.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{doc, Document};
+use common::*;
+use dbshift::engine::lock::{Lease, LockError};
+use dbshift::engine::tracking::{self, State};
+use dbshift::engine::{runner, DownRequest, RunOptions, UpRequest};
+
+const ADD: &str = "up:\n  - addField: { collection: items, field: color, value: red }\n";
+const RENAME: &str = "up:\n  - renameField: { collection: items, from: name, to: title }\n";
+
+async fn seeded(prefix: &str, n: i32) -> mongodb::Database {
+    let db = fresh_db(prefix).await;
+    let docs: Vec<Document> = (0..n).map(|i| doc! {"_id": i, "name": format!("item {i}"), "qty": i, "sku": if i == n - 1 { "x".to_string() } else { format!("{i}") }}).collect();
+    db.collection::<Document>("items").insert_many(docs).await.unwrap();
+    db
+}
+
+#[tokio::test]
+async fn editing_an_applied_migration_is_refused_unless_allowed() {
+    let db = seeded("safe_checksum", 5).await;
+    let dir = migrations(&[("20250101000000_add.yaml", ADD)]);
+    let opts = RunOptions::new("r1");
+    assert!(runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &opts).await.unwrap().ok);
+    std::fs::write(dir.path().join("20250101000000_add.yaml"), ADD.replace("red", "blue")).unwrap();
+    std::fs::write(dir.path().join("20250102000000_rename.yaml"), RENAME).unwrap();
+    let m = load(dir.path());
+    let before = dump_db(&db).await;
+    let e = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("20250101000000_add") && msg.contains("20250101000000_add.yaml") && msg.contains("checksum"),
+        "{msg}"
+    );
+    assert_eq!(dump_db(&db).await, before, "a refused run changes nothing");
+    let allowed = UpRequest { allow_changed: true, ..Default::default() };
+    let r = runner::up(&db, "t", &m, &allowed, &opts).await.unwrap();
+    assert!(r.ok);
+    assert_eq!(r.migrations.len(), 1, "only the new migration runs");
+}
+
+#[tokio::test]
+async fn a_failure_mid_migration_leaves_the_database_exactly_as_before() {
+    let db = seeded("safe_midfail", 50).await;
+    db.run_command(doc! {"createIndexes": "items", "indexes": [{"key": {"qty": 1}, "name": "by_qty"}]}).await.unwrap();
+    // Four steps change data, indexes and collections; the fifth fails (sku "x" is not a number).
+    let yaml = r#"description: fails at step 5
+up:
+  - addField: { collection: items, field: color, value: red }
+  - removeField: { collection: items, field: qty }
+  - dropIndex: { collection: items, name: by_qty }
+  - createCollection: { collection: audit }
+  - convertType: { collection: items, field: sku, to: int }
+"#;
+    let dir = migrations(&[("20250101000000_fail.yaml", yaml)]);
+    let m = load(dir.path());
+    let before = dump_db(&db).await;
+    let before_bytes = dump_bytes(&db, "items").await;
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &RunOptions::new("r1")).await.unwrap();
+    assert!(!r.ok);
+    let err = r.error.unwrap();
+    assert!(
+        err.contains("step 5 (convertType)") && err.contains("cannot be converted") && err.contains("_id 49"),
+        "{err}"
+    );
+    assert!(err.contains("every change of this migration was undone"), "{err}");
+    assert_eq!(dump_db(&db).await, before);
+    // Field order aside, documents are the same; here every field was restored in place.
+    let after = dump(&db, "items").await;
+    assert_eq!(after.len(), before_bytes.len());
+    let recs = tracking::load(&db, tracking::TRACKING).await.unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].state, State::Failed);
+    assert!(recs[0].error.as_deref().unwrap().contains("step 5"));
+    // Nothing is "dirty": fixing the file and running again just works.
+    std::fs::write(dir.path().join("20250101000000_fail.yaml"), yaml.replace("to: int }", "to: int, onError: keep }"))
+        .unwrap();
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r2")).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+}
+
+#[tokio::test]
+async fn failed_validation_undoes_the_migration_and_reports_each_check() {
+    let db = seeded("safe_validate", 10).await;
+    let yaml = r#"up:
+  - addField: { collection: items, field: color, value: red }
+validate:
+  - count: { collection: items, filter: { color: red }, equals: 10 }
+  - count: { collection: items, filter: { color: { $exists: false } }, max: 0 }
+  - indexExists: { collection: items, name: by_color }
+  - jsonSchema: { collection: items, schema: { required: [color] } }
+  - aggregate: { collection: items, description: no item without a name, pipeline: [ { $match: { name: { $exists: false } } } ] }
+"#;
+    let dir = migrations(&[("20250101000000_v.yaml", yaml)]);
+    let before = dump_db(&db).await;
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    assert!(!r.ok);
+    let v = &r.migrations[0].validation;
+    assert_eq!(v.len(), 5);
+    assert_eq!(v.iter().map(|c| c.passed).collect::<Vec<_>>(), [true, true, false, true, true]);
+    assert!(v[2].message.contains("by_color does not exist"), "{}", v[2].message);
+    assert_eq!(dump_db(&db).await, before);
+}
+
+#[tokio::test]
+async fn two_concurrent_runners_never_migrate_one_tenant_at_once() {
+    let db = seeded("safe_lock", 3000).await;
+    let yaml = r#"up:
+  - transform: { collection: items, script: "(d) => { d.n = (d.n || 0) + 1; return d; }" }
+"#;
+    let dir = migrations(&[("20250101000000_t.yaml", yaml)]);
+    let m = Arc::new(load(dir.path()));
+    let mut handles = Vec::new();
+    for i in 0..2 {
+        let (db, m) = (db.clone(), m.clone());
+        handles.push(tokio::spawn(async move {
+            let mut o = RunOptions::new(format!("run-{i}"));
+            o.owner = format!("host/{i}");
+            runner::up(&db, "t", &m, &UpRequest::default(), &o).await
+        }));
+    }
+    let mut applied = 0;
+    let mut locked = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(r) if r.ok && r.migrations.len() == 1 => applied += 1,
+            Ok(r) if r.ok && r.migrations.is_empty() => {} // ran after the other finished
+            Err(runner::RunError::Lock(LockError::Held { owner, .. })) => {
+                assert!(owner.starts_with("host/"));
+                locked += 1
+            }
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(applied, 1, "exactly one runner applies the migration");
+    assert!(locked <= 1);
+    // Every document was transformed exactly once.
+    let docs = dump(&db, "items").await;
+    assert!(docs.iter().all(|d| d.get_i32("n") == Ok(1)), "{:?}", docs.iter().find(|d| d.get_i32("n") != Ok(1)));
+}
+
+#[tokio::test]
+async fn a_dead_holders_lock_expires_by_itself() {
+    let db = fresh_db("safe_lock_expiry").await;
+    let held = Lease::acquire(&db, "crashed/1", "run-a", Duration::from_secs(2)).await.unwrap();
+    std::mem::forget(held); // the holder "dies": no release, no renewal task stopped cleanly
+    let e = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2)).await.err().unwrap();
+    assert!(e.to_string().contains("crashed/1"), "{e}");
+    // The renewal task of a forgotten lease still runs in this process; a real crash stops it.
+    // Simulate the crash by expiring the lease as the clock would.
+    db.collection::<Document>(tracking::LOCK)
+        .update_one(doc! {}, doc! {"$set": {"expiresAt": bson::DateTime::from_millis(0), "owner": "crashed/gone"}})
+        .await
+        .unwrap();
+    let l = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2)).await.unwrap();
+    l.release().await.unwrap();
+    assert_eq!(db.collection::<Document>(tracking::LOCK).count_documents(doc! {}).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_held_lock_is_renewed_while_its_holder_runs() {
+    let db = fresh_db("safe_lock_renew").await;
+    let l = Lease::acquire(&db, "me/1", "r", Duration::from_secs(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(Lease::acquire(&db, "you/2", "r2", Duration::from_secs(3)).await.is_err(), "renewal kept it");
+    assert!(!l.is_lost());
+    l.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn profiles_select_migrations() {
+    let db = seeded("safe_profiles", 3).await;
+    let dir = migrations(&[
+        ("20250101000000_all.yaml", ADD),
+        ("20250102000000_dev.yaml", "profiles: [dev, test]\nup:\n  - insertDocuments: { collection: items, documents: [ { _id: 100, name: fixture } ] }\n"),
+    ]);
+    let m = load(dir.path());
+    let mut opts = RunOptions::new("r");
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert_eq!(r.migrations.len(), 1);
+    assert_eq!(db.collection::<Document>("items").count_documents(doc! {"_id": 100}).await.unwrap(), 0);
+    opts.profiles = vec!["dev".into()];
+    let r = runner::up(&db, "t", &m, &UpRequest { profiles: vec!["dev".into()], ..Default::default() }, &opts)
+        .await
+        .unwrap();
+    assert_eq!(r.migrations.len(), 1);
+    assert_eq!(db.collection::<Document>("items").count_documents(doc! {"_id": 100}).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn down_batch_rolls_back_the_whole_last_release() {
+    let db = seeded("safe_batch", 5).await;
+    let dir = migrations(&[("20250101000000_add.yaml", ADD)]);
+    let opts = RunOptions::new("r");
+    runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &opts).await.unwrap();
+    let after_first = dump_db(&db).await;
+    std::fs::write(dir.path().join("20250102000000_rename.yaml"), RENAME).unwrap();
+    std::fs::write(
+        dir.path().join("20250103000000_idx.yaml"),
+        "up:\n  - createIndex: { collection: items, keys: { title: 1 } }\n",
+    )
+    .unwrap();
+    let m = load(dir.path());
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert_eq!(r.migrations.len(), 2);
+    let r = runner::down(&db, "t", &m, &DownRequest::LastBatch, &opts).await.unwrap();
+    assert!(r.ok);
+    assert_eq!(
+        r.migrations.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+        ["20250103000000_idx", "20250102000000_rename"]
+    );
+    assert_eq!(dump_db(&db).await, after_first);
+    let recs = tracking::load(&db, tracking::TRACKING).await.unwrap();
+    assert_eq!(
+        recs.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [State::Applied, State::RolledBack, State::RolledBack]
+    );
+    // Rolled-back migrations are pending again.
+    assert_eq!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().migrations.len(), 2);
+}
+
+#[tokio::test]
+async fn records_carry_what_ran_where() {
+    let db = seeded("safe_record", 7).await;
+    let dir = migrations(&[("20250101000000_add.yaml", &format!("description: colour\nauthor: ann\n{ADD}"))]);
+    runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("run-42")).await.unwrap();
+    let r = &tracking::load(&db, tracking::TRACKING).await.unwrap()[0];
+    assert_eq!((r.description.as_str(), r.author.as_str(), r.run_id.as_str(), r.batch), ("colour", "ann", "run-42", 1));
+    assert_eq!(r.documents_affected, 7);
+    assert_eq!(r.steps[0].documents_affected, 7);
+    assert_eq!(r.checksum.len(), 64);
+    assert!(r.down.is_some());
+}
+
+#[tokio::test]
+async fn transaction_migrations_commit_or_leave_nothing() {
+    let db = seeded("safe_txn", 5).await;
+    db.run_command(doc! {"createIndexes": "items", "indexes": [{"key": {"code": 1}, "name": "code", "unique": true, "sparse": true}]}).await.unwrap();
+    let yaml = r#"transaction: true
+up:
+  - updateMany: { collection: items, filter: {}, update: { $set: { checked: true } } }
+  - insertDocuments: { collection: items, documents: [ { _id: 100, code: A }, { _id: 101, code: A } ] }
+"#;
+    let dir = migrations(&[("20250101000000_txn.yaml", yaml)]);
+    let before = dump_db(&db).await;
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    assert!(!r.ok);
+    assert!(r.error.as_deref().unwrap().contains("transaction was aborted"), "{:?}", r.error);
+    assert_eq!(dump_db(&db).await, before);
+    std::fs::write(dir.path().join("20250101000000_txn.yaml"), yaml.replace("code: A } ]", "code: B } ]")).unwrap();
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(db.collection::<Document>("items").count_documents(doc! {"checked": true}).await.unwrap(), 5);
+    assert_eq!(db.collection::<Document>("items").count_documents(doc! {}).await.unwrap(), 7);
+}
+
+#[tokio::test]
+async fn a_transform_that_throws_changes_nothing() {
+    let db = seeded("safe_transform_throw", 1500).await;
+    let yaml = "up:\n  - transform: { collection: items, script: \"(d) => { if (d._id === 1200) throw new Error('bad row'); d.x = 1; return d; }\" }\n";
+    let dir = migrations(&[("20250101000000_t.yaml", yaml)]);
+    let before = dump_bytes(&db, "items").await;
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    let e = r.error.unwrap();
+    assert!(e.contains("_id 1200") && e.contains("bad row"), "{e}");
+    assert_eq!(dump_bytes(&db, "items").await, before);
+    let names = db.list_collection_names().await.unwrap();
+    assert!(!names.iter().any(|n| n.starts_with("_dbshift_staging")), "{names:?}");
+}
