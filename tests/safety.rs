@@ -186,9 +186,7 @@ async fn profiles_select_migrations() {
     assert_eq!(r.migrations.len(), 1);
     assert_eq!(db.collection::<Document>("items").count_documents(doc! {"_id": 100}).await.unwrap(), 0);
     opts.profiles = vec!["dev".into()];
-    let r = runner::up(&db, "t", &m, &UpRequest { profiles: vec!["dev".into()], ..Default::default() }, &opts)
-        .await
-        .unwrap();
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
     assert_eq!(r.migrations.len(), 1);
     assert_eq!(db.collection::<Document>("items").count_documents(doc! {"_id": 100}).await.unwrap(), 1);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use mongodb::{options::ClientOptions, Client};
+use mongodb::{error::ErrorKind, options::ClientOptions, Client};
 
 use crate::backup::{self, BackupError};
 use crate::engine::{self, loader, lock::LockError, runner::RunError, DownRequest, Migration, RunOptions, UpRequest};
@@ -270,6 +270,15 @@ pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection,
             }
             Err(e) => {
                 last = redactor.apply(&e.to_string());
+                // Only network trouble is worth another attempt; bad credentials are not.
+                let transient = matches!(
+                    *e.kind,
+                    ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+                );
+                if !transient {
+                    let message = format!("MongoDB at {hosts} refused the connection: {last}");
+                    return Err(CliError { exit: Exit::Unreachable, message });
+                }
                 tracing::warn!(attempt, error = %last, "MongoDB did not answer");
                 if attempt < attempts {
                     tokio::time::sleep(Duration::from_secs(attempt)).await;
@@ -348,6 +357,12 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             }
             std::fs::write(&path, loader::scaffold(slug, author.as_deref().unwrap_or("")))
                 .map_err(|e| CliError::invalid(format!("{}: {e}", path.display())))?;
+            // Editors that read `$schema` (the scaffold points at it) validate and complete files.
+            let schema = g.dir.join("migration.schema.json");
+            if !schema.exists() {
+                std::fs::write(&schema, migration_schema())
+                    .map_err(|e| CliError::invalid(format!("{}: {e}", schema.display())))?;
+            }
             output::print_created(out, &path);
             Ok(Exit::Ok)
         }
@@ -357,8 +372,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Schema => {
-            let schema = schemars::schema_for!(engine::model::MigrationFile);
-            println!("{}", serde_json::to_string_pretty(&schema).expect("serializable"));
+            print!("{}", migration_schema());
             Ok(Exit::Ok)
         }
         Command::Status => {
@@ -383,12 +397,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             let mut opts = run_options(g, observer)?;
             opts.dry_run = dry;
             opts.allow_changed = a.allow_changed;
-            let req = UpRequest {
-                target: a.to.clone(),
-                only: a.only.clone(),
-                profiles: g.profiles.clone(),
-                allow_changed: a.allow_changed,
-            };
+            let req = UpRequest { target: a.to.clone(), only: a.only.clone(), allow_changed: a.allow_changed };
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let (db, m, o, r) = (conn.client.database(&t), &migrations, &opts, &req);
                 async move { Ok(engine::runner::up(&db, &t, m, r, o).await?) }
@@ -473,6 +482,12 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
     }
 }
 
+/// The JSON Schema of migration files (committed as docs/migration.schema.json).
+pub fn migration_schema() -> String {
+    let schema = schemars::schema_for!(engine::model::MigrationFile);
+    serde_json::to_string_pretty(&schema).expect("serializable") + "\n"
+}
+
 /// Which snapshot goes to which database: `--from` is one snapshot (restored into the one
 /// tenant given, or the database it was taken from), or a directory of per-tenant snapshots.
 fn restore_plan(from: &Path, g: &Global) -> Result<Vec<(String, PathBuf)>, CliError> {
@@ -535,4 +550,16 @@ fn worst<T>(results: &[(String, Result<T, CliError>)], ok: impl Fn(&T) -> Exit) 
         })
         .max_by_key(|e| rank(*e))
         .unwrap_or(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_schema_matches_the_types() {
+        let committed = include_str!("../../docs/migration.schema.json");
+        assert!(
+            committed == super::migration_schema(),
+            "docs/migration.schema.json is stale: run `cargo run -- schema > docs/migration.schema.json`"
+        );
+    }
 }

@@ -273,7 +273,6 @@ pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &
 
 /// Progress for migrations: a line per migration, a bar for long operations (terminal only).
 struct Progress {
-    human: bool,
     bar: Mutex<Option<ProgressBar>>,
     tty: bool,
 }
@@ -305,20 +304,17 @@ impl Observer for Progress {
         if let Some(b) = self.bar.lock().expect("lock").take() {
             b.finish_and_clear();
         }
-        let _ = self.human;
     }
 }
 
 pub fn observer(out: Output, _tenants: usize) -> Arc<dyn Observer> {
-    Arc::new(Progress {
-        human: out == Output::Human,
-        bar: Mutex::new(None),
-        tty: out == Output::Human && std::io::stderr().is_terminal(),
-    })
+    Arc::new(Progress { bar: Mutex::new(None), tty: out == Output::Human && std::io::stderr().is_terminal() })
 }
 
-/// Progress of snapshots and restores: (collection, done, total).
-pub fn transfer_progress(out: Output) -> Arc<dyn Fn(&str, u64, u64) + Send + Sync> {
+/// Progress of snapshots and restores: (collection, documents done, documents expected).
+pub type TransferProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+pub fn transfer_progress(out: Output) -> TransferProgress {
     if out != Output::Human || !std::io::stderr().is_terminal() {
         return Arc::new(|_, _, _| {});
     }

@@ -191,12 +191,7 @@ async fn run_inner(g: &Global, a: &RunArgs, tenant: &str) -> Result<JobResult, C
                     .await?
             }
             Direction::Up => {
-                let req = UpRequest {
-                    target: a.target.clone(),
-                    only: None,
-                    profiles: g.profiles.clone(),
-                    allow_changed: a.allow_changed,
-                };
+                let req = UpRequest { target: a.target.clone(), only: None, allow_changed: a.allow_changed };
                 runner::up(&db, tenant, &migrations, &req, &opts).await?
             }
         }

@@ -14,7 +14,7 @@ use mongodb::{ClientSession, Collection, Database};
 
 use super::bsonx::{self, and, filter_doc, top_field};
 use super::model::*;
-use super::tracking::{DROPPED_PREFIX, ROLLBACK, STAGING_PREFIX};
+use super::tracking::{DROPPED_PREFIX, ROLLBACK_PREFIX, STAGING_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -68,8 +68,18 @@ async fn collection_exists(db: &Database, name: &str) -> Result<bool, ExecError>
     Ok(!names.is_empty())
 }
 
+/// The collection that holds the pre-images of one step (`key` is `<version>_<step>`).
+pub fn rollback_collection(key: &str) -> String {
+    format!("{ROLLBACK_PREFIX}{}", sanitize(key))
+}
+
+fn sanitize(key: &str) -> String {
+    key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
+}
+
 /// Store pre-images of the documents matching `query` under `key`: whole documents, or only
-/// the given top-level fields. Runs server-side (`$merge`); nothing crosses the network.
+/// the given top-level fields. Runs server-side (`$out` into a collection of the step's own),
+/// so nothing crosses the network and the cost stays linear on every server.
 async fn capture(
     db: &Database,
     coll: &str,
@@ -77,21 +87,15 @@ async fn capture(
     fields: Option<&[String]>,
     key: &str,
 ) -> Result<(), ExecError> {
-    let d: Bson = match fields {
-        None => Bson::String("$$ROOT".into()),
-        Some(fields) => {
-            let mut p = doc! {"_id": "$_id"};
-            for f in fields {
-                p.insert(f.clone(), format!("${f}"));
-            }
-            Bson::Document(p)
+    let mut pipeline = vec![doc! {"$match": query}];
+    if let Some(fields) = fields {
+        let mut p = doc! {"_id": 1};
+        for f in fields {
+            p.insert(f.clone(), 1);
         }
-    };
-    let pipeline = vec![
-        doc! {"$match": query},
-        doc! {"$project": {"_id": {"k": key, "id": "$_id"}, "d": d}},
-        doc! {"$merge": {"into": ROLLBACK, "on": "_id", "whenMatched": "replace", "whenNotMatched": "insert"}},
-    ];
+        pipeline.push(doc! {"$project": p});
+    }
+    pipeline.push(doc! {"$out": rollback_collection(key)});
     db.collection::<Document>(coll)
         .aggregate(pipeline)
         .await
@@ -101,12 +105,9 @@ async fn capture(
 
 /// Put pre-images stored under `key` back into `coll`.
 pub async fn restore_preimages(db: &Database, r: &RestorePreimages) -> Result<u64, ExecError> {
-    let stored = db
-        .collection::<Document>(ROLLBACK)
-        .count_documents(doc! {"_id.k": &r.key})
-        .await
-        .map_err(mongo("counting rollback data"))?;
-    if stored == 0 {
+    let stored = db.collection::<Document>(&rollback_collection(&r.key));
+    let n = stored.estimated_document_count().await.map_err(mongo("counting rollback data"))?;
+    if n == 0 {
         return Ok(0);
     }
     let merge = match r.mode {
@@ -122,29 +123,22 @@ pub async fn restore_preimages(db: &Database, r: &RestorePreimages) -> Result<u6
             doc! {"into": &r.collection, "on": "_id", "whenMatched": when, "whenNotMatched": "discard"}
         }
     };
-    let pipeline =
-        vec![doc! {"$match": {"_id.k": &r.key}}, doc! {"$replaceRoot": {"newRoot": "$d"}}, doc! {"$merge": merge}];
-    db.collection::<Document>(ROLLBACK)
-        .aggregate(pipeline)
+    stored
+        .aggregate(vec![doc! {"$merge": merge}])
         .await
         .map_err(mongo(format!("restoring rollback data into {}", r.collection)))?;
-    Ok(stored)
+    Ok(n)
 }
 
-/// Delete the rollback data whose keys start with `prefix`.
+/// Drop the rollback data of steps whose keys start with `prefix` (e.g. `<version>_` for a
+/// whole migration, `<version>_d` for the steps of its rollback).
 pub async fn forget_rollback_data(db: &Database, prefix: &str) -> Result<(), ExecError> {
-    db.collection::<Document>(ROLLBACK)
-        .delete_many(doc! {"_id.k": {"$regex": format!("^{}", regex::escape(prefix))}})
-        .await
-        .map_err(mongo("deleting old rollback data"))?;
-    Ok(())
-}
-
-/// Make sure dbshift's own collections have the indexes they need.
-pub async fn ensure_internal(db: &Database) -> Result<(), ExecError> {
-    db.run_command(doc! {"createIndexes": ROLLBACK, "indexes": [{"key": {"_id.k": 1}, "name": "key"}]})
-        .await
-        .map_err(mongo("creating the rollback data index"))?;
+    let start = rollback_collection(prefix);
+    for name in db.list_collection_names().await.map_err(mongo("listing rollback data"))? {
+        if name.starts_with(&start) {
+            db.collection::<Document>(&name).drop().await.map_err(mongo(format!("dropping {name}")))?;
+        }
+    }
     Ok(())
 }
 
@@ -238,7 +232,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             let top = top_field(&o.field).to_string();
             // Documents that already hold the value are not touched by `up`, but the undo
             // (unset where field == value) would reach them: keep them as they are.
-            capture(db, &o.collection, doc! {&o.field: value.clone()}, Some(&[top.clone()]), key).await?;
+            capture(db, &o.collection, doc! {&o.field: value.clone()}, Some(std::slice::from_ref(&top)), key).await?;
             let mut unset = doc! {};
             unset.insert(&o.field, "");
             ok(vec![
@@ -253,7 +247,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
         Operation::RemoveField(o) => {
             let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": true}});
             let top = top_field(&o.field).to_string();
-            capture(db, &o.collection, q, Some(&[top.clone()]), key).await?;
+            capture(db, &o.collection, q, Some(std::slice::from_ref(&top)), key).await?;
             ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::RenameField(o) => {
@@ -273,7 +267,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
         }
         Operation::ConvertType(o) => {
             let top = top_field(&o.field).to_string();
-            capture(db, &o.collection, convert_query(o)?, Some(&[top.clone()]), key).await?;
+            capture(db, &o.collection, convert_query(o)?, Some(std::slice::from_ref(&top)), key).await?;
             ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::CreateIndex(o) => {
@@ -648,8 +642,8 @@ async fn transform_through(
         })
         .map_err(|e| ExecError::Data(format!("cannot start the transform thread: {e}")))?;
 
-    let key_owned = key.to_string();
-    let rollback = db.collection::<Document>(ROLLBACK);
+    let rollback = db.collection::<Document>(&rollback_collection(key));
+    rollback.drop().await.map_err(mongo("clearing old rollback data"))?;
     let staging_w = staging.clone();
     let writer = tokio::spawn(async move {
         let mut changed = 0u64;
@@ -660,12 +654,8 @@ async fn transform_through(
                 continue;
             }
             changed += new.len() as u64;
-            let wrapped: Vec<Document> = pre
-                .into_iter()
-                .map(|d| doc! {"_id": {"k": &key_owned, "id": d.get("_id").cloned().unwrap_or(Bson::Null)}, "d": d})
-                .collect();
             let (a, b) = tokio::join!(
-                rollback.insert_many(wrapped).with_options(opts.clone()),
+                rollback.insert_many(pre).with_options(opts.clone()),
                 staging_w.insert_many(new).with_options(opts.clone())
             );
             a.map_err(mongo("storing pre-images of transformed documents"))?;
@@ -754,14 +744,6 @@ pub async fn estimate(db: &Database, op: &Operation) -> Result<Option<u64>, Exec
         Operation::DropCollection(o) => count(&o.collection, doc! {}).await,
         _ => Ok(None),
     }
-}
-
-/// Documents currently in rollback storage, for reports.
-pub async fn rollback_count(db: &Database, prefix: &str) -> Result<u64, ExecError> {
-    db.collection::<Document>(ROLLBACK)
-        .count_documents(doc! {"_id.k": {"$regex": format!("^{}", regex::escape(prefix))}})
-        .await
-        .map_err(mongo("counting rollback data"))
 }
 
 /// Collections moved aside by dropCollection.

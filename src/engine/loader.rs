@@ -84,10 +84,9 @@ pub fn parse_file_name(name: &str) -> Result<(String, String), String> {
         .or_else(|| name.strip_suffix(".yml"))
         .ok_or_else(|| "not a .yaml file".to_string())?;
     let bad = || {
-        format!(
-            "file name must be <version>_<slug>.yaml with a 14-digit UTC version (yyyyMMddHHmmss) \
-             and a slug of lowercase letters, digits, '_' or '-', e.g. 20250105120000_add_preferences.yaml"
-        )
+        "file name must be <version>_<slug>.yaml with a 14-digit UTC version (yyyyMMddHHmmss) \
+         and a slug of lowercase letters, digits, '_' or '-', e.g. 20250105120000_add_preferences.yaml"
+            .to_string()
     };
     let (version, slug) = stem.split_once('_').ok_or_else(bad)?;
     if version.len() != 14 || !version.bytes().all(|b| b.is_ascii_digit()) {
@@ -447,20 +446,24 @@ fn check_check(c: &Check) -> Vec<String> {
     p.into_iter().flatten().collect()
 }
 
-/// The text of a new migration file, for `dbshift new`.
+/// The text of a new migration file, for `dbshift new`. It does not pass `lint` until it
+/// has at least one operation, so an unedited scaffold can never be applied by accident.
 pub fn scaffold(slug: &str, author: &str) -> String {
+    let description = slug.replace(['_', '-'], " ");
+    let author = if author.is_empty() { "unknown" } else { author };
     format!(
-        "# yaml-language-server: $schema=../docs/migration.schema.json\n\
-         description: {desc}\n\
-         author: {author}\n\
-         # profiles: [staging]      # run only when one of these profiles is active\n\
-         up:\n\
-         \x20 - addField: {{ collection: CHANGE_ME, field: newField, value: null }}\n\
-         # down is optional: dbshift inverts `up` and keeps what lossy operations destroy.\n\
-         validate:\n\
-         \x20 - count: {{ collection: CHANGE_ME, filter: {{ newField: {{ $exists: false }} }}, equals: 0 }}\n",
-        desc = slug.replace(['_', '-'], " "),
-        author = if author.is_empty() { "unknown" } else { author },
+        r#"# yaml-language-server: $schema=./migration.schema.json
+# Operations: addField removeField renameField convertType createIndex dropIndex createCollection
+# dropCollection renameCollection insertDocuments deleteDocuments updateMany transform runCommand.
+# `down` is optional: dbshift inverts `up` and keeps what lossy operations destroy.
+description: {description}
+author: {author}
+# profiles: [staging]        # run only when one of these profiles is active
+up: []
+#  - addField: {{ collection: users, field: preferences, value: {{ newsletter: false }} }}
+validate: []
+#  - count: {{ collection: users, filter: {{ preferences: {{ $exists: false }} }}, equals: 0 }}
+"#
     )
 }
 
@@ -537,8 +540,14 @@ mod tests {
     }
 
     #[test]
-    fn scaffold_parses_after_naming_the_collection() {
-        let text = scaffold("add_prefs", "ann").replace("CHANGE_ME", "users");
-        load("20250105120000_add_prefs.yaml", &text).unwrap();
+    fn scaffold_needs_an_operation_before_it_loads() {
+        let text = scaffold("add_prefs", "ann");
+        assert!(load("20250105120000_add_prefs.yaml", &text)
+            .unwrap_err()
+            .to_string()
+            .contains("at least one operation"));
+        let text = text.replace("up: []", "up:\n  - addField: { collection: users, field: prefs, value: {} }");
+        let m = load("20250105120000_add_prefs.yaml", &text).unwrap();
+        assert_eq!((m[0].file.description.as_str(), m[0].file.author.as_str()), ("add prefs", "ann"));
     }
 }

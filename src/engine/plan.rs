@@ -115,7 +115,6 @@ pub struct UpRequest {
     pub target: Option<String>,
     /// Apply only this migration (version or id).
     pub only: Option<String>,
-    pub profiles: Vec<String>,
     pub allow_changed: bool,
 }
 
@@ -128,6 +127,7 @@ pub fn plan_up<'a>(
     migrations: &'a [Migration],
     records: &[Record],
     req: &UpRequest,
+    profiles: &[String],
 ) -> Result<Vec<&'a Migration>, PlanError> {
     let changed: Vec<String> = migrations
         .iter()
@@ -160,11 +160,11 @@ pub fn plan_up<'a>(
             .find(|m| matches(&m.version, &m.id(), only))
             .ok_or_else(|| PlanError::UnknownMigration(only.clone()))?;
         let applied = records.iter().any(|r| r.id == m.id() && r.state == State::Applied);
-        return Ok(if applied || !m.active_for(&req.profiles) { vec![] } else { vec![m] });
+        return Ok(if applied || !m.active_for(profiles) { vec![] } else { vec![m] });
     }
     Ok(migrations
         .iter()
-        .filter(|m| m.active_for(&req.profiles))
+        .filter(|m| m.active_for(profiles))
         .filter(|m| !records.iter().any(|r| r.id == m.id() && r.state == State::Applied))
         .filter(|m| target.as_ref().is_none_or(|t| &m.version <= t))
         .collect())
@@ -294,13 +294,15 @@ mod tests {
         let m = migs();
         let recs = vec![rec(&m[0], 1)];
         let ids = |v: Vec<&Migration>| v.iter().map(|m| m.version.clone()).collect::<Vec<_>>();
-        assert_eq!(ids(plan_up(&m, &recs, &UpRequest::default()).unwrap()), ["20250102000000", "20250104000000"]);
-        let dev = UpRequest { profiles: vec!["dev".into()], ..Default::default() };
-        assert_eq!(ids(plan_up(&m, &recs, &dev).unwrap()), ["20250102000000", "20250103000000", "20250104000000"]);
+        assert_eq!(ids(plan_up(&m, &recs, &UpRequest::default(), &[]).unwrap()), ["20250102000000", "20250104000000"]);
+        assert_eq!(
+            ids(plan_up(&m, &recs, &UpRequest::default(), &["dev".into()]).unwrap()),
+            ["20250102000000", "20250103000000", "20250104000000"]
+        );
         let to = UpRequest { target: Some("20250102000000_b".into()), ..Default::default() };
-        assert_eq!(ids(plan_up(&m, &recs, &to).unwrap()), ["20250102000000"]);
+        assert_eq!(ids(plan_up(&m, &recs, &to, &[]).unwrap()), ["20250102000000"]);
         let bad = UpRequest { target: Some("2099".into()), ..Default::default() };
-        assert_eq!(plan_up(&m, &recs, &bad).unwrap_err(), PlanError::UnknownMigration("2099".into()));
+        assert_eq!(plan_up(&m, &recs, &bad, &[]).unwrap_err(), PlanError::UnknownMigration("2099".into()));
     }
 
     #[test]
@@ -308,9 +310,9 @@ mod tests {
         let m = migs();
         let mut r = rec(&m[0], 1);
         r.checksum = "old".into();
-        let e = plan_up(&m, &[r.clone()], &UpRequest::default()).unwrap_err();
+        let e = plan_up(&m, &[r.clone()], &UpRequest::default(), &[]).unwrap_err();
         assert!(e.to_string().contains("20250101000000_a (20250101000000_a.yaml)"), "{e}");
-        assert!(plan_up(&m, &[r.clone()], &UpRequest { allow_changed: true, ..Default::default() }).is_ok());
+        assert!(plan_up(&m, &[r.clone()], &UpRequest { allow_changed: true, ..Default::default() }, &[]).is_ok());
         let st = status(&m, &[r], &[]);
         assert_eq!(st[0].standing, Standing::Changed);
     }

@@ -117,6 +117,11 @@ pub struct TenantReport {
     pub error: Option<String>,
 }
 
+/// Keys of rollback data start with the migration's version (unique per directory).
+fn version_of(id: &str) -> &str {
+    id.split('_').next().unwrap_or(id)
+}
+
 fn current_version(records: &[Record]) -> Option<String> {
     records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
 }
@@ -145,7 +150,7 @@ pub async fn up(
 ) -> Result<TenantReport, RunError> {
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let planned = plan::plan_up(migrations, &records, req)?;
+    let planned = plan::plan_up(migrations, &records, req, &opts.profiles)?;
     if opts.dry_run {
         let mut outs = Vec::new();
         for m in planned {
@@ -197,8 +202,7 @@ async fn up_locked(
     // Read again under the lock: another runner may have applied some in the meantime.
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let planned = plan::plan_up(migrations, &records, req)?;
-    executor::ensure_internal(db).await?;
+    let planned = plan::plan_up(migrations, &records, req, &opts.profiles)?;
     let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
     let txn = supports_transactions(db).await;
     let mut outs = Vec::new();
@@ -274,7 +278,7 @@ async fn run_steps(
             break;
         }
         opts.observer.step_started(tenant, id, i, op);
-        let key = format!("{id}/{tag}{i}");
+        let key = format!("{}_{tag}{i}", version_of(id));
         let t = Instant::now();
         let prepared = match executor::prepare(db, op, &key).await {
             Ok(p) => p,
@@ -318,7 +322,7 @@ async fn undo(db: &Database, id: &str, done: &[Prepared]) -> Vec<String> {
             }
         };
         for (j, op) in ops.iter().enumerate() {
-            let key = format!("{id}/x{i}_{j}");
+            let key = format!("{}_x{i}_{j}", version_of(id));
             let r = match executor::prepare(db, op, &key).await {
                 Ok(prep) => executor::execute(db, &prep, &key, None, None).await.map(|_| ()),
                 Err(e) => Err(e),
@@ -355,7 +359,7 @@ async fn apply(
     let id = m.id();
     let started = Instant::now();
     let applied_at = DateTime::now();
-    executor::forget_rollback_data(db, &format!("{id}/")).await?;
+    executor::forget_rollback_data(db, &format!("{}_", m.version)).await?;
     let mut steps = if m.file.transaction && txn_supported {
         run_in_transaction(db, &id, &m.file.up, opts).await?
     } else {
@@ -393,7 +397,7 @@ async fn apply(
         run_id: opts.run_id.clone(),
         host: opts.host(),
         steps: steps.records.clone(),
-        rollback_data: Some(format!("{}: _id.k starting with {id}/", tracking::ROLLBACK)),
+        rollback_data: Some(format!("{}*", executor::rollback_collection(&format!("{}_", m.version)))),
         down: None,
         irreversible: None,
         error: None,
@@ -408,7 +412,7 @@ async fn apply(
             format!("{err}; UNDO INCOMPLETE, the database may be partly migrated: {}", problems.join("; "))
         };
         if problems.is_empty() {
-            executor::forget_rollback_data(db, &format!("{id}/")).await?;
+            executor::forget_rollback_data(db, &format!("{}_", m.version)).await?;
             record.rollback_data = None;
         }
         record.state = State::Failed;
@@ -452,7 +456,7 @@ async fn apply(
 async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation], opts: &RunOptions) -> Result<Steps, RunError> {
     let mut s = Steps { done: Vec::new(), records: Vec::new(), error: None, affected: 0 };
     for (i, op) in ops.iter().enumerate() {
-        match executor::prepare(db, op, &format!("{id}/u{i}")).await {
+        match executor::prepare(db, op, &format!("{}_u{i}", version_of(id))).await {
             Ok(p) => s.done.push(p),
             Err(e) => {
                 s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
@@ -465,7 +469,7 @@ async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation], opts: &R
     session.start_transaction().await.map_err(mongo("starting a transaction"))?;
     for (i, p) in s.done.iter().enumerate() {
         let t = Instant::now();
-        match executor::execute(db, p, &format!("{id}/u{i}"), Some(&mut session), None).await {
+        match executor::execute(db, p, &format!("{}_u{i}", version_of(id)), Some(&mut session), None).await {
             Ok(n) => {
                 s.affected += n as i64;
                 s.records.push(StepRecord {
@@ -541,15 +545,14 @@ async fn down_locked(
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
     let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
-    executor::ensure_internal(db).await?;
     let mut outs = Vec::new();
     let mut ok = true;
     for r in &chosen {
         opts.observer.migration_started(tenant, &r.id, Direction::Down);
         let started = Instant::now();
         let ops = r.down_ops().map_err(PlanError::Irreversible)?;
-        executor::forget_rollback_data(db, &format!("{}/d", r.id)).await?;
-        executor::forget_rollback_data(db, &format!("{}/x", r.id)).await?;
+        executor::forget_rollback_data(db, &format!("{}_d", r.version)).await?;
+        executor::forget_rollback_data(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
         let out = if let Some(err) = steps.error {
             let problems = undo(db, &r.id, &steps.done).await;
@@ -578,7 +581,7 @@ async fn down_locked(
             tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
                 .await
                 .map_err(mongo("recording the rollback"))?;
-            executor::forget_rollback_data(db, &format!("{}/", r.id)).await?;
+            executor::forget_rollback_data(db, &format!("{}_", r.version)).await?;
             Outcome {
                 id: r.id.clone(),
                 direction: Direction::Down,

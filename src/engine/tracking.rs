@@ -11,8 +11,9 @@ use super::model::Operation;
 pub const INTERNAL_PREFIX: &str = "_dbshift";
 /// Default tracking collection.
 pub const TRACKING: &str = "_dbshift_migrations";
-/// Pre-images kept by lossy operations.
-pub const ROLLBACK: &str = "_dbshift_rollback";
+/// Prefix of the collections holding pre-images kept by lossy operations, one per step:
+/// `_dbshift_rb_<version>_<step>`.
+pub const ROLLBACK_PREFIX: &str = "_dbshift_rb_";
 /// The per-database lock.
 pub const LOCK: &str = "_dbshift_lock";
 /// Prefix of collections moved aside by `dropCollection`.
@@ -64,7 +65,7 @@ pub struct Record {
     pub run_id: String,
     pub host: String,
     pub steps: Vec<StepRecord>,
-    /// Where rollback data lives: collection `_dbshift_rollback`, documents whose `_id.m` is this id.
+    /// Where rollback data lives: the `_dbshift_rb_<version>_*` collections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_data: Option<String>,
     /// What `down` runs, as JSON (the file's `down`, or the inverse computed when it ran).

@@ -45,6 +45,8 @@ pub fn uri() -> String {
             bin.display(),
             std::process::id()
         );
+        // The watchdog outlives this call on purpose; it is reaped when the test process exits.
+        #[allow(clippy::zombie_processes)]
         Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("start SecantusDB");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -1,0 +1,190 @@
+//! Snapshots and restores: exact (byte-identical) data, indexes and options; damaged
+//! snapshots refused before anything changes.
+
+mod common;
+
+use bson::{doc, oid::ObjectId, Binary, DateTime, Decimal128, Document};
+use common::*;
+use dbshift::backup::{self, RestoreOptions, SnapshotOptions};
+
+async fn rich_db(prefix: &str) -> mongodb::Database {
+    let db = fresh_db(prefix).await;
+    db.run_command(
+        doc! {"create": "orders", "validator": {"$jsonSchema": {"required": ["total"]}}, "validationLevel": "moderate"},
+    )
+    .await
+    .unwrap();
+    let docs: Vec<Document> = (0..2500)
+        .map(|i| {
+            doc! {
+                "_id": ObjectId::new(),
+                "n": i,
+                "total": Decimal128::from_bytes([i as u8; 16]),
+                "big": i as i64 * 1_000_000_007,
+                "ratio": 1.0f64,
+                "at": DateTime::from_millis(1_700_000_000_000 + i as i64),
+                "blob": Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![i as u8; 10] },
+                "tags": ["a", {"nested": [1, 2.5, null]}],
+            }
+        })
+        .collect();
+    db.collection::<Document>("orders").insert_many(docs).await.unwrap();
+    db.run_command(doc! {"createIndexes": "orders", "indexes": [
+        {"key": {"n": 1}, "name": "n_unique", "unique": true},
+        {"key": {"at": 1}, "name": "ttl", "expireAfterSeconds": 2_000_000_000},
+        {"key": {"big": -1, "n": 1}, "name": "compound", "partialFilterExpression": {"n": {"$gt": 5}}},
+    ]})
+    .await
+    .unwrap();
+    db.collection::<Document>("users")
+        .insert_many(vec![doc! {"_id": "u1", "name": "Ann"}, doc! {"_id": "u2", "name": "Bo"}])
+        .await
+        .unwrap();
+    db
+}
+
+async fn indexes(db: &mongodb::Database, coll: &str) -> Vec<Document> {
+    let r = db.run_command(doc! {"listIndexes": coll}).await.unwrap();
+    let mut v: Vec<Document> = r
+        .get_document("cursor")
+        .unwrap()
+        .get_array("firstBatch")
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_document().cloned())
+        .collect();
+    v.sort_by_key(|d| d.get_str("name").unwrap().to_string());
+    v
+}
+
+async fn options(db: &mongodb::Database, coll: &str) -> Document {
+    let r = db.run_command(doc! {"listCollections": 1, "filter": {"name": coll}}).await.unwrap();
+    r.get_document("cursor").unwrap().get_array("firstBatch").unwrap()[0]
+        .as_document()
+        .unwrap()
+        .get_document("options")
+        .unwrap()
+        .clone()
+}
+
+fn no_progress(_: &str, _: u64, _: u64) {}
+
+async fn round_trip(gzip: bool) {
+    let db = rich_db(if gzip { "bk_gzip" } else { "bk_plain" }).await;
+    let before_orders = dump_bytes(&db, "orders").await;
+    let before_users = dump_bytes(&db, "users").await;
+    let (before_idx, before_opts) = (indexes(&db, "orders").await, options(&db, "orders").await);
+    let out = tempfile::tempdir().unwrap();
+    let m = backup::snapshot(
+        &db,
+        out.path(),
+        &SnapshotOptions { gzip, source: "test".into(), ..Default::default() },
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.total_documents, 2502);
+    assert_eq!(m.collections.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["orders", "users"]);
+    let ext = if gzip { ".gz" } else { "" };
+    assert!(out.path().join(db.name()).join(format!("orders.bson{ext}")).exists());
+    assert!(out.path().join(db.name()).join(format!("orders.metadata.json{ext}")).exists());
+
+    // Damage the database every way a migration could.
+    db.collection::<Document>("orders").delete_many(doc! {"n": {"$lt": 100}}).await.unwrap();
+    db.collection::<Document>("orders").update_many(doc! {}, doc! {"$set": {"ratio": 2}}).await.unwrap();
+    db.run_command(doc! {"dropIndexes": "orders", "index": "compound"}).await.unwrap();
+    db.collection::<Document>("users").drop().await.unwrap();
+    db.collection::<Document>("newer").insert_one(doc! {"x": 1}).await.unwrap();
+
+    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap();
+    assert!(rep.collections.iter().all(|c| c.verified));
+    assert_eq!(rep.dropped, vec!["newer".to_string()]);
+    assert_eq!(dump_bytes(&db, "orders").await, before_orders, "byte-identical documents");
+    assert_eq!(dump_bytes(&db, "users").await, before_users);
+    assert_eq!(indexes(&db, "orders").await, before_idx);
+    assert_eq!(options(&db, "orders").await, before_opts);
+}
+
+#[tokio::test]
+async fn snapshot_and_restore_are_exact() {
+    round_trip(false).await;
+}
+
+#[tokio::test]
+async fn gzip_snapshots_restore_exactly() {
+    round_trip(true).await;
+}
+
+#[tokio::test]
+async fn the_bson_files_are_in_mongodump_format() {
+    let db = rich_db("bk_format").await;
+    let out = tempfile::tempdir().unwrap();
+    backup::snapshot(
+        &db,
+        out.path(),
+        &SnapshotOptions { collections: vec!["users".into()], ..Default::default() },
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    let bytes = std::fs::read(out.path().join(db.name()).join("users.bson")).unwrap();
+    // Concatenated BSON documents, each starting with its little-endian length.
+    let mut docs = Vec::new();
+    let mut rest = bytes.as_slice();
+    while !rest.is_empty() {
+        let n = i32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        docs.push(bson::from_slice::<Document>(&rest[..n]).unwrap());
+        rest = &rest[n..];
+    }
+    assert_eq!(docs.len(), 2);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join(db.name()).join("users.metadata.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["collectionName"], "users");
+    assert_eq!(meta["indexes"][0]["name"], "_id_");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("dbshift-manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["scope"], "selected");
+    assert_eq!(manifest["collections"][0]["documents"], 2);
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
+    let db = rich_db("bk_damaged").await;
+    let out = tempfile::tempdir().unwrap();
+    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    db.collection::<Document>("users").insert_one(doc! {"_id": "u3"}).await.unwrap();
+    let now = dump_db(&db).await;
+    // Flip one byte inside a document of users.bson.
+    let f = out.path().join(db.name()).join("users.bson");
+    let mut b = std::fs::read(&f).unwrap();
+    let last = b.len() - 3;
+    b[last] ^= 0x20;
+    std::fs::write(&f, b).unwrap();
+    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap_err();
+    assert!(
+        e.to_string().contains("does not match the manifest") && e.to_string().contains("nothing was restored"),
+        "{e}"
+    );
+    assert_eq!(dump_db(&db).await, now);
+    // Not a snapshot at all.
+    let e = backup::restore(&db, tempfile::tempdir().unwrap().path(), &RestoreOptions::default(), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not a dbshift snapshot"), "{e}");
+}
+
+#[tokio::test]
+async fn restore_into_another_database_and_selected_collections() {
+    let db = rich_db("bk_other").await;
+    let out = tempfile::tempdir().unwrap();
+    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let copy = fresh_db("bk_copy").await;
+    copy.collection::<Document>("keep").insert_one(doc! {"k": 1}).await.unwrap();
+    backup::restore(&copy, out.path(), &RestoreOptions { collections: vec!["users".into()] }, &no_progress)
+        .await
+        .unwrap();
+    assert_eq!(dump_bytes(&copy, "users").await, dump_bytes(&db, "users").await);
+    assert_eq!(dump(&copy, "keep").await.len(), 1, "a selective restore leaves other collections alone");
+    assert!(!copy.list_collection_names().await.unwrap().contains(&"orders".to_string()));
+}

@@ -1,0 +1,311 @@
+//! The `dbshift` binary end to end: commands, output, exit codes, and secrets kept out.
+
+mod common;
+
+use bson::{doc, Document};
+use common::*;
+use serde_json::Value;
+
+const ADD: &str = "description: add colour\nup:\n  - addField: { collection: items, field: color, value: red }\nvalidate:\n  - count: { collection: items, filter: { color: { $exists: false } }, equals: 0 }\n";
+const SPLIT: &str = r#"description: split names
+up:
+  - transform:
+      collection: items
+      script: "(d) => { if (!d.name) return null; const [a, ...b] = d.name.split(' '); d.first = a; d.last = b.join(' '); delete d.name; return d; }"
+"#;
+
+async fn tenants(prefix: &str, n: usize) -> Vec<String> {
+    let c = client().await;
+    let base = unique(prefix);
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("{base}_t{i}");
+        c.database(&name)
+            .collection::<Document>("items")
+            .insert_many((0..20).map(|j| doc! {"_id": j, "name": format!("Item {j} of {i}")}))
+            .await
+            .unwrap();
+        names.push(name);
+    }
+    names
+}
+
+fn json(o: &std::process::Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+#[tokio::test]
+async fn a_release_across_tenants_with_status_plan_up_and_down_batch() {
+    let names = tenants("cli_flow", 3).await;
+    let base = names[0].trim_end_matches("_t0").to_string();
+    let dir = migrations(&[("20250101000000_add_color.yaml", ADD), ("20250102000000_split_names.yaml", SPLIT)]);
+    let d = dir.path().to_str().unwrap();
+    let uri = uri();
+    let pattern = format!("^{base}_");
+    let excluded = names[2].clone();
+    let args = |cmd: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        a.extend(
+            ["--dir", d, "--tenants", &pattern, "--exclude", &excluded, "--output", "json"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        a
+    };
+    let run = |cmd: &[&str]| {
+        let a = args(cmd);
+        cli(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[("DBSHIFT_MONGODB_URI", &uri)])
+    };
+
+    let o = run(&["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&o);
+    assert_eq!(s["tenants"].as_array().unwrap().len(), 2, "the excluded tenant is left out");
+    assert_eq!(s["tenants"][0]["result"][0]["standing"], "pending");
+
+    let o = run(&["plan"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let p = json(&o);
+    assert_eq!(p["tenants"][0]["result"]["migrations"][0]["estimates"][0], 20);
+    let c = client().await;
+    assert!(
+        !c.database(&names[0]).list_collection_names().await.unwrap().iter().any(|n| n.starts_with("_dbshift")),
+        "plan writes nothing"
+    );
+
+    let o = run(&["up"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let u = json(&o);
+    assert_eq!(u["ok"], true);
+    assert_eq!(u["tenants"][1]["result"]["migrations"][1]["documentsAffected"], 20);
+    let doc1 = c.database(&names[1]).collection::<Document>("items").find_one(doc! {"_id": 3}).await.unwrap().unwrap();
+    assert_eq!(doc1, doc! {"_id": 3, "color": "red", "first": "Item", "last": "3 of 1"});
+    let untouched =
+        c.database(&names[2]).collection::<Document>("items").find_one(doc! {"_id": 3}).await.unwrap().unwrap();
+    assert_eq!(untouched, doc! {"_id": 3, "name": "Item 3 of 2"});
+
+    let o = run(&["validate"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["tenants"][0]["result"][0]["passed"], true);
+
+    let o = run(&["down", "--batch"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let restored =
+        c.database(&names[1]).collection::<Document>("items").find_one(doc! {"_id": 3}).await.unwrap().unwrap();
+    assert_eq!(restored, doc! {"_id": 3, "name": "Item 3 of 1"});
+    let o = run(&["status"]);
+    assert_eq!(json(&o)["tenants"][1]["result"][1]["standing"], "pending");
+
+    // Human output names tenants and migrations.
+    let o = cli(&["status", "--dir", d, "--tenant", &names[0]], &[("DBSHIFT_MONGODB_URI", &uri)]);
+    let t = text(&o);
+    assert!(t.contains(&names[0]) && t.contains("pending") && t.contains("20250102000000_split_names"), "{t}");
+}
+
+#[tokio::test]
+async fn malformed_files_exit_2_with_path_and_line_and_touch_nothing() {
+    let names = tenants("cli_bad", 1).await;
+    let dir = migrations(&[
+        ("20250101000000_ok.yaml", ADD),
+        ("20250102000000_bad.yaml", "up:\n  - addField: { collection: items, field: color }\n"),
+        ("notes.yaml", "up: []\n"),
+    ]);
+    let d = dir.path().to_str().unwrap();
+    let o = cli(&["lint", "--dir", d], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    assert!(t.contains("20250102000000_bad.yaml:2:") && t.contains("missing field `value`"), "{t}");
+    assert!(t.contains("notes.yaml: file name must be <version>_<slug>.yaml"), "{t}");
+    let o = cli(&["up", "--dir", d, "--tenant", &names[0]], &[("DBSHIFT_MONGODB_URI", &uri())]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let c = client().await;
+    let colls = c.database(&names[0]).list_collection_names().await.unwrap();
+    assert_eq!(colls, vec!["items".to_string()], "nothing touched");
+}
+
+#[tokio::test]
+async fn new_scaffolds_a_file_that_lints_once_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("migrations");
+    let o = cli(&["new", "add_preferences", "--dir", d.to_str().unwrap(), "--author", "ann"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let files: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert_eq!(files.len(), 1);
+    let schema: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("migration.schema.json")).unwrap()).unwrap();
+    assert_eq!(schema["title"], "dbshift migration", "editors find the schema the scaffold points at");
+    let name = files[0].file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.ends_with("_add_preferences.yaml") && name.len() == "20250101000000_add_preferences.yaml".len(),
+        "{name}"
+    );
+    let o = cli(&["lint", "--dir", d.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2), "an unedited scaffold has no operations: {}", text(&o));
+    assert!(text(&o).contains("`up` must list at least one operation"), "{}", text(&o));
+    let body = std::fs::read_to_string(&files[0])
+        .unwrap()
+        .replace("up: []", "up:\n  - addField: { collection: users, field: prefs, value: {} }");
+    std::fs::write(&files[0], body).unwrap();
+    let o = cli(&["lint", "--dir", d.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli(&["new", "Bad Slug", "--dir", d.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn the_uri_password_never_appears_in_output() {
+    let dir = migrations(&[("20250101000000_add_color.yaml", ADD)]);
+    let d = dir.path().to_str().unwrap();
+    // Unreachable: exit 3 with the host named, the password not.
+    let bad = "mongodb://app:S3cr3tPa55@127.0.0.1:1/shop";
+    let o = cli(&["status", "--dir", d, "--connect-timeout", "1"], &[("DBSHIFT_MONGODB_URI", bad)]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("cannot reach MongoDB at 127.0.0.1:1"), "{t}");
+    assert!(!t.contains("S3cr3tPa55") && !t.contains("app:"), "{t}");
+    // Reachable server, credentials it does not accept: still never printed, in any format.
+    let port = uri().rsplit(':').next().unwrap().to_string();
+    let with_pw = format!("mongodb://app:S3cr3tPa55@127.0.0.1:{port}/shop");
+    for fmt in ["human", "json"] {
+        for cmd in ["status", "up", "validate"] {
+            let o = cli(
+                &[cmd, "--dir", d, "--output", fmt, "--connect-timeout", "2"],
+                &[("DBSHIFT_MONGODB_URI", &with_pw), ("DBSHIFT_LOG", "debug")],
+            );
+            let t = text(&o);
+            assert!(!t.contains("S3cr3tPa55"), "{cmd} {fmt}: {t}");
+        }
+    }
+    // A malformed URI is reported without echoing it.
+    let o = cli(&["status", "--dir", d], &[("DBSHIFT_MONGODB_URI", "mongodb://app:S3cr3tPa55@/?badopt=%%")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(!text(&o).contains("S3cr3tPa55"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn run_writes_a_compact_result_like_a_job() {
+    let names = tenants("cli_run", 1).await;
+    let dir = migrations(&[("20250101000000_add_color.yaml", ADD), ("20250102000000_split_names.yaml", SPLIT)]);
+    let out = tempfile::tempdir().unwrap();
+    let result = out.path().join("termination-log");
+    let env = |extra: &[(&'static str, String)]| -> Vec<(String, String)> {
+        let mut v = vec![
+            ("DBSHIFT_MONGODB_URI".to_string(), uri()),
+            ("DBSHIFT_TENANT".to_string(), names[0].clone()),
+            ("DBSHIFT_DIR".to_string(), dir.path().display().to_string()),
+            ("DBSHIFT_RESULT_FILE".to_string(), result.display().to_string()),
+            ("DBSHIFT_RUN_ID".to_string(), "op-run-1".to_string()),
+        ];
+        v.extend(extra.iter().map(|(k, val)| (k.to_string(), val.clone())));
+        v
+    };
+    let go =
+        |e: Vec<(String, String)>| cli(&["run"], &e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+
+    let o = go(env(&[("DBSHIFT_TARGET", "20250101000000".into())]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(
+        (r["ok"].as_bool(), r["to"].as_str(), r["checks"][0].as_u64(), r["checks"][1].as_u64()),
+        (Some(true), Some("20250101000000"), Some(1), Some(1))
+    );
+    assert_eq!(r["done"][0][0], "20250101000000_add_color");
+    assert_eq!(r["done"][0][2], 20);
+    // Latest, then a target below the current version rolls back.
+    assert_eq!(go(env(&[])).status.code(), Some(0));
+    let o = go(env(&[("DBSHIFT_TARGET", "20250101000000".into())]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(
+        (r["dir"].as_str(), r["from"].as_str(), r["to"].as_str()),
+        (Some("down"), Some("20250102000000"), Some("20250101000000"))
+    );
+    // Roll back everything this run id applied.
+    let o = go(env(&[("DBSHIFT_ROLLBACK_RUN", "op-run-1".into())]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let c = client().await;
+    assert_eq!(
+        c.database(&names[0])
+            .collection::<Document>("items")
+            .count_documents(doc! {"color": {"$exists": true}})
+            .await
+            .unwrap(),
+        0
+    );
+    // A failing run: exit 1, and the reason in the result.
+    std::fs::write(
+        dir.path().join("20250103000000_fail.yaml"),
+        "up:\n  - convertType: { collection: items, field: first, to: int }\n",
+    )
+    .unwrap();
+    let o = go(env(&[]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("cannot be converted to int"), "{r}");
+    let last_line = String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string();
+    assert_eq!(serde_json::from_str::<Value>(&last_line).unwrap(), r, "stdout ends with the same result");
+}
+
+#[tokio::test]
+async fn changed_files_and_held_locks_have_their_own_exit_codes() {
+    let names = tenants("cli_codes", 1).await;
+    let dir = migrations(&[("20250101000000_add_color.yaml", ADD)]);
+    let d = dir.path().to_str().unwrap();
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert!(cli(&["up", "--dir", d, "--tenant", &names[0]], &env).status.success());
+    std::fs::write(dir.path().join("20250101000000_add_color.yaml"), ADD.replace("red", "blue")).unwrap();
+    let o = cli(&["up", "--dir", d, "--tenant", &names[0]], &env);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--allow-changed"), "{}", text(&o));
+    let o = cli(&["status", "--dir", d, "--tenant", &names[0]], &env);
+    assert!(text(&o).contains("changed"), "{}", text(&o));
+    // Someone else holds the lock.
+    let c = client().await;
+    let until = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 600_000);
+    c.database(&names[0])
+        .collection::<Document>("_dbshift_lock")
+        .insert_one(doc! {"_id": "migrations", "owner": "pod-7/1", "run": "r9", "expiresAt": until})
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.path().join("20250102000000_more.yaml"),
+        "up:\n  - addField: { collection: items, field: size, value: 1 }\n",
+    )
+    .unwrap();
+    let o = cli(&["up", "--dir", d, "--tenant", &names[0], "--allow-changed"], &env);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("pod-7/1"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn backup_and_restore_from_the_command_line() {
+    let names = tenants("cli_backup", 2).await;
+    let out = tempfile::tempdir().unwrap();
+    let o_dir = out.path().join("snap");
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tenants_arg = names.join(",");
+    let o = cli(&["backup", "--out", o_dir.to_str().unwrap(), "--tenant", &tenants_arg, "--gzip"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = client().await;
+    let before: Vec<Vec<Document>> = futures::future::join_all(names.iter().map(|n| {
+        let db = c.database(n);
+        async move { dump(&db, "items").await }
+    }))
+    .await;
+    for n in &names {
+        c.database(n).collection::<Document>("items").delete_many(doc! {}).await.unwrap();
+    }
+    let o = cli(&["restore", "--from", o_dir.to_str().unwrap(), "--output", "json"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["tenants"][0]["result"]["collections"][0]["verified"], true);
+    for (n, b) in names.iter().zip(before) {
+        assert_eq!(dump(&c.database(n), "items").await, b);
+    }
+}
