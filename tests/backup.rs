@@ -181,10 +181,43 @@ async fn restore_into_another_database_and_selected_collections() {
     backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
     let copy = fresh_db("bk_copy").await;
     copy.collection::<Document>("keep").insert_one(doc! {"k": 1}).await.unwrap();
-    backup::restore(&copy, out.path(), &RestoreOptions { collections: vec!["users".into()] }, &no_progress)
-        .await
-        .unwrap();
+    backup::restore(
+        &copy,
+        out.path(),
+        &RestoreOptions { collections: vec!["users".into()], ..Default::default() },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(dump_bytes(&copy, "users").await, dump_bytes(&db, "users").await);
     assert_eq!(dump(&copy, "keep").await.len(), 1, "a selective restore leaves other collections alone");
     assert!(!copy.list_collection_names().await.unwrap().contains(&"orders".to_string()));
+}
+
+#[tokio::test]
+async fn restoring_a_pre_migration_snapshot_records_the_migrations_as_rolled_back() {
+    use dbshift::engine::tracking::{self, State};
+    use dbshift::engine::{runner, RunOptions, UpRequest};
+    let db = rich_db("bk_tracking").await;
+    let dir = migrations(&[
+        ("20250101000000_a.yaml", "up:\n  - addField: { collection: users, field: a, value: 1 }\n"),
+        ("20250102000000_b.yaml", "up:\n  - removeField: { collection: users, field: name }\n"),
+    ]);
+    let m = load(dir.path());
+    let opts = RunOptions::new("r1");
+    runner::up(&db, "t", &m[..1], &UpRequest::default(), &opts).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let snap = backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    assert_eq!(snap.applied_migrations, vec!["20250101000000_a".to_string()]);
+    let users = dump_bytes(&db, "users").await;
+    assert!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().ok);
+    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap();
+    assert_eq!(rep.rolled_back, vec!["20250102000000_b".to_string()]);
+    assert_eq!(dump_bytes(&db, "users").await, users);
+    let recs = tracking::load(&db, tracking::TRACKING).await.unwrap();
+    assert_eq!(recs.iter().map(|r| r.state).collect::<Vec<_>>(), [State::Applied, State::RolledBack]);
+    assert!(!db.list_collection_names().await.unwrap().iter().any(|n| n.starts_with("_dbshift_rb_20250102000000")));
+    // The migration can be applied again on the restored data.
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert_eq!((r.ok, r.migrations.len()), (true, 1));
 }

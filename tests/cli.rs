@@ -160,6 +160,16 @@ async fn new_scaffolds_a_file_that_lints_once_filled_in() {
 async fn the_uri_password_never_appears_in_output() {
     let dir = migrations(&[("20250101000000_add_color.yaml", ADD)]);
     let d = dir.path().to_str().unwrap();
+    // The URI can come from a mounted file, as in a Job.
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), format!("{}\n", uri())).unwrap();
+    let o = cli(&["lint", "--dir", d], &[]);
+    assert!(o.status.success());
+    let o = cli(
+        &["status", "--dir", d, "--tenant", "cli_urifile"],
+        &[("DBSHIFT_MONGODB_URI_FILE", f.path().to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", text(&o));
     // Unreachable: exit 3 with the host named, the password not.
     let bad = "mongodb://app:S3cr3tPa55@127.0.0.1:1/shop";
     let o = cli(&["status", "--dir", d, "--connect-timeout", "1"], &[("DBSHIFT_MONGODB_URI", bad)]);

@@ -40,6 +40,15 @@ pub enum BackupError {
     Verify(String),
 }
 
+/// The tracking collection to read: the given name, or the default.
+pub(crate) fn tracking_name(name: &str) -> &str {
+    if name.is_empty() {
+        crate::engine::tracking::TRACKING
+    } else {
+        name
+    }
+}
+
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
     move |source| BackupError::Io { path: path.display().to_string(), source }
 }
@@ -66,6 +75,10 @@ pub struct Manifest {
     pub total_documents: u64,
     pub total_bytes: u64,
     pub duration_ms: u64,
+    /// Migrations applied when the snapshot was taken (from the tracking collection). A restore
+    /// marks migrations applied since then as rolled back, so records match the data.
+    #[serde(default)]
+    pub applied_migrations: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

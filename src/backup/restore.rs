@@ -16,6 +16,8 @@ use crate::engine::tracking::INTERNAL_PREFIX;
 pub struct RestoreOptions {
     /// Only these collections of the snapshot (default: all of them).
     pub collections: Vec<String>,
+    /// Tracking collection (default `_dbshift_migrations`).
+    pub tracking: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +30,9 @@ pub struct RestoreReport {
     pub dropped: Vec<String>,
     pub total_documents: u64,
     pub duration_ms: u64,
+    /// Migrations applied after the snapshot was taken, now recorded as rolled back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rolled_back: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +135,38 @@ fn verify_files(from: &Path, m: &Manifest, wanted: &[&CollectionManifest]) -> Re
         }
     }
     Ok(())
+}
+
+/// After a whole-database restore, migrations applied since the snapshot no longer have any
+/// effect: record them as rolled back (by this restore) and drop their now-stale rollback data.
+async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str) -> Result<Vec<String>, BackupError> {
+    let records = db.collection::<Document>(tracking);
+    let since = doc! {"state": "applied", "_id": {"$nin": &m.applied_migrations}};
+    let ids: Vec<String> = records
+        .distinct("_id", since.clone())
+        .await
+        .map_err(mongo("reading the tracking collection"))?
+        .into_iter()
+        .filter_map(|b| b.as_str().map(str::to_string))
+        .collect();
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    let by = format!("restore of the snapshot taken {}", m.created_at);
+    records
+        .update_many(
+            since,
+            doc! {"$set": {"state": "rolled_back", "rolledBackAt": bson::DateTime::now(), "rolledBackBy": by}},
+        )
+        .await
+        .map_err(mongo("recording the restore in the tracking collection"))?;
+    for id in &ids {
+        let version = id.split('_').next().unwrap_or(id);
+        crate::engine::executor::forget_rollback_data(db, &format!("{version}_"))
+            .await
+            .map_err(|e| BackupError::Invalid(format!("dropping stale rollback data of {id}: {e}")))?;
+    }
+    Ok(ids)
 }
 
 /// Bring `db` back to the snapshot in `from`: every snapshotted collection gets exactly the
@@ -273,7 +310,13 @@ pub async fn restore(
             verified: true,
         });
     }
+    let rolled_back = if m.scope == "all" && opts.collections.is_empty() {
+        reconcile_tracking(db, &m, tracking_name(&opts.tracking)).await?
+    } else {
+        Vec::new()
+    };
     Ok(RestoreReport {
+        rolled_back,
         database: db.name().to_string(),
         snapshot_of: m.database.clone(),
         total_documents: restored.iter().map(|c| c.documents).sum(),

@@ -18,6 +18,8 @@ pub struct SnapshotOptions {
     pub gzip: bool,
     /// The URI's hosts are recorded as the source (never its credentials).
     pub source: String,
+    /// Tracking collection (default `_dbshift_migrations`).
+    pub tracking: String,
 }
 
 /// Progress: (collection, documents done, documents expected).
@@ -159,7 +161,16 @@ pub async fn snapshot(
             indexes: indexes.len(),
         });
     }
+    let applied_migrations: Vec<String> = db
+        .collection::<Document>(tracking_name(&opts.tracking))
+        .distinct("_id", doc! {"state": "applied"})
+        .await
+        .map_err(mongo("reading the tracking collection"))?
+        .into_iter()
+        .filter_map(|b| b.as_str().map(str::to_string))
+        .collect();
     let manifest = Manifest {
+        applied_migrations,
         format: FORMAT.into(),
         database: db.name().to_string(),
         created_at,

@@ -40,6 +40,9 @@ pub struct Global {
     /// MongoDB connection string. Never printed or logged.
     #[arg(long, env = "DBSHIFT_MONGODB_URI", hide_env_values = true, global = true)]
     pub uri: Option<String>,
+    /// A file holding the MongoDB connection string (e.g. a mounted Secret), used when --uri is not given.
+    #[arg(long, env = "DBSHIFT_MONGODB_URI_FILE", global = true)]
+    pub uri_file: Option<PathBuf>,
     /// Directory of migration files.
     #[arg(long, env = "DBSHIFT_DIR", default_value = "migrations", global = true)]
     pub dir: PathBuf,
@@ -221,8 +224,17 @@ impl From<BackupError> for CliError {
 
 /// Entry point of the binary.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging();
+    if let (None, Some(file)) = (&cli.global.uri, &cli.global.uri_file) {
+        match std::fs::read_to_string(file) {
+            Ok(uri) => cli.global.uri = Some(uri.trim().to_string()),
+            Err(e) => {
+                eprintln!("error: cannot read the MongoDB URI from {}: {e}", file.display());
+                return ExitCode::from(Exit::Invalid as u8);
+            }
+        }
+    }
     let redactor = cli.global.uri.as_deref().map(Redactor::for_uri).unwrap_or_default();
     match dispatch(cli).await {
         Ok(code) => ExitCode::from(code as u8),
@@ -250,7 +262,9 @@ pub struct Connection {
 
 /// Connect and check the server answers, with a few attempts for transient outages.
 pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection, CliError> {
-    let uri = uri.ok_or_else(|| CliError::invalid("no MongoDB URI: pass --uri or set DBSHIFT_MONGODB_URI"))?;
+    let uri = uri.ok_or_else(|| {
+        CliError::invalid("no MongoDB URI: pass --uri, or set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE")
+    })?;
     let redactor = Redactor::for_uri(uri);
     let mut options = ClientOptions::parse(uri)
         .await
@@ -454,6 +468,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                     collections: collections.clone(),
                     gzip: *gzip,
                     source: format!("{}/{t}", conn.source),
+                    tracking: g.tracking_collection.clone(),
                 };
                 let target = dir.join(&t);
                 let p = progress.clone();
@@ -470,7 +485,10 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             let results = for_each_tenant(&plan.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(), g.parallel, |t| {
                 let db = conn.client.database(&t);
                 let src = plan.iter().find(|(n, _)| n == &t).map(|(_, p)| p.clone()).expect("planned");
-                let opts = backup::RestoreOptions { collections: collections.clone() };
+                let opts = backup::RestoreOptions {
+                    collections: collections.clone(),
+                    tracking: g.tracking_collection.clone(),
+                };
                 let p = progress.clone();
                 async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }
             })

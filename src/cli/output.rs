@@ -265,6 +265,9 @@ pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &
                 if !rep.dropped.is_empty() {
                     println!("  dropped collections not in the snapshot: {}", rep.dropped.join(", "));
                 }
+                if !rep.rolled_back.is_empty() {
+                    println!("  recorded as rolled back (applied after the snapshot): {}", rep.rolled_back.join(", "));
+                }
             }
             Err(e) => print_error(tenant, e, redactor),
         }
