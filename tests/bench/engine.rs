@@ -1,0 +1,436 @@
+//! Engine benchmark: every figure is a ratio against a baseline measured in the same run, on
+//! the same server and the same data. Run it with `tests/bench/run.sh` (which installs the
+//! baselines and the fast Rust build of the test server), or `cargo bench --bench engine`.
+//!
+//! - declarative operations vs the single equivalent command sent with the raw driver;
+//! - `transform` (split a name in two) vs migrate-mongo's idiomatic cursor + bulkWrite(1000),
+//!   with the peak memory of both processes;
+//! - snapshot vs a raw cursor read, restore vs raw `insert_many`, of the same collections.
+//!
+//! Sizes: DBSHIFT_BENCH_DOCS (default 100000) and DBSHIFT_BENCH_TRANSFORM_DOCS (200000).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::{doc, Document, RawDocumentBuf};
+use dbshift::engine::{load_dir, runner, RunOptions, UpRequest};
+use futures::TryStreamExt;
+use mongodb::{Client, Database};
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server() -> (Server, String, String) {
+    let (bin, kind) = match std::env::var("SECANTUSD_RS") {
+        Ok(p) if Path::new(&p).exists() => (p, "SecantusDB (Rust build)"),
+        _ => {
+            let home = std::env::var("HOME").unwrap_or_default();
+            (
+                format!("{home}/.cache/dbshift/secantus-0.7.0b3/bin/secantusd-py"),
+                "SecantusDB (Python build; absolute times are slow, ratios still hold)",
+            )
+        }
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(&bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", ":memory:"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (Server(child), format!("mongodb://127.0.0.1:{port}"), kind.to_string())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn seed(db: &Database, coll: &str, n: usize) {
+    let c = db.collection::<Document>(coll);
+    c.drop().await.unwrap();
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<Document> = (i..(i + 10_000).min(n))
+            .map(|j| {
+                doc! {"_id": j as i64, "name": format!("First{j} Last{j}"), "age": format!("{}", j % 90), "email": format!("user{j}@example.com"),
+                "plan": if j % 3 == 0 { "pro" } else { "free" }, "visits": (j % 1000) as i32, "tags": ["a", "b"]}
+            })
+            .collect();
+        c.insert_many(batch).await.unwrap();
+        i += 10_000;
+    }
+}
+
+/// Copy a collection server-side into another database (fresh data for each measurement).
+async fn copy(client: &Client, from: (&str, &str), to: (&str, &str)) {
+    client.database(to.0).drop().await.unwrap();
+    client
+        .database(from.0)
+        .collection::<Document>(from.1)
+        .aggregate(vec![doc! {"$out": {"db": to.0, "coll": to.1}}])
+        .await
+        .unwrap();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: String,
+    baseline: String,
+    base_s: f64,
+    ours_s: f64,
+    target: String,
+    pass: bool,
+    note: String,
+}
+
+async fn declarative(client: &Client, n: usize, rows: &mut Vec<Row>) {
+    seed(&client.database("bench_seed"), "people", n).await;
+    let cases: Vec<(&str, &str, Box<dyn Fn(&Database) -> futures::future::BoxFuture<'static, ()>>)> = vec![
+        (
+            "addField",
+            "addField: { collection: people, field: status, value: active }",
+            Box::new(|db: &Database| {
+                let c = db.collection::<Document>("people");
+                Box::pin(async move {
+                    c.update_many(doc! {"status": {"$exists": false}}, doc! {"$set": {"status": "active"}})
+                        .await
+                        .unwrap();
+                })
+            }),
+        ),
+        (
+            "removeField",
+            "removeField: { collection: people, field: email }",
+            Box::new(|db: &Database| {
+                let c = db.collection::<Document>("people");
+                Box::pin(async move {
+                    c.update_many(doc! {"email": {"$exists": true}}, doc! {"$unset": {"email": ""}}).await.unwrap();
+                })
+            }),
+        ),
+        (
+            "renameField",
+            "renameField: { collection: people, from: email, to: contact }",
+            Box::new(|db: &Database| {
+                let c = db.collection::<Document>("people");
+                Box::pin(async move {
+                    c.update_many(doc! {"email": {"$exists": true}}, doc! {"$rename": {"email": "contact"}})
+                        .await
+                        .unwrap();
+                })
+            }),
+        ),
+        (
+            "convertType",
+            "convertType: { collection: people, field: age, from: string, to: int }",
+            Box::new(|db: &Database| {
+                let c = db.collection::<Document>("people");
+                Box::pin(async move {
+                    c.update_many(
+                        doc! {"age": {"$type": "string"}},
+                        vec![doc! {"$set": {"age": {"$convert": {"input": "$age", "to": "int", "onError": "$age"}}}}],
+                    )
+                    .await
+                    .unwrap();
+                })
+            }),
+        ),
+        (
+            "updateMany",
+            "updateMany: { collection: people, filter: { plan: pro }, update: { $inc: { visits: 1 } } }",
+            Box::new(|db: &Database| {
+                let c = db.collection::<Document>("people");
+                Box::pin(async move {
+                    c.update_many(doc! {"plan": "pro"}, doc! {"$inc": {"visits": 1}}).await.unwrap();
+                })
+            }),
+        ),
+    ];
+    for (name, op, raw) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("20250101000000_bench.yaml"), format!("up:\n  - {op}\n")).unwrap();
+        let migrations = load_dir(dir.path()).unwrap();
+        let (mut base, mut ours) = (Vec::new(), Vec::new());
+        for rep in 0..3 {
+            copy(client, ("bench_seed", "people"), ("bench_raw", "people")).await;
+            let db = client.database("bench_raw");
+            let t = Instant::now();
+            raw(&db).await;
+            base.push(t.elapsed().as_secs_f64());
+            copy(client, ("bench_seed", "people"), ("bench_dbshift", "people")).await;
+            let db = client.database("bench_dbshift");
+            let t = Instant::now();
+            let r =
+                runner::up(&db, "bench", &migrations, &UpRequest::default(), &RunOptions::new(format!("bench-{rep}")))
+                    .await
+                    .unwrap();
+            ours.push(t.elapsed().as_secs_f64());
+            assert!(r.ok, "{name}: {:?}", r.error);
+        }
+        let (b, o) = (median(base), median(ours));
+        rows.push(Row {
+            name: format!("{name} ({n} docs)"),
+            baseline: "raw driver, one command".into(),
+            base_s: b,
+            ours_s: o,
+            target: "<= 1.05x".into(),
+            pass: o / b <= 1.05,
+            note: "dbshift includes lock, tracking record and rollback data".into(),
+        });
+    }
+}
+
+/// Wall time and peak RSS (KiB) of a command, via GNU time.
+fn timed(cmd: &mut Command) -> (f64, u64) {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let mut full = Command::new("/usr/bin/time");
+    full.arg("-f").arg("%e %M").arg("-o").arg(out_file.path()).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            full.env(k, v);
+        }
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        full.current_dir(d);
+    }
+    let t = Instant::now();
+    let o = full.output().unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    assert!(
+        o.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(out_file.path()).unwrap();
+    let rss = text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (wall, rss)
+}
+
+async fn transform(client: &Client, uri: &str, n: usize, rows: &mut Vec<Row>) {
+    let Ok(mm) = std::env::var("MIGRATE_MONGO") else {
+        println!("transform: skipped (MIGRATE_MONGO not set; tests/bench/run.sh sets it)");
+        return;
+    };
+    seed(&client.database("bench_t_seed"), "people", n).await;
+    // migrate-mongo, idiomatic: a cursor and bulkWrite batches of 1,000.
+    let mm_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(mm_dir.path().join("migrations")).unwrap();
+    std::fs::write(
+        mm_dir.path().join("migrate-mongo-config.js"),
+        format!(
+            "module.exports = {{ mongodb: {{ url: '{uri}', databaseName: 'bench_t_mm', options: {{}} }}, migrationsDir: 'migrations', \
+             changelogCollectionName: 'changelog', migrationFileExtension: '.js', useFileHash: false, moduleSystem: 'commonjs' }};"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        mm_dir.path().join("migrations/20250101000000-split.js"),
+        r#"module.exports = {
+  async up(db) {
+    const people = db.collection('people');
+    let ops = [];
+    for await (const doc of people.find({ name: { $type: 'string' } })) {
+      const [first, ...rest] = doc.name.split(' ');
+      ops.push({ updateOne: { filter: { _id: doc._id }, update: { $set: { firstName: first, lastName: rest.join(' ') }, $unset: { name: '' } } } });
+      if (ops.length === 1000) { await people.bulkWrite(ops, { ordered: false }); ops = []; }
+    }
+    if (ops.length) await people.bulkWrite(ops, { ordered: false });
+  },
+  async down() {}
+};
+"#,
+    )
+    .unwrap();
+    let ours_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ours_dir.path().join("20250101000000_split.yaml"),
+        "up:\n  - transform:\n      collection: people\n      filter: { name: { $type: string } }\n      script: \"(doc) => { const [first, ...rest] = doc.name.split(' '); doc.firstName = first; doc.lastName = rest.join(' '); delete doc.name; return doc; }\"\n",
+    )
+    .unwrap();
+    let (mut base, mut ours, mut base_rss, mut ours_rss) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..2 {
+        copy(client, ("bench_t_seed", "people"), ("bench_t_mm", "people")).await;
+        let (w, rss) = timed(Command::new(&mm).arg("up").current_dir(mm_dir.path()));
+        base.push(w);
+        base_rss = base_rss.max(rss);
+        copy(client, ("bench_t_seed", "people"), ("bench_t_dbshift", "people")).await;
+        let (w, rss) = timed(
+            Command::new(env!("CARGO_BIN_EXE_dbshift"))
+                .args(["up", "--tenant", "bench_t_dbshift", "--dir"])
+                .arg(ours_dir.path())
+                .env("DBSHIFT_MONGODB_URI", uri),
+        );
+        ours.push(w);
+        ours_rss = ours_rss.max(rss);
+    }
+    // Both did the same thing.
+    let a = client
+        .database("bench_t_mm")
+        .collection::<Document>("people")
+        .find_one(doc! {"_id": (n / 2) as i64})
+        .await
+        .unwrap()
+        .unwrap();
+    let b = client
+        .database("bench_t_dbshift")
+        .collection::<Document>("people")
+        .find_one(doc! {"_id": (n / 2) as i64})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a, b, "migrate-mongo and dbshift disagree");
+    let (b, o) = (median(base), median(ours));
+    rows.push(Row {
+        name: format!("transform ({n} docs)"),
+        baseline: "migrate-mongo, cursor + bulkWrite(1000)".into(),
+        base_s: b,
+        ours_s: o,
+        target: "<= 0.5x".into(),
+        pass: o / b <= 0.5,
+        note: format!("peak RSS: dbshift {} MiB, migrate-mongo {} MiB", ours_rss / 1024, base_rss / 1024),
+    });
+    rows.push(Row {
+        name: "transform peak memory".into(),
+        baseline: "64 MiB".into(),
+        base_s: 64.0,
+        ours_s: ours_rss as f64 / 1024.0,
+        target: "<= 1.0x".into(),
+        pass: ours_rss <= 64 * 1024,
+        note: "MiB, whole dbshift process".into(),
+    });
+}
+
+async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
+    seed(&client.database("bench_s"), "people", n).await;
+    seed(&client.database("bench_s"), "orders", n / 2).await;
+    let db = client.database("bench_s");
+    let (mut base, mut ours) = (Vec::new(), Vec::new());
+    let mut all: Vec<(String, Vec<RawDocumentBuf>)> = Vec::new();
+    for rep in 0..3 {
+        let t = Instant::now();
+        let mut docs = Vec::new();
+        for c in ["orders", "people"] {
+            let v: Vec<RawDocumentBuf> = db
+                .collection::<RawDocumentBuf>(c)
+                .find(doc! {})
+                .batch_size(2000)
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            docs.push((c.to_string(), v));
+        }
+        base.push(t.elapsed().as_secs_f64());
+        if rep == 0 {
+            all = docs;
+        }
+        let out = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        dbshift::backup::snapshot(&db, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (b, o) = (median(base), median(ours));
+    rows.push(Row {
+        name: format!("snapshot ({} docs)", n + n / 2),
+        baseline: "raw cursor read".into(),
+        base_s: b,
+        ours_s: o,
+        target: "<= 1.11x (>= 0.9x speed)".into(),
+        pass: o / b <= 1.0 / 0.9,
+        note: "dbshift also writes the files and hashes every document".into(),
+    });
+    let out = tempfile::tempdir().unwrap();
+    dbshift::backup::snapshot(&db, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+    let (mut base, mut ours) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let target = client.database("bench_r_raw");
+        target.drop().await.unwrap();
+        let t = Instant::now();
+        for (c, docs) in &all {
+            for chunk in docs.chunks(1000) {
+                target.collection::<RawDocumentBuf>(c).insert_many(chunk.to_vec()).ordered(false).await.unwrap();
+            }
+        }
+        base.push(t.elapsed().as_secs_f64());
+        let target = client.database("bench_r_dbshift");
+        target.drop().await.unwrap();
+        let t = Instant::now();
+        dbshift::backup::restore(&target, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+        ours.push(t.elapsed().as_secs_f64());
+    }
+    let (b, o) = (median(base), median(ours));
+    rows.push(Row {
+        name: format!("restore ({} docs)", n + n / 2),
+        baseline: "raw insert_many(1000), from memory".into(),
+        base_s: b,
+        ours_s: o,
+        target: "<= 1.11x (>= 0.9x speed)".into(),
+        pass: o / b <= 1.0 / 0.9,
+        note: "dbshift also checks the files first and reads everything back to verify".into(),
+    });
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("engine benchmark: not run under `cargo test` (use tests/bench/run.sh)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (_server, uri, kind) = start_server();
+        let client = Client::with_uri_str(&uri).await.unwrap();
+        let n = env_usize("DBSHIFT_BENCH_DOCS", 100_000);
+        let nt = env_usize("DBSHIFT_BENCH_TRANSFORM_DOCS", 200_000);
+        println!("server: {kind}");
+        let mut rows = Vec::new();
+        let only = std::env::var("DBSHIFT_BENCH_ONLY").unwrap_or_default();
+        if only.is_empty() || only.contains("declarative") {
+            declarative(&client, n, &mut rows).await;
+        }
+        if only.is_empty() || only.contains("transform") {
+            transform(&client, &uri, nt, &mut rows).await;
+        }
+        if only.is_empty() || only.contains("snapshot") {
+            snapshots(&client, n, &mut rows).await;
+        }
+        println!("\n{:<32} {:<40} {:>10} {:>10} {:>8}  {:<24} {}", "case", "baseline", "baseline", "dbshift", "ratio", "target", "");
+        for r in &rows {
+            println!(
+                "{:<32} {:<40} {:>10.3} {:>10.3} {:>7.2}x  {:<24} {}  {}",
+                r.name,
+                r.baseline,
+                r.base_s,
+                r.ours_s,
+                r.ours_s / r.base_s,
+                r.target,
+                if r.pass { "met" } else { "MISSED" },
+                r.note
+            );
+        }
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!({"case": r.name, "baseline": r.baseline, "baselineSeconds": r.base_s, "dbshiftSeconds": r.ours_s, "ratio": r.ours_s / r.base_s, "target": r.target, "met": r.pass}))
+            .collect();
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-engine.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&serde_json::json!({"server": kind, "results": json})).unwrap()).unwrap();
+        println!("\nwritten to {}", path.display());
+    });
+}
