@@ -48,14 +48,14 @@ pub async fn snapshot(
     }
     let dir = out.join(db.name());
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // The whole cursor: a database may hold more collections than one batch returns.
     let listing: Vec<Document> = db
-        .run_command(doc! {"listCollections": 1, "filter": {"type": "collection"}})
+        .run_cursor_command(doc! {"listCollections": 1, "filter": {"type": "collection"}})
         .await
         .map_err(mongo("listing collections"))?
-        .get_document("cursor")
-        .and_then(|c| c.get_array("firstBatch"))
-        .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
-        .unwrap_or_default();
+        .try_collect()
+        .await
+        .map_err(mongo("listing collections"))?;
     let mut infos: Vec<Document> = listing
         .into_iter()
         .filter(|c| {

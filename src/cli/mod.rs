@@ -322,6 +322,14 @@ fn load(dir: &Path) -> Result<Vec<Migration>, CliError> {
     Ok(loader::load_dir(dir)?)
 }
 
+/// Files first (bad files change nothing and need no server), then the connection and tenants.
+async fn start(g: &Global) -> Result<(Vec<Migration>, Connection, Vec<String>), CliError> {
+    let migrations = load(&g.dir)?;
+    let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
+    let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
+    Ok((migrations, conn, tenants))
+}
+
 fn run_options(g: &Global, observer: Arc<dyn engine::runner::Observer>) -> Result<RunOptions, CliError> {
     if !g.tracking_collection.starts_with(engine::tracking::INTERNAL_PREFIX) {
         return Err(CliError::invalid(format!(
@@ -390,9 +398,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         Command::Status => {
-            let migrations = load(&g.dir)?;
-            let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
+            let (migrations, conn, tenants) = start(g).await?;
             let opts = run_options(g, Arc::new(engine::runner::Quiet))?;
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let (db, m, o) = (conn.client.database(&t), &migrations, &opts);
@@ -404,9 +410,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         }
         Command::Plan(a) | Command::Up(a) => {
             let dry = a.dry_run || matches!(cli.command, Command::Plan(_));
-            let migrations = load(&g.dir)?;
-            let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
+            let (migrations, conn, tenants) = start(g).await?;
             let observer = output::observer(out, tenants.len());
             let mut opts = run_options(g, observer)?;
             opts.dry_run = dry;
@@ -421,9 +425,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             Ok(worst(&results, report_exit))
         }
         Command::Down(a) => {
-            let migrations = load(&g.dir)?;
-            let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
+            let (migrations, conn, tenants) = start(g).await?;
             let mut opts = run_options(g, output::observer(out, tenants.len()))?;
             opts.dry_run = a.dry_run;
             let req = if let Some(t) = &a.to {
@@ -446,9 +448,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             Ok(worst(&results, report_exit))
         }
         Command::Validate => {
-            let migrations = load(&g.dir)?;
-            let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
-            let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
+            let (migrations, conn, tenants) = start(g).await?;
             let opts = run_options(g, Arc::new(engine::runner::Quiet))?;
             let results = for_each_tenant(&tenants, g.parallel, |t| {
                 let (db, m, o) = (conn.client.database(&t), &migrations, &opts);

@@ -122,6 +122,28 @@ fn version_of(id: &str) -> &str {
     id.split('_').next().unwrap_or(id)
 }
 
+impl TenantReport {
+    /// A report of a run that changed nothing (a plan, or nothing to do).
+    fn unchanged(
+        tenant: &str,
+        direction: Direction,
+        dry_run: bool,
+        version: Option<String>,
+        migrations: Vec<Outcome>,
+    ) -> Self {
+        TenantReport {
+            tenant: tenant.into(),
+            ok: true,
+            direction,
+            dry_run,
+            from_version: version.clone(),
+            to_version: version,
+            migrations,
+            error: None,
+        }
+    }
+}
+
 fn current_version(records: &[Record]) -> Option<String> {
     records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
 }
@@ -160,31 +182,18 @@ pub async fn up(
             }
             outs.push(planned_outcome(m.id(), Direction::Up, &m.file.up, estimates));
         }
-        return Ok(TenantReport {
-            tenant: tenant.into(),
-            ok: true,
-            direction: Direction::Up,
-            dry_run: true,
-            from_version: from_version.clone(),
-            to_version: from_version,
-            migrations: outs,
-            error: None,
-        });
+        return Ok(TenantReport::unchanged(tenant, Direction::Up, true, from_version, outs));
     }
     if planned.is_empty() {
-        return Ok(TenantReport {
-            tenant: tenant.into(),
-            ok: true,
-            direction: Direction::Up,
-            dry_run: false,
-            from_version: from_version.clone(),
-            to_version: from_version,
-            migrations: vec![],
-            error: None,
-        });
+        return Ok(TenantReport::unchanged(tenant, Direction::Up, false, from_version, vec![]));
     }
     let lease = Lease::acquire(db, &opts.owner, &opts.run_id, opts.lock_ttl).await?;
     let result = up_locked(db, tenant, migrations, req, opts, &lease).await;
+    release(lease, result).await
+}
+
+/// Release the lock, then report: the run's own error first, a failed release second.
+async fn release(lease: Lease, result: Result<TenantReport, RunError>) -> Result<TenantReport, RunError> {
     let released = lease.release().await;
     let report = result?;
     released.map_err(mongo("releasing the lock"))?;
@@ -515,23 +524,11 @@ pub async fn down(
             .iter()
             .map(|r| planned_outcome(r.id.clone(), Direction::Down, &r.down_ops().unwrap_or_default(), vec![]))
             .collect();
-        return Ok(TenantReport {
-            tenant: tenant.into(),
-            ok: true,
-            direction: Direction::Down,
-            dry_run: opts.dry_run,
-            from_version: from_version.clone(),
-            to_version: from_version,
-            migrations: outs,
-            error: None,
-        });
+        return Ok(TenantReport::unchanged(tenant, Direction::Down, opts.dry_run, from_version, outs));
     }
     let lease = Lease::acquire(db, &opts.owner, &opts.run_id, opts.lock_ttl).await?;
     let result = down_locked(db, tenant, migrations, req, opts, &lease).await;
-    let released = lease.release().await;
-    let report = result?;
-    released.map_err(mongo("releasing the lock"))?;
-    Ok(report)
+    release(lease, result).await
 }
 
 async fn down_locked(
