@@ -13,8 +13,9 @@ use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 
 use super::bsonx::{self, and, filter_doc, top_field};
+use super::rollback;
 use super::model::*;
-use super::tracking::{DROPPED_PREFIX, ROLLBACK_PREFIX, STAGING_PREFIX};
+use super::tracking::DROPPED_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -68,18 +69,6 @@ async fn collection_exists(db: &Database, name: &str) -> Result<bool, ExecError>
     Ok(!names.is_empty())
 }
 
-/// The collection that holds the pre-images of one step (`key` is `<version>_<step>`).
-pub fn rollback_collection(key: &str) -> String {
-    format!("{ROLLBACK_PREFIX}{}", sanitize(key))
-}
-
-fn sanitize(key: &str) -> String {
-    key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
-}
-
-/// Store pre-images of the documents matching `query` under `key`: whole documents, or only
-/// the given top-level fields. Runs server-side (`$out` into a collection of the step's own),
-/// so nothing crosses the network and the cost stays linear on every server.
 async fn capture(
     db: &Database,
     coll: &str,
@@ -87,59 +76,7 @@ async fn capture(
     fields: Option<&[String]>,
     key: &str,
 ) -> Result<(), ExecError> {
-    let mut pipeline = vec![doc! {"$match": query}];
-    if let Some(fields) = fields {
-        let mut p = doc! {"_id": 1};
-        for f in fields {
-            p.insert(f.clone(), 1);
-        }
-        pipeline.push(doc! {"$project": p});
-    }
-    pipeline.push(doc! {"$out": rollback_collection(key)});
-    db.collection::<Document>(coll)
-        .aggregate(pipeline)
-        .await
-        .map_err(mongo(format!("storing rollback data of {coll}")))?;
-    Ok(())
-}
-
-/// Put pre-images stored under `key` back into `coll`.
-pub async fn restore_preimages(db: &Database, r: &RestorePreimages) -> Result<u64, ExecError> {
-    let stored = db.collection::<Document>(&rollback_collection(&r.key));
-    let n = stored.estimated_document_count().await.map_err(mongo("counting rollback data"))?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let merge = match r.mode {
-        RestoreMode::Replace => {
-            doc! {"into": &r.collection, "on": "_id", "whenMatched": "replace", "whenNotMatched": "insert"}
-        }
-        RestoreMode::Fields => {
-            let mut when = Vec::new();
-            if !r.unset.is_empty() {
-                when.push(doc! {"$unset": r.unset.clone()});
-            }
-            when.push(doc! {"$replaceWith": {"$mergeObjects": ["$$ROOT", "$$new"]}});
-            doc! {"into": &r.collection, "on": "_id", "whenMatched": when, "whenNotMatched": "discard"}
-        }
-    };
-    stored
-        .aggregate(vec![doc! {"$merge": merge}])
-        .await
-        .map_err(mongo(format!("restoring rollback data into {}", r.collection)))?;
-    Ok(n)
-}
-
-/// Drop the rollback data of steps whose keys start with `prefix` (e.g. `<version>_` for a
-/// whole migration, `<version>_d` for the steps of its rollback).
-pub async fn forget_rollback_data(db: &Database, prefix: &str) -> Result<(), ExecError> {
-    let start = rollback_collection(prefix);
-    for name in db.list_collection_names().await.map_err(mongo("listing rollback data"))? {
-        if name.starts_with(&start) {
-            db.collection::<Document>(&name).drop().await.map_err(mongo(format!("dropping {name}")))?;
-        }
-    }
-    Ok(())
+    rollback::capture(db, coll, query, fields, key).await.map(|_| ())
 }
 
 async fn index_specs(db: &Database, coll: &str) -> Result<Vec<Document>, ExecError> {
@@ -549,7 +486,7 @@ pub async fn execute(
             db.run_command(cmd).await.map_err(mongo(format!("running command {name}")))?;
             Ok(0)
         }
-        Operation::RestorePreimages(r) => restore_preimages(db, r).await,
+        Operation::RestorePreimages(r) => rollback::restore(db, r).await,
     }
 }
 
@@ -572,34 +509,14 @@ async fn rename_collection(db: &Database, from: &str, to: &str) -> Result<(), Ex
     Ok(())
 }
 
-/// `transform`: read in batches, run the script on a thread of its own, and write back cheaply.
+/// `transform`: read in batches, run the script on a thread of its own, write back cheaply.
 ///
-/// Changed documents are not updated one by one (each single-document update costs the server
-/// far more than an insert). Their pre-images go to `_dbshift_rollback` and the new versions
-/// to a staging collection, both with bulk inserts; one server-side `$merge` then replaces the
-/// originals. Reading, JavaScript and writing overlap, with at most two batches in flight each.
+/// Only changed documents are written. Their pre-images go to the step's rollback data
+/// (packed chunks), then the new versions replace them a batch at a time (see
+/// [`rollback::replace_documents`]: one transaction per batch where the server has them,
+/// which costs a server far less than one update per document). Reading, JavaScript and
+/// writing overlap, with at most two batches in flight between each stage.
 async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option<Progress>) -> Result<u64, ExecError> {
-    let staging_name = format!(
-        "{STAGING_PREFIX}{}",
-        key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>()
-    );
-    let staging = db.collection::<Document>(&staging_name);
-    staging.drop().await.map_err(mongo("clearing the transform staging collection"))?;
-    let result = transform_through(db, o, key, &staging, progress).await;
-    // The staging collection goes whether the transform worked or not.
-    let dropped = staging.drop().await.map_err(mongo("dropping the transform staging collection"));
-    let changed = result?;
-    dropped?;
-    Ok(changed)
-}
-
-async fn transform_through(
-    db: &Database,
-    o: &Transform,
-    key: &str,
-    staging: &Collection<Document>,
-    progress: Option<Progress>,
-) -> Result<u64, ExecError> {
     let source = db.collection::<Document>(&o.collection);
     let filter = filter_doc(o.filter.as_ref()).map_err(data_err)?;
     let batch_size = o.batch_size.unwrap_or(1000).max(1) as usize;
@@ -608,6 +525,7 @@ async fn transform_through(
     } else {
         source.count_documents(filter.clone()).await.ok()
     };
+    let txn = super::runner::supports_transactions(db).await;
 
     let (to_js, mut js_in) = tokio::sync::mpsc::channel::<Vec<Document>>(2);
     let (js_out, mut from_js) = tokio::sync::mpsc::channel::<Result<(Vec<Document>, Vec<Document>), String>>(2);
@@ -624,8 +542,7 @@ async fn transform_through(
             };
             while let Some(docs) = js_in.blocking_recv() {
                 let r = t.run_batch(&docs).map(|outs| {
-                    let mut pre = Vec::new();
-                    let mut new = Vec::new();
+                    let (mut pre, mut new) = (Vec::new(), Vec::new());
                     for (old, out) in docs.into_iter().zip(outs) {
                         if let Some(n) = out {
                             new.push(n);
@@ -642,34 +559,24 @@ async fn transform_through(
         })
         .map_err(|e| ExecError::Data(format!("cannot start the transform thread: {e}")))?;
 
-    let rollback = db.collection::<Document>(&rollback_collection(key));
-    rollback.drop().await.map_err(mongo("clearing old rollback data"))?;
-    let staging_w = staging.clone();
+    let mut store = rollback::Writer::create(db, key).await?;
+    let (db_w, target) = (db.clone(), source.clone());
     let writer = tokio::spawn(async move {
         let mut changed = 0u64;
-        let opts = mongodb::options::InsertManyOptions::builder().ordered(false).build();
         while let Some(batch) = from_js.recv().await {
             let (pre, new) = batch.map_err(ExecError::Data)?;
-            if new.is_empty() {
-                continue;
-            }
             changed += new.len() as u64;
-            let (a, b) = tokio::join!(
-                rollback.insert_many(pre).with_options(opts.clone()),
-                staging_w.insert_many(new).with_options(opts.clone())
-            );
-            a.map_err(mongo("storing pre-images of transformed documents"))?;
-            b.map_err(mongo("staging transformed documents"))?;
+            // Pre-images are stored before their documents change.
+            store.push_all(pre).await?;
+            store.flush().await?;
+            rollback::replace_documents(&db_w, &target, new, txn, false).await?;
         }
         Ok::<u64, ExecError>(changed)
     });
 
     let read = async {
-        let mut cursor = source
-            .find(filter)
-            .batch_size(batch_size as u32)
-            .await
-            .map_err(mongo(format!("reading {}", o.collection)))?;
+        let mut cursor =
+            source.find(filter).batch_size(batch_size as u32).await.map_err(mongo(format!("reading {}", o.collection)))?;
         let mut batch = Vec::with_capacity(batch_size);
         let mut done = 0u64;
         while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {}", o.collection)))? {
@@ -698,14 +605,7 @@ async fn transform_through(
     let written = writer.await.map_err(|e| ExecError::Data(format!("transform writer stopped: {e}")))?;
     let _ = js.join();
     read_result?;
-    let changed = written?;
-    if changed > 0 {
-        staging
-            .aggregate(vec![doc! {"$merge": {"into": &o.collection, "on": "_id", "whenMatched": "replace", "whenNotMatched": "discard"}}])
-            .await
-            .map_err(mongo(format!("merging transformed documents into {}", o.collection)))?;
-    }
-    Ok(changed)
+    written
 }
 
 /// How many documents an operation would touch (for plans), when that can be known cheaply.

@@ -6,6 +6,7 @@ pub mod loader;
 pub mod lock;
 pub mod model;
 pub mod plan;
+pub mod rollback;
 pub mod runner;
 pub mod tracking;
 pub mod transform;

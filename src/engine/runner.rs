@@ -8,6 +8,7 @@ use mongodb::Database;
 use serde::Serialize;
 
 use super::executor::{self, ExecError, Prepared};
+use super::rollback;
 use super::loader::Migration;
 use super::lock::{Lease, LockError};
 use super::model::Operation;
@@ -368,7 +369,7 @@ async fn apply(
     let id = m.id();
     let started = Instant::now();
     let applied_at = DateTime::now();
-    executor::forget_rollback_data(db, &format!("{}_", m.version)).await?;
+    rollback::forget(db, &format!("{}_", m.version)).await?;
     let mut steps = if m.file.transaction && txn_supported {
         run_in_transaction(db, &id, &m.file.up, opts).await?
     } else {
@@ -406,7 +407,7 @@ async fn apply(
         run_id: opts.run_id.clone(),
         host: opts.host(),
         steps: steps.records.clone(),
-        rollback_data: Some(format!("{}*", executor::rollback_collection(&format!("{}_", m.version)))),
+        rollback_data: Some(format!("{}*", rollback::collection_name(&format!("{}_", m.version)))),
         down: None,
         irreversible: None,
         error: None,
@@ -421,7 +422,7 @@ async fn apply(
             format!("{err}; UNDO INCOMPLETE, the database may be partly migrated: {}", problems.join("; "))
         };
         if problems.is_empty() {
-            executor::forget_rollback_data(db, &format!("{}_", m.version)).await?;
+            rollback::forget(db, &format!("{}_", m.version)).await?;
             record.rollback_data = None;
         }
         record.state = State::Failed;
@@ -548,8 +549,8 @@ async fn down_locked(
         opts.observer.migration_started(tenant, &r.id, Direction::Down);
         let started = Instant::now();
         let ops = r.down_ops().map_err(PlanError::Irreversible)?;
-        executor::forget_rollback_data(db, &format!("{}_d", r.version)).await?;
-        executor::forget_rollback_data(db, &format!("{}_x", r.version)).await?;
+        rollback::forget(db, &format!("{}_d", r.version)).await?;
+        rollback::forget(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
         let out = if let Some(err) = steps.error {
             let problems = undo(db, &r.id, &steps.done).await;
@@ -578,7 +579,7 @@ async fn down_locked(
             tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
                 .await
                 .map_err(mongo("recording the rollback"))?;
-            executor::forget_rollback_data(db, &format!("{}_", r.version)).await?;
+            rollback::forget(db, &format!("{}_", r.version)).await?;
             Outcome {
                 id: r.id.clone(),
                 direction: Direction::Down,

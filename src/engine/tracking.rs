@@ -18,8 +18,6 @@ pub const ROLLBACK_PREFIX: &str = "_dbshift_rb_";
 pub const LOCK: &str = "_dbshift_lock";
 /// Prefix of collections moved aside by `dropCollection`.
 pub const DROPPED_PREFIX: &str = "_dbshift_dropped_";
-/// Prefix of the staging collections of `transform`.
-pub const STAGING_PREFIX: &str = "_dbshift_staging_";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -18,7 +18,8 @@ use dbshift::engine::{load_dir, runner, RunOptions, UpRequest};
 use futures::TryStreamExt;
 use mongodb::{Client, Database};
 
-struct Server(Child);
+/// The server process, and the data directory it must outlive.
+struct Server(Child, #[allow(dead_code)] Option<tempfile::TempDir>);
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -38,8 +39,11 @@ fn start_server() -> (Server, String, String) {
         }
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // The Rust build stores data with WiredTiger in a directory (it has no in-memory mode).
+    let data = bin.ends_with("-rs").then(|| tempfile::tempdir().unwrap());
+    let storage = data.as_ref().map(|d| d.path().display().to_string()).unwrap_or_else(|| ":memory:".into());
     let child = Command::new(&bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", ":memory:"])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", &storage, "--log-level", "WARNING"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -49,7 +53,7 @@ fn start_server() -> (Server, String, String) {
         assert!(Instant::now() < deadline, "server did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (Server(child), format!("mongodb://127.0.0.1:{port}"), kind.to_string())
+    (Server(child, data), format!("mongodb://127.0.0.1:{port}"), kind.to_string())
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
