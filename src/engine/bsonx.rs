@@ -75,14 +75,7 @@ pub fn to_js_json(b: &Bson) -> Json {
 /// did not change their original BSON type back (`Int32(5)` stays `Int32`, `Double(1.0)` stays double).
 pub fn restore_number_types(new: Bson, old: Option<&Bson>) -> Bson {
     match (new, old) {
-        (Bson::Document(nd), Some(Bson::Document(od))) => Bson::Document(
-            nd.into_iter()
-                .map(|(k, v)| {
-                    let o = od.get(&k);
-                    (k, restore_number_types(v, o))
-                })
-                .collect(),
-        ),
+        (Bson::Document(nd), Some(Bson::Document(od))) => Bson::Document(restore_document_types(nd, od)),
         (Bson::Array(na), Some(Bson::Array(oa))) => {
             Bson::Array(na.into_iter().enumerate().map(|(i, v)| restore_number_types(v, oa.get(i))).collect())
         }
@@ -92,6 +85,16 @@ pub fn restore_number_types(new: Bson, old: Option<&Bson>) -> Bson {
         },
         (n, None) => n,
     }
+}
+
+/// [`restore_number_types`] for a whole document, without copying the original.
+pub fn restore_document_types(new: Document, old: &Document) -> Document {
+    new.into_iter()
+        .map(|(k, v)| {
+            let o = old.get(&k);
+            (k, restore_number_types(v, o))
+        })
+        .collect()
 }
 
 fn as_f64(b: &Bson) -> Option<f64> {

@@ -7,14 +7,15 @@
 //! written before anything changed.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, Document};
 use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 
 use super::bsonx::{self, and, filter_doc, top_field};
-use super::rollback;
 use super::model::*;
+use super::rollback;
 use super::tracking::DROPPED_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
@@ -540,7 +541,9 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
                     return;
                 }
             };
+            let mut busy = Duration::ZERO;
             while let Some(docs) = js_in.blocking_recv() {
+                let started = Instant::now();
                 let r = t.run_batch(&docs).map(|outs| {
                     let (mut pre, mut new) = (Vec::new(), Vec::new());
                     for (old, out) in docs.into_iter().zip(outs) {
@@ -551,32 +554,46 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
                     }
                     (pre, new)
                 });
+                busy += started.elapsed();
                 let failed = r.is_err();
                 if js_out.blocking_send(r).is_err() || failed {
-                    return;
+                    break;
                 }
             }
+            tracing::debug!(script_seconds = busy.as_secs_f64(), "transform: time spent in the script");
         })
         .map_err(|e| ExecError::Data(format!("cannot start the transform thread: {e}")))?;
 
     let mut store = rollback::Writer::create(db, key).await?;
     let (db_w, target) = (db.clone(), source.clone());
     let writer = tokio::spawn(async move {
-        let mut changed = 0u64;
+        let (mut changed, mut storing, mut writing) = (0u64, Duration::ZERO, Duration::ZERO);
         while let Some(batch) = from_js.recv().await {
             let (pre, new) = batch.map_err(ExecError::Data)?;
             changed += new.len() as u64;
             // Pre-images are stored before their documents change.
+            let t = Instant::now();
             store.push_all(pre).await?;
             store.flush().await?;
+            storing += t.elapsed();
+            let t = Instant::now();
             rollback::replace_documents(&db_w, &target, new, txn, false).await?;
+            writing += t.elapsed();
         }
+        tracing::debug!(
+            rollback_seconds = storing.as_secs_f64(),
+            write_seconds = writing.as_secs_f64(),
+            "transform: time spent storing pre-images and writing documents"
+        );
         Ok::<u64, ExecError>(changed)
     });
 
     let read = async {
-        let mut cursor =
-            source.find(filter).batch_size(batch_size as u32).await.map_err(mongo(format!("reading {}", o.collection)))?;
+        let mut cursor = source
+            .find(filter)
+            .batch_size(batch_size as u32)
+            .await
+            .map_err(mongo(format!("reading {}", o.collection)))?;
         let mut batch = Vec::with_capacity(batch_size);
         let mut done = 0u64;
         while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {}", o.collection)))? {

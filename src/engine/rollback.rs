@@ -73,10 +73,7 @@ impl Writer {
         }
         let docs = std::mem::take(&mut self.chunk);
         self.count += docs.len() as u64;
-        self.coll
-            .insert_one(doc! {"_id": self.next, "docs": docs})
-            .await
-            .map_err(mongo("storing rollback data"))?;
+        self.coll.insert_one(doc! {"_id": self.next, "docs": docs}).await.map_err(mongo("storing rollback data"))?;
         self.next += 1;
         self.bytes = 0;
         Ok(())

@@ -8,11 +8,11 @@ use mongodb::Database;
 use serde::Serialize;
 
 use super::executor::{self, ExecError, Prepared};
-use super::rollback;
 use super::loader::Migration;
 use super::lock::{Lease, LockError};
 use super::model::Operation;
 use super::plan::{self, Direction, DownRequest, PlanError, UpRequest};
+use super::rollback;
 use super::tracking::{self, Record, State, StepRecord};
 use super::validate::{self, CheckResult};
 

@@ -18,36 +18,39 @@ const MEMORY_LIMIT: usize = 48 << 20;
 /// The longest one batch may run before it is stopped (an endless loop in a script).
 const BATCH_DEADLINE: Duration = Duration::from_secs(120);
 
+// Special values are converted only where Rust says they are (no JSON reviver or replacer,
+// which QuickJS would call for every value: that was most of the cost of a transform).
+// Dates and ObjectIds serialize themselves back through toJSON.
 const PRELUDE: &str = r#"
 class ObjectId {
   constructor(hex) { this.$oid = String(hex); }
   toString() { return this.$oid; }
   toHexString() { return this.$oid; }
   equals(o) { return o != null && String(o) === this.$oid; }
+  toJSON() { return { $oid: this.$oid }; }
 }
 globalThis.ObjectId = ObjectId;
-function __dbshiftRevive(k, v) {
-  if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
-    const keys = Object.keys(v);
-    if (keys.length === 1) {
-      if (keys[0] === '$date') {
-        const d = v.$date;
-        return new Date(typeof d === 'string' ? d : Number(d.$numberLong));
-      }
-      if (keys[0] === '$oid') return new ObjectId(v.$oid);
+Object.defineProperty(Date.prototype, 'toJSON', {
+  value: function () {
+    if (isNaN(this.getTime())) throw new TypeError('a field holds an invalid Date');
+    return { $date: this.toISOString() };
+  },
+  writable: true, configurable: true,
+});
+function __dbshiftSpecials(docs, specials) {
+  for (const s of specials) {
+    let o = docs[s[0]];
+    const path = s[1];
+    for (let i = 0; i < path.length - 1; i++) o = o[path[i]];
+    const k = path[path.length - 1];
+    const v = o[k];
+    if (s[2] === 0) {
+      const d = v.$date;
+      o[k] = new Date(typeof d === 'string' ? d : Number(d.$numberLong));
+    } else {
+      o[k] = new ObjectId(v.$oid);
     }
   }
-  return v;
-}
-function __dbshiftReplace(k, v) {
-  const raw = this[k];
-  if (raw instanceof Date) {
-    if (isNaN(raw.getTime())) throw new TypeError('field ' + k + ' is an invalid Date');
-    return { $date: raw.toISOString() };
-  }
-  if (typeof raw === 'number' && !isFinite(raw)) return { $numberDouble: String(raw) };
-  if (typeof raw === 'bigint') return { $numberLong: String(raw) };
-  return v;
 }
 "#;
 
@@ -93,8 +96,9 @@ impl Transformer {
             }
             ctx.globals().set("__dbshiftUser", f).map_err(|e| e.to_string())?;
             ctx.eval::<(), _>(
-                r#"globalThis.__dbshiftBatch = function (json) {
-                    const docs = JSON.parse(json, __dbshiftRevive);
+                r#"globalThis.__dbshiftBatch = function (json, specials) {
+                    const docs = JSON.parse(json);
+                    __dbshiftSpecials(docs, JSON.parse(specials));
                     const out = new Array(docs.length);
                     for (let i = 0; i < docs.length; i++) {
                         let r;
@@ -106,7 +110,7 @@ impl Transformer {
                         }
                         out[i] = r;
                     }
-                    return JSON.stringify({ docs: out }, __dbshiftReplace);
+                    return JSON.stringify({ docs: out });
                 };"#,
             )
             .map_err(|e| js_err(&ctx, e))
@@ -117,14 +121,22 @@ impl Transformer {
     /// Run the script over a batch. Returns, per input document, `Some(new)` when the script
     /// changed it and `None` when it returned null or the document unchanged.
     pub fn run_batch(&self, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
-        let input =
-            serde_json::Value::Array(docs.iter().map(|d| bsonx::to_js_json(&Bson::Document(d.clone()))).collect());
-        let input = serde_json::to_string(&input).map_err(|e| e.to_string())?;
+        let mut specials = Vec::new();
+        let mut input = String::with_capacity(docs.len() * 256);
+        input.push('[');
+        for (i, d) in docs.iter().enumerate() {
+            if i > 0 {
+                input.push(',');
+            }
+            write_doc(d, &mut input, i, &mut specials);
+        }
+        input.push(']');
+        let specials = serde_json::to_string(&specials).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + BATCH_DEADLINE;
         self.runtime.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
         let output: String = self.context.with(|ctx| {
             let f: Function = ctx.globals().get("__dbshiftBatch").map_err(|e| e.to_string())?;
-            f.call((input,)).map_err(|e| {
+            f.call((input, specials)).map_err(|e| {
                 let m = js_err(&ctx, e);
                 if Instant::now() > deadline {
                     format!("the script ran longer than {}s on one batch", BATCH_DEADLINE.as_secs())
@@ -153,11 +165,10 @@ impl Transformer {
                 result.push(None);
                 continue;
             }
-            let new = bsonx::to_bson(&new).map_err(|e| format!("the script returned a document that is {e}"))?;
-            let old_b = Bson::Document(old.clone());
-            let new = match bsonx::restore_number_types(new, Some(&old_b)) {
-                Bson::Document(d) => d,
-                _ => unreachable!("a document stays a document"),
+            let new = match Bson::try_from(new) {
+                Ok(Bson::Document(d)) => bsonx::restore_document_types(d, old),
+                Ok(_) => unreachable!("a JSON object is a document"),
+                Err(e) => return Err(format!("the script returned a document that is not valid Extended JSON: {e}")),
             };
             if new.get("_id") != old.get("_id") {
                 return Err(format!(
@@ -165,10 +176,117 @@ impl Transformer {
                     old.get("_id").map(|v| v.to_string()).unwrap_or_default()
                 ));
             }
-            result.push(if &new == old { None } else { Some(new) });
+            // Unchanged means byte-identical (NaN == NaN; a reordered document is a change).
+            let same = bson::to_vec(&new).ok() == bson::to_vec(old).ok();
+            result.push(if same { None } else { Some(new) });
         }
         Ok(result)
     }
+}
+
+fn write_doc(d: &Document, out: &mut String, doc: usize, specials: &mut Vec<serde_json::Value>) {
+    write_fields(d, out, doc, &mut Vec::new(), specials);
+}
+
+fn write_fields<'a>(
+    d: &'a Document,
+    out: &mut String,
+    doc: usize,
+    path: &mut Vec<Seg<'a>>,
+    specials: &mut Vec<serde_json::Value>,
+) {
+    out.push('{');
+    for (n, (k, v)) in d.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        write_str(k, out);
+        out.push(':');
+        path.push(Seg::Key(k));
+        write_js(v, out, doc, path, specials);
+        path.pop();
+    }
+    out.push('}');
+}
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Write a value as the JSON JavaScript parses (relaxed Extended JSON, see
+/// [`bsonx::to_js_json`]) straight into `out`, noting where dates (kind 0) and ObjectIds
+/// (kind 1) are, as `[document index, path, kind]`, so JavaScript converts only those.
+fn write_js<'a>(
+    b: &'a Bson,
+    out: &mut String,
+    doc: usize,
+    path: &mut Vec<Seg<'a>>,
+    specials: &mut Vec<serde_json::Value>,
+) {
+    use std::fmt::Write;
+    const SAFE: i64 = 1 << 53;
+    match b {
+        Bson::Document(d) => write_fields(d, out, doc, path, specials),
+        Bson::Array(a) => {
+            out.push('[');
+            for (n, v) in a.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                path.push(Seg::Index(n));
+                write_js(v, out, doc, path, specials);
+                path.pop();
+            }
+            out.push(']');
+        }
+        Bson::String(v) => write_str(v, out),
+        Bson::Int32(v) => {
+            let _ = write!(out, "{v}");
+        }
+        Bson::Int64(v) if v.abs() <= SAFE => {
+            let _ = write!(out, "{v}");
+        }
+        Bson::Double(v) if v.is_finite() => {
+            let _ = write!(out, "{v:?}");
+        }
+        Bson::Boolean(v) => out.push_str(if *v { "true" } else { "false" }),
+        Bson::Null => out.push_str("null"),
+        other => {
+            if matches!(other, Bson::DateTime(_) | Bson::ObjectId(_)) {
+                let p: Vec<serde_json::Value> = path
+                    .iter()
+                    .map(|s| match s {
+                        Seg::Key(k) => serde_json::Value::from(*k),
+                        Seg::Index(i) => serde_json::Value::from(*i),
+                    })
+                    .collect();
+                let kind = if matches!(other, Bson::DateTime(_)) { 0 } else { 1 };
+                specials.push(serde_json::json!([doc, p, kind]));
+            }
+            out.push_str(&bsonx::to_js_json(other).to_string());
+        }
+    }
+}
+
+/// A JSON string literal.
+fn write_str(s: &str, out: &mut String) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Compile a script without running it (for `lint` and file loading).
@@ -201,6 +319,25 @@ mod tests {
             )
         );
         assert_eq!(out[1], None);
+    }
+
+    #[test]
+    fn every_kind_of_string_and_number_survives_the_round_trip() {
+        let t = Transformer::new("(d) => { d.copy = d.s; return d; }").unwrap();
+        let s = "quote\" backslash\\ newline\n tab\t nul\u{0} bell\u{7} é 😀 \u{2028}\u{2029} </script>";
+        let d = doc! {"_id": 1, "s": s, "x": 0.1f64, "y": -0.0f64, "z": 1e300f64, "n": i32::MIN, "l": -(1i64 << 53), "nan": f64::NAN, "arr": [[1, "a"], {"k": null}]};
+        let out = t.run_batch(std::slice::from_ref(&d)).unwrap()[0].clone().unwrap();
+        assert_eq!(out.get_str("copy").unwrap(), s);
+        let mut expected = d.clone();
+        expected.insert("copy", s);
+        // NaN is not equal to itself: compare the rest, then NaN's type.
+        assert!(out.get_f64("nan").unwrap().is_nan());
+        let (mut a, mut b) = (out.clone(), expected);
+        a.remove("nan");
+        b.remove("nan");
+        assert_eq!(bson::to_vec(&a).unwrap(), bson::to_vec(&b).unwrap(), "byte-identical apart from the new field");
+        let same = Transformer::new("(d) => d").unwrap();
+        assert_eq!(same.run_batch(&[d]).unwrap(), vec![None]);
     }
 
     #[test]

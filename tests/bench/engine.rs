@@ -43,7 +43,16 @@ fn start_server() -> (Server, String, String) {
     let data = bin.ends_with("-rs").then(|| tempfile::tempdir().unwrap());
     let storage = data.as_ref().map(|d| d.path().display().to_string()).unwrap_or_else(|| ":memory:".into());
     let child = Command::new(&bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", &storage, "--log-level", "WARNING"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--storage-path",
+            &storage,
+            "--log-level",
+            "WARNING",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -102,9 +111,12 @@ struct Row {
     note: String,
 }
 
+/// The raw-driver baseline of one operation.
+type RawCommand = Box<dyn Fn(&Database) -> futures::future::BoxFuture<'static, ()>>;
+
 async fn declarative(client: &Client, n: usize, rows: &mut Vec<Row>) {
     seed(&client.database("bench_seed"), "people", n).await;
-    let cases: Vec<(&str, &str, Box<dyn Fn(&Database) -> futures::future::BoxFuture<'static, ()>>)> = vec![
+    let cases: Vec<(&str, &str, RawCommand)> = vec![
         (
             "addField",
             "addField: { collection: people, field: status, value: active }",
@@ -415,7 +427,7 @@ fn main() {
         if only.is_empty() || only.contains("snapshot") {
             snapshots(&client, n, &mut rows).await;
         }
-        println!("\n{:<32} {:<40} {:>10} {:>10} {:>8}  {:<24} {}", "case", "baseline", "baseline", "dbshift", "ratio", "target", "");
+        println!("\n{:<32} {:<40} {:>10} {:>10} {:>8}  {:<24}", "case", "baseline", "baseline", "dbshift", "ratio", "target");
         for r in &rows {
             println!(
                 "{:<32} {:<40} {:>10.3} {:>10.3} {:>7.2}x  {:<24} {}  {}",
