@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use bson::{doc, Bson, Document, RawDocumentBuf};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 use serde::Serialize;
 
@@ -254,6 +254,8 @@ pub async fn restore(
         // The receiver blocks; take batches on a blocking-friendly path.
         let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
         let mut done = 0u64;
+        // Two inserts in flight: the server works on one while the next is sent.
+        let mut inserting = futures::stream::FuturesUnordered::new();
         loop {
             let rx2 = rx.clone();
             let next = tokio::task::spawn_blocking(move || rx2.lock().expect("lock").recv().ok())
@@ -261,12 +263,24 @@ pub async fn restore(
                 .map_err(|e| BackupError::Invalid(e.to_string()))?;
             let Some(batch) = next else { break };
             let batch = batch?;
-            done += batch.len() as u64;
-            coll.insert_many(batch)
-                .ordered(false)
-                .bypass_document_validation(true)
-                .await
-                .map_err(mongo(format!("inserting into {}", c.name)))?;
+            let n = batch.len() as u64;
+            if inserting.len() == 2 {
+                done += inserting.next().await.expect("two in flight")?;
+                progress(&c.name, done, c.documents);
+            }
+            let coll = coll.clone();
+            let name = c.name.clone();
+            inserting.push(async move {
+                coll.insert_many(batch)
+                    .ordered(false)
+                    .bypass_document_validation(true)
+                    .await
+                    .map(|_| n)
+                    .map_err(mongo(format!("inserting into {name}")))
+            });
+        }
+        while let Some(n) = inserting.next().await {
+            done += n?;
             progress(&c.name, done, c.documents);
         }
         let _ = reader.join();

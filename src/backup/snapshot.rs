@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bson::{doc, Bson, Document, RawDocumentBuf};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 
 use super::*;
@@ -75,92 +75,12 @@ pub async fn snapshot(
         "selected"
     };
     infos.sort_by(|a, b| a.get_str("name").unwrap_or_default().cmp(b.get_str("name").unwrap_or_default()));
-    let ext = if opts.gzip { ".gz" } else { "" };
-    let mut collections = Vec::new();
-    for info in infos {
-        let name = info.get_str("name").unwrap_or_default().to_string();
-        let coll = db.collection::<RawDocumentBuf>(&name);
-        let expected = coll.estimated_document_count().await.unwrap_or(0);
-        let indexes: Vec<Bson> = db
-            .run_command(doc! {"listIndexes": &name})
-            .await
-            .map_err(mongo(format!("listing indexes of {name}")))?
-            .get_document("cursor")
-            .and_then(|c| c.get_array("firstBatch"))
-            .cloned()
-            .unwrap_or_default();
-        let mut meta = doc! {
-            "indexes": indexes.clone(),
-            "collectionName": &name,
-            "type": "collection",
-        };
-        meta.insert("options", info.get_document("options").cloned().unwrap_or_default());
-        if let Ok(Bson::Binary(b)) = info.get_document("info").map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null)) {
-            meta.insert("uuid", hex::encode(&b.bytes));
-        }
-        let meta_path = dir.join(format!("{name}.metadata.json{ext}"));
-        let mut mw = open(&meta_path, opts.gzip)?;
-        serde_json::to_writer(&mut mw, &Bson::Document(meta).into_canonical_extjson())
-            .map_err(|e| io(&meta_path)(e.into()))?;
-        mw.flush().map_err(io(&meta_path))?;
-        drop(mw);
-
-        // Reading (network) and writing (disk, maybe gzip) overlap through a bounded channel.
-        let file = format!("{}/{name}.bson{ext}", db.name());
-        let path: PathBuf = out.join(&file);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<RawDocumentBuf>>(4);
-        let w_path = path.clone();
-        let gzip = opts.gzip;
-        let writer = std::thread::spawn(move || -> Result<(u64, u64, ContentHash), BackupError> {
-            let mut w = open(&w_path, gzip)?;
-            let (mut n, mut bytes, mut hash) = (0u64, 0u64, ContentHash::default());
-            for batch in rx {
-                for d in batch {
-                    let b = d.as_bytes();
-                    w.write_all(b).map_err(io(&w_path))?;
-                    hash.add(b);
-                    n += 1;
-                    bytes += b.len() as u64;
-                }
-            }
-            w.flush().map_err(io(&w_path))?;
-            Ok((n, bytes, hash))
-        });
-        let read = async {
-            let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("reading {name}")))?;
-            let mut batch = Vec::with_capacity(1000);
-            let mut done = 0u64;
-            while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {name}")))? {
-                batch.push(d);
-                if batch.len() == 1000 {
-                    done += 1000;
-                    progress(&name, done, expected.max(done));
-                    if tx.send(std::mem::take(&mut batch)).is_err() {
-                        break;
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                done += batch.len() as u64;
-                let _ = tx.send(batch);
-            }
-            progress(&name, done, expected.max(done));
-            Ok::<(), BackupError>(())
-        };
-        let r = read.await;
-        drop(tx);
-        let (documents, bytes, hash) =
-            writer.join().map_err(|_| BackupError::Invalid("snapshot writer panicked".into()))??;
-        r?;
-        collections.push(CollectionManifest {
-            name,
-            file,
-            documents,
-            bytes,
-            sha256: hash.hex(),
-            indexes: indexes.len(),
-        });
-    }
+    // Two collections at a time: a server serves two cursors faster than one after the other.
+    let collections: Vec<CollectionManifest> = futures::stream::iter(infos)
+        .map(|info| dump_collection(db, info, out, &dir, opts, progress))
+        .buffered(2)
+        .try_collect()
+        .await?;
     let applied_migrations: Vec<String> = db
         .collection::<Document>(tracking_name(&opts.tracking))
         .distinct("_id", doc! {"state": "applied"})
@@ -185,4 +105,92 @@ pub async fn snapshot(
     let mpath = out.join(MANIFEST);
     std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializable")).map_err(io(&mpath))?;
     Ok(manifest)
+}
+
+/// Write one collection: its metadata file and its documents, streamed through a bounded
+/// queue to a writer thread (disk and hashing overlap the network).
+async fn dump_collection(
+    db: &Database,
+    info: Document,
+    out: &Path,
+    dir: &Path,
+    opts: &SnapshotOptions,
+    progress: SnapshotProgress<'_>,
+) -> Result<CollectionManifest, BackupError> {
+    let ext = if opts.gzip { ".gz" } else { "" };
+    let name = info.get_str("name").unwrap_or_default().to_string();
+    let coll = db.collection::<RawDocumentBuf>(&name);
+    let expected = coll.estimated_document_count().await.unwrap_or(0);
+    let indexes: Vec<Bson> = db
+        .run_command(doc! {"listIndexes": &name})
+        .await
+        .map_err(mongo(format!("listing indexes of {name}")))?
+        .get_document("cursor")
+        .and_then(|c| c.get_array("firstBatch"))
+        .cloned()
+        .unwrap_or_default();
+    let mut meta = doc! {
+        "indexes": indexes.clone(),
+        "collectionName": &name,
+        "type": "collection",
+    };
+    meta.insert("options", info.get_document("options").cloned().unwrap_or_default());
+    if let Ok(Bson::Binary(b)) = info.get_document("info").map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null)) {
+        meta.insert("uuid", hex::encode(&b.bytes));
+    }
+    let meta_path = dir.join(format!("{name}.metadata.json{ext}"));
+    let mut mw = open(&meta_path, opts.gzip)?;
+    serde_json::to_writer(&mut mw, &Bson::Document(meta).into_canonical_extjson())
+        .map_err(|e| io(&meta_path)(e.into()))?;
+    mw.flush().map_err(io(&meta_path))?;
+    drop(mw);
+
+    // Reading (network) and writing (disk, maybe gzip) overlap through a bounded channel.
+    let file = format!("{}/{name}.bson{ext}", db.name());
+    let path: PathBuf = out.join(&file);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<RawDocumentBuf>>(4);
+    let w_path = path.clone();
+    let gzip = opts.gzip;
+    let writer = std::thread::spawn(move || -> Result<(u64, u64, ContentHash), BackupError> {
+        let mut w = open(&w_path, gzip)?;
+        let (mut n, mut bytes, mut hash) = (0u64, 0u64, ContentHash::default());
+        for batch in rx {
+            for d in batch {
+                let b = d.as_bytes();
+                w.write_all(b).map_err(io(&w_path))?;
+                hash.add(b);
+                n += 1;
+                bytes += b.len() as u64;
+            }
+        }
+        w.flush().map_err(io(&w_path))?;
+        Ok((n, bytes, hash))
+    });
+    let read = async {
+        let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("reading {name}")))?;
+        let mut batch = Vec::with_capacity(1000);
+        let mut done = 0u64;
+        while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {name}")))? {
+            batch.push(d);
+            if batch.len() == 1000 {
+                done += 1000;
+                progress(&name, done, expected.max(done));
+                if tx.send(std::mem::take(&mut batch)).is_err() {
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            done += batch.len() as u64;
+            let _ = tx.send(batch);
+        }
+        progress(&name, done, expected.max(done));
+        Ok::<(), BackupError>(())
+    };
+    let r = read.await;
+    drop(tx);
+    let (documents, bytes, hash) =
+        writer.join().map_err(|_| BackupError::Invalid("snapshot writer panicked".into()))??;
+    r?;
+    Ok(CollectionManifest { name, file, documents, bytes, sha256: hash.hex(), indexes: indexes.len() })
 }
