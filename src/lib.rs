@@ -4,9 +4,11 @@
 //!   undo, validate, tracking).
 //! - [`backup`]: snapshots in mongodump's layout and exact restores.
 //! - [`cli`]: the `dbshift` command line, which is also what each Kubernetes Job runs.
+//! - [`crd`]: the `DatabaseMigration` custom resource of the operator.
 
 pub mod backup;
 pub mod cli;
+pub mod crd;
 pub mod engine;
 pub mod redact;
 pub mod tenants;

@@ -120,6 +120,8 @@ pub enum Command {
     Lint,
     /// Print the JSON Schema of migration files.
     Schema,
+    /// Print the DatabaseMigration CustomResourceDefinition (YAML), as committed under crds/.
+    Crd,
     /// Run one tenant's migration as a Kubernetes Job does, and write a compact result.
     Run(run::RunArgs),
 }
@@ -395,6 +397,10 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         }
         Command::Schema => {
             print!("{}", migration_schema());
+            Ok(Exit::Ok)
+        }
+        Command::Crd => {
+            print!("{}", crate::crd::crd_yaml());
             Ok(Exit::Ok)
         }
         Command::Status => {

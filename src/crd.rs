@@ -1,0 +1,510 @@
+//! The `DatabaseMigration` custom resource (`dbshift.io/v1alpha1`, short name `dbm`).
+//!
+//! These types are the source of the CRD: `dbshift crd` prints it and `crds/` holds the
+//! committed copy (a test fails when they differ). Every field's doc comment becomes the
+//! description `kubectl explain` prints.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, SecurityContext, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A migration rolled across the tenant databases of one MongoDB: backed up, run as one
+/// Kubernetes Job per tenant, validated, and rolled back per the failure policy.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "dbshift.io",
+    version = "v1alpha1",
+    kind = "DatabaseMigration",
+    plural = "databasemigrations",
+    shortname = "dbm",
+    category = "dbshift",
+    doc = "A migration rolled across the tenant databases of one MongoDB: backed up, run as one Kubernetes Job per tenant, validated, and rolled back per the failure policy.",
+    namespaced,
+    status = "DatabaseMigrationStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.summary"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetVersion"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseMigrationSpec {
+    /// How to reach MongoDB: a key of a Secret in this namespace holding the connection string.
+    /// The URI itself never appears in the resource, its status, events, logs or Job specs.
+    pub connection: ConnectionSpec,
+    /// Which tenant databases to migrate.
+    pub tenants: TenantsSpec,
+    /// Where the migration files come from (exactly one source).
+    pub migrations: MigrationsSource,
+    /// Version (`yyyyMMddHHmmss`) or id to migrate to. Latest when omitted; lower than a
+    /// tenant's current version rolls that tenant back down to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{14}(_[a-z0-9_-]+)?$"))]
+    pub target: Option<String>,
+    /// Active profiles: migrations that list profiles run only when one of them is active.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<String>,
+    /// Plan only: each Job reports what would run, with document estimates, and writes nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Run even though migrations applied earlier were edited since (checksum differs).
+    #[serde(default)]
+    pub allow_changed: bool,
+    /// Snapshots taken of each tenant before it is changed.
+    #[serde(default)]
+    pub backup: BackupSpec,
+    /// How tenants are rolled out and what a failure does.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Overrides for the per-tenant Jobs.
+    #[serde(default)]
+    pub job_template: JobTemplateSpec,
+}
+
+/// A MongoDB connection string kept in a Secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionSpec {
+    /// The Secret (in this namespace) and key holding the `mongodb://` or `mongodb+srv://` URI.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the resource's own namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_uri_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_uri_key() -> String {
+    "uri".into()
+}
+
+/// Tenant databases: explicit names, a pattern over the server's databases, or a registry
+/// collection that lists them; then exclusions. Sources add up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantsSpec {
+    /// Database names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// A regular expression matched against the server's database names (listDatabases);
+    /// `admin`, `local` and `config` never match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// A collection listing tenant databases, one document per tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<TenantRegistry>,
+    /// Databases never migrated, whatever selected them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+/// A registry collection whose documents name tenant databases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantRegistry {
+    /// Database holding the registry collection.
+    pub database: String,
+    /// The registry collection.
+    pub collection: String,
+    /// Field holding the tenant database name.
+    #[serde(default = "default_registry_field")]
+    pub field: String,
+    /// Only registry documents matching this filter (MongoDB query, Extended JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub filter: Option<serde_json::Value>,
+}
+
+fn default_registry_field() -> String {
+    "database".into()
+}
+
+/// Where the migration files come from. Exactly one field must be set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationsSource {
+    /// A ConfigMap in this namespace whose keys are migration file names
+    /// (`<version>_<slug>.yaml`) and whose values are the files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<LocalObjectRef>,
+    /// Migration files written into the resource: file name to file content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<BTreeMap<String, String>>,
+    /// An image holding a migrations directory, for sets larger than a ConfigMap's 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+}
+
+/// An object in the resource's own namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalObjectRef {
+    /// Object name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Migration files inside a container image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// Image reference.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Directory of the migration files inside the image.
+    #[serde(default = "default_image_path")]
+    pub path: String,
+}
+
+fn default_image_path() -> String {
+    "/migrations".into()
+}
+
+/// Snapshots of each tenant database before it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Take a snapshot of each tenant before migrating it (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where snapshots go. Default: a snapshot database in the same MongoDB, which needs no
+    /// storage provisioner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<BackupDestination>,
+    /// How many snapshots to keep per tenant (older ones are deleted).
+    #[serde(default = "default_retention")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub retention: u32,
+}
+
+impl Default for BackupSpec {
+    fn default() -> Self {
+        BackupSpec { enabled: true, destination: None, retention: default_retention() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_retention() -> u32 {
+    3
+}
+
+/// A snapshot destination. At most one field may be set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDestination {
+    /// A database in the same MongoDB that holds the snapshots (default `dbshift_snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// A PersistentVolumeClaim in this namespace; snapshots are written as mongodump-layout
+    /// directories under `<namespace>/<name>/<tenant>/<time>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<LocalClaimRef>,
+}
+
+/// A PersistentVolumeClaim in the resource's own namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalClaimRef {
+    /// Claim name.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+}
+
+/// How tenants are rolled out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Jobs running at once.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_parallel: u32,
+    /// Tenants migrated first, one at a time; the others start only when all canaries succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canaries: Vec<String>,
+    /// Failed tenants tolerated before the failure policy applies (0: the first failure).
+    #[serde(default)]
+    pub max_failures: u32,
+    /// What happens once more than `maxFailures` tenants failed.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec { max_parallel: 1, canaries: Vec::new(), max_failures: 0, on_failure: FailurePolicy::default() }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a failure does to the rest of the rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FailurePolicy {
+    /// Stop starting Jobs and roll back every tenant this run changed.
+    #[default]
+    Rollback,
+    /// Stop starting Jobs; leave migrated tenants as they are.
+    Halt,
+    /// Keep going with the other tenants.
+    Continue,
+}
+
+/// Overrides for the per-tenant Jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobTemplateSpec {
+    /// Runner image (default: the controller's configured runner image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Run the Job's pod in the node's network namespace (for a MongoDB reachable only from the node).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
+    /// Resources of the runner container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Service account of the Job's pod (it needs no Kubernetes API access).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Node selector of the Job's pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the Job's pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Security context of the runner container (default: non-root, read-only root
+    /// filesystem, no privilege escalation, all capabilities dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// Seconds a tenant's Job may run before Kubernetes stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Retries of a failed Job pod (default 0: a failure is reported, not retried blindly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit: Option<i32>,
+}
+
+/// Image pull policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// The observed state of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseMigrationStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where the run is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready` (what Flux and Argo CD read), `Reconciling` and `Stalled`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Identifies this run in Jobs, tracking records and snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// The version being migrated to (resolved from the files when `target` is omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
+    /// Tenant counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// When the run started and finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// A sentence about the run's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Per-tenant detail (see docs: capped so the resource stays small with many tenants).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantStatus>,
+}
+
+/// Phase of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    Pending,
+    BackingUp,
+    Migrating,
+    Validating,
+    Succeeded,
+    Failed,
+    RollingBack,
+    RolledBack,
+}
+
+/// Tenant counts, Velero-style.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub total: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub running: u32,
+    pub pending: u32,
+    pub rolled_back: u32,
+    /// `succeeded/total`, for the printer column.
+    pub summary: String,
+}
+
+/// One tenant's part of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantStatus {
+    /// Database name.
+    pub name: String,
+    /// Pending, BackingUp, Running, Succeeded, Failed, RollingBack, RolledBack.
+    pub phase: String,
+    /// The tenant's Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<String>,
+    /// Migrations done: id, milliseconds, documents affected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedMigration>,
+    /// The snapshot taken before the tenant changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+    /// Checks run / passed, and the failed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationStatus>,
+    /// How the tenant was rolled back, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedMigration {
+    pub id: String,
+    pub duration_ms: i64,
+    pub documents_affected: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// Where the snapshot is (database and prefix, or claim and path).
+    pub location: String,
+    pub documents: u64,
+    pub size_bytes: u64,
+    /// Content hash over the snapshot's collections.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationStatus {
+    pub checks: u32,
+    pub passed: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
+}
+
+/// A free-form object (a MongoDB filter) kept as written.
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
+}
+
+/// The CRD as YAML, as committed under `crds/`. Enum lists never contain `null`
+/// (Kubernetes 1.20 rejects such a CRD; newer servers accept either).
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let mut v = serde_json::to_value(DatabaseMigration::crd()).expect("serializable");
+    strip_null_enums(&mut v);
+    serde_yaml::to_string(&v).expect("serializable")
+}
+
+fn strip_null_enums(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::Array(e)) = m.get_mut("enum") {
+                e.retain(|x| !x.is_null());
+            }
+            for (_, x) in m.iter_mut() {
+                strip_null_enums(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_null_enums),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_matches_the_types() {
+        let committed = include_str!("../crds/databasemigration.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/databasemigration.yaml is stale: run `cargo run -- crd > crds/databasemigration.yaml`"
+        );
+    }
+
+    #[test]
+    fn no_null_in_enum_lists() {
+        let crd = crd_yaml();
+        assert!(!crd.contains("- null"), "a null enum value makes Kubernetes 1.20 reject the CRD");
+    }
+
+    #[test]
+    fn the_minimal_resource_of_the_issue_parses_with_defaults() {
+        let yaml = r#"
+apiVersion: dbshift.io/v1alpha1
+kind: DatabaseMigration
+metadata: { name: add-preferences, namespace: shop }
+spec:
+  connection: { secretRef: { name: shop-mongo, key: uri } }
+  tenants: { pattern: "^tenant_", exclude: [tenant_internal] }
+  migrations: { configMapRef: { name: shop-migrations } }
+  target: "20250105000000"
+  dryRun: false
+  backup: { enabled: true }
+  rollout: { maxParallel: 2, canaries: [tenant_acme], maxFailures: 0, onFailure: rollback }
+  jobTemplate: { image: "dbshift:dev", imagePullPolicy: IfNotPresent }
+"#;
+        let dbm: DatabaseMigration = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(dbm.spec.rollout.on_failure, FailurePolicy::Rollback);
+        assert_eq!(dbm.spec.rollout.max_parallel, 2);
+        assert_eq!(dbm.spec.backup.retention, 3);
+        assert_eq!(dbm.spec.connection.secret_ref.key, "uri");
+        assert_eq!(dbm.spec.job_template.image.as_deref(), Some("dbshift:dev"));
+        assert_eq!(dbm.spec.job_template.image_pull_policy, Some(PullPolicy::IfNotPresent));
+    }
+}
