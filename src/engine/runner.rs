@@ -193,6 +193,29 @@ pub async fn up(
     release(lease, result).await
 }
 
+/// The report of a run that did something: the version it left, and the first error.
+async fn finished(
+    db: &Database,
+    tenant: &str,
+    direction: Direction,
+    from_version: Option<String>,
+    migrations: Vec<Outcome>,
+    opts: &RunOptions,
+) -> Result<TenantReport, RunError> {
+    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
+    let error = migrations.iter().find_map(|o| o.error.clone());
+    Ok(TenantReport {
+        tenant: tenant.into(),
+        ok: migrations.iter().all(|o| o.state != "failed"),
+        direction,
+        dry_run: false,
+        from_version,
+        to_version: current_version(&records),
+        migrations,
+        error,
+    })
+}
+
 /// Release the lock, then report: the run's own error first, a failed release second.
 async fn release(lease: Lease, result: Result<TenantReport, RunError>) -> Result<TenantReport, RunError> {
     let released = lease.release().await;
@@ -216,29 +239,17 @@ async fn up_locked(
     let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
     let txn = supports_transactions(db).await;
     let mut outs = Vec::new();
-    let mut ok = true;
     for m in planned {
         opts.observer.migration_started(tenant, &m.id(), Direction::Up);
         let out = apply(db, tenant, m, batch, txn, opts, lease).await?;
         opts.observer.migration_finished(tenant, &out);
-        ok = out.state == "applied";
+        let failed = out.state == "failed";
         outs.push(out);
-        if !ok {
-            break;
+        if failed {
+            break; // later migrations may depend on this one
         }
     }
-    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
-    let error = outs.iter().find_map(|o| o.error.clone());
-    Ok(TenantReport {
-        tenant: tenant.into(),
-        ok,
-        direction: Direction::Up,
-        dry_run: false,
-        from_version,
-        to_version: current_version(&records),
-        migrations: outs,
-        error,
-    })
+    finished(db, tenant, Direction::Up, from_version, outs, opts).await
 }
 
 fn planned_outcome(id: String, direction: Direction, ops: &[Operation], estimates: Vec<Option<u64>>) -> Outcome {
@@ -544,7 +555,6 @@ async fn down_locked(
     let from_version = current_version(&records);
     let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
     let mut outs = Vec::new();
-    let mut ok = true;
     for r in &chosen {
         opts.observer.migration_started(tenant, &r.id, Direction::Down);
         let started = Instant::now();
@@ -552,7 +562,7 @@ async fn down_locked(
         rollback::forget(db, &format!("{}_d", r.version)).await?;
         rollback::forget(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
-        let out = if let Some(err) = steps.error {
+        let (state, affected, error) = if let Some(err) = steps.error {
             let problems = undo(db, &r.id, &steps.done).await;
             let error = if problems.is_empty() {
                 format!("{err}; the rollback was undone, the migration is still applied")
@@ -563,53 +573,33 @@ async fn down_locked(
                 .update_one(doc! {"_id": &r.id}, doc! {"$set": {"error": &error}})
                 .await
                 .map_err(mongo("recording the failed rollback"))?;
-            ok = false;
-            Outcome {
-                id: r.id.clone(),
-                direction: Direction::Down,
-                state: "failed".into(),
-                duration_ms: started.elapsed().as_millis() as i64,
-                documents_affected: 0,
-                steps: steps.records,
-                validation: vec![],
-                error: Some(error),
-                estimates: vec![],
-            }
+            ("failed", 0, Some(error))
         } else {
             tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
                 .await
                 .map_err(mongo("recording the rollback"))?;
             rollback::forget(db, &format!("{}_", r.version)).await?;
-            Outcome {
-                id: r.id.clone(),
-                direction: Direction::Down,
-                state: "rolled_back".into(),
-                duration_ms: started.elapsed().as_millis() as i64,
-                documents_affected: steps.affected,
-                steps: steps.records,
-                validation: vec![],
-                error: None,
-                estimates: vec![],
-            }
+            ("rolled_back", steps.affected, None)
+        };
+        let out = Outcome {
+            id: r.id.clone(),
+            direction: Direction::Down,
+            state: state.into(),
+            duration_ms: started.elapsed().as_millis() as i64,
+            documents_affected: affected,
+            steps: steps.records,
+            validation: vec![],
+            error,
+            estimates: vec![],
         };
         opts.observer.migration_finished(tenant, &out);
+        let failed = out.state == "failed";
         outs.push(out);
-        if !ok {
+        if failed {
             break;
         }
     }
-    let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
-    let error = outs.iter().find_map(|o| o.error.clone());
-    Ok(TenantReport {
-        tenant: tenant.into(),
-        ok,
-        direction: Direction::Down,
-        dry_run: false,
-        from_version,
-        to_version: current_version(&records),
-        migrations: outs,
-        error,
-    })
+    finished(db, tenant, Direction::Down, from_version, outs, opts).await
 }
 
 /// Run the checks of every applied migration that has checks.
