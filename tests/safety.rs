@@ -271,3 +271,34 @@ async fn a_transform_that_throws_changes_nothing() {
     let names = db.list_collection_names().await.unwrap();
     assert!(!names.iter().any(|n| n.starts_with("_dbshift_staging")), "{names:?}");
 }
+
+#[tokio::test]
+async fn lossy_operations_over_several_chunks_are_undone_exactly() {
+    // 1,100 documents: the rollback data of each step spans two chunks.
+    let db = seeded("safe_batches", 1100).await;
+    let before = dump_db(&db).await;
+    let yaml = r#"up:
+  - removeField: { collection: items, field: qty }
+  - updateMany: { collection: items, filter: {}, update: { $set: { touched: true } } }
+  - deleteDocuments: { collection: items, filter: { _id: { $lt: 100 } } }
+  - convertType: { collection: items, field: sku, to: int }
+"#;
+    let dir = migrations(&[("20250101000000_batches.yaml", yaml)]);
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    // The last document's sku ("x") cannot be converted: the fourth step fails after the others
+    // changed every document, and everything is undone from the stored chunks.
+    let err = r.error.unwrap();
+    assert!(err.contains("step 4 (convertType)") && err.contains("undone"), "{err}");
+    assert_eq!(dump_db(&db).await, before);
+    // Without the bad value the same migration applies, and down restores it all.
+    db.collection::<Document>("items").update_one(doc! {"_id": 1099}, doc! {"$set": {"sku": "1099"}}).await.unwrap();
+    let before = dump_db(&db).await;
+    let m = load(dir.path());
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &RunOptions::new("r2")).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    let steps: Vec<i64> = r.migrations[0].steps.iter().map(|s| s.documents_affected).collect();
+    assert_eq!(steps, [1100, 1100, 100, 1000]);
+    assert_eq!(db.collection::<Document>("items").count_documents(doc! {"sku": {"$type": "int"}}).await.unwrap(), 1000);
+    assert!(runner::down(&db, "t", &m, &DownRequest::Steps(1), &RunOptions::new("r3")).await.unwrap().ok);
+    assert_eq!(dump_db(&db).await, before);
+}
