@@ -295,9 +295,19 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
         }
         Operation::UpdateMany(o) => {
-            capture(db, &o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?, None, key).await?;
-            // Documents an upsert-free update may have changed: put the whole pre-image back.
-            ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
+            let filter = bsonx::to_doc(&o.filter).map_err(data_err)?;
+            match touched_fields(&o.update) {
+                // Only the top-level fields the update can touch are kept and put back.
+                Some(fields) => {
+                    capture(db, &o.collection, filter, Some(&fields), key).await?;
+                    ok(vec![restore(&o.collection, key, RestoreMode::Fields, fields)])
+                }
+                // Any field may change: whole pre-images go back.
+                None => {
+                    capture(db, &o.collection, filter, None, key).await?;
+                    ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
+                }
+            }
         }
         // Pre-images of the documents a transform changes are written while it runs, before
         // the changed documents are merged back.
@@ -318,6 +328,49 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
 fn aside_name(key: &str, coll: &str) -> String {
     let k: String = key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     format!("{DROPPED_PREFIX}{k}_{coll}")
+}
+
+/// The top-level fields an update can change, when that can be told from the update itself:
+/// update operators (`$set`, `$inc`, `$unset`, `$rename`, `$push`, ...) and pipelines made only of
+/// `$set` / `$addFields` / `$unset` stages. `None` when any field may change.
+fn touched_fields(update: &serde_json::Value) -> Option<Vec<String>> {
+    let mut fields: Vec<String> = Vec::new();
+    let mut add = |path: &str| {
+        let top = top_field(path).to_string();
+        if !fields.contains(&top) {
+            fields.push(top);
+        }
+    };
+    match update {
+        serde_json::Value::Object(ops) => {
+            for (op, args) in ops {
+                let args = args.as_object()?;
+                for (path, value) in args {
+                    add(path);
+                    if op == "$rename" {
+                        add(value.as_str()?);
+                    }
+                }
+            }
+        }
+        serde_json::Value::Array(stages) => {
+            for stage in stages {
+                let (name, args) = stage.as_object()?.iter().next()?;
+                match (name.as_str(), args) {
+                    ("$set" | "$addFields", serde_json::Value::Object(m)) => m.keys().for_each(|k| add(k)),
+                    ("$unset", serde_json::Value::String(f)) => add(f),
+                    ("$unset", serde_json::Value::Array(fs)) => {
+                        for f in fs {
+                            add(f.as_str()?);
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        _ => return None,
+    }
+    (!fields.is_empty() && !fields.iter().any(|f| f == "_id")).then_some(fields)
 }
 
 fn convert_query(o: &ConvertType) -> Result<Document, ExecError> {
@@ -667,4 +720,27 @@ pub async fn estimate(db: &Database, op: &Operation) -> Result<Option<u64>, Exec
 pub async fn dropped_collections(db: &Database) -> Result<Vec<String>, ExecError> {
     let names: Vec<String> = db.list_collection_names().await.map_err(mongo("listing collections"))?;
     Ok(names.into_iter().filter(|n| n.starts_with(DROPPED_PREFIX)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::touched_fields;
+    use serde_json::json;
+
+    #[test]
+    fn fields_an_update_touches() {
+        let f = |v| touched_fields(&v);
+        assert_eq!(
+            f(json!({"$set": {"a.b": 1, "c": 2}, "$inc": {"n": 1}})),
+            Some(vec!["a".into(), "c".into(), "n".into()])
+        );
+        assert_eq!(f(json!({"$rename": {"x": "y.z"}})), Some(vec!["x".into(), "y".into()]));
+        assert_eq!(f(json!({"$push": {"tags.$[]": "t"}})), Some(vec!["tags".into()]));
+        assert_eq!(
+            f(json!([{"$set": {"label": "x"}}, {"$unset": ["old", "older.x"]}])),
+            Some(vec!["label".into(), "old".into(), "older".into()])
+        );
+        assert_eq!(f(json!([{"$replaceWith": {"a": 1}}])), None, "any field may change");
+        assert_eq!(f(json!([{"$project": {"a": 1}}])), None);
+    }
 }

@@ -148,7 +148,9 @@ pub async fn restore(db: &Database, r: &RestorePreimages) -> Result<u64, ExecErr
                 pre.into_iter()
                     .filter_map(|p| {
                         let mut d = by_id.remove(&id_key(&p))?; // gone since: nothing to put back
-                        for f in &r.unset {
+                                                                // Fields the pre-image lacks go; the others are put back where they
+                                                                // stand (a field the operation removed comes back at the end).
+                        for f in r.unset.iter().filter(|f| !p.contains_key(f.as_str())) {
                             d.remove(f);
                         }
                         for (k, v) in p {
