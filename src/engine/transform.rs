@@ -128,7 +128,7 @@ impl Transformer {
             if i > 0 {
                 input.push(',');
             }
-            write_doc(d, &mut input, i, &mut specials);
+            write_fields(d, &mut input, i, &mut Vec::new(), &mut specials);
         }
         input.push(']');
         let specials = serde_json::to_string(&specials).map_err(|e| e.to_string())?;
@@ -182,10 +182,6 @@ impl Transformer {
         }
         Ok(result)
     }
-}
-
-fn write_doc(d: &Document, out: &mut String, doc: usize, specials: &mut Vec<serde_json::Value>) {
-    write_fields(d, out, doc, &mut Vec::new(), specials);
 }
 
 fn write_fields<'a>(
