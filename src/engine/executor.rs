@@ -70,16 +70,6 @@ async fn collection_exists(db: &Database, name: &str) -> Result<bool, ExecError>
     Ok(!names.is_empty())
 }
 
-async fn capture(
-    db: &Database,
-    coll: &str,
-    query: Document,
-    fields: Option<&[String]>,
-    key: &str,
-) -> Result<(), ExecError> {
-    rollback::capture(db, coll, query, fields, key).await.map(|_| ())
-}
-
 async fn index_specs(db: &Database, coll: &str) -> Result<Vec<Document>, ExecError> {
     if !collection_exists(db, coll).await? {
         return Ok(Vec::new());
@@ -170,7 +160,8 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             let top = top_field(&o.field).to_string();
             // Documents that already hold the value are not touched by `up`, but the undo
             // (unset where field == value) would reach them: keep them as they are.
-            capture(db, &o.collection, doc! {&o.field: value.clone()}, Some(std::slice::from_ref(&top)), key).await?;
+            rollback::capture(db, &o.collection, doc! {&o.field: value.clone()}, Some(std::slice::from_ref(&top)), key)
+                .await?;
             let mut unset = doc! {};
             unset.insert(&o.field, "");
             ok(vec![
@@ -185,7 +176,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
         Operation::RemoveField(o) => {
             let q = and(filter_doc(o.filter.as_ref()).map_err(data_err)?, doc! {&o.field: {"$exists": true}});
             let top = top_field(&o.field).to_string();
-            capture(db, &o.collection, q, Some(std::slice::from_ref(&top)), key).await?;
+            rollback::capture(db, &o.collection, q, Some(std::slice::from_ref(&top)), key).await?;
             ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::RenameField(o) => {
@@ -193,7 +184,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             let fields: Vec<String> = if tf == tt { vec![tf.clone()] } else { vec![tf.clone(), tt.clone()] };
             // Documents that already have `to`: the rename overwrites it, and the reverse rename
             // must not move it. Keep both fields of those documents.
-            capture(db, &o.collection, doc! {&o.to: {"$exists": true}}, Some(&fields), key).await?;
+            rollback::capture(db, &o.collection, doc! {&o.to: {"$exists": true}}, Some(&fields), key).await?;
             ok(vec![
                 Operation::UpdateMany(UpdateMany {
                     collection: o.collection.clone(),
@@ -205,7 +196,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
         }
         Operation::ConvertType(o) => {
             let top = top_field(&o.field).to_string();
-            capture(db, &o.collection, convert_query(o)?, Some(std::slice::from_ref(&top)), key).await?;
+            rollback::capture(db, &o.collection, convert_query(o)?, Some(std::slice::from_ref(&top)), key).await?;
             ok(vec![restore(&o.collection, key, RestoreMode::Fields, vec![top])])
         }
         Operation::CreateIndex(o) => {
@@ -291,7 +282,7 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             })
         }
         Operation::DeleteDocuments(o) => {
-            capture(db, &o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?, None, key).await?;
+            rollback::capture(db, &o.collection, bsonx::to_doc(&o.filter).map_err(data_err)?, None, key).await?;
             ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
         }
         Operation::UpdateMany(o) => {
@@ -299,12 +290,12 @@ pub async fn prepare(db: &Database, op: &Operation, key: &str) -> Result<Prepare
             match touched_fields(&o.update) {
                 // Only the top-level fields the update can touch are kept and put back.
                 Some(fields) => {
-                    capture(db, &o.collection, filter, Some(&fields), key).await?;
+                    rollback::capture(db, &o.collection, filter, Some(&fields), key).await?;
                     ok(vec![restore(&o.collection, key, RestoreMode::Fields, fields)])
                 }
                 // Any field may change: whole pre-images go back.
                 None => {
-                    capture(db, &o.collection, filter, None, key).await?;
+                    rollback::capture(db, &o.collection, filter, None, key).await?;
                     ok(vec![restore(&o.collection, key, RestoreMode::Replace, vec![])])
                 }
             }
@@ -714,12 +705,6 @@ pub async fn estimate(db: &Database, op: &Operation) -> Result<Option<u64>, Exec
         Operation::DropCollection(o) => count(&o.collection, doc! {}).await,
         _ => Ok(None),
     }
-}
-
-/// Collections moved aside by dropCollection.
-pub async fn dropped_collections(db: &Database) -> Result<Vec<String>, ExecError> {
-    let names: Vec<String> = db.list_collection_names().await.map_err(mongo("listing collections"))?;
-    Ok(names.into_iter().filter(|n| n.starts_with(DROPPED_PREFIX)).collect())
 }
 
 #[cfg(test)]

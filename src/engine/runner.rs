@@ -382,7 +382,7 @@ async fn apply(
     let applied_at = DateTime::now();
     rollback::forget(db, &format!("{}_", m.version)).await?;
     let mut steps = if m.file.transaction && txn_supported {
-        run_in_transaction(db, &id, &m.file.up, opts).await?
+        run_in_transaction(db, &id, &m.file.up).await?
     } else {
         if m.file.transaction {
             tracing::info!(migration = %id, "the server does not support transactions; running without one (failures are undone from rollback data)");
@@ -474,7 +474,7 @@ async fn apply(
 
 /// `transaction: true`: rollback data is stored first (outside), then every operation runs in
 /// one transaction, so a failure leaves nothing to undo.
-async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation], opts: &RunOptions) -> Result<Steps, RunError> {
+async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation]) -> Result<Steps, RunError> {
     let mut s = Steps { done: Vec::new(), records: Vec::new(), error: None, affected: 0 };
     for (i, op) in ops.iter().enumerate() {
         match executor::prepare(db, op, &format!("{}_u{i}", version_of(id))).await {
@@ -513,7 +513,6 @@ async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation], opts: &R
     }
     if s.error.is_some() {
         let _ = session.abort_transaction().await;
-        let _ = opts;
         // Nothing was changed: there is nothing to undo.
         s.done.clear();
     }
