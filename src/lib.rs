@@ -5,9 +5,11 @@
 //! - [`backup`]: snapshots in mongodump's layout and exact restores.
 //! - [`cli`]: the `dbshift` command line, which is also what each Kubernetes Job runs.
 //! - [`crd`]: the `DatabaseMigration` custom resource of the operator.
+//! - [`controller`]: the operator (`dbshift controller`) and `dbshift wait`.
 
 pub mod backup;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod engine;
 pub mod redact;

@@ -1,7 +1,7 @@
 //! The `dbshift` command line. The same binary runs inside each Kubernetes Job (`dbshift run`).
 
 mod output;
-mod run;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -124,6 +124,10 @@ pub enum Command {
     Crd,
     /// Run one tenant's migration as a Kubernetes Job does, and write a compact result.
     Run(run::RunArgs),
+    /// Run the Kubernetes operator (in-cluster config, or KUBECONFIG outside a cluster).
+    Controller(crate::controller::ControllerArgs),
+    /// Wait until a DatabaseMigration succeeded (for an application's init container).
+    Wait(crate::controller::wait::WaitArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -227,7 +231,7 @@ impl From<BackupError> for CliError {
 /// Entry point of the binary.
 pub async fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    init_logging();
+    init_logging(&cli.command);
     if let (None, Some(file)) = (&cli.global.uri, &cli.global.uri_file) {
         match std::fs::read_to_string(file) {
             Ok(uri) => cli.global.uri = Some(uri.trim().to_string()),
@@ -247,9 +251,14 @@ pub async fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DBSHIFT_LOG").unwrap_or_else(|_| "warn".into());
-    let json = std::env::var("DBSHIFT_LOG_FORMAT").is_ok_and(|v| v == "json");
+fn init_logging(command: &Command) {
+    let (default, json) = match command {
+        Command::Controller(a) => ("info", a.log_format == "json"),
+        _ => ("warn", std::env::var("DBSHIFT_LOG_FORMAT").is_ok_and(|v| v == "json")),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DBSHIFT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| default.into());
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json { b.json().try_init() } else { b.try_init() };
 }
@@ -403,6 +412,15 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             print!("{}", crate::crd::crd_yaml());
             Ok(Exit::Ok)
         }
+        Command::Controller(a) => match crate::controller::run(a).await {
+            Ok(()) => Ok(Exit::Ok),
+            Err(message) => Err(CliError { exit: Exit::Failed, message }),
+        },
+        Command::Wait(a) => Ok(match crate::controller::wait::run(a).await {
+            0 => Exit::Ok,
+            1 => Exit::Failed,
+            _ => Exit::Unreachable,
+        }),
         Command::Status => {
             let (migrations, conn, tenants) = start(g).await?;
             let opts = run_options(g, Arc::new(engine::runner::Quiet))?;

@@ -69,6 +69,21 @@ pub struct JobResult {
     pub code: u8,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The snapshot taken before the tenant changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupResult>,
+    /// How a rollback run undid the run: `data` (rollback data) or `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
+}
+
+/// Where a snapshot went and what it holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackupResult {
+    pub loc: String,
+    pub docs: u64,
+    pub bytes: u64,
+    pub sha: String,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -134,6 +149,7 @@ impl JobResult {
             error: rep.error.clone(),
             code: code as u8,
             dry_run: rep.dry_run,
+            ..Default::default()
         }
     }
 }

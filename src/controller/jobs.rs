@@ -1,0 +1,546 @@
+//! The per-tenant Jobs: names, labels, the pod spec, and what a finished Job says.
+//!
+//! Pure functions: they take the plan and return objects, and are tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, KeyToPath,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use sha2::{Digest, Sha256};
+
+use super::plan::{trim_name, RunPlan};
+use crate::cli::run::JobResult;
+use crate::crd::PullPolicy;
+
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGER: &str = "dbshift";
+pub const LABEL_MIGRATION: &str = "dbshift.io/migration";
+pub const LABEL_RUN: &str = "dbshift.io/run";
+pub const LABEL_ACTION: &str = "dbshift.io/action";
+pub const LABEL_TENANT: &str = "dbshift.io/tenant";
+pub const ANNOTATION_TENANT: &str = "dbshift.io/tenant";
+
+/// Database that holds snapshots when the resource names none.
+pub const DEFAULT_SNAPSHOT_DB: &str = "dbshift_snapshots";
+/// Where the runner container finds things.
+pub const MIGRATIONS_DIR: &str = "/migrations";
+pub const URI_DIR: &str = "/var/run/dbshift/connection";
+pub const BACKUP_DIR: &str = "/var/run/dbshift/backups";
+/// The unprivileged user of the runner image.
+pub const RUNNER_UID: i64 = 65532;
+
+/// What a tenant's Job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Migrate to the target (snapshot first).
+    Migrate,
+    /// Roll back what the run applied (rollback data, or the run's snapshot).
+    Rollback,
+}
+
+impl Action {
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Migrate => "migrate",
+            Action::Rollback => "rollback",
+        }
+    }
+
+    pub fn from_label(s: &str) -> Option<Self> {
+        match s {
+            "migrate" => Some(Action::Migrate),
+            "rollback" => Some(Action::Rollback),
+            _ => None,
+        }
+    }
+}
+
+/// `<resource name, cut>-<hash of run, tenant, action>`: stable across restarts, unique per
+/// run, tenant and action, and short enough for the `job-name` label of the Job's pods.
+pub fn job_name(resource: &str, run_id: &str, tenant: &str, action: Action) -> String {
+    let mut h = Sha256::new();
+    h.update(run_id.as_bytes());
+    h.update([0]);
+    h.update(tenant.as_bytes());
+    h.update([0]);
+    h.update(action.label().as_bytes());
+    let hash = hex::encode(&h.finalize()[..6]);
+    let suffix = match action {
+        Action::Migrate => "m",
+        Action::Rollback => "rb",
+    };
+    format!("{}-{hash}-{suffix}", trim_name(resource, 36))
+}
+
+/// Whether a string may be a label value.
+pub fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && (s.is_empty()
+            || (s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))))
+}
+
+/// Settings of the controller that shape every Job.
+#[derive(Debug, Clone)]
+pub struct JobDefaults {
+    /// Runner image when the resource names none.
+    pub image: String,
+}
+
+/// The Job that runs `dbshift run` for one tenant.
+pub fn build_job(
+    plan: &RunPlan,
+    resource: &str,
+    namespace: &str,
+    owner: OwnerReference,
+    tenant: &str,
+    action: Action,
+    defaults: &JobDefaults,
+) -> Job {
+    let spec = &plan.spec;
+    let t = &spec.job_template;
+    let name = job_name(resource, &plan.run_id, tenant, action);
+
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.to_string(), MANAGER.to_string()),
+        ("app.kubernetes.io/name".to_string(), "dbshift-runner".to_string()),
+        (LABEL_RUN.to_string(), plan.run_id.clone()),
+        (LABEL_ACTION.to_string(), action.label().to_string()),
+    ]);
+    if is_label_value(resource) {
+        labels.insert(LABEL_MIGRATION.into(), resource.into());
+    }
+    if is_label_value(tenant) {
+        labels.insert(LABEL_TENANT.into(), tenant.into());
+    }
+    let annotations = BTreeMap::from([(ANNOTATION_TENANT.to_string(), tenant.to_string())]);
+
+    let env_var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
+    let mut env = vec![
+        env_var("DBSHIFT_TENANT", tenant),
+        env_var("DBSHIFT_RUN_ID", &plan.run_id),
+        env_var("DBSHIFT_DIR", MIGRATIONS_DIR),
+        env_var("DBSHIFT_MONGODB_URI_FILE", &format!("{URI_DIR}/uri")),
+        env_var("DBSHIFT_LOG_FORMAT", "json"),
+        env_var("DBSHIFT_LOG", "info"),
+    ];
+    if let Some(target) = &plan.target {
+        env.push(env_var("DBSHIFT_TARGET", target));
+    }
+    if !spec.profiles.is_empty() {
+        env.push(env_var("DBSHIFT_PROFILES", &spec.profiles.join(",")));
+    }
+    if spec.allow_changed {
+        env.push(env_var("DBSHIFT_ALLOW_CHANGED", "true"));
+    }
+    match action {
+        Action::Migrate if spec.dry_run => env.push(env_var("DBSHIFT_DRY_RUN", "true")),
+        Action::Migrate => {}
+        Action::Rollback => env.push(env_var("DBSHIFT_ROLLBACK_RUN", &plan.run_id)),
+    }
+    let claim = spec.backup.destination.as_ref().and_then(|d| d.persistent_volume_claim.as_ref());
+    if spec.backup.enabled && !spec.dry_run {
+        let dest = match claim {
+            Some(_) => format!("dir:{BACKUP_DIR}/{namespace}/{resource}"),
+            None => {
+                let db = spec.backup.destination.as_ref().and_then(|d| d.database.clone());
+                format!("database:{}", db.as_deref().unwrap_or(DEFAULT_SNAPSHOT_DB))
+            }
+        };
+        env.push(env_var("DBSHIFT_BACKUP", &dest));
+        env.push(env_var("DBSHIFT_BACKUP_RETENTION", &spec.backup.retention.to_string()));
+    }
+
+    let mount = |n: &str, p: &str, ro: bool| VolumeMount {
+        name: n.into(),
+        mount_path: p.into(),
+        read_only: Some(ro),
+        ..Default::default()
+    };
+    let mut mounts = vec![mount("connection", URI_DIR, true), mount("tmp", "/tmp", false)];
+    let mut volumes = vec![
+        Volume {
+            name: "connection".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(spec.connection.secret_ref.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: spec.connection.secret_ref.key.clone(),
+                    path: "uri".into(),
+                    ..Default::default()
+                }]),
+                // Group-readable: the pod's fsGroup lets the unprivileged runner read it.
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    let mut init_containers = Vec::new();
+    match (&plan.files_config_map, &spec.migrations.image) {
+        (Some(cm), _) => {
+            mounts.push(mount("migrations", MIGRATIONS_DIR, true));
+            volumes.push(Volume {
+                name: "migrations".into(),
+                config_map: Some(ConfigMapVolumeSource { name: cm.clone(), ..Default::default() }),
+                ..Default::default()
+            });
+        }
+        (None, Some(img)) => {
+            // The migrations image only has to hold the files and `cp`; an init container
+            // copies them into a volume the runner reads.
+            mounts.push(mount("migrations", MIGRATIONS_DIR, true));
+            volumes.push(Volume {
+                name: "migrations".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            });
+            init_containers.push(Container {
+                name: "migrations".into(),
+                image: Some(img.image.clone()),
+                image_pull_policy: t.image_pull_policy.map(pull_policy),
+                command: Some(vec![
+                    "cp".into(),
+                    "-R".into(),
+                    format!("{}/.", img.path.trim_end_matches('/')),
+                    MIGRATIONS_DIR.into(),
+                ]),
+                volume_mounts: Some(vec![mount("migrations", MIGRATIONS_DIR, false)]),
+                security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
+                resources: t.resources.clone(),
+                ..Default::default()
+            });
+        }
+        (None, None) => {}
+    }
+    if let (Some(c), true) = (claim, spec.backup.enabled && !spec.dry_run) {
+        mounts.push(mount("backups", BACKUP_DIR, false));
+        volumes.push(Volume {
+            name: "backups".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: c.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        });
+    }
+
+    let container = Container {
+        name: "runner".into(),
+        image: Some(t.image.clone().unwrap_or_else(|| defaults.image.clone())),
+        image_pull_policy: t.image_pull_policy.map(pull_policy),
+        args: Some(vec!["run".into()]),
+        env: Some(env),
+        volume_mounts: Some(mounts),
+        resources: t.resources.clone(),
+        security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
+        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_policy: Some("File".into()),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        restart_policy: Some("Never".into()),
+        // The runner talks to MongoDB only; it gets no Kubernetes credentials.
+        automount_service_account_token: Some(false),
+        service_account_name: t.service_account_name.clone(),
+        host_network: t.host_network.then_some(true),
+        dns_policy: t.host_network.then(|| "ClusterFirstWithHostNet".to_string()),
+        node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
+        tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            fs_group: Some(RUNNER_UID),
+            ..Default::default()
+        }),
+        volumes: Some(volumes),
+        ..Default::default()
+    };
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.into()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(t.backoff_limit.unwrap_or(0)),
+            active_deadline_seconds: t.active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn pull_policy(p: PullPolicy) -> String {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+    .into()
+}
+
+/// Non-root, read-only root filesystem, no privilege escalation, no capabilities.
+pub fn restricted_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUNNER_UID),
+        run_as_group: Some(RUNNER_UID),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+/// Where a Job is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobPhase {
+    Running,
+    /// Finished: `true` when it succeeded.
+    Finished(bool),
+}
+
+/// Read a Job's phase from its conditions (`Complete` / `Failed`).
+pub fn job_phase(job: &Job) -> JobPhase {
+    let conds = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    for c in conds.into_iter().flatten() {
+        if c.status == "True" {
+            match c.type_.as_str() {
+                "Complete" => return JobPhase::Finished(true),
+                "Failed" => return JobPhase::Finished(false),
+                _ => {}
+            }
+        }
+    }
+    JobPhase::Running
+}
+
+/// What one tenant's Job reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub ok: bool,
+    /// The runner's result, when it wrote one.
+    pub result: Option<JobResult>,
+    /// Why it failed, when the result does not say (killed, deadline, image missing...).
+    pub error: Option<String>,
+}
+
+/// The outcome of a finished Job, from its pods' termination messages.
+pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
+    let succeeded = job_phase(job) == JobPhase::Finished(true);
+    // The newest terminated runner container (a Job with retries has several pods).
+    let mut best: Option<(String, i32, Option<String>, Option<String>)> = None;
+    for p in pods {
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+        for cs in statuses.into_iter().flatten().filter(|c| c.name == "runner") {
+            if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+                let at = t.finished_at.as_ref().map(|f| f.0.to_string()).unwrap_or_default();
+                if best.as_ref().is_none_or(|b| at >= b.0) {
+                    best = Some((at, t.exit_code, t.message.clone(), t.reason.clone()));
+                }
+            }
+        }
+    }
+    if let Some((_, code, message, reason)) = best {
+        let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok());
+        return match parsed {
+            Some(r) => Outcome { ok: succeeded && r.ok, error: None, result: Some(r) },
+            None => Outcome {
+                ok: succeeded,
+                result: None,
+                error: (!succeeded).then(|| {
+                    let mut e = format!("the runner exited with code {code}");
+                    if let Some(r) = reason.filter(|r| r != "Error" && r != "Completed") {
+                        e.push_str(&format!(" ({r})"));
+                    }
+                    if let Some(m) = message.filter(|m| !m.trim().is_empty()) {
+                        e.push_str(&format!(": {}", m.trim().chars().take(300).collect::<String>()));
+                    }
+                    e
+                }),
+            },
+        };
+    }
+    // No container ever ran to completion: the Job's own condition says why.
+    let reason = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Failed" && c.status == "True"))
+        .map(|c| format!("{}: {}", c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default()));
+    Outcome {
+        ok: succeeded,
+        result: None,
+        error: (!succeeded)
+            .then(|| format!("the Job failed before the runner finished ({})", reason.unwrap_or_default())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::plan::RunPlan;
+
+    fn plan(yaml: &str) -> RunPlan {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const PLAN: &str = r#"
+runId: shop-g2-abc123
+generation: 2
+target: "20250105000000"
+tenants: [tenant_acme, tenant_b]
+canaries: 1
+filesConfigMap: shop-g2-abc123-files
+spec:
+  connection: { secretRef: { name: shop-mongo, key: uri } }
+  tenants: { pattern: "^tenant_" }
+  migrations: { configMapRef: { name: shop-migrations } }
+  profiles: [staging]
+  jobTemplate: { image: "dbshift:dev", imagePullPolicy: IfNotPresent, hostNetwork: true }
+"#;
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "dbshift.io/v1alpha1".into(),
+            kind: "DatabaseMigration".into(),
+            name: "shop".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    fn env(job: &Job) -> BTreeMap<String, String> {
+        let c = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
+    }
+
+    #[test]
+    fn job_names_are_stable_unique_and_short() {
+        let a = job_name("add-preferences", "r1", "tenant_a", Action::Migrate);
+        assert_eq!(a, job_name("add-preferences", "r1", "tenant_a", Action::Migrate));
+        assert_ne!(a, job_name("add-preferences", "r1", "tenant_b", Action::Migrate));
+        assert_ne!(a, job_name("add-preferences", "r2", "tenant_a", Action::Migrate));
+        assert_ne!(a, job_name("add-preferences", "r1", "tenant_a", Action::Rollback));
+        let long = job_name(&"x".repeat(253), "r1", "t", Action::Rollback);
+        assert!(long.len() <= 52, "{long}");
+    }
+
+    #[test]
+    fn the_job_carries_references_never_the_uri() {
+        let p = plan(PLAN);
+        let job =
+            build_job(&p, "shop", "ns", owner(), "tenant_b", Action::Migrate, &JobDefaults { image: "d:1".into() });
+        let yaml = serde_yaml::to_string(&job).unwrap();
+        assert!(!yaml.contains("mongodb://"));
+        let e = env(&job);
+        assert_eq!(e["DBSHIFT_TENANT"], "tenant_b");
+        assert_eq!(e["DBSHIFT_RUN_ID"], "shop-g2-abc123");
+        assert_eq!(e["DBSHIFT_TARGET"], "20250105000000");
+        assert_eq!(e["DBSHIFT_PROFILES"], "staging");
+        assert_eq!(e["DBSHIFT_BACKUP"], "database:dbshift_snapshots");
+        assert_eq!(e["DBSHIFT_MONGODB_URI_FILE"], "/var/run/dbshift/connection/uri");
+        assert!(!e.contains_key("DBSHIFT_DRY_RUN"));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.host_network, Some(true));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("dbshift:dev"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        let labels = job.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[LABEL_RUN], "shop-g2-abc123");
+        assert_eq!(labels[LABEL_TENANT], "tenant_b");
+        assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+    }
+
+    #[test]
+    fn rollback_and_dry_run_jobs() {
+        let mut p = plan(PLAN);
+        let d = JobDefaults { image: "d:1".into() };
+        let rb = build_job(&p, "shop", "ns", owner(), "tenant_b", Action::Rollback, &d);
+        assert_eq!(env(&rb)["DBSHIFT_ROLLBACK_RUN"], "shop-g2-abc123");
+        p.spec.dry_run = true;
+        let dry = build_job(&p, "shop", "ns", owner(), "tenant_b", Action::Migrate, &d);
+        let e = env(&dry);
+        assert_eq!(e["DBSHIFT_DRY_RUN"], "true");
+        assert!(!e.contains_key("DBSHIFT_BACKUP"), "a dry run takes no snapshot");
+    }
+
+    #[test]
+    fn image_sources_copy_files_in_an_init_container() {
+        let mut p = plan(PLAN);
+        p.files_config_map = None;
+        p.spec.migrations = serde_yaml::from_str("image: { image: 'shop-migrations:3', path: /m/ }").unwrap();
+        let job = build_job(&p, "shop", "ns", owner(), "tenant_b", Action::Migrate, &JobDefaults { image: "d".into() });
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let init = &pod.init_containers.unwrap()[0];
+        assert_eq!(init.image.as_deref(), Some("shop-migrations:3"));
+        assert_eq!(init.command.as_ref().unwrap()[2], "/m/.");
+    }
+
+    fn pod_with(message: &str, code: i32) -> Pod {
+        serde_yaml::from_str(&format!(
+            r#"
+metadata: {{ name: p }}
+status:
+  containerStatuses:
+  - name: runner
+    image: x
+    imageID: ""
+    ready: false
+    restartCount: 0
+    state: {{ terminated: {{ exitCode: {code}, reason: Error, message: '{message}' }} }}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn job_with(cond: &str) -> Job {
+        serde_yaml::from_str(&format!(
+            "metadata: {{ name: j }}\nstatus: {{ conditions: [ {{ type: {cond}, status: 'True' }} ] }}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn outcomes_come_from_the_termination_message() {
+        let ok =
+            r#"{"v":1,"tenant":"t","ok":true,"dir":"up","done":[["20250101000000_a",5,10]],"checks":[1,1],"code":0}"#;
+        let o = outcome(&job_with("Complete"), &[pod_with(ok, 0)]);
+        assert!(o.ok);
+        assert_eq!(o.result.unwrap().done[0].2, 10);
+
+        let o = outcome(&job_with("Failed"), &[pod_with("killed", 137)]);
+        assert!(!o.ok);
+        assert!(o.error.unwrap().contains("code 137"));
+
+        let o = outcome(&job_with("Failed"), &[]);
+        assert!(o.error.unwrap().contains("before the runner finished"));
+    }
+}

@@ -1,0 +1,127 @@
+//! Leader election with a `coordination.k8s.io/v1` Lease, so two replicas never both act.
+//!
+//! The leader renews the Lease every third of its duration. A replica that cannot renew
+//! before the Lease expires exits (its pod restarts as a follower) rather than risk acting
+//! next to a new leader. Followers take over once the Lease has not been renewed for its
+//! whole duration, or at once when the leader released it on shutdown.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ObjectMeta, PostParams};
+
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+impl Elector {
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+        Elector { api, name: name.into(), identity: identity.into(), duration }
+    }
+
+    /// Wait until this replica holds the Lease.
+    pub async fn acquire(&self) {
+        let mut logged = false;
+        loop {
+            match self.try_acquire().await {
+                Ok(true) => {
+                    tracing::info!(lease = %self.name, identity = %self.identity, "became the leader");
+                    return;
+                }
+                Ok(false) if !logged => {
+                    tracing::info!(lease = %self.name, "another replica leads; standing by");
+                    logged = true;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(lease = %self.name, error = %e, "leader election"),
+            }
+            tokio::time::sleep(self.duration / 5).await;
+        }
+    }
+
+    /// Keep renewing; returns only when leadership is lost (the caller must stop acting).
+    pub async fn hold(&self) {
+        let mut last_renewal = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.duration / 3).await;
+            match self.try_acquire().await {
+                Ok(true) => last_renewal = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(lease = %self.name, "another replica took the Lease");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "renewing the Lease failed");
+                    if last_renewal.elapsed() >= self.duration {
+                        tracing::error!(lease = %self.name, "could not renew the Lease before it expired");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give the Lease up so a follower takes over at once (best effort, on shutdown).
+    pub async fn release(&self) {
+        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
+            if let Some(spec) = lease.spec.as_mut() {
+                if spec.holder_identity.as_deref() == Some(&self.identity) {
+                    spec.holder_identity = None;
+                    spec.renew_time = None;
+                    let _ = self.api.replace(&self.name, &PostParams::default(), &lease).await;
+                }
+            }
+        }
+    }
+
+    async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let secs = self.duration.as_secs() as i32;
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(secs),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let mine = spec.holder_identity.as_deref() == Some(&self.identity);
+        let held_for = spec.lease_duration_seconds.unwrap_or(secs).max(1) as i64;
+        let expired = match (&spec.holder_identity, &spec.renew_time) {
+            (None, _) | (_, None) => true,
+            (Some(_), Some(r)) => r.0 + SignedDuration::from_secs(held_for) < now,
+        };
+        if !mine && !expired {
+            return Ok(false);
+        }
+        if !mine {
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            spec.holder_identity = Some(self.identity.clone());
+        }
+        spec.renew_time = Some(MicroTime(now));
+        spec.lease_duration_seconds = Some(secs);
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            // Someone else wrote it first.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

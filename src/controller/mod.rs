@@ -1,0 +1,233 @@
+//! `dbshift controller`: the Kubernetes operator.
+//!
+//! Reconcile is a pipeline: [`inputs`] checks the spec, the Secret, the files and the tenants;
+//! [`plan`] freezes the run in a ConfigMap; [`rollout`] decides which per-tenant Jobs
+//! ([`jobs`]) run next and applies the failure policy; [`status`] writes the outcome. Only
+//! [`reconcile`] talks to the API server. [`lease`] keeps a single active replica;
+//! [`metrics`] serves `/metrics`, `/healthz` and `/readyz`.
+
+pub mod inputs;
+pub mod jobs;
+pub mod lease;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod rollout;
+pub mod status;
+pub mod wait;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Client;
+
+use crate::crd::DatabaseMigration;
+
+/// Field manager of every write, and the `app.kubernetes.io/managed-by` value of children.
+pub const MANAGER: &str = "dbshift-controller";
+/// Finalizer that holds a deleted resource until its running Jobs finished.
+pub const FINALIZER: &str = "dbshift.io/finalizer";
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Default image of the per-tenant Jobs (a resource's jobTemplate.image overrides it).
+    #[arg(long, env = "DBSHIFT_RUNNER_IMAGE", default_value = concat!("dbshift:", env!("CARGO_PKG_VERSION")))]
+    pub runner_image: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "DBSHIFT_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the HTTP server for /healthz, /readyz and /metrics.
+    #[arg(long, env = "DBSHIFT_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Elect a leader with a Lease, so only one replica acts.
+    #[arg(long, env = "DBSHIFT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, default_value = "dbshift-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a Lease lives without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Seconds to wait for MongoDB when resolving tenants.
+    #[arg(long, default_value_t = 5)]
+    pub mongodb_timeout: u64,
+    /// Log format.
+    #[arg(long, env = "DBSHIFT_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Settings the reconciler reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runner_image: String,
+    pub connect_timeout: Duration,
+    /// Wait before retrying a run blocked by something that may appear (Secret, MongoDB).
+    pub retry: Duration,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    /// Every Job dbshift manages (metadata and status only).
+    pub jobs: Store<Job>,
+    pub recorder: Recorder,
+    pub metrics: Arc<metrics::Metrics>,
+    pub runs: Mutex<HashMap<String, reconcile::RunMemory>>,
+    /// When this process started: Jobs that ended before are not announced again.
+    pub started: Timestamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Kube {
+        action: &'static str,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("{0}: timed out")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl Error {
+    pub fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+        move |source| Error::Kube { action, source: Box::new(source) }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubernetesError",
+            Error::Timeout(_) => "Timeout",
+            Error::Lost(_) => "RunLost",
+        }
+    }
+}
+
+fn error_policy(dbm: Arc<DatabaseMigration>, e: &Error, ctx: Arc<Context>) -> Requeue {
+    use kube::ResourceExt;
+    tracing::warn!(resource = %dbm.name_any(), error = %e, "reconcile failed; retrying");
+    ctx.metrics.reconcile_errors.get_or_create(&metrics::ReasonLabel { reason: e.label().into() }).inc();
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+/// Run the controller until SIGTERM/SIGINT, or until leadership is lost.
+pub async fn run(args: &ControllerArgs) -> Result<(), String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("cannot configure a Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
+    let dbms: Api<DatabaseMigration> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(e) = dbms.list(&ListParams::default().limit(1)).await {
+        return Err(match e {
+            kube::Error::Api(ae) if ae.code == 404 => {
+                "the DatabaseMigration CRD is not installed: `dbshift crd | kubectl apply -f -` (or install the Helm chart)".into()
+            }
+            other => format!("cannot list DatabaseMigrations: {other}"),
+        });
+    }
+
+    let metrics = Arc::new(metrics::Metrics::default());
+    let health = Arc::new(metrics::Health::default());
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tokio::spawn(metrics::serve(listener, metrics.clone(), health.clone()));
+
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "dbshift".into());
+    let elector = if args.leader_election {
+        let ns = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        let e = lease::Elector::new(
+            Api::<Lease>::namespaced(client.clone(), &ns),
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_seconds.max(3)),
+        );
+        // A standby replica is healthy and ready; it just does not act.
+        health.ready.store(true, Ordering::Relaxed);
+        e.acquire().await;
+        health.ready.store(false, Ordering::Relaxed);
+        Some(e)
+    } else {
+        None
+    };
+
+    let jobs_api: Api<Job> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let selector = format!("{}={}", jobs::MANAGED_BY, jobs::MANAGER);
+    let (store, writer) = reflector::store();
+    let job_events = watcher(jobs_api.clone(), watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .modify(|j: &mut Job| {
+            // The store keeps what decisions need: names, labels, owners, status.
+            j.metadata.managed_fields = None;
+            j.spec = None;
+        })
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(job_events.for_each(|_| futures::future::ready(())));
+    store.wait_until_ready().await.map_err(|e| format!("the Job watch stopped: {e}"))?;
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config: Config {
+            runner_image: args.runner_image.clone(),
+            connect_timeout: Duration::from_secs(args.mongodb_timeout.max(1)),
+            retry: Duration::from_secs(30),
+        },
+        jobs: store,
+        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),
+        metrics,
+        runs: Mutex::new(HashMap::new()),
+        started: Timestamp::now(),
+    });
+    health.ready.store(true, Ordering::Relaxed);
+    tracing::info!(runner_image = %args.runner_image, namespace = ?args.namespace, "controller started");
+
+    let controller = Controller::new(dbms, watcher::Config::default())
+        .owns(jobs_api, watcher::Config::default().labels(&selector))
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile");
+            }
+            futures::future::ready(())
+        });
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => { e.release().await; Ok(()) }
+                _ = e.hold() => Err("lost the leader Lease; exiting so that only one replica acts".into()),
+            }
+        }
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}

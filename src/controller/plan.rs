@@ -1,0 +1,108 @@
+//! A run: what one generation of a `DatabaseMigration` does, frozen when it starts.
+//!
+//! The plan is written to a ConfigMap owned by the resource before the first Job exists, so
+//! a restarted controller continues the same run with the same tenants and the same spec,
+//! whatever happened to the resource or its sources in between.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crd::{DatabaseMigration, DatabaseMigrationSpec};
+
+/// Key of the plan inside its ConfigMap.
+pub const PLAN_KEY: &str = "plan.json";
+
+/// Everything a run needs, decided once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPlan {
+    /// `<name>-g<generation>-<uid>`: in Job labels, tracking records and snapshots.
+    pub run_id: String,
+    /// The generation of the resource this run carries out.
+    pub generation: i64,
+    /// The version migrated to (`None`: the newest in an image-sourced set, unknown here).
+    pub target: Option<String>,
+    /// Canaries first, in the order given, then the other tenants sorted.
+    pub tenants: Vec<String>,
+    /// How many of `tenants` are canaries.
+    pub canaries: usize,
+    /// ConfigMap holding the frozen migration files (absent for an image source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_config_map: Option<String>,
+    /// The spec as it was when the run started.
+    pub spec: DatabaseMigrationSpec,
+}
+
+/// The run id of a resource's current generation. Deterministic, so a controller restarted
+/// half-way through starting a run finds the objects it already created.
+pub fn run_id(dbm: &DatabaseMigration) -> String {
+    let name = dbm.metadata.name.as_deref().unwrap_or("run");
+    let uid = dbm.metadata.uid.as_deref().unwrap_or("");
+    let short: String = uid.chars().filter(|c| c.is_ascii_alphanumeric()).take(6).collect();
+    let generation = dbm.metadata.generation.unwrap_or(0);
+    format!("{}-g{generation}-{short}", trim_name(name, 40))
+}
+
+/// Name of the ConfigMap holding a run's plan.
+pub fn plan_config_map(run_id: &str) -> String {
+    format!("{run_id}-plan")
+}
+
+/// Name of the ConfigMap holding a run's migration files.
+pub fn files_config_map(run_id: &str) -> String {
+    format!("{run_id}-files")
+}
+
+/// Order tenants: canaries first (as listed), then the rest sorted.
+pub fn order_tenants(resolved: &[String], canaries: &[String]) -> (Vec<String>, usize) {
+    let mut out: Vec<String> = Vec::with_capacity(resolved.len());
+    for c in canaries {
+        if resolved.contains(c) && !out.contains(c) {
+            out.push(c.clone());
+        }
+    }
+    let n = out.len();
+    let mut rest: Vec<String> = resolved.iter().filter(|t| !canaries.contains(t)).cloned().collect();
+    rest.sort();
+    rest.dedup();
+    out.extend(rest);
+    (out, n)
+}
+
+/// Cut a DNS-label-ish name to `max` characters without leaving a trailing `-` or `.`.
+pub fn trim_name(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].trim_end_matches(['-', '.'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canaries_come_first_in_their_order() {
+        let resolved: Vec<String> = ["t_c", "t_a", "t_b", "t_d"].iter().map(|s| s.to_string()).collect();
+        let (t, n) = order_tenants(&resolved, &["t_d".into(), "t_b".into()]);
+        assert_eq!(t, ["t_d", "t_b", "t_a", "t_c"]);
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn run_ids_are_short_deterministic_labels() {
+        let mut dbm = DatabaseMigration::new(&"a".repeat(60), serde_yaml::from_str(MINIMAL).unwrap());
+        dbm.metadata.uid = Some("0f3c9a7e-1111-2222-3333-444455556666".into());
+        dbm.metadata.generation = Some(7);
+        let id = run_id(&dbm);
+        assert_eq!(id, format!("{}-g7-0f3c9a", "a".repeat(40)));
+        assert!(id.len() <= 63);
+        assert_eq!(run_id(&dbm), id);
+    }
+
+    const MINIMAL: &str = r#"
+connection: { secretRef: { name: m } }
+tenants: { names: [t] }
+migrations: { configMapRef: { name: x } }
+"#;
+}

@@ -1,0 +1,303 @@
+//! The rollout decision: which Jobs to start next and where the run stands.
+//!
+//! A pure function of the plan and of what each tenant's Jobs did, so it is tested from YAML
+//! fixtures without a cluster, and so a restarted controller decides exactly as before.
+
+use crate::crd::{FailurePolicy, Phase};
+
+use super::jobs::{Action, Outcome};
+use super::plan::RunPlan;
+
+/// One Job's progress, as far as the controller knows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Step {
+    #[default]
+    NotStarted,
+    /// Launched (recorded in status, or seen running).
+    Running,
+    Done(Outcome),
+}
+
+impl Step {
+    pub fn ok(&self) -> bool {
+        matches!(self, Step::Done(o) if o.ok)
+    }
+    pub fn failed(&self) -> bool {
+        matches!(self, Step::Done(o) if !o.ok)
+    }
+}
+
+/// A tenant's Jobs in this run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantView {
+    pub migrate: Step,
+    pub rollback: Step,
+}
+
+/// What to do now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Jobs to start: tenant index and action.
+    pub launch: Vec<(usize, Action)>,
+    pub phase: Phase,
+    /// The run is over; nothing more will start.
+    pub finished: bool,
+    /// Whether the failure policy has been triggered (no more migrations start).
+    pub stopped: bool,
+    /// A sentence for `status.message`.
+    pub message: String,
+}
+
+/// Whether a tenant migrated by this run needs its rollback Job.
+fn needs_rollback(v: &TenantView) -> bool {
+    match &v.migrate {
+        Step::Done(o) => match &o.result {
+            // The engine already undid a failed migration itself; only what was applied
+            // before it (or by a successful run) has to be rolled back.
+            Some(r) => !r.done.is_empty(),
+            // No result: the runner died; assume anything may have been applied.
+            None => true,
+        },
+        _ => false,
+    }
+}
+
+/// Decide the next step. `deleting`: the resource is being deleted, start nothing.
+pub fn decide(plan: &RunPlan, views: &[TenantView], deleting: bool) -> Decision {
+    let rollout = &plan.spec.rollout;
+    let max_parallel = rollout.max_parallel.max(1) as usize;
+    let canaries = plan.canaries.min(views.len());
+    let total = views.len();
+
+    let running = views.iter().filter(|v| v.migrate == Step::Running).count();
+    let failures = views.iter().filter(|v| v.migrate.failed()).count();
+    let canary_failed = views[..canaries].iter().any(|v| v.migrate.failed());
+    let over_budget = failures > rollout.max_failures as usize;
+    let policy = rollout.on_failure;
+    let stopped = canary_failed || (over_budget && policy != FailurePolicy::Continue);
+
+    let mut launch = Vec::new();
+    if !stopped {
+        let canaries_done = views[..canaries].iter().all(|v| v.migrate.ok());
+        if !deleting {
+            if !canaries_done {
+                // Canaries go one at a time, in order.
+                if !views[..canaries].iter().any(|v| v.migrate == Step::Running) {
+                    if let Some(i) = views[..canaries].iter().position(|v| v.migrate == Step::NotStarted) {
+                        launch.push((i, Action::Migrate));
+                    }
+                }
+            } else {
+                let free = max_parallel.saturating_sub(running);
+                launch.extend(
+                    (canaries..total)
+                        .filter(|&i| views[i].migrate == Step::NotStarted)
+                        .take(free)
+                        .map(|i| (i, Action::Migrate)),
+                );
+            }
+        }
+        let done = views.iter().filter(|v| matches!(v.migrate, Step::Done(_))).count();
+        let in_flight = running + launch.len();
+        if done == total {
+            let succeeded = total - failures;
+            return if failures == 0 {
+                Decision {
+                    launch,
+                    phase: Phase::Succeeded,
+                    finished: true,
+                    stopped: false,
+                    message: if plan.spec.dry_run {
+                        format!("dry run: {total} tenant(s) planned, nothing written")
+                    } else {
+                        format!("{succeeded}/{total} tenant(s) migrated")
+                    },
+                }
+            } else {
+                Decision {
+                    launch,
+                    phase: Phase::Failed,
+                    finished: true,
+                    stopped: false,
+                    message: format!(
+                        "{succeeded}/{total} tenant(s) migrated, {failures} failed (tolerated: maxFailures {})",
+                        rollout.max_failures
+                    ),
+                }
+            };
+        }
+        if deleting && in_flight == 0 {
+            return Decision {
+                launch,
+                phase: Phase::Failed,
+                finished: true,
+                stopped: true,
+                message: format!("deleted after {done}/{total} tenant(s)"),
+            };
+        }
+        let stage = if !canaries_done { "canary stage: " } else { "" };
+        return Decision {
+            launch,
+            phase: Phase::Migrating,
+            finished: false,
+            stopped: false,
+            message: format!("{stage}{done}/{total} tenant(s) done, {in_flight} running"),
+        };
+    }
+
+    // The failure policy applies: no more migrations start.
+    let why = if canary_failed {
+        "a canary tenant failed".to_string()
+    } else {
+        format!("{failures} tenant(s) failed (maxFailures {})", rollout.max_failures)
+    };
+    let rolling_back = policy == FailurePolicy::Rollback && !plan.spec.dry_run;
+    if running > 0 {
+        return Decision {
+            launch,
+            phase: if rolling_back { Phase::RollingBack } else { Phase::Migrating },
+            finished: false,
+            stopped: true,
+            message: format!("{why}; waiting for {running} running Job(s) before applying onFailure={policy:?}"),
+        };
+    }
+    if !rolling_back || deleting {
+        let left = views.iter().filter(|v| v.migrate == Step::NotStarted).count();
+        return Decision {
+            launch,
+            phase: Phase::Failed,
+            finished: true,
+            stopped: true,
+            message: format!("{why}; halted with {left} tenant(s) not started"),
+        };
+    }
+    let candidates: Vec<usize> = (0..total).filter(|&i| needs_rollback(&views[i])).collect();
+    let rb_running = candidates.iter().filter(|&&i| views[i].rollback == Step::Running).count();
+    let free = max_parallel.saturating_sub(rb_running);
+    launch.extend(
+        candidates
+            .iter()
+            .copied()
+            .filter(|&i| views[i].rollback == Step::NotStarted)
+            .take(free)
+            .map(|i| (i, Action::Rollback)),
+    );
+    let rb_done = candidates.iter().filter(|&&i| matches!(views[i].rollback, Step::Done(_))).count();
+    if rb_done < candidates.len() {
+        return Decision {
+            launch,
+            phase: Phase::RollingBack,
+            finished: false,
+            stopped: true,
+            message: format!("{why}; rolling back: {rb_done}/{} tenant(s) done", candidates.len()),
+        };
+    }
+    let rb_failed = candidates.iter().filter(|&&i| views[i].rollback.failed()).count();
+    if rb_failed > 0 {
+        Decision {
+            launch,
+            phase: Phase::Failed,
+            finished: true,
+            stopped: true,
+            message: format!("{why}; rollback failed on {rb_failed} tenant(s): they need attention"),
+        }
+    } else {
+        Decision {
+            launch,
+            phase: Phase::RolledBack,
+            finished: true,
+            stopped: true,
+            message: format!("{why}; {} tenant(s) rolled back", candidates.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scenarios as YAML fixtures: the plan's rollout and each tenant's Job states
+    //! (`-`: not started, `R`: running, `ok` / `fail` / `fail0` (failed, nothing applied) /
+    //! `died` (no result)), with the expected launches and phase.
+
+    use super::*;
+    use crate::cli::run::JobResult;
+
+    #[derive(serde::Deserialize)]
+    struct Case {
+        name: String,
+        rollout: serde_yaml::Value,
+        #[serde(default)]
+        dry_run: bool,
+        canaries: usize,
+        /// One entry per tenant: "<migrate>" or "<migrate>/<rollback>".
+        tenants: Vec<String>,
+        #[serde(default)]
+        deleting: bool,
+        launch: Vec<String>,
+        phase: Phase,
+        finished: bool,
+    }
+
+    fn step(s: &str) -> Step {
+        let result = |ok: bool, applied: bool| JobResult {
+            v: 1,
+            ok,
+            done: if applied { vec![("20250101000000_a".into(), 1, 1)] } else { vec![] },
+            ..Default::default()
+        };
+        let done = |ok, r: Option<JobResult>| Step::Done(Outcome { ok, result: r, error: None });
+        match s {
+            "-" => Step::NotStarted,
+            "R" => Step::Running,
+            "ok" => done(true, Some(result(true, true))),
+            "ok0" => done(true, Some(result(true, false))),
+            "fail" => done(false, Some(result(false, true))),
+            "fail0" => done(false, Some(result(false, false))),
+            "died" => done(false, None),
+            other => panic!("unknown step {other}"),
+        }
+    }
+
+    const CASES: &str = include_str!("../../tests/fixtures/rollout.yaml");
+
+    #[test]
+    fn rollout_fixtures() {
+        let cases: Vec<Case> = serde_yaml::from_str(CASES).unwrap();
+        assert!(cases.len() >= 10);
+        for c in cases {
+            let mut plan: RunPlan = serde_yaml::from_str(PLAN).unwrap();
+            plan.spec.rollout = serde_yaml::from_value(c.rollout.clone()).unwrap();
+            plan.spec.dry_run = c.dry_run;
+            plan.canaries = c.canaries;
+            plan.tenants = (0..c.tenants.len()).map(|i| format!("t{i}")).collect();
+            let views: Vec<TenantView> = c
+                .tenants
+                .iter()
+                .map(|t| {
+                    let (m, r) = t.split_once('/').unwrap_or((t, "-"));
+                    TenantView { migrate: step(m), rollback: step(r) }
+                })
+                .collect();
+            let d = decide(&plan, &views, c.deleting);
+            let launch: Vec<String> = d
+                .launch
+                .iter()
+                .map(|(i, a)| format!("{}{i}", if *a == Action::Rollback { "rb" } else { "t" }))
+                .collect();
+            assert_eq!(launch, c.launch, "{}: launches ({})", c.name, d.message);
+            assert_eq!(d.phase, c.phase, "{}: phase ({})", c.name, d.message);
+            assert_eq!(d.finished, c.finished, "{}: finished ({})", c.name, d.message);
+        }
+    }
+
+    const PLAN: &str = r#"
+runId: r
+generation: 1
+target: null
+tenants: []
+canaries: 0
+spec:
+  connection: { secretRef: { name: s } }
+  tenants: { names: [x] }
+  migrations: { configMapRef: { name: m } }
+"#;
+}

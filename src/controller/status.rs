@@ -1,0 +1,348 @@
+//! The status the controller writes: pure functions from the run's state to
+//! `DatabaseMigrationStatus`.
+//!
+//! Size: the status must stay far below etcd's 1.5 MiB object limit with 10,000 tenants. It
+//! always carries the counts; per-tenant entries are capped at [`MAX_TENANT_ENTRIES`], chosen
+//! by how much they need a reader's attention (running, failed, rolled back, then succeeded,
+//! then pending). The full per-tenant record lives in each tenant's Job (labels, termination
+//! message) and in the tracking collection of each tenant database. See docs/operator.md.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{
+    AppliedMigration, BackupStatus, DatabaseMigrationStatus, Phase, Progress, TenantStatus, ValidationStatus,
+};
+
+use super::jobs::{job_name, Action};
+use super::plan::RunPlan;
+use super::rollout::{Decision, Step, TenantView};
+
+/// Per-tenant entries kept in the status (about 400 bytes each at most).
+pub const MAX_TENANT_ENTRIES: usize = 1000;
+
+/// The phase of one tenant, as shown in `status.tenants[].phase`.
+pub fn tenant_phase(v: &TenantView, stopped: bool) -> &'static str {
+    match (&v.rollback, &v.migrate) {
+        (Step::Running, _) => "RollingBack",
+        (Step::Done(o), _) if o.ok => "RolledBack",
+        (Step::Done(_), _) => "RollbackFailed",
+        (_, Step::NotStarted) if stopped => "Skipped",
+        (_, Step::NotStarted) => "Pending",
+        (_, Step::Running) => "Running",
+        (_, Step::Done(o)) if o.ok => "Succeeded",
+        (_, Step::Done(_)) => "Failed",
+    }
+}
+
+/// Lower sorts first: what a reader most needs to see.
+fn attention(phase: &str) -> u8 {
+    match phase {
+        "RollbackFailed" => 0,
+        "Failed" => 1,
+        "Running" | "RollingBack" => 2,
+        "RolledBack" => 3,
+        "Succeeded" => 4,
+        _ => 5,
+    }
+}
+
+/// One tenant's entry.
+pub fn tenant_status(plan: &RunPlan, resource: &str, tenant: &str, v: &TenantView, stopped: bool) -> TenantStatus {
+    let phase = tenant_phase(v, stopped);
+    let mut s = TenantStatus { name: tenant.to_string(), phase: phase.to_string(), ..Default::default() };
+    if v.migrate != Step::NotStarted {
+        s.job = Some(job_name(resource, &plan.run_id, tenant, Action::Migrate));
+    }
+    if let Step::Done(o) = &v.migrate {
+        if let Some(r) = &o.result {
+            s.from_version = r.from.clone();
+            s.to_version = r.to.clone();
+            s.applied = r
+                .done
+                .iter()
+                .map(|(id, ms, docs)| AppliedMigration { id: id.clone(), duration_ms: *ms, documents_affected: *docs })
+                .collect();
+            if r.checks.0 > 0 {
+                s.validation = Some(ValidationStatus {
+                    checks: r.checks.0 as u32,
+                    passed: r.checks.1 as u32,
+                    failed: r.failed_checks.clone(),
+                });
+            }
+            s.backup = r.backup.as_ref().map(|b| BackupStatus {
+                location: b.loc.clone(),
+                documents: b.docs,
+                size_bytes: b.bytes,
+                sha256: b.sha.clone(),
+            });
+            s.error = r.error.clone();
+        } else {
+            s.error = o.error.clone();
+        }
+    }
+    match &v.rollback {
+        Step::NotStarted => {}
+        Step::Running => s.rollback = Some("running".into()),
+        Step::Done(o) => {
+            let how = o.result.as_ref().and_then(|r| r.rollback.clone());
+            s.rollback = Some(match (o.ok, how.as_deref()) {
+                (true, Some("snapshot")) => "restored from the snapshot taken before the run".into(),
+                (true, _) => "rolled back with the rollback data stored by the run".into(),
+                (false, _) => {
+                    let why = o.result.as_ref().and_then(|r| r.error.clone()).or_else(|| o.error.clone());
+                    format!("rollback failed: {}", why.unwrap_or_default())
+                }
+            });
+        }
+    }
+    s
+}
+
+/// Tenant counts.
+pub fn progress(views: &[TenantView], stopped: bool) -> Progress {
+    let mut p = Progress { total: views.len() as u32, ..Default::default() };
+    for v in views {
+        match tenant_phase(v, stopped) {
+            "Succeeded" => p.succeeded += 1,
+            "Failed" | "RollbackFailed" => p.failed += 1,
+            "Running" | "RollingBack" => p.running += 1,
+            "RolledBack" => p.rolled_back += 1,
+            _ => p.pending += 1,
+        }
+    }
+    p.summary = format!("{}/{}", p.succeeded, p.total);
+    p
+}
+
+/// Set a condition, keeping `lastTransitionTime` when its status did not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: &Time,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let previous = conditions.iter().position(|c| c.type_ == type_);
+    let since = match previous.map(|i| &conditions[i]) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now.clone(),
+    };
+    let c = Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message: message.chars().take(1000).collect(),
+        observed_generation: Some(generation),
+        last_transition_time: since,
+    };
+    match previous {
+        Some(i) => conditions[i] = c,
+        None => conditions.push(c),
+    }
+}
+
+/// The three conditions for a phase: Ready (what Flux and Argo CD read), Reconciling, Stalled.
+pub fn conditions_for(
+    previous: &[Condition],
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    stalled: bool,
+    generation: i64,
+    now: &Time,
+) -> Vec<Condition> {
+    let mut c = previous.to_vec();
+    let ready = phase == Phase::Succeeded;
+    let active =
+        matches!(phase, Phase::Pending | Phase::BackingUp | Phase::Migrating | Phase::Validating | Phase::RollingBack)
+            && !stalled;
+    set_condition(&mut c, "Ready", ready, reason, message, generation, now);
+    set_condition(&mut c, "Reconciling", active, reason, message, generation, now);
+    set_condition(&mut c, "Stalled", stalled, reason, message, generation, now);
+    c
+}
+
+/// Reason of a phase, for conditions and Events.
+pub fn reason(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::BackingUp => "BackingUp",
+        Phase::Migrating => "Migrating",
+        Phase::Validating => "Validating",
+        Phase::Succeeded => "Succeeded",
+        Phase::Failed => "Failed",
+        Phase::RollingBack => "RollingBack",
+        Phase::RolledBack => "RolledBack",
+    }
+}
+
+/// The status of a run in progress or finished.
+pub fn run_status(
+    previous: &DatabaseMigrationStatus,
+    plan: &RunPlan,
+    resource: &str,
+    views: &[TenantView],
+    decision: &Decision,
+    now: &Time,
+) -> DatabaseMigrationStatus {
+    let mut entries: Vec<TenantStatus> = plan
+        .tenants
+        .iter()
+        .zip(views)
+        .map(|(t, v)| tenant_status(plan, resource, t, v, decision.stopped || decision.finished))
+        .collect();
+    entries.sort_by_key(|e| attention(&e.phase));
+    entries.truncate(MAX_TENANT_ENTRIES);
+    // Readers find a tenant faster in plan order.
+    let order: std::collections::HashMap<&str, usize> =
+        plan.tenants.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    entries.sort_by_key(|e| order.get(e.name.as_str()).copied().unwrap_or(usize::MAX));
+
+    let mut message = decision.message.clone();
+    if entries.len() < views.len() {
+        message.push_str(&format!(
+            " ({} of {} tenants listed; every tenant's Job is labelled {}={})",
+            entries.len(),
+            views.len(),
+            super::jobs::LABEL_RUN,
+            plan.run_id
+        ));
+    }
+    let started_at = if previous.run_id.as_deref() == Some(&plan.run_id) { previous.started_at.clone() } else { None };
+    let finished_at = match (decision.finished, &previous.finished_at) {
+        (false, _) => None,
+        (true, Some(t)) if previous.run_id.as_deref() == Some(&plan.run_id) => Some(t.clone()),
+        (true, _) => Some(now.clone()),
+    };
+    let phase = decision.phase;
+    DatabaseMigrationStatus {
+        observed_generation: Some(plan.generation),
+        phase: Some(phase),
+        conditions: conditions_for(&previous.conditions, phase, reason(phase), &message, false, plan.generation, now),
+        run_id: Some(plan.run_id.clone()),
+        target_version: plan.target.clone(),
+        progress: Some(progress(views, decision.stopped || decision.finished)),
+        started_at: started_at.or_else(|| Some(now.clone())),
+        finished_at,
+        message: Some(message),
+        tenants: entries,
+    }
+}
+
+/// The status of a resource whose run cannot start (yet): bad input, or something missing.
+pub fn blocked_status(
+    previous: &DatabaseMigrationStatus,
+    generation: i64,
+    reason: &str,
+    message: &str,
+    stalled: bool,
+    now: &Time,
+) -> DatabaseMigrationStatus {
+    let phase = if stalled { Phase::Failed } else { Phase::Pending };
+    DatabaseMigrationStatus {
+        observed_generation: Some(generation),
+        phase: Some(phase),
+        conditions: conditions_for(&previous.conditions, phase, reason, message, stalled, generation, now),
+        message: Some(message.to_string()),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::run::JobResult;
+    use crate::controller::jobs::Outcome;
+    use crate::controller::rollout::decide;
+
+    fn now() -> Time {
+        Time("2026-11-21T10:00:00Z".parse().unwrap())
+    }
+
+    fn plan(n: usize) -> RunPlan {
+        let mut p: RunPlan = serde_yaml::from_str(
+            r#"
+runId: r
+generation: 4
+target: "20250105000000"
+tenants: []
+canaries: 0
+spec:
+  connection: { secretRef: { name: s } }
+  tenants: { names: [x] }
+  migrations: { configMapRef: { name: m } }
+  rollout: { maxParallel: 5 }
+"#,
+        )
+        .unwrap();
+        p.tenants = (0..n).map(|i| format!("tenant_{i:05}_with_a_long_descriptive_name")).collect();
+        p
+    }
+
+    fn ok() -> Step {
+        Step::Done(Outcome {
+            ok: true,
+            error: None,
+            result: Some(JobResult {
+                v: 1,
+                ok: true,
+                from: Some("20250101000000".into()),
+                to: Some("20250105000000".into()),
+                done: vec![("20250105000000_add_preferences".into(), 1234, 56789)],
+                checks: (3, 3),
+                ..Default::default()
+            }),
+        })
+    }
+
+    #[test]
+    fn ten_thousand_tenants_fit_in_an_object() {
+        let p = plan(10_000);
+        let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
+        for v in views.iter_mut().skip(9_000) {
+            v.migrate = Step::Done(Outcome { ok: false, result: None, error: Some("e".repeat(300)) });
+        }
+        let d = decide(&p, &views, false);
+        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
+        let size = serde_json::to_string(&s).unwrap().len();
+        assert!(size < 700_000, "status is {size} bytes");
+        assert_eq!(s.tenants.len(), MAX_TENANT_ENTRIES);
+        // Failures are listed first; the counts cover everyone.
+        assert!(s.tenants.iter().all(|t| t.phase == "Failed"));
+        let prog = s.progress.unwrap();
+        assert_eq!((prog.total, prog.succeeded, prog.failed), (10_000, 9_000, 1_000));
+        assert_eq!(prog.summary, "9000/10000");
+        assert!(s.message.unwrap().contains("1000 of 10000 tenants listed"));
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time() {
+        let t0 = now();
+        let c = conditions_for(&[], Phase::Migrating, "Migrating", "m", false, 1, &t0);
+        let t1 = Time("2026-11-21T11:00:00Z".parse().unwrap());
+        let c2 = conditions_for(&c, Phase::Migrating, "Migrating", "m2", false, 1, &t1);
+        let ready = c2.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.last_transition_time, t0);
+        let c3 = conditions_for(&c2, Phase::Succeeded, "Succeeded", "done", false, 1, &t1);
+        let ready = c3.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), &ready.last_transition_time), ("True", &t1));
+        let rec = c3.iter().find(|c| c.type_ == "Reconciling").unwrap();
+        assert_eq!(rec.status, "False");
+    }
+
+    #[test]
+    fn a_tenant_entry_carries_what_its_job_reported() {
+        let p = plan(1);
+        let v = TenantView { migrate: ok(), rollback: Step::NotStarted };
+        let s = tenant_status(&p, "add-preferences", &p.tenants[0], &v, false);
+        assert_eq!(s.phase, "Succeeded");
+        assert_eq!(s.applied[0].documents_affected, 56789);
+        assert_eq!(s.validation.unwrap().passed, 3);
+        assert_eq!(s.to_version.as_deref(), Some("20250105000000"));
+        assert!(s.job.unwrap().starts_with("add-preferences-"));
+    }
+}

@@ -1,0 +1,136 @@
+//! `dbshift wait NAME`: hold an application (as an init container) until its migration
+//! succeeded. Needs only get/list/watch on DatabaseMigrations in its namespace.
+
+use std::time::Duration;
+
+use clap::Args;
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Client;
+
+use crate::crd::{DatabaseMigration, Phase};
+
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// The DatabaseMigration to wait for.
+    pub name: String,
+    /// Its namespace (default: the pod's namespace in a cluster, or the kubeconfig's).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Give up after this many seconds (0: wait forever).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+}
+
+/// Where a resource stands for someone waiting on it.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Succeeded, for the current generation.
+    Ready,
+    /// Finished without success for the current generation: waiting is pointless.
+    Failed(String),
+    Waiting(String),
+}
+
+pub fn verdict(dbm: &DatabaseMigration) -> Verdict {
+    let generation = dbm.metadata.generation.unwrap_or(0);
+    let Some(st) = &dbm.status else { return Verdict::Waiting("no status yet".into()) };
+    let message = st.message.clone().unwrap_or_default();
+    if st.observed_generation != Some(generation) {
+        return Verdict::Waiting(format!("generation {generation} not observed yet"));
+    }
+    let stalled = st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True");
+    match st.phase {
+        Some(Phase::Succeeded) => Verdict::Ready,
+        Some(Phase::Failed | Phase::RolledBack) => Verdict::Failed(message),
+        _ if stalled => Verdict::Failed(message),
+        Some(p) => Verdict::Waiting(format!("{p:?}: {message}")),
+        None => Verdict::Waiting(message),
+    }
+}
+
+/// Exit code: 0 ready, 1 failed or timed out, 2 cannot ask the API server.
+pub async fn run(a: &WaitArgs) -> u8 {
+    let client = match Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot configure a Kubernetes client: {e}");
+            return 2;
+        }
+    };
+    let ns = a.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<DatabaseMigration> = Api::namespaced(client, &ns);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", a.name));
+    let mut stream = Box::pin(watcher(api, cfg).default_backoff().applied_objects());
+    let mut last = String::new();
+    let deadline = (a.timeout > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(a.timeout));
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, stream.try_next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    eprintln!("timed out after {}s waiting for {ns}/{} ({last})", a.timeout, a.name);
+                    return 1;
+                }
+            },
+            None => stream.try_next().await,
+        };
+        match next {
+            Ok(Some(dbm)) => match verdict(&dbm) {
+                Verdict::Ready => {
+                    println!("{ns}/{} succeeded", a.name);
+                    return 0;
+                }
+                Verdict::Failed(m) => {
+                    eprintln!("{ns}/{} did not succeed: {m}", a.name);
+                    return 1;
+                }
+                Verdict::Waiting(m) => {
+                    if m != last {
+                        eprintln!("waiting for {ns}/{}: {m}", a.name);
+                        last = m;
+                    }
+                }
+            },
+            Ok(None) => return 2,
+            Err(e) => {
+                eprintln!("error: watching {ns}/{}: {e}", a.name);
+                return 2;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dbm(status: &str, generation: i64) -> DatabaseMigration {
+        let mut d: DatabaseMigration = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: dbshift.io/v1alpha1
+kind: DatabaseMigration
+metadata: {{ name: m, generation: {generation} }}
+spec:
+  connection: {{ secretRef: {{ name: s }} }}
+  tenants: {{ names: [a] }}
+  migrations: {{ configMapRef: {{ name: c }} }}
+status: {status}
+"#
+        ))
+        .unwrap();
+        d.metadata.generation = Some(generation);
+        d
+    }
+
+    #[test]
+    fn only_a_success_of_the_current_generation_releases_the_app() {
+        assert_eq!(verdict(&dbm("{ observedGeneration: 2, phase: Succeeded }", 2)), Verdict::Ready);
+        assert!(matches!(verdict(&dbm("{ observedGeneration: 1, phase: Succeeded }", 2)), Verdict::Waiting(_)));
+        assert!(matches!(verdict(&dbm("{ observedGeneration: 2, phase: Migrating }", 2)), Verdict::Waiting(_)));
+        assert!(matches!(verdict(&dbm("{ observedGeneration: 2, phase: RolledBack }", 2)), Verdict::Failed(_)));
+        let stalled = "{ observedGeneration: 2, phase: Pending, conditions: [{type: Stalled, status: 'True', reason: X, message: m, lastTransitionTime: '2026-01-01T00:00:00Z'}] }";
+        assert!(matches!(verdict(&dbm(stalled, 2)), Verdict::Failed(_)));
+    }
+}
