@@ -340,7 +340,7 @@ async fn continue_run(
                         return match job_phase(job) {
                             JobPhase::Running => Step::Running,
                             JobPhase::Finished(_) => {
-                                mem.outcomes.get(&jn).cloned().map(Step::Done).unwrap_or(Step::Running)
+                                mem.outcomes.get(&jn).cloned().map(|o| Step::Done(Box::new(o))).unwrap_or(Step::Running)
                             }
                         };
                     }

@@ -15,7 +15,7 @@ pub enum Step {
     NotStarted,
     /// Launched (recorded in status, or seen running).
     Running,
-    Done(Outcome),
+    Done(Box<Outcome>),
 }
 
 impl Step {
@@ -244,7 +244,7 @@ mod tests {
             done: if applied { vec![("20250101000000_a".into(), 1, 1)] } else { vec![] },
             ..Default::default()
         };
-        let done = |ok, r: Option<JobResult>| Step::Done(Outcome { ok, result: r, error: None });
+        let done = |ok, r: Option<JobResult>| Step::Done(Box::new(Outcome { ok, result: r, error: None }));
         match s {
             "-" => Step::NotStarted,
             "R" => Step::Running,

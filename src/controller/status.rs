@@ -283,7 +283,7 @@ spec:
     }
 
     fn ok() -> Step {
-        Step::Done(Outcome {
+        Step::Done(Box::new(Outcome {
             ok: true,
             error: None,
             result: Some(JobResult {
@@ -295,7 +295,7 @@ spec:
                 checks: (3, 3),
                 ..Default::default()
             }),
-        })
+        }))
     }
 
     #[test]
@@ -303,7 +303,7 @@ spec:
         let p = plan(10_000);
         let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
         for v in views.iter_mut().skip(9_000) {
-            v.migrate = Step::Done(Outcome { ok: false, result: None, error: Some("e".repeat(300)) });
+            v.migrate = Step::Done(Box::new(Outcome { ok: false, result: None, error: Some("e".repeat(300)) }));
         }
         let d = decide(&p, &views, false);
         let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
