@@ -54,6 +54,9 @@ pub struct ControllerArgs {
     /// Elect a leader with a Lease, so only one replica acts.
     #[arg(long, env = "DBSHIFT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
+    /// Shorthand for `--leader-election false` (a single replica, or a run outside the cluster).
+    #[arg(long)]
+    pub no_leader_election: bool,
     /// Name of the Lease.
     #[arg(long, default_value = "dbshift-controller")]
     pub lease_name: String,
@@ -157,7 +160,7 @@ pub async fn run(args: &ControllerArgs) -> Result<(), String> {
         .ok()
         .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "dbshift".into());
-    let elector = if args.leader_election {
+    let elector = if args.leader_election && !args.no_leader_election {
         let ns = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
         let e = lease::Elector::new(
             Api::<Lease>::namespaced(client.clone(), &ns),

@@ -102,9 +102,9 @@ async fn on_delete(
     // would skip the engine's own undo), then let go. Snapshots stay, per retention.
     if let (true, Some(run_id)) = (is_active(st.phase), st.run_id.clone()) {
         if let Ok(plan) = load_plan(ctx, dbm, key, &run_id).await {
-            let r = continue_run(dbm, ctx, api, st, key, plan, true).await?;
+            continue_run(dbm, ctx, api, st, key, plan, true).await?;
             if ctx.runs.lock().expect("lock").get(key).is_some_and(|m| m.running > 0) {
-                return Ok(r.max_wait(Duration::from_secs(10)));
+                return Ok(Requeue::requeue(Duration::from_secs(10)));
             }
         }
     }
@@ -116,16 +116,6 @@ async fn on_delete(
     ctx.metrics.write("finalizer");
     ctx.runs.lock().expect("lock").remove(key);
     Ok(Requeue::await_change())
-}
-
-trait MaxWait {
-    fn max_wait(self, d: Duration) -> Self;
-}
-
-impl MaxWait for Requeue {
-    fn max_wait(self, d: Duration) -> Self {
-        Requeue::requeue(d)
-    }
 }
 
 async fn start_run(
@@ -371,8 +361,15 @@ async fn continue_run(
     }
     let running = views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let mut new = status::run_status(st, &plan, &name, &views, &decision, &now());
+    let generation = dbm.metadata.generation.unwrap_or(0);
     if deleting {
         new.message = Some(format!("deleting: {running} running Job(s) finish first; {}", decision.message));
+    } else if generation > plan.generation && !decision.finished {
+        // The run keeps the spec it started with; the change gets a run of its own after it.
+        new.message = Some(format!(
+            "{} (the spec changed to generation {generation} during run {}: it applies when this run ends)",
+            decision.message, plan.run_id
+        ));
     }
     if st.run_id.as_deref() != Some(&plan.run_id) {
         new.started_at = Some(now());
@@ -418,7 +415,11 @@ async fn continue_run(
         }
         ctx.metrics.jobs_running.set(runs.values().map(|m| m.running as i64).sum());
     }
-    Ok(if decision.finished { Requeue::await_change() } else { Requeue::requeue(Duration::from_secs(60)) })
+    Ok(match (decision.finished, generation > plan.generation) {
+        (true, true) => Requeue::requeue(Duration::from_secs(1)),
+        (true, false) => Requeue::await_change(),
+        (false, _) => Requeue::requeue(Duration::from_secs(60)),
+    })
 }
 
 /// When a Job ended (its Complete/Failed condition).

@@ -1,0 +1,594 @@
+//! The operator on a real cluster: kube-apiserver, controller-manager, scheduler and a kubelet
+//! running each tenant's Job in a container (containerd + runc) from the dbshift image, against
+//! a real MongoDB wire server. tests/run.sh brings all of it up and sets:
+//! - `DBSHIFT_TEST_KUBECONFIG`: the cluster;
+//! - `DBSHIFT_TEST_MONGODB_URI`: a server the Job pods reach (host network, 127.0.0.1);
+//! - `DBSHIFT_TEST_RUNNER_IMAGE`: the dbshift image imported into the node.
+//!
+//! Each test works in a namespace and tenant databases of its own, with its own controller
+//! process (`dbshift controller --namespace ...`, run from the test binary's build).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::{doc, Document};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+
+use dbshift::crd::{DatabaseMigration, Phase};
+
+fn kubeconfig() -> String {
+    std::env::var("DBSHIFT_TEST_KUBECONFIG")
+        .expect("DBSHIFT_TEST_KUBECONFIG is not set: run tests/run.sh, which starts a local cluster")
+}
+
+fn runner_image() -> String {
+    std::env::var("DBSHIFT_TEST_RUNNER_IMAGE").unwrap_or_else(|_| "dbshift:test".into())
+}
+
+async fn kube_client() -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// One test's world: a namespace, a Secret with the URI, tenant databases, a controller.
+struct Env {
+    client: kube::Client,
+    ns: String,
+    mongo: mongodb::Client,
+    prefix: String,
+    controller: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+const ADD_FLAG: &str = r#"
+description: flag every customer
+up:
+  - addField: { collection: customers, field: flag, value: true }
+"#;
+
+const TOUCH_AND_UNIQUE: &str = r#"
+description: count a visit, then make codes unique (fails where codes repeat)
+up:
+  - updateMany: { collection: customers, filter: {}, update: { $inc: { visits: 1 } } }
+  - createIndex: { collection: customers, keys: { code: 1 }, name: code_unique, unique: true }
+validate:
+  - indexExists: { collection: customers, name: code_unique }
+"#;
+
+/// An irreversible data change: only the snapshot can undo it.
+const IRREVERSIBLE: &str = r#"
+description: upgrade every customer with a raw command (no rollback data)
+up:
+  - runCommand: { command: { update: customers, updates: [ { q: {}, u: { $set: { tier: gold } }, multi: true } ] } }
+"#;
+
+impl Env {
+    async fn new(name: &str) -> Env {
+        let client = kube_client().await;
+        let ns = format!("t-{name}-{:06x}", rand::random::<u32>() & 0xffffff);
+        let nss: Api<Namespace> = Api::all(client.clone());
+        let n: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } })).unwrap();
+        nss.create(&PostParams::default(), &n).await.expect("namespace");
+        let env = Env {
+            client,
+            ns: ns.clone(),
+            mongo: common::client().await,
+            prefix: format!("op{:06x}", rand::random::<u32>() & 0xffffff),
+            controller: None,
+            log: std::env::temp_dir().join(format!("dbshift-controller-{ns}.log")),
+        };
+        env.secret("mongo", &common::uri()).await;
+        env
+    }
+
+    fn tenant(&self, i: usize) -> String {
+        format!("{}_t{i}", self.prefix)
+    }
+
+    async fn secret(&self, name: &str, uri: &str) {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name }, "stringData": { "uri": uri }
+        }))
+        .unwrap();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&s)).await.expect("secret");
+    }
+
+    async fn migrations(&self, name: &str, files: &[(&str, &str)]) {
+        let data: BTreeMap<String, String> = files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            data: Some(data),
+            ..Default::default()
+        };
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns).create(&PostParams::default(), &cm).await.unwrap();
+    }
+
+    /// Customers with unique codes, or with one repeated code when `dup`.
+    async fn seed(&self, i: usize, dup: bool) {
+        let db = self.mongo.database(&self.tenant(i));
+        let docs: Vec<Document> = (0..20)
+            .map(|n| {
+                let code = if dup && n >= 18 { "dup".to_string() } else { format!("c{n}") };
+                doc! { "_id": n, "name": format!("customer {n} of {i}"), "code": code, "since": bson::DateTime::from_millis(1_700_000_000_000 + n as i64) }
+            })
+            .collect();
+        db.collection::<Document>("customers").insert_many(docs).await.unwrap();
+    }
+
+    async fn customers(&self, i: usize) -> Vec<Vec<u8>> {
+        common::dump_bytes(&self.mongo.database(&self.tenant(i)), "customers").await
+    }
+
+    async fn docs(&self, i: usize) -> Vec<Document> {
+        common::dump(&self.mongo.database(&self.tenant(i)), "customers").await
+    }
+
+    async fn indexes(&self, i: usize) -> Vec<String> {
+        let db = self.mongo.database(&self.tenant(i));
+        db.collection::<Document>("customers").list_index_names().await.unwrap()
+    }
+
+    /// Tracking records of a tenant: (id, state).
+    async fn records(&self, i: usize) -> Vec<(String, String)> {
+        let db = self.mongo.database(&self.tenant(i));
+        let docs = common::dump(&db, "_dbshift_migrations").await;
+        docs.iter()
+            .map(|d| {
+                (d.get_str("_id").unwrap_or_default().to_string(), d.get_str("state").unwrap_or_default().to_string())
+            })
+            .collect()
+    }
+
+    fn start_controller(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_dbshift"))
+            .args(["controller", "--namespace", &self.ns, "--no-leader-election"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--runner-image", &runner_image()])
+            .env("KUBECONFIG", kubeconfig())
+            .env("DBSHIFT_LOG", "info,kube=warn")
+            .env_remove("DBSHIFT_MONGODB_URI")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the controller");
+        self.controller = Some(child);
+    }
+
+    fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn dbms(&self) -> Api<DatabaseMigration> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn jobs_api(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn apply(&self, yaml: &str) {
+        let dbm: DatabaseMigration = serde_yaml::from_str(yaml).unwrap();
+        self.dbms().create(&PostParams::default(), &dbm).await.expect("create the DatabaseMigration");
+    }
+
+    /// A DatabaseMigration over tenants `0..n` of this test (by pattern), with overrides.
+    fn resource(&self, name: &str, extra: &str) -> String {
+        format!(
+            r#"
+apiVersion: dbshift.io/v1alpha1
+kind: DatabaseMigration
+metadata: {{ name: {name} }}
+spec:
+  connection: {{ secretRef: {{ name: mongo }} }}
+  tenants: {{ pattern: "^{}_t" }}
+  migrations: {{ configMapRef: {{ name: migrations }} }}
+  jobTemplate: {{ hostNetwork: true, imagePullPolicy: Never }}
+{extra}
+"#,
+            self.prefix
+        )
+    }
+
+    /// Wait until the resource's phase satisfies `done`.
+    async fn wait_for(&self, name: &str, secs: u64, done: impl Fn(&DatabaseMigration) -> bool) -> DatabaseMigration {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(d) = self.dbms().get_opt(name).await.unwrap() {
+                if done(&d) {
+                    return d;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "timed out waiting on {}/{name}; status: {}\ncontroller log:\n{}",
+                        self.ns,
+                        serde_yaml::to_string(&d.status).unwrap(),
+                        self.log_tail()
+                    );
+                }
+            } else if Instant::now() > deadline {
+                panic!("{}/{name} is gone", self.ns);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn wait_final(&self, name: &str, secs: u64) -> DatabaseMigration {
+        self.wait_for(name, secs, |d| {
+            let st = d.status.as_ref();
+            st.and_then(|s| s.phase).is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed | Phase::RolledBack))
+                && st.and_then(|s| s.observed_generation) == d.metadata.generation
+        })
+        .await
+    }
+
+    async fn jobs(&self) -> Vec<Job> {
+        self.jobs_api().list(&ListParams::default()).await.unwrap().items
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_controller();
+        let _ = Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig(), "delete", "namespace", &self.ns, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn tenant_entry<'a>(d: &'a DatabaseMigration, tenant: &str) -> &'a dbshift::crd::TenantStatus {
+    let st = d.status.as_ref().unwrap();
+    st.tenants.iter().find(|t| t.name == tenant).unwrap_or_else(|| panic!("no status entry for {tenant}"))
+}
+
+fn ready(d: &DatabaseMigration) -> String {
+    let st = d.status.as_ref().unwrap();
+    st.conditions.iter().find(|c| c.type_ == "Ready").map(|c| format!("{}/{}", c.status, c.reason)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_tenants_happy_path() {
+    let mut env = Env::new("happy").await;
+    for i in 0..5 {
+        env.seed(i, false).await;
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    env.start_controller();
+    let canary = env.tenant(3);
+    env.apply(&env.resource("happy", &format!("  rollout: {{ maxParallel: 2, canaries: [{canary}] }}"))).await;
+    let d = env.wait_final("happy", 240).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(ready(&d), "True/Succeeded");
+    let p = st.progress.clone().unwrap();
+    assert_eq!((p.total, p.succeeded, p.failed, p.summary.as_str()), (5, 5, 0, "5/5"));
+    assert_eq!(st.target_version.as_deref(), Some("20250102000000"));
+    for i in 0..5 {
+        let docs = env.docs(i).await;
+        assert_eq!(docs.len(), 20);
+        assert!(docs.iter().all(|d| d.get_bool("flag") == Ok(true) && d.get_i32("visits") == Ok(1)), "tenant {i}");
+        assert!(env.indexes(i).await.contains(&"code_unique".to_string()));
+        let e = tenant_entry(&d, &env.tenant(i));
+        assert_eq!(e.phase, "Succeeded");
+        assert_eq!(e.applied.len(), 2, "{e:?}");
+        assert_eq!(e.applied[1].documents_affected, 20);
+        assert_eq!(e.to_version.as_deref(), Some("20250102000000"));
+        assert_eq!(e.validation.as_ref().map(|v| (v.checks, v.passed)), Some((1, 1)));
+        let b = e.backup.as_ref().unwrap_or_else(|| panic!("no backup recorded for tenant {i}: {e:?}"));
+        assert_eq!(b.documents, 20, "{b:?}");
+        assert!(b.location.contains("dbshift_snapshots"), "{b:?}");
+        assert_eq!(env.records(i).await.len(), 2);
+    }
+    // The canary ran first, alone: its Job finished before any other was created.
+    let jobs = env.jobs().await;
+    assert_eq!(jobs.len(), 5);
+    let created = |t: &str| {
+        let j = jobs.iter().find(|j| j.annotations().get("dbshift.io/tenant").map(String::as_str) == Some(t)).unwrap();
+        j.metadata.creation_timestamp.clone().unwrap().0
+    };
+    let canary_job = jobs.iter().find(|j| j.annotations()["dbshift.io/tenant"] == canary).unwrap();
+    let canary_end = canary_job.status.as_ref().unwrap().completion_time.clone().unwrap().0;
+    for i in (0..5).filter(|&i| i != 3) {
+        assert!(created(&env.tenant(i)) >= canary_end, "tenant {i} started before the canary finished");
+    }
+    // Nothing secret in the Job specs or the events; every transition has an event.
+    let specs = serde_json::to_string(&jobs).unwrap();
+    assert!(!specs.contains("mongodb://"), "a Job spec holds the URI");
+    let reasons = env.event_reasons().await;
+    for r in ["RunStarted", "Migrating", "TenantSucceeded", "Succeeded"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    }
+    assert_eq!(reasons.iter().filter(|r| *r == "TenantSucceeded").count(), 5);
+}
+
+/// Four tenants, one at a time; the second one's codes repeat, so its second migration fails
+/// half-way (after the `$inc`, at the unique index) and the engine undoes that migration.
+async fn failing_tenant(policy: &str) -> (Env, DatabaseMigration, Vec<Vec<Vec<u8>>>) {
+    let mut env = Env::new(&format!("fail-{policy}")).await;
+    for i in 0..4 {
+        env.seed(i, i == 1).await;
+    }
+    let mut before = Vec::new();
+    for i in 0..4 {
+        before.push(env.customers(i).await);
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    env.start_controller();
+    env.apply(&env.resource("fail", &format!("  rollout: {{ maxParallel: 1, onFailure: {policy} }}"))).await;
+    let d = env.wait_final("fail", 300).await;
+    (env, d, before)
+}
+
+fn migrated(docs: &[Document]) -> bool {
+    docs.iter().all(|d| d.get_bool("flag") == Ok(true) && d.get_i32("visits") == Ok(1))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_under_rollback_restores_every_tenant() {
+    let (env, d, before) = failing_tenant("rollback").await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::RolledBack), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(ready(&d), "False/RolledBack");
+    for i in 0..4 {
+        assert_eq!(env.customers(i).await, before[i], "tenant {i} is not exactly as before");
+        assert!(!env.indexes(i).await.contains(&"code_unique".to_string()));
+    }
+    assert_eq!(tenant_entry(&d, &env.tenant(0)).phase, "RolledBack");
+    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, "RolledBack");
+    assert_eq!(tenant_entry(&d, &env.tenant(2)).phase, "Skipped");
+    assert!(tenant_entry(&d, &env.tenant(1)).error.as_deref().unwrap_or_default().contains("code_unique"));
+    assert!(env.records(0).await.iter().all(|(_, s)| s == "rolled_back"), "{:?}", env.records(0).await);
+    assert!(env.records(2).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_under_halt_stops_the_rollout() {
+    let (env, d, before) = failing_tenant("halt").await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    assert!(migrated(&env.docs(0).await), "tenant 0 keeps its migration");
+    // Tenant 1: the first migration stays, the failed one was undone by the engine.
+    let t1 = env.docs(1).await;
+    assert!(t1.iter().all(|d| d.get_bool("flag") == Ok(true) && !d.contains_key("visits")));
+    assert_eq!(env.records(1).await.iter().filter(|(_, s)| s == "applied").count(), 1);
+    for i in 2..4 {
+        assert_eq!(env.customers(i).await, before[i], "tenant {i} was not to be touched");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, "Skipped");
+    }
+    assert_eq!(st.progress.as_ref().unwrap().failed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_under_continue_migrates_the_others() {
+    let (env, d, _) = failing_tenant("continue").await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    for i in [0, 2, 3] {
+        assert!(migrated(&env.docs(i).await), "tenant {i}");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, "Succeeded");
+    }
+    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, "Failed");
+    let p = st.progress.unwrap();
+    assert_eq!((p.succeeded, p.failed), (3, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_through_the_snapshot_is_byte_identical() {
+    let mut env = Env::new("snap").await;
+    for i in 0..3 {
+        env.seed(i, i == 2).await;
+    }
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(env.customers(i).await);
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_gold.yaml", IRREVERSIBLE), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    env.start_controller();
+    env.apply(&env.resource("snap", "  rollout: { maxParallel: 1, onFailure: rollback }")).await;
+    let d = env.wait_final("snap", 300).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::RolledBack), "{:?}\n{}", st.message, env.log_tail());
+    for i in 0..3 {
+        assert_eq!(env.customers(i).await, before[i], "tenant {i} differs from before the run");
+        let e = tenant_entry(&d, &env.tenant(i));
+        assert!(e.rollback.as_deref().unwrap_or_default().contains("snapshot"), "tenant {i}: {e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_at_random_moments_applies_nothing_twice() {
+    let mut env = Env::new("kill").await;
+    for i in 0..6 {
+        env.seed(i, false).await;
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    env.apply(&env.resource("kill", "  rollout: { maxParallel: 2 }")).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut kills = 0;
+    loop {
+        env.start_controller();
+        let d = env.dbms().get("kill").await.unwrap();
+        if d.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no success after {kills} kills\n{}", env.log_tail());
+        if kills < 8 {
+            tokio::time::sleep(Duration::from_millis(300 + rand::random::<u64>() % 3000)).await;
+            env.kill_controller();
+            kills += 1;
+        } else {
+            env.wait_final("kill", 240).await;
+        }
+    }
+    let d = env.wait_final("kill", 60).await;
+    assert_eq!(d.status.as_ref().unwrap().phase, Some(Phase::Succeeded), "{}", env.log_tail());
+    for i in 0..6 {
+        // `$inc` applied twice would show 2.
+        assert!(migrated(&env.docs(i).await), "tenant {i}: {:?}", env.docs(i).await.first());
+        let recs = env.records(i).await;
+        assert_eq!(recs.len(), 2, "tenant {i}: {recs:?}");
+        assert!(recs.iter().all(|(_, s)| s == "applied"));
+    }
+    assert_eq!(env.jobs().await.len(), 6, "one Job per tenant");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_spec_is_reported_and_touches_nothing() {
+    let mut env = Env::new("invalid").await;
+    env.seed(0, false).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    let yaml = env.resource("bad", "").replace(&format!("^{}_t", env.prefix), "^tenant_(");
+    env.apply(&yaml).await;
+    let d = env.wait_final("bad", 60).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(ready(&d), "False/InvalidSpec");
+    assert!(st.message.unwrap().contains("spec.tenants.pattern"));
+    assert!(st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"));
+    assert!(env.jobs().await.is_empty());
+    assert!(env.records(0).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_migration_file_is_reported_with_its_line() {
+    let mut env = Env::new("malformed").await;
+    env.seed(0, false).await;
+    let before = env.customers(0).await;
+    let broken = "description: broken\nup:\n  - addField: { collection: customers, field: flag }\n  - frobnicate: {}\n";
+    env.migrations("migrations", &[("20250101000000_broken.yaml", broken)]).await;
+    env.start_controller();
+    env.apply(&env.resource("broken", "")).await;
+    let d = env.wait_final("broken", 60).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(ready(&d), "False/InvalidMigrations");
+    let msg = st.message.unwrap();
+    assert!(msg.contains("20250101000000_broken.yaml:"), "{msg}");
+    assert!(env.jobs().await.is_empty());
+    assert_eq!(env.customers(0).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mongodb_unreachable_waits_and_recovers() {
+    let mut env = Env::new("unreachable").await;
+    env.seed(0, false).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    env.secret("mongo", &format!("mongodb://127.0.0.1:{closed}/?serverSelectionTimeoutMS=1000")).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    env.apply(&env.resource("down", "")).await;
+    let d = env
+        .wait_for("down", 90, |d| {
+            d.status.as_ref().and_then(|s| s.message.as_deref()).is_some_and(|m| m.contains("reach"))
+        })
+        .await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Pending));
+    assert_eq!(ready(&d), "False/MongoUnreachable");
+    assert!(st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "False"));
+    assert!(env.jobs().await.is_empty());
+    // The server comes back (here: the Secret is fixed); the run proceeds by itself.
+    env.secret("mongo", &common::uri()).await;
+    let d = env.wait_final("down", 180).await;
+    assert_eq!(d.status.unwrap().phase, Some(Phase::Succeeded));
+    assert!(env.docs(0).await.iter().all(|d| d.get_bool("flag") == Ok(true)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_mid_run_lets_the_running_job_finish_and_starts_no_other() {
+    let mut env = Env::new("delete").await;
+    for i in 0..3 {
+        env.seed(i, false).await;
+    }
+    let before2 = env.customers(2).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    env.apply(&env.resource("del", "  rollout: { maxParallel: 1 }")).await;
+    env.wait_for("del", 120, |d| d.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.running == 1))
+        .await;
+    env.dbms().delete("del", &DeleteParams::default()).await.unwrap();
+    // Held by the finalizer while its Job runs, then gone.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while env.dbms().get_opt("del").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the resource was never released\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let migrated_count = {
+        let mut n = 0;
+        for i in 0..3 {
+            if env.docs(i).await.iter().all(|d| d.get_bool("flag") == Ok(true)) {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(migrated_count <= 2, "at most the running tenant (and one launched with it) finished");
+    assert!(migrated_count >= 1, "the running Job was allowed to finish");
+    assert_eq!(env.customers(2).await, before2, "the last tenant was never started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_writes_nothing() {
+    let mut env = Env::new("dry").await;
+    for i in 0..2 {
+        env.seed(i, false).await;
+    }
+    let mut before = Vec::new();
+    for i in 0..2 {
+        before.push(env.customers(i).await);
+    }
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    env.apply(&env.resource("dry", "  dryRun: true\n  rollout: { maxParallel: 2 }")).await;
+    let d = env.wait_final("dry", 180).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}", st.message);
+    assert!(st.message.unwrap().contains("dry run"));
+    for i in 0..2 {
+        assert_eq!(env.customers(i).await, before[i]);
+        let names = env.mongo.database(&env.tenant(i)).list_collection_names().await.unwrap();
+        assert_eq!(names, vec!["customers".to_string()], "tenant {i} gained collections");
+    }
+    let snaps = env.mongo.database("dbshift_snapshots").list_collection_names().await.unwrap();
+    assert!(!snaps.iter().any(|n| n.contains(&env.prefix)), "a dry run took a snapshot: {snaps:?}");
+}
