@@ -8,6 +8,8 @@
 //! Each test works in a namespace and tenant databases of its own, with its own controller
 //! process (`dbshift controller --namespace ...`, run from the test binary's build).
 
+#![allow(clippy::needless_range_loop)] // tenants are numbered; indexing by number reads best
+
 mod common;
 
 use std::collections::BTreeMap;
