@@ -31,7 +31,7 @@ stop() {
     [[ -f $f ]] || continue
     pid=$(cat "$f")
     # Only signal a process that still is the one we started (guards against pid reuse).
-    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$DIR"; then
+    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -q -- "$DIR"; then
       kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     fi
     rm -f "$f"
@@ -92,7 +92,7 @@ node_down() {
   # Shims of this containerd (they outlive it): found by the socket path in their command line.
   local shims=()
   for p in /proc/[0-9]*; do
-    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK" \
+    tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK" \
       && shims+=("${p#/proc/}")
   done
   if (( ${#shims[@]} )); then

@@ -16,7 +16,7 @@ log() { echo "[load-image] $*" >&2; }
 
 [[ -f $DIR/env ]] || { log "no $DIR/env: is a cluster up under $DIR?"; exit 1; }
 # DIR/node/facts while the node is coming up, DIR/env once it is Ready.
-CONTAINERD_SOCK=$(sed -n 's/^CONTAINERD_SOCK=//p' "$DIR/env" "$DIR/node/facts" 2>/dev/null | head -n1)
+CONTAINERD_SOCK=$(cat "$DIR/env" "$DIR/node/facts" 2>/dev/null | sed -n 's/^CONTAINERD_SOCK=//p' | head -n1 || true)
 [[ -n $CONTAINERD_SOCK && -S $CONTAINERD_SOCK ]] || { log "no node under $DIR (started with --no-node?)"; exit 1; }
 
 for tar in "$@"; do
