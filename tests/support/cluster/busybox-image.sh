@@ -15,7 +15,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${DBSHIFT_CACHE:-$HOME/.cache/dbshift}
 BUSYBOX=/bin/busybox
-TAG= OUT=
+TAG='' OUT=''
 log() { echo "[busybox-image] $*" >&2; }
 die() { log "$*"; exit 1; }
 

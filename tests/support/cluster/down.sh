@@ -67,7 +67,7 @@ unmount_under() {
 }
 
 node_down() {
-  local N=$DIR/node BRIDGE= RUNC_ROOT= CONTAINERD_SOCK= LOCK= id
+  local N=$DIR/node BRIDGE='' RUNC_ROOT='' CONTAINERD_SOCK='' LOCK='' id
   [[ -f $N/facts ]] || return 0
   # shellcheck disable=SC1091
   source "$N/facts"

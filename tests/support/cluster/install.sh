@@ -33,9 +33,9 @@ for g in "${groups[@]}"; do
   esac
 done
 
-pkgs=()
-(( want_build )) && pkgs+=($BUILD_PKGS)
-(( want_node )) && pkgs+=($NODE_PKGS)
+pkgs=() list=()
+if (( want_build )); then read -ra list <<<"$BUILD_PKGS"; pkgs+=("${list[@]}"); fi
+if (( want_node )); then read -ra list <<<"${NODE_PKGS//$'\n'/ }"; pkgs+=("${list[@]}"); fi
 mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
 
 # One dpkg-query for all of them: packages not installed are missing.

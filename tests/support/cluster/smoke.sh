@@ -24,7 +24,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 DIR=${1:?usage: smoke.sh DIR [--image IMAGE.tar] [--uri MONGODB_URI] [--keep]}
 shift
-IMAGE_TAR= URI= KEEP=0
+IMAGE_TAR='' URI='' KEEP=0
 while (( $# )); do
   case $1 in
     --image) IMAGE_TAR=${2:?}; shift 2 ;;
