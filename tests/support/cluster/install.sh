@@ -7,7 +7,8 @@
 #          gcc, the reflect2 fix, plus a deb-src entry for bookworm main so `apt-get source` works.
 #   node   what up.sh needs to run the control plane and a node: etcd, containerd, runc, the CNI
 #          plugins, iproute2, openssl, gcc (the pause binary), busybox-static (test images),
-#          binutils (strip, for image builds), python3 (image tarballs, free ports), curl.
+#          binutils (strip, for image builds), python3 (image tarballs, free ports), python3-venv
+#          (SecantusDB, the MongoDB wire server smoke.sh and the tests use), curl.
 # Needs root (or sudo). Progress goes to stderr; nothing on stdout.
 set -euo pipefail
 
@@ -15,7 +16,7 @@ SRC_VERSION=1.20.5+really1.20.2        # Debian's `kubernetes` source package (u
 SRC_LIST=/etc/apt/sources.list.d/dbshift-debsrc.sources
 
 BUILD_PKGS="golang-go rsync jq gcc libc6-dev make dpkg-dev golang-github-modern-go-reflect2-dev etcd-server openssl curl"
-NODE_PKGS="etcd-server openssl curl python3 ca-certificates containerd runc containernetworking-plugins iproute2
+NODE_PKGS="etcd-server openssl curl python3 python3-venv ca-certificates containerd runc containernetworking-plugins iproute2
            busybox-static gcc libc6-dev binutils"
 
 log() { echo "[k8s-install] $*" >&2; }
