@@ -2,7 +2,8 @@
 # Builds Kubernetes 1.20.2 (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl)
 # from Debian bookworm's `kubernetes` source package, with the reflect2 fix (see
 # /work/shared/REAL_CLUSTER.md), and caches the binaries in ~/.cache/dbshift/k8s-1.20.2/bin.
-# Idempotent: does nothing once the `.complete` stamp exists. Needs root (apt) on Debian bookworm.
+# Idempotent: does nothing once the `.complete` stamp exists. Needs root (apt, through install.sh build)
+# on Debian bookworm.
 # Prints the bin directory on stdout; progress goes to stderr.
 #
 # Environment: DBSHIFT_CACHE (default ~/.cache/dbshift), K8S_BUILD_NICE (default 10).
@@ -26,50 +27,8 @@ if [[ -f $PREFIX/.complete ]]; then
   exit 0
 fi
 
-as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-
-# 1. Packages -------------------------------------------------------------------------------------
-PKGS="golang-go rsync jq gcc libc6-dev make dpkg-dev golang-github-modern-go-reflect2-dev etcd-server openssl"
-missing=()
-for p in $PKGS; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-
-# deb-src entry for bookworm main, on the same Debian host as the existing binary sources.
-SRC_LIST=/etc/apt/sources.list.d/dbshift-debsrc.sources
-need_update=0
-# Host of the first non-security Debian entry (URIs: in deb822 files, `deb URL` in one-line files;
-# comments and this script's own file ignored), else deb.debian.org.
-mirror=$( { for f in /etc/apt/sources.list.d/*.sources; do [[ $f == "$SRC_LIST" ]] || cat "$f"; done 2>/dev/null \
-              | grep -hE '^[[:space:]]*URIs:' | sed -E 's/^[[:space:]]*URIs:[[:space:]]*//' | tr ' ' '\n'
-            grep -hE '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-              | sed -E 's/^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?//; s/[[:space:]].*//'
-          } | grep -E '^https?://[^ ]*/debian/?$' | head -n1 || true)
-mirror=${mirror:-http://deb.debian.org/debian}
-want="Types: deb-src
-URIs: ${mirror%/}
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
-if [[ ! -f $SRC_LIST || "$(cat "$SRC_LIST")" != "$want" ]]; then
-  log "writing deb-src entry (${mirror%/} bookworm main) to $SRC_LIST"
-  printf '%s\n' "$want" | as_root tee "$SRC_LIST" >/dev/null
-  need_update=1
-fi
-if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q "^Version: $SRC_VERSION-"; then
-  need_update=1
-fi
-if (( need_update )) || (( ${#missing[@]} )); then
-  log "apt-get update"
-  as_root apt-get update -qq >&2
-fi
-apt-cache showsrc kubernetes 2>/dev/null | grep -q "^Version: $SRC_VERSION-" \
-  || { log "source package kubernetes $SRC_VERSION not found after apt-get update (check $SRC_LIST)"; exit 1; }
-if (( ${#missing[@]} )); then
-  log "installing: ${missing[*]}"
-  # etcd-server's postinst starts a service where an init system exists; we never use that one.
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+# 1. Packages (and the deb-src entry `apt-get source` needs): shared with up.sh ----------------------
+"$(cd "$(dirname "$0")" && pwd)/install.sh" build
 
 GOVER=$(go env GOVERSION)
 log "using $GOVER"

@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Starts a control-plane-only Kubernetes 1.20.2 cluster (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler) with all state under DIR, every server on 127.0.0.1.
-# Writes DIR/kubeconfig (admin token, system:masters) and prints its path once /readyz answers.
-# Stop with down.sh DIR. Binaries come from build.sh (~/.cache/dbshift/k8s-1.20.2/bin, or $K8S_BIN).
+# Starts a Kubernetes 1.20.2 cluster with all state under DIR: the control plane (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler; every server on 127.0.0.1) and, unless
+# --no-node, one real node: containerd (root, state and socket under DIR) -> runc, a CNI bridge
+# (cni0 10.88.0.1/16, no gateway, no masquerade, no routes) and a kubelet on the bridge address.
+# Prints DIR/kubeconfig's path once the API server is ready and the node is Ready.
+# Stop with down.sh DIR. Binaries come from build.sh (~/.cache/dbshift/k8s-1.20.2/bin, or $K8S_BIN);
+# missing apt packages are installed by install.sh (needs root, like the node itself).
 #
-# Usage: up.sh DIR
+# Usage: up.sh [--no-node] DIR           (or DBSHIFT_NO_NODE=1)
 # Files under DIR: pids/*.pid, logs/*.log, pki/, etcd-data/, *.kubeconfig, kubeconfig, tokens.csv,
-#   env (APISERVER_URL, APISERVER_PORT, ETCD_URL, ADMIN_TOKEN; shell syntax).
+#   node/ (containerd config, root, state and socket; kubelet config and root; CNI config),
+#   env (shell syntax): APISERVER_URL, APISERVER_PORT, ETCD_URL, ADMIN_TOKEN, KUBECONFIG, K8S_BIN,
+#   CA_CERT, and with a node: NODE_NAME, NODE_IP, CONTAINERD_SOCK, PAUSE_IMAGE, BRIDGE.
+# Only one node per machine (the bridge, port 10250 on it and a few kubelet/containerd paths outside
+# DIR are global): a second up.sh with a node refuses while another one runs.
+# Environment: K8S_READY_TIMEOUT (default 90 s), DBSHIFT_BRIDGE (cni0), DBSHIFT_NODE_CIDR
+#   (10.88.0.1/16: bridge address / pod network), DBSHIFT_NODE_NAME (dbshift-node).
 set -euo pipefail
 
-DIR=${1:?usage: up.sh DIR}
+NODE=1
+[[ ${DBSHIFT_NO_NODE:-} == 1 ]] && NODE=0
+if [[ ${1:-} == --no-node ]]; then NODE=0; shift; fi
+DIR=${1:?usage: up.sh [--no-node] DIR}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${K8S_BIN:-${DBSHIFT_CACHE:-$HOME/.cache/dbshift}/k8s-1.20.2/bin}
 ETCD=${ETCD_BIN:-$(command -v etcd || echo /usr/bin/etcd)}
@@ -19,6 +31,7 @@ log() { echo "[k8s-up] $*" >&2; }
 die() { log "$*"; exit 1; }
 
 [[ -f $BIN/../.complete ]] || die "no Kubernetes binaries in $BIN: run $HERE/build.sh first"
+if (( NODE )); then "$HERE/install.sh" node; fi
 [[ -x $ETCD ]] || die "etcd not found (apt-get install etcd-server)"
 command -v openssl >/dev/null || die "openssl not found"
 
@@ -57,17 +70,27 @@ EXT
 openssl req -new -key "$PKI/apiserver.key" -subj "/CN=kube-apiserver" -out "$PKI/apiserver.csr" 2>/dev/null
 openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
   -days 3650 -sha256 -extfile "$PKI/apiserver.ext" -out "$PKI/apiserver.crt" 2>/dev/null
+# The API server's client certificate for kubelet calls (logs, exec): the kubelet trusts ca.crt.
+openssl genrsa -out "$PKI/apiserver-kubelet-client.key" 2048 2>/dev/null
+openssl req -new -key "$PKI/apiserver-kubelet-client.key" -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+  -out "$PKI/apiserver-kubelet-client.csr" 2>/dev/null
+printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
+  > "$PKI/client.ext"
+openssl x509 -req -in "$PKI/apiserver-kubelet-client.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+  -days 3650 -sha256 -extfile "$PKI/client.ext" -out "$PKI/apiserver-kubelet-client.crt" 2>/dev/null
 openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
 openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
 chmod 600 "$PKI"/*.key
 
 # --- Tokens (static token file) ------------------------------------------------------------------
 tok() { openssl rand -hex 16; }
-ADMIN_TOKEN=$(tok); CM_TOKEN=$(tok); SCHED_TOKEN=$(tok)
+ADMIN_TOKEN=$(tok); CM_TOKEN=$(tok); SCHED_TOKEN=$(tok); NODE_TOKEN=$(tok)
+NODE_NAME=${DBSHIFT_NODE_NAME:-dbshift-node}
 cat > "$DIR/tokens.csv" <<TOK
 $ADMIN_TOKEN,admin,admin,system:masters
 $CM_TOKEN,system:kube-controller-manager,system:kube-controller-manager
 $SCHED_TOKEN,system:kube-scheduler,system:kube-scheduler
+$NODE_TOKEN,system:node:$NODE_NAME,system:node:$NODE_NAME,system:nodes
 TOK
 chmod 600 "$DIR/tokens.csv"
 
@@ -95,6 +118,7 @@ KC
 kubeconfig "$DIR/kubeconfig" admin "$ADMIN_TOKEN"
 kubeconfig "$DIR/controller-manager.kubeconfig" system:kube-controller-manager "$CM_TOKEN"
 kubeconfig "$DIR/scheduler.kubeconfig" system:kube-scheduler "$SCHED_TOKEN"
+kubeconfig "$DIR/kubelet.kubeconfig" "system:node:$NODE_NAME" "$NODE_TOKEN"
 
 start() { # name command...
   local name=$1; shift
@@ -134,6 +158,9 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --api-audiences=https://kubernetes.default.svc.cluster.local \
   --service-cluster-ip-range=10.0.0.0/24 \
   --kubelet-preferred-address-types=InternalIP \
+  --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority="$PKI/ca.crt" \
   --enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass,ResourceQuota \
   --allow-privileged=true \
   --profiling=false \
@@ -185,7 +212,12 @@ ETCD_URL=$ETCD_URL
 ADMIN_TOKEN=$ADMIN_TOKEN
 KUBECONFIG=$DIR/kubeconfig
 K8S_BIN=$BIN
+CA_CERT=$PKI/ca.crt
 ENV
+
+if (( NODE )); then
+  "$HERE/node-up.sh" "$DIR" "$NODE_NAME" || die "the node did not come up (logs in $DIR/logs)"
+fi
 ok=1
 log "ready"
 echo "$DIR/kubeconfig"
