@@ -86,6 +86,22 @@ up:
 }
 
 #[tokio::test]
+async fn a_unique_index_that_cannot_be_built_fails_cleanly() {
+    // Two items share a name: the index fails after the `$inc` ran, and both are undone.
+    let db = seeded("safe_unique", 10).await;
+    db.collection::<Document>("items").update_one(doc! {"_id": 1}, doc! {"$set": {"name": "item 0"}}).await.unwrap();
+    let yaml = "up:\n  - updateMany: { collection: items, filter: {}, update: { $inc: { qty: 1 } } }\n  - createIndex: { collection: items, keys: { name: 1 }, name: name_unique, unique: true }\n";
+    let dir = migrations(&[("20250101000000_unique.yaml", yaml)]);
+    let before = dump_bytes(&db, "items").await;
+    let r = runner::up(&db, "t", &load(dir.path()), &UpRequest::default(), &RunOptions::new("r1")).await.unwrap();
+    let err = r.error.unwrap();
+    assert!(err.contains("step 2 (createIndex)") && err.contains("every change of this migration was undone"), "{err}");
+    assert!(!err.contains("UNDO INCOMPLETE"), "{err}");
+    assert!(err.len() < 600, "the error should be a sentence, not a driver dump: {err}");
+    assert_eq!(dump_bytes(&db, "items").await, before);
+}
+
+#[tokio::test]
 async fn failed_validation_undoes_the_migration_and_reports_each_check() {
     let db = seeded("safe_validate", 10).await;
     let yaml = r#"up:

@@ -22,7 +22,7 @@ pub const FORMAT: &str = "dbshift-snapshot/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", crate::engine::describe(source))]
     Mongo {
         action: String,
         #[source]

@@ -277,15 +277,15 @@ pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection,
         CliError::invalid("no MongoDB URI: pass --uri, or set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE")
     })?;
     let redactor = Redactor::for_uri(uri);
-    let mut options = ClientOptions::parse(uri)
-        .await
-        .map_err(|e| CliError::invalid(format!("the MongoDB URI is not valid: {}", redactor.apply(&e.to_string()))))?;
+    let mut options = ClientOptions::parse(uri).await.map_err(|e| {
+        CliError::invalid(format!("the MongoDB URI is not valid: {}", redactor.apply(&engine::describe(&e))))
+    })?;
     options.app_name = Some("dbshift".into());
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);
     let default_db = options.default_database.clone();
     let hosts = options.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",");
-    let client = Client::with_options(options).map_err(|e| CliError::invalid(redactor.apply(&e.to_string())))?;
+    let client = Client::with_options(options).map_err(|e| CliError::invalid(redactor.apply(&engine::describe(&e))))?;
     let attempts = 3;
     let mut last = String::new();
     for attempt in 1..=attempts {
@@ -294,7 +294,7 @@ pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection,
                 return Ok(Connection { client, default_db: default_db.clone(), redactor, source: hosts });
             }
             Err(e) => {
-                last = redactor.apply(&e.to_string());
+                last = redactor.apply(&engine::describe(&e));
                 // Only network trouble is worth another attempt; bad credentials are not.
                 let transient = matches!(
                     *e.kind,

@@ -204,16 +204,12 @@ pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Durati
             None => bson::Document::new(),
         };
         let coll = conn.client.database(&r.database).collection::<bson::Document>(&r.collection);
-        let mut cursor = coll
-            .find(filter)
-            .projection(bson::doc! { &r.field: 1 })
-            .await
-            .map_err(|e| waiting("MongoUnreachable", redact(format!("reading the tenant registry: {e}"))))?;
-        while let Some(doc) = cursor
-            .try_next()
-            .await
-            .map_err(|e| waiting("MongoUnreachable", redact(format!("reading the tenant registry: {e}"))))?
-        {
+        let mut cursor = coll.find(filter).projection(bson::doc! { &r.field: 1 }).await.map_err(|e| {
+            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::engine::describe(&e))))
+        })?;
+        while let Some(doc) = cursor.try_next().await.map_err(|e| {
+            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::engine::describe(&e))))
+        })? {
             let name = doc.get_str(&r.field).map_err(|_| {
                 invalid(
                     "InvalidRegistry",

@@ -26,7 +26,7 @@ pub enum ExecError {
     /// The operation's own input is wrong (found only at run time, e.g. a value that cannot convert).
     #[error("{0}")]
     Data(String),
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", super::describe(source))]
     Mongo {
         action: String,
         #[source]

@@ -19,7 +19,7 @@ pub enum LockError {
              The lock expires by itself if that runner died"
     )]
     Held { owner: String, run: String, expires: String },
-    #[error("could not take the lock: {0}")]
+    #[error("could not take the lock: {}", super::describe(.0))]
     Mongo(#[from] mongodb::error::Error),
 }
 

@@ -68,7 +68,7 @@ pub enum RunError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Lock(#[from] LockError),
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", super::describe(source))]
     Mongo {
         action: &'static str,
         #[source]
@@ -331,10 +331,13 @@ async fn run_steps(
     s
 }
 
-/// Undo prepared steps, newest first. Returns what could not be undone.
-async fn undo(db: &Database, id: &str, done: &[Prepared]) -> Vec<String> {
+/// Undo prepared steps, newest first. Returns what could not be undone. `last_failed`: the
+/// newest step failed, so its undo may find nothing to undo (an index or collection that was
+/// never created), which is not a problem.
+async fn undo(db: &Database, id: &str, done: &[Prepared], last_failed: bool) -> Vec<String> {
     let mut problems = Vec::new();
     for (i, p) in done.iter().enumerate().rev() {
+        let partial = last_failed && i + 1 == done.len();
         let ops = match &p.undo {
             Ok(ops) => ops,
             Err(why) => {
@@ -346,6 +349,12 @@ async fn undo(db: &Database, id: &str, done: &[Prepared]) -> Vec<String> {
             let key = format!("{}_x{i}_{j}", version_of(id));
             let r = match executor::prepare(db, op, &key).await {
                 Ok(prep) => executor::execute(db, &prep, &key, None, None).await.map(|_| ()),
+                // The failed step never created what its undo would remove.
+                Err(executor::ExecError::Precondition(_))
+                    if partial && matches!(op, Operation::DropIndex(_) | Operation::DropCollection(_)) =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = r {
@@ -426,7 +435,7 @@ async fn apply(
         rolled_back_by: None,
     };
     if let Some(err) = steps.error.clone() {
-        let problems = undo(db, &id, &steps.done).await;
+        let problems = undo(db, &id, &steps.done, steps.records.len() < steps.done.len()).await;
         let error = if problems.is_empty() {
             format!("{err}; every change of this migration was undone")
         } else {
@@ -508,7 +517,7 @@ async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation]) -> Resul
     }
     if s.error.is_none() {
         if let Err(e) = session.commit_transaction().await {
-            s.error = Some(format!("committing the transaction: {e}"));
+            s.error = Some(format!("committing the transaction: {}", super::describe(&e)));
         }
     }
     if s.error.is_some() {
@@ -562,7 +571,7 @@ async fn down_locked(
         rollback::forget(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
         let (state, affected, error) = if let Some(err) = steps.error {
-            let problems = undo(db, &r.id, &steps.done).await;
+            let problems = undo(db, &r.id, &steps.done, steps.records.len() < steps.done.len()).await;
             let error = if problems.is_empty() {
                 format!("{err}; the rollback was undone, the migration is still applied")
             } else {

@@ -47,7 +47,7 @@ pub async fn run_check(db: &Database, migration: &str, check: &Check) -> CheckRe
 
 async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String> {
     let coll = db.collection::<Document>(check.collection());
-    let e = |e: mongodb::error::Error| e.to_string();
+    let e = |e: mongodb::error::Error| super::describe(&e);
     match check {
         Check::Count(c) => {
             let f = bsonx::filter_doc(c.filter.as_ref())?;
