@@ -1,24 +1,58 @@
 #!/usr/bin/env bash
-# Runs every test of dbshift on a fresh machine: installs what the tests need (SecantusDB, a
-# MongoDB wire-protocol server, from PyPI; cached under ~/.cache/dbshift), starts one on a
-# free loopback port, runs `cargo test`, and stops the server.
+# Runs every test of dbshift on a fresh machine. It installs and starts what the tests need:
+#  - SecantusDB, a MongoDB wire-protocol server (PyPI), on a free loopback port;
+#  - a Kubernetes 1.20.2 cluster built from Debian's source package (apt; built once, ~12 min,
+#    cached under ~/.cache/dbshift), with a real node (kubelet, containerd, runc) — needs root;
+#  - the dbshift image, built from this checkout without Docker and imported into the node.
+# Then: `cargo test` (engine, CLI, operator on the cluster) and the chart tests (tests/chart).
+#
+#   tests/run.sh                 # everything
+#   tests/run.sh --test operator # arguments go to cargo test
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+log() { printf '[tests] %s\n' "$*" >&2; }
 
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (https://rustup.rs)" >&2
   exit 2
 fi
-if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-  echo "installing python3-venv (apt)" >&2
-  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+if [ "$(id -u)" != 0 ]; then
+  echo "the cluster tests run a kubelet and containerd: run as root (e.g. in a privileged container)" >&2
+  exit 2
 fi
 
+log "installing test dependencies (cached after the first run)"
+tests/support/cluster/install.sh all
 tests/support/secantus.sh install >/dev/null
+tests/support/cluster/build.sh >/dev/null
+
+log "building dbshift"
+cargo build --locked --all-targets
+
 work=$(mktemp -d)
-trap 'kill "$(cat "$work/mongo.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$work"' EXIT
+cleanup() {
+  kill "$(cat "$work/mongo.pid" 2>/dev/null)" 2>/dev/null || true
+  [ -d "$work/k8s" ] && tests/support/cluster/down.sh "$work/k8s" >&2 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
 DBSHIFT_TEST_MONGODB_URI=$(tests/support/secantus.sh start "$work/mongo.pid")
 export DBSHIFT_TEST_MONGODB_URI
-echo "test MongoDB wire server: $DBSHIFT_TEST_MONGODB_URI" >&2
+log "MongoDB wire server: $DBSHIFT_TEST_MONGODB_URI"
 
-cargo test --locked --all-targets --no-fail-fast "$@"
+log "starting the cluster"
+tests/support/cluster/up.sh "$work/k8s" >/dev/null
+# The image holds the debug build the tests use: no second (release) compile in CI.
+image_tar=$(deploy/image/build.sh -b target/debug/dbshift -t dbshift:test -o "$work/dbshift-test.tar")
+tests/support/cluster/load-image.sh "$work/k8s" "$image_tar" >/dev/null
+export DBSHIFT_TEST_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_TEST_RUNNER_IMAGE=dbshift:test
+log "cluster ready: KUBECONFIG=$DBSHIFT_TEST_KUBECONFIG, image dbshift:test"
+
+status=0
+cargo test --locked --all-targets --no-fail-fast "$@" || status=$?
+if [ $# -eq 0 ]; then
+  tests/chart/run.sh || status=$?
+fi
+exit $status
