@@ -4,6 +4,7 @@
   in namespace `dbshift-system`, plus that Namespace, in Helm's install order. For `kubectl apply`.
 - deploy/examples/shop-migrations.configmap.yaml: the ConfigMap of the repository's
   migrations/ files (keys are file names), as `kubectl create configmap --from-file` makes it.
+- deploy/argocd/argocd-cm.yaml: deploy/argocd/health.lua as the argocd-cm key Argo CD reads.
 
 `render.py --check` compares instead of writing and exits 1 on drift. The tests import
 `plain_manifests()` and `migrations_configmap()` from here, so there is one renderer.
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dbshift"
 MANIFESTS = ROOT / "deploy" / "manifests" / "dbshift.yaml"
 CONFIGMAP = ROOT / "deploy" / "examples" / "shop-migrations.configmap.yaml"
+ARGOCD_LUA = ROOT / "deploy" / "argocd" / "health.lua"
+ARGOCD_CM = ROOT / "deploy" / "argocd" / "argocd-cm.yaml"
 MIGRATIONS = ROOT / "migrations"
 
 RELEASE = "dbshift"
@@ -135,7 +138,29 @@ def migrations_configmap() -> str:
     return header + yaml.dump(cm, Dumper=dumper, sort_keys=False, width=1000)
 
 
-OUTPUTS = {MANIFESTS: plain_manifests, CONFIGMAP: migrations_configmap}
+def argocd_cm() -> str:
+    lua = ARGOCD_LUA.read_text()
+    indented = "".join(("    " + line) if line.strip() else line for line in lua.splitlines(True))
+    return (
+        "# The DatabaseMigration health check for Argo CD: merge this key into the argocd-cm\n"
+        "# ConfigMap of your Argo CD installation (with the argo-cd Helm chart: under configs.cm).\n"
+        "#   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file deploy/argocd/argocd-cm.yaml\n"
+        "# GENERATED from deploy/argocd/health.lua by deploy/manifests/render.sh: do not edit.\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: argocd-cm\n"
+        "  namespace: argocd\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: argocd-cm\n"
+        "    app.kubernetes.io/part-of: argocd\n"
+        "data:\n"
+        "  resource.customizations.health.dbshift.io_DatabaseMigration: |\n"
+        + indented
+    )
+
+
+OUTPUTS = {MANIFESTS: plain_manifests, CONFIGMAP: migrations_configmap, ARGOCD_CM: argocd_cm}
 
 
 def main(argv: list[str]) -> int:

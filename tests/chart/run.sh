@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Tests of the Helm chart, the plain manifests, the examples and the GitOps health checks.
+# Installs what they need into a cached venv (tests/support/chart-venv.sh: Helm as a library,
+# kubernetes-validate, Lua, CEL, pytest; ~15 s the first time), then runs tests/chart/.
+#
+#   tests/chart/run.sh                    # offline: render, lint, schemas, drift, Lua, CEL
+#   DBSHIFT_TEST_KUBECONFIG=DIR/kubeconfig tests/chart/run.sh
+#                                         # also apply everything to that (throwaway) cluster
+#   tests/chart/run.sh --cluster          # start a Kubernetes 1.20.2 control plane for the run
+#                                         # (tests/support/cluster/up.sh) and stop it after
+# Extra arguments go to pytest (e.g. -k lua). KUBECTL picks the kubectl binary.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+start_cluster=0
+args=()
+for a in "$@"; do
+  if [[ $a == --cluster ]]; then start_cluster=1; else args+=("$a"); fi
+done
+
+PY=$(tests/support/chart-venv.sh)
+
+if (( start_cluster )); then
+  work=$(mktemp -d)
+  trap 'tests/support/cluster/down.sh "$work/k8s" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+  DBSHIFT_TEST_KUBECONFIG=$(tests/support/cluster/up.sh "$work/k8s")
+  export DBSHIFT_TEST_KUBECONFIG
+fi
+
+cd tests/chart
+"$PY" -m pytest -p no:cacheprovider -q -rs "${args[@]}"
