@@ -7,4 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=$(tests/support/chart-venv.sh)
+export PYTHONDONTWRITEBYTECODE=1   # no __pycache__ in the work tree
 exec "$PY" deploy/manifests/render.py "$@"

@@ -19,6 +19,7 @@ for a in "$@"; do
 done
 
 PY=$(tests/support/chart-venv.sh)
+export PYTHONDONTWRITEBYTECODE=1   # no __pycache__ in the work tree
 
 if (( start_cluster )); then
   work=$(mktemp -d)

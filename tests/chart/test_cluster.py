@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -24,7 +25,8 @@ import yaml
 from conftest import EXAMPLES, render, yaml_docs
 
 KUBECONFIG = os.environ.get("DBSHIFT_TEST_KUBECONFIG")
-pytestmark = pytest.mark.skipif(not KUBECONFIG, reason="DBSHIFT_TEST_KUBECONFIG not set: no cluster to apply to")
+if not KUBECONFIG:
+    pytest.skip("DBSHIFT_TEST_KUBECONFIG not set: no cluster to apply to", allow_module_level=True)
 
 MANAGER = "dbshift-chart-test"
 CRD_NAME = "databasemigrations.dbshift.io"
@@ -51,11 +53,16 @@ def kubectl_bin() -> str:
     return found
 
 
+# kubectl's discovery cache, emptied once the CRD exists: kubectl 1.20 does not refresh a cache
+# that predates a CRD when asked for its resources (`the server doesn't have a resource type`).
+CACHE_DIR = tempfile.mkdtemp(prefix="dbshift-kubectl-cache-")
+
+
 def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [kubectl_bin(), "--kubeconfig", KUBECONFIG, *args]
+    cmd = [kubectl_bin(), "--kubeconfig", KUBECONFIG, f"--cache-dir={CACHE_DIR}", *args]
     proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[3:])} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+        raise AssertionError(f"{' '.join(cmd[4:])} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
     return proc
 
 
@@ -86,9 +93,16 @@ def server_capabilities() -> tuple[str, list[str]]:
 def cluster():
     version, groups = server_capabilities()
     created_ns = ["dbshift-system", "shop", "dbshift-shop", "dbshift-ha"]
+    # A previous run's namespaces may still be terminating: objects cannot be created in them.
+    deadline = time.time() + 120
+    for ns in created_ns:
+        while kubectl("get", "namespace", ns, "-o", "jsonpath={.status.phase}", check=False).stdout == "Terminating":
+            assert time.time() < deadline, f"namespace {ns} still terminating"
+            time.sleep(1)
     # The default release, exactly as kubectl users get it.
     apply(render.MANIFESTS.read_text())
     kubectl("wait", "--for=condition=established", "--timeout=60s", f"crd/{CRD_NAME}")
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
     kubectl("apply", "-f", str(EXAMPLES / "namespace.yaml"))
     rendered = {}
     for release, (namespace, values) in RELEASES.items():
@@ -99,12 +113,14 @@ def cluster():
         apply("\n---\n".join(text for _, text, _ in render.documents(out)))
     yield {"version": version, "groups": groups, "rendered": rendered}
     if os.environ.get("DBSHIFT_TEST_KEEP") == "1":
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)
         return
     for ns in created_ns:
         kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False)
     kubectl("delete", "clusterrole,clusterrolebinding", "-l", "app.kubernetes.io/part-of=dbshift",
             "--ignore-not-found", check=False)
     kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=false", check=False)
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def test_chart_objects_are_accepted(cluster):
