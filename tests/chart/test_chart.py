@@ -104,7 +104,10 @@ def test_container_contract(rendered_variants, variant):
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["DBSHIFT_RUNNER_IMAGE"]["value"] == c["image"]
-    assert env["DBSHIFT_WATCH_NAMESPACE"]["value"] == values.get("watchNamespace", "")
+    if values.get("watchNamespace"):
+        assert env["DBSHIFT_WATCH_NAMESPACE"]["value"] == values["watchNamespace"]
+    else:  # the controller reads an empty value as a namespace named ""
+        assert "DBSHIFT_WATCH_NAMESPACE" not in env
     assert env["DBSHIFT_LISTEN"]["value"] == f"0.0.0.0:{port}"
     assert env["DBSHIFT_LEADER_ELECTION"]["value"] == "true"
     assert env["DBSHIFT_LOG_FORMAT"]["value"] == "json"
