@@ -1,7 +1,9 @@
 """The chart's and the examples' objects against a real API server (skipped without one).
 
-Given DBSHIFT_TEST_KUBECONFIG (a throwaway cluster: cluster-wide objects named dbshift-* are
-created, then deleted unless DBSHIFT_TEST_KEEP=1), this:
+Given DBSHIFT_TEST_KUBECONFIG, this creates the CRD, namespaces dbshift-system, shop,
+dbshift-shop and dbshift-ha, and cluster roles named dbshift-*, and deletes at the end those it
+created (unless DBSHIFT_TEST_KEEP=1). Deployments are only dry-run on the server, so no pod is
+ever started. It:
 - renders the chart the way `helm install` would against that server (its version and API
   groups), for the defaults (as the plain manifests), a watchNamespace release and a
   two-replica hostNetwork release, and applies them with server-side apply;
@@ -66,8 +68,27 @@ def kubectl(*args: str, input: str | None = None, check: bool = True) -> subproc
     return proc
 
 
-def apply(text: str) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", f"--field-manager={MANAGER}", "-f", "-", input=text)
+# Kinds validated with a server-side dry run instead of being created: a Deployment would start
+# pods (a controller watching every namespace, on a cluster with a node), which this test must
+# not do to a cluster other tests may share.
+DRY_RUN_KINDS = {"Deployment"}
+
+
+def apply_docs(text: str) -> dict[tuple[str, str], dict]:
+    """Applies the YAML documents of `text` (server-side); DRY_RUN_KINDS only as a server dry
+    run. Returns what the API server answered for the dry-run objects, by (kind, name)."""
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    real = [d for d in docs if d["kind"] not in DRY_RUN_KINDS]
+    if real:
+        kubectl("apply", "--server-side", "--force-conflicts", f"--field-manager={MANAGER}", "-f", "-",
+                input=yaml.safe_dump_all(real))
+    answered = {}
+    for d in docs:
+        if d["kind"] in DRY_RUN_KINDS:
+            out = kubectl("apply", "--server-side", "--force-conflicts", f"--field-manager={MANAGER}",
+                          "--dry-run=server", "-o", "json", "-f", "-", input=yaml.safe_dump(d)).stdout
+            answered[(d["kind"], d["metadata"]["name"])] = json.loads(out)
+    return answered
 
 
 def get(kind: str, name: str, namespace: str | None = None) -> dict:
@@ -89,47 +110,56 @@ def server_capabilities() -> tuple[str, list[str]]:
     return version, groups
 
 
+def names(kind: str) -> set[str]:
+    return set(kubectl("get", kind, "-o", "jsonpath={.items[*].metadata.name}").stdout.split())
+
+
 @pytest.fixture(scope="module")
 def cluster():
     version, groups = server_capabilities()
-    created_ns = ["dbshift-system", "shop", "dbshift-shop", "dbshift-ha"]
+    our_ns = ["dbshift-system", "shop", "dbshift-shop", "dbshift-ha"]
     # A previous run's namespaces may still be terminating: objects cannot be created in them.
     deadline = time.time() + 120
-    for ns in created_ns:
+    for ns in our_ns:
         while kubectl("get", "namespace", ns, "-o", "jsonpath={.status.phase}", check=False).stdout == "Terminating":
             assert time.time() < deadline, f"namespace {ns} still terminating"
             time.sleep(1)
+    # What exists already is left alone at the end.
+    before = {kind: names(kind) for kind in ("namespaces", "crd", "clusterroles", "clusterrolebindings")}
+    answered = {}
     # The default release, exactly as kubectl users get it.
-    apply(render.MANIFESTS.read_text())
+    answered.update(apply_docs(render.MANIFESTS.read_text()))
     kubectl("wait", "--for=condition=established", "--timeout=60s", f"crd/{CRD_NAME}")
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
-    kubectl("apply", "-f", str(EXAMPLES / "namespace.yaml"))
+    apply_docs((EXAMPLES / "namespace.yaml").read_text())
     rendered = {}
     for release, (namespace, values) in RELEASES.items():
         kubectl("create", "namespace", namespace, check=False)
         out = render.render_chart(values, name=release, namespace=namespace,
                                   kube_version=version, api_versions=groups)
         rendered[release] = out
-        apply("\n---\n".join(text for _, text, _ in render.documents(out)))
-    yield {"version": version, "groups": groups, "rendered": rendered}
-    if os.environ.get("DBSHIFT_TEST_KEEP") == "1":
-        shutil.rmtree(CACHE_DIR, ignore_errors=True)
-        return
-    for ns in created_ns:
-        kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False)
-    kubectl("delete", "clusterrole,clusterrolebinding", "-l", "app.kubernetes.io/part-of=dbshift",
-            "--ignore-not-found", check=False)
-    kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=false", check=False)
+        answered.update(apply_docs("\n---\n".join(text for _, text, _ in render.documents(out))))
+    yield {"version": version, "groups": groups, "rendered": rendered, "answered": answered}
+    if os.environ.get("DBSHIFT_TEST_KEEP") != "1":
+        for kind in ("clusterrolebindings", "clusterroles", "crd", "namespaces"):
+            for name in sorted(names(kind) - before[kind]):
+                if kind != "namespaces" or name in our_ns:
+                    kubectl("delete", kind, name, "--ignore-not-found", "--wait=false", check=False)
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def test_chart_objects_are_accepted(cluster):
-    deploy = get("deployment", "dbshift", "dbshift-system")
+    answered = cluster["answered"]
+    deploy = answered[("Deployment", "dbshift")]
+    assert deploy["metadata"]["namespace"] == "dbshift-system"
     assert deploy["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert get("clusterrole", "dbshift-controller")["rules"]
     assert get("role", "dbshift-shop-controller", "shop")["rules"]
-    ha = get("deployment", "dbshift-ha", "dbshift-ha")["spec"]["template"]["spec"]
+    assert get("serviceaccount", "dbshift", "dbshift-system")["automountServiceAccountToken"] is True
+    ha = answered[("Deployment", "dbshift-ha")]["spec"]["template"]["spec"]
     assert ha["hostNetwork"] is True and ha["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert kubectl("get", "deployments", "--all-namespaces", "-l", "app.kubernetes.io/part-of=dbshift",
+                   "-o", "name").stdout == "", "the test must not start controllers"
     # The PDB's API group is the one this server serves.
     pdb_group = "policy/v1" if "policy/v1" in cluster["groups"] else "policy/v1beta1"
     (pdb,) = [o for o in render.documents(cluster["rendered"]["dbshift-ha"]) if o[2]["kind"] == "PodDisruptionBudget"]
@@ -146,10 +176,15 @@ def test_crd_is_served(cluster):
 
 
 def test_examples_are_accepted(cluster):
+    answered = {}
     for path in sorted(EXAMPLES.glob("*.yaml")):
-        apply(path.read_text())
+        answered.update(apply_docs(path.read_text()))
+    app = answered[("Deployment", "shop-web")]["spec"]["template"]["spec"]
+    assert app["initContainers"][0]["args"] == ["wait", "add-preferences"]
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for obj in yaml_docs(path):
+            if obj["kind"] in DRY_RUN_KINDS:
+                continue
             ns = obj["metadata"].get("namespace")
             kind = obj["kind"].lower() + ("." + obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"]
                                           and "." in obj["apiVersion"].split("/")[0] else "")
