@@ -141,10 +141,12 @@ def cluster():
         answered.update(apply_docs("\n---\n".join(text for _, text, _ in render.documents(out))))
     yield {"version": version, "groups": groups, "rendered": rendered, "answered": answered}
     if os.environ.get("DBSHIFT_TEST_KEEP") != "1":
-        for kind in ("clusterrolebindings", "clusterroles", "crd", "namespaces"):
-            for name in sorted(names(kind) - before[kind]):
-                if kind != "namespaces" or name in our_ns:
-                    kubectl("delete", kind, name, "--ignore-not-found", "--wait=false", check=False)
+        # Namespaces first (their DatabaseMigrations go with them), then the CRD; waiting until
+        # both are gone, so whatever runs next on this cluster can create them again.
+        for kind in ("clusterrolebindings", "clusterroles", "namespaces", "crd"):
+            new = sorted(n for n in names(kind) - before[kind] if kind != "namespaces" or n in our_ns)
+            if new:
+                kubectl("delete", kind, *new, "--ignore-not-found", "--wait=true", "--timeout=180s", check=False)
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
