@@ -11,6 +11,7 @@
 # Extra arguments go to pytest (e.g. -k lua). KUBECTL picks the kubectl binary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+ROOT=$PWD
 
 start_cluster=0
 args=()
@@ -23,10 +24,11 @@ export PYTHONDONTWRITEBYTECODE=1   # no __pycache__ in the work tree
 
 if (( start_cluster )); then
   work=$(mktemp -d)
-  trap 'tests/support/cluster/down.sh "$work/k8s" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-  DBSHIFT_TEST_KUBECONFIG=$(tests/support/cluster/up.sh "$work/k8s")
+  # Absolute paths: the trap runs after the cd below.
+  trap '"$ROOT/tests/support/cluster/down.sh" "$work/k8s" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+  DBSHIFT_TEST_KUBECONFIG=$("$ROOT/tests/support/cluster/up.sh" "$work/k8s")
   export DBSHIFT_TEST_KUBECONFIG
 fi
 
-cd tests/chart
+cd "$ROOT/tests/chart"
 "$PY" -m pytest -p no:cacheprovider -q -rs "${args[@]}"

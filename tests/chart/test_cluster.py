@@ -139,6 +139,9 @@ def cluster():
                                   kube_version=version, api_versions=groups)
         rendered[release] = out
         answered.update(apply_docs("\n---\n".join(text for _, text, _ in render.documents(out))))
+    # Every example (after the chart: the app's RoleBinding names the chart's waiter role).
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        answered.update(apply_docs(path.read_text()))
     yield {"version": version, "groups": groups, "rendered": rendered, "answered": answered}
     if os.environ.get("DBSHIFT_TEST_KEEP") != "1":
         # Namespaces first (their DatabaseMigrations go with them), then the CRD; waiting until
@@ -178,9 +181,7 @@ def test_crd_is_served(cluster):
 
 
 def test_examples_are_accepted(cluster):
-    answered = {}
-    for path in sorted(EXAMPLES.glob("*.yaml")):
-        answered.update(apply_docs(path.read_text()))
+    answered = cluster["answered"]
     app = answered[("Deployment", "shop-web")]["spec"]["template"]["spec"]
     assert app["initContainers"][0]["args"] == ["wait", "add-preferences"]
     for path in sorted(EXAMPLES.glob("*.yaml")):
