@@ -6,8 +6,8 @@
 #   tests/chart/run.sh                    # offline: render, lint, schemas, drift, Lua, CEL
 #   DBSHIFT_TEST_KUBECONFIG=DIR/kubeconfig tests/chart/run.sh
 #                                         # also apply everything to that (throwaway) cluster
-#   tests/chart/run.sh --cluster          # start a Kubernetes 1.20.2 control plane for the run
-#                                         # (tests/support/cluster/up.sh) and stop it after
+#   tests/chart/run.sh --cluster          # start a Kubernetes 1.20.2 control plane (no node) for
+#                                         # the run (tests/support/cluster/up.sh), stop it after
 # Extra arguments go to pytest (e.g. -k lua). KUBECTL picks the kubectl binary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,7 +26,8 @@ if (( start_cluster )); then
   work=$(mktemp -d)
   # Absolute paths: the trap runs after the cd below.
   trap '"$ROOT/tests/support/cluster/down.sh" "$work/k8s" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-  DBSHIFT_TEST_KUBECONFIG=$("$ROOT/tests/support/cluster/up.sh" "$work/k8s")
+  # No node: these tests start no pod (Deployments are only dry-run), and a machine has one node.
+  DBSHIFT_TEST_KUBECONFIG=$(DBSHIFT_NO_NODE=1 "$ROOT/tests/support/cluster/up.sh" "$work/k8s")
   export DBSHIFT_TEST_KUBECONFIG
 fi
 
