@@ -5,7 +5,8 @@
 #
 #   tests/chart/run.sh                    # offline: render, lint, schemas, drift, Lua, CEL
 #   DBSHIFT_TEST_KUBECONFIG=DIR/kubeconfig tests/chart/run.sh
-#                                         # also apply everything to that (throwaway) cluster
+#                                         # also apply everything to that cluster (it starts no
+#                                         # pod and removes only what it created)
 #   tests/chart/run.sh --cluster          # start a Kubernetes 1.20.2 control plane (no node) for
 #                                         # the run (tests/support/cluster/up.sh), stop it after
 # Extra arguments go to pytest (e.g. -k lua). KUBECTL picks the kubectl binary.
