@@ -136,6 +136,9 @@ pub async fn run(args: &ControllerArgs) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("cannot configure a Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
+    // An empty DBSHIFT_WATCH_NAMESPACE means every namespace, like an absent one.
+    let namespace = args.namespace.clone().filter(|n| !n.is_empty());
+    let args = &ControllerArgs { namespace, ..args.clone() };
     let dbms: Api<DatabaseMigration> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
