@@ -71,9 +71,23 @@ up:
   - runCommand: { command: { update: customers, updates: [ { q: {}, u: { $set: { tier: gold } }, multi: true } ] } }
 "#;
 
+/// Install the CRD as committed (server-side apply) and wait until it is served.
+async fn ensure_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&dbshift::crd::crd_yaml()).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch("databasemigrations.dbshift.io", &PatchParams::apply("dbshift-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply the CRD");
+    let cond = kube::runtime::conditions::is_crd_established();
+    let wait = kube::runtime::wait::await_condition(api, "databasemigrations.dbshift.io", cond);
+    tokio::time::timeout(Duration::from_secs(30), wait).await.expect("CRD established in time").unwrap();
+}
+
 impl Env {
     async fn new(name: &str) -> Env {
         let client = kube_client().await;
+        ensure_crd(&client).await;
         let ns = format!("t-{name}-{:06x}", rand::random::<u32>() & 0xffffff);
         let nss: Api<Namespace> = Api::all(client.clone());
         let n: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } })).unwrap();
