@@ -608,3 +608,155 @@ async fn a_dry_run_writes_nothing() {
     let snaps = env.mongo.database("dbshift_snapshots").list_collection_names().await.unwrap();
     assert!(!snaps.iter().any(|n| n.contains(&env.prefix)), "a dry run took a snapshot: {snaps:?}");
 }
+
+/// The controller as users run it: installed from the Helm chart (rendered by tests/run.sh into
+/// `DBSHIFT_TEST_CHART_MANIFEST`, release `e2e` in namespace `dbshift-e2e`, watching only that
+/// namespace), running in a pod of the cluster with its chart RBAC and a leader Lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_installed_from_the_chart_migrates_in_the_cluster() {
+    let manifest = std::env::var("DBSHIFT_TEST_CHART_MANIFEST")
+        .expect("DBSHIFT_TEST_CHART_MANIFEST is not set: run tests/run.sh, which renders the chart");
+    let client = kube_client().await;
+    ensure_crd(&client).await;
+    let ns = "dbshift-e2e";
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig(), "apply", "--server-side", "--force-conflicts", "-f", &manifest])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "installing the chart: {}", String::from_utf8_lossy(&out.stderr));
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|d| d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) >= 1);
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the controller Deployment never became ready");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // It holds its Lease.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
+    let held = leases
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).is_some_and(|h| h.starts_with("e2e-")));
+    assert!(held, "no Lease held by the controller pod");
+
+    let mongo = common::client().await;
+    let prefix = format!("e2e{:06x}", rand::random::<u32>() & 0xffffff);
+    for i in 0..3 {
+        let docs: Vec<Document> = (0..10).map(|n| doc! {"_id": n, "code": format!("c{n}")}).collect();
+        mongo.database(&format!("{prefix}_t{i}")).collection::<Document>("customers").insert_many(docs).await.unwrap();
+    }
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "mongo" }, "stringData": { "uri": common::uri() }
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch("mongo", &PatchParams::apply("test").force(), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta { name: Some(format!("{prefix}-migrations")), ..Default::default() },
+        data: Some(BTreeMap::from([("20250101000000_add_flag.yaml".to_string(), ADD_FLAG.to_string())])),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &cm).await.unwrap();
+    let dbm: DatabaseMigration = serde_yaml::from_str(&format!(
+        r#"
+apiVersion: dbshift.io/v1alpha1
+kind: DatabaseMigration
+metadata: {{ name: {prefix} }}
+spec:
+  connection: {{ secretRef: {{ name: mongo }} }}
+  tenants: {{ pattern: "^{prefix}_t" }}
+  migrations: {{ configMapRef: {{ name: {prefix}-migrations }} }}
+  rollout: {{ maxParallel: 2 }}
+  jobTemplate: {{ hostNetwork: true, imagePullPolicy: Never }}
+"#
+    ))
+    .unwrap();
+    let dbms: Api<DatabaseMigration> = Api::namespaced(client.clone(), ns);
+    dbms.create(&PostParams::default(), &dbm).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let d = loop {
+        let d = dbms.get(&prefix).await.unwrap();
+        if d.status.as_ref().and_then(|s| s.phase).is_some_and(|p| matches!(p, Phase::Succeeded | Phase::Failed)) {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no result: {:?}", d.status);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(d.status.as_ref().unwrap().phase, Some(Phase::Succeeded), "{:?}", d.status);
+    for i in 0..3 {
+        let docs = common::dump(&mongo.database(&format!("{prefix}_t{i}")), "customers").await;
+        assert!(docs.iter().all(|d| d.get_bool("flag") == Ok(true)), "tenant {i}");
+    }
+    // The in-cluster controller did it: its log names the run.
+    let logs = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig(), "-n", ns, "logs", "deployment/e2e-dbshift", "--tail=200"])
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains(&prefix) && logs.contains("run starts"), "controller logs:\n{logs}");
+    assert!(!logs.contains("mongodb://"), "the URI leaked into the logs");
+}
+
+/// Two controllers with leader election on one Lease: only the leader acts; when it dies, the
+/// other takes over and finishes the run without applying anything twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_election_hands_over_when_the_leader_dies() {
+    let env = Env::new("leader").await;
+    for i in 0..4 {
+        env.seed(i, false).await;
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    let start = |who: &str| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("dbshift-{}-{who}.log", env.ns))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_dbshift"))
+            .args(["controller", "--namespace", &env.ns, "--lease-namespace", &env.ns, "--lease-seconds", "6"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--runner-image", &runner_image()])
+            .env("KUBECONFIG", kubeconfig())
+            .env("POD_NAME", who)
+            .env("DBSHIFT_LOG", "info,kube=warn")
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut a = start("replica-a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut b = start("replica-b");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let holder = || async { leases.get_opt("dbshift-controller").await.unwrap().and_then(|l| l.spec?.holder_identity) };
+    assert_eq!(holder().await.as_deref(), Some("replica-a"));
+    env.apply(&env.resource("lead", "  rollout: { maxParallel: 1 }")).await;
+    env.wait_for("lead", 120, |d| {
+        d.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.succeeded >= 1)
+    })
+    .await;
+    let _ = a.kill();
+    let _ = a.wait();
+    let d = env.wait_final("lead", 180).await;
+    assert_eq!(holder().await.as_deref(), Some("replica-b"));
+    assert_eq!(d.status.as_ref().unwrap().phase, Some(Phase::Succeeded), "{:?}", d.status);
+    for i in 0..4 {
+        assert!(migrated(&env.docs(i).await), "tenant {i}");
+        assert_eq!(env.records(i).await.len(), 2);
+    }
+    let _ = b.kill();
+    let _ = b.wait();
+}

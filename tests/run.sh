@@ -48,6 +48,13 @@ tests/support/cluster/up.sh "$work/k8s" >/dev/null
 image_tar=$(deploy/image/build.sh -b target/debug/dbshift -t dbshift:test -o "$work/dbshift-test.tar")
 tests/support/cluster/load-image.sh "$work/k8s" "$image_tar" >/dev/null
 export DBSHIFT_TEST_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_TEST_RUNNER_IMAGE=dbshift:test
+# The chart, as the in-cluster test installs it: the pod uses the node's network (no kube-proxy
+# here), so it reaches the API server and MongoDB on 127.0.0.1.
+. "$work/k8s/env"
+metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+values=$(printf '{"image":{"tag":"test","pullPolicy":"Never"},"hostNetwork":true,"watchNamespace":"dbshift-e2e","metrics":{"port":%s},"extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"127.0.0.1"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$metrics_port" "$APISERVER_PORT")
+"$(tests/support/chart-venv.sh)" deploy/local/render_chart.py e2e dbshift-e2e "$values" > "$work/chart-e2e.yaml"
+export DBSHIFT_TEST_CHART_MANIFEST=$work/chart-e2e.yaml
 log "cluster ready: KUBECONFIG=$DBSHIFT_TEST_KUBECONFIG, image dbshift:test"
 
 status=0
