@@ -1,54 +1,93 @@
 #!/usr/bin/env bash
-# The local demo: a throwaway MongoDB wire server, three tenant databases (plus one that is
-# excluded), and the example migrations in migrations/ rolled across them.
+# The dbshift demo, on a real local Kubernetes cluster:
+#   a MongoDB wire server with four tenant databases (one excluded), the operator installed
+#   from charts/dbshift, and the example DatabaseMigration (deploy/examples/canary-rollout.yaml)
+#   rolled across the tenants as one Job per tenant: canaries first, snapshots, validation.
 #
-#   deploy/local/demo.sh            # from the repository root; needs only cargo and python3
+#   sudo deploy/local/demo.sh          # from the repository root; needs root, cargo, python3
+#   deploy/local/demo.sh --keep        # leave the cluster running (prints how to reach it)
 #
-# It installs what it needs (SecantusDB from PyPI, cached under ~/.cache/dbshift), builds
-# dbshift, and stops the server when it ends.
+# The first run installs packages (apt, PyPI) and builds Kubernetes 1.20.2 from Debian's source
+# package (about 12 minutes, cached under ~/.cache/dbshift); later runs take about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+
+keep=0
+[[ ${1:-} == --keep ]] && keep=1
+[[ $(id -u) == 0 ]] || { echo "the local cluster runs a kubelet and containerd: run as root" >&2; exit 2; }
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 
-step "Building dbshift (release)"
-cargo build --release --quiet
-PATH=$PWD/target/release:$PATH
+step "Installing what the demo needs (cached after the first run)"
+tests/support/cluster/install.sh all
+tests/support/secantus.sh install >/dev/null
+tests/support/cluster/build.sh >/dev/null
+py=$(tests/support/chart-venv.sh)
 
-step "Starting a throwaway MongoDB wire server (SecantusDB, in memory, 127.0.0.1)"
+step "Building dbshift (release) and its container image (no Docker needed)"
+cargo build --release --locked --quiet
+PATH=$PWD/target/release:$PATH
+version=$(dbshift --version | awk '{print $2}')
 work=$(mktemp -d)
-trap 'kill "$(cat "$work/mongo.pid")" 2>/dev/null || true; rm -rf "$work"' EXIT
+image_tar=$(deploy/image/build.sh -b target/release/dbshift -t "dbshift:$version" -o "$work/dbshift.tar" 2>/dev/null)
+
+cleanup() {
+  kill "$(cat "$work/mongo.pid" 2>/dev/null)" 2>/dev/null || true
+  tests/support/cluster/down.sh "$work/k8s" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+if (( keep )); then trap 'echo "kept: KUBECONFIG=$work/k8s/kubeconfig; stop with tests/support/cluster/down.sh $work/k8s"' EXIT
+else trap cleanup EXIT; fi
+
+step "Starting a MongoDB wire server (SecantusDB, 127.0.0.1) and a Kubernetes cluster with one node"
 uri=$(tests/support/secantus.sh start "$work/mongo.pid")
-echo "server at $uri"
-export DBSHIFT_MONGODB_URI=$uri
+echo "MongoDB at $uri"
+tests/support/cluster/up.sh "$work/k8s" >/dev/null
+. "$work/k8s/env"
+export KUBECONFIG
+tests/support/cluster/load-image.sh "$work/k8s" "$image_tar" >/dev/null
+show kubectl get nodes
+
+step "Installing the operator from charts/dbshift"
+# This cluster has no kube-proxy: the controller uses the node's network to reach the API server.
+values=$(printf '{"image":{"tag":"%s","pullPolicy":"Never"},"hostNetwork":true,"extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"127.0.0.1"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$version" "$APISERVER_PORT")
+"$py" deploy/local/render_chart.py dbshift dbshift-system "$values" | kubectl apply --server-side -f - >/dev/null
+show kubectl -n dbshift-system rollout status deployment/dbshift --timeout=120s
 
 step "Seeding tenant databases"
-"$(dirname "$(tests/support/secantus.sh bin)")/python" deploy/local/seed.py "$uri" tenant_acme tenant_globex tenant_initech tenant_internal
+"$(dirname "$(tests/support/secantus.sh bin)")/python" deploy/local/seed.py "$uri" \
+  tenant_acme tenant_globex tenant_initech tenant_umbrella tenant_internal
+show dbshift status --uri "$uri" --tenants '^tenant_' --exclude tenant_internal
 
-sel=(--tenants '^tenant_' --exclude tenant_internal)
+step "Applying the migration: the Secret, the migration files, the DatabaseMigration"
+kubectl apply -f deploy/examples/namespace.yaml >/dev/null
+kubectl -n shop create secret generic shop-mongo --from-literal=uri="$uri" >/dev/null
+kubectl apply -f deploy/examples/shop-migrations.configmap.yaml >/dev/null
+# The example as published, plus what this cluster needs: pods on the node's network (MongoDB
+# listens on 127.0.0.1) and the locally imported image.
+"$py" - <<'PY' | kubectl apply -f -
+import yaml
+d = yaml.safe_load(open("deploy/examples/canary-rollout.yaml"))
+d["spec"]["jobTemplate"].update({"hostNetwork": True, "imagePullPolicy": "Never"})
+d["spec"]["rollout"]["maxParallel"] = 2
+print(yaml.safe_dump(d))
+PY
 
-step "Status before: every migration pending on every tenant"
-show dbshift status "${sel[@]}"
+step "Watching it roll out (kubectl get dbm)"
+last=""
+for _ in $(seq 1 300); do
+  line=$(kubectl -n shop get dbm orders-typed-totals --no-headers 2>/dev/null || true)
+  if [[ $line != "$last" ]]; then echo "$line"; last=$line; fi
+  phase=$(kubectl -n shop get dbm orders-typed-totals -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  [[ $phase == Succeeded || $phase == Failed || $phase == RolledBack ]] && break
+  sleep 1
+done
 
-step "Plan: what would run, with document estimates (writes nothing)"
-show dbshift plan "${sel[@]}" --to 20250102090000
-
-step "Snapshot every tenant before changing it"
-show dbshift backup "${sel[@]}" --out "$work/snapshots" --gzip
-
-step "Apply, two tenants at a time"
-show dbshift up "${sel[@]}" --parallel 2
-
-step "Status after (the staging-only fixture is skipped without --profile staging)"
-show dbshift status "${sel[@]}"
-
-step "Validate every applied migration"
-show dbshift validate "${sel[@]}"
-
-step "Roll back the whole release on one tenant, then restore another from its snapshot"
-show dbshift down --batch --tenant tenant_acme
-show dbshift restore --from "$work/snapshots/tenant_globex"
-show dbshift status --tenant tenant_acme --tenant tenant_globex
-
-step "Done: the server and snapshots were temporary"
+step "The result, as a user sees it"
+show kubectl -n shop get dbm -o wide
+show kubectl -n shop get jobs -L dbshift.io/tenant
+kubectl -n shop get dbm orders-typed-totals -o yaml | sed -n '/^status:/,$p'
+show kubectl -n shop get events --field-selector involvedObject.kind=DatabaseMigration --sort-by=.metadata.creationTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note
+show dbshift status --uri "$uri" --tenants '^tenant_' --exclude tenant_internal
+[[ $phase == Succeeded ]]
