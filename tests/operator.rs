@@ -255,6 +255,16 @@ spec:
         .await
     }
 
+    /// `dbshift wait NAME` as an init container runs it; its exit code.
+    fn wait_cli(&self, name: &str) -> Option<i32> {
+        let out = Command::new(env!("CARGO_BIN_EXE_dbshift"))
+            .args(["wait", name, "--namespace", &self.ns, "--timeout", "30"])
+            .env("KUBECONFIG", kubeconfig())
+            .output()
+            .unwrap();
+        out.status.code()
+    }
+
     async fn jobs(&self) -> Vec<Job> {
         self.jobs_api().list(&ListParams::default()).await.unwrap().items
     }
@@ -343,6 +353,8 @@ async fn five_tenants_happy_path() {
         assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
     }
     assert_eq!(reasons.iter().filter(|r| *r == "TenantSucceeded").count(), 5);
+    // An application's init container would now be released.
+    assert_eq!(env.wait_cli("happy"), Some(0));
 }
 
 /// Four tenants, one at a time; the second one's codes repeat, so its second migration fails
@@ -404,6 +416,8 @@ async fn a_failure_under_halt_stops_the_rollout() {
         assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, "Skipped");
     }
     assert_eq!(st.progress.as_ref().unwrap().failed, 1);
+    // `dbshift wait` gives up on a failed run instead of holding the application forever.
+    assert_eq!(env.wait_cli("fail"), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -759,4 +773,28 @@ async fn leader_election_hands_over_when_the_leader_dies() {
     }
     let _ = b.kill();
     let _ = b.wait();
+}
+
+/// Tenants from a registry collection (plus names, minus exclusions), resolved on the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_resolve_from_a_registry_collection() {
+    let mongo = common::client().await;
+    let reg = common::unique("registry");
+    let docs = vec![
+        doc! {"_id": 1, "database": "tenant_r1", "active": true},
+        doc! {"_id": 2, "database": "tenant_r2", "active": false},
+        doc! {"_id": 3, "database": "tenant_r3", "active": true},
+    ];
+    mongo.database(&reg).collection::<Document>("tenants").insert_many(docs).await.unwrap();
+    let yaml = format!(
+        "connection: {{ secretRef: {{ name: m }} }}\ntenants: {{ names: [tenant_x], exclude: [tenant_r3], registry: {{ database: {reg}, collection: tenants, filter: {{ active: true }} }} }}\nmigrations: {{ inline: {{}} }}"
+    );
+    let dbm = DatabaseMigration::new("r", serde_yaml::from_str(&yaml).unwrap());
+    let t = dbshift::controller::inputs::resolve_tenants(&dbm, &common::uri(), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t, vec!["tenant_r1".to_string(), "tenant_x".to_string()]);
+    // A registry entry that is not a database name is an error naming the registry.
+    mongo.database(&reg).collection::<Document>("tenants").insert_one(doc! {"_id": 4, "active": true}).await.unwrap();
+    let e =
+        dbshift::controller::inputs::resolve_tenants(&dbm, &common::uri(), Duration::from_secs(5)).await.unwrap_err();
+    assert!(e.permanent && e.message.contains("tenants"), "{e}");
 }
