@@ -475,6 +475,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                     gzip: *gzip,
                     source: format!("{}/{t}", conn.source),
                     tracking: g.tracking_collection.clone(),
+                    ..Default::default()
                 };
                 let target = dir.join(&t);
                 let p = progress.clone();
@@ -494,6 +495,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                 let opts = backup::RestoreOptions {
                     collections: collections.clone(),
                     tracking: g.tracking_collection.clone(),
+                    ..Default::default()
                 };
                 let p = progress.clone();
                 async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }
