@@ -207,6 +207,7 @@ impl From<RunError> for CliError {
             RunError::Lock(LockError::Mongo(_)) | RunError::Mongo { .. } => Exit::Unreachable,
             RunError::Exec(engine::executor::ExecError::Mongo { .. }) => Exit::Unreachable,
             RunError::Exec(_) => Exit::Failed,
+            RunError::BeforeChange(_) => Exit::Failed,
         };
         CliError { exit, message: e.to_string() }
     }
