@@ -50,7 +50,7 @@ pub struct SnapshotInfo {
     pub tenant: String,
     /// `complete`, `writing` (being written, or abandoned) or `deleting`.
     pub state: String,
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC, in milliseconds (fixed width: sorts as text).
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
@@ -285,7 +285,8 @@ impl Source for DbSource {
         // A range of `_id`s: the `_id` index serves it, whatever else the snapshot holds.
         let filter = doc! {"_id": {"$gte": {"c": &c.name, "n": 0i64}, "$lte": {"c": &c.name, "n": i64::MAX}}};
         let action = format!("reading {} of snapshot {}", c.name, self.id);
-        let find = self.data.find(filter).sort(doc! {"_id": 1});
+        // Chunks are large (up to 8 MiB): a few at a time keeps memory flat.
+        let find = self.data.find(filter).sort(doc! {"_id": 1}).batch_size(2);
         let a2 = action.clone();
         futures::stream::once(async move { find.await.map_err(mongo(a2)) })
             .map_ok(move |cursor| {
@@ -378,7 +379,12 @@ fn info(store: &str, d: &Document) -> SnapshotInfo {
         location: location(store, &id),
         tenant: d.get_str("tenant").unwrap_or_default().to_string(),
         state: d.get_str("state").unwrap_or("?").to_string(),
-        created_at: d.get_datetime("createdAt").ok().and_then(|t| t.try_to_rfc3339_string().ok()).unwrap_or_default(),
+        created_at: d
+            .get_datetime("createdAt")
+            .ok()
+            .and_then(|t| chrono::DateTime::from_timestamp_millis(t.timestamp_millis()))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default(),
         run_id: d.get_str("runId").ok().map(str::to_string),
         scope: text("scope"),
         collections: m.and_then(|m| m.get_array("collections").ok()).map_or(0, |c| c.len()),
