@@ -99,7 +99,7 @@ pub struct TenantsSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
     /// A regular expression matched against the server's database names (listDatabases);
-    /// `admin`, `local` and `config` never match.
+    /// `admin`, `local`, `config` and the snapshot database never match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
     /// A collection listing tenant databases, one document per tenant.

@@ -2,8 +2,8 @@
 
 use mongodb::Client;
 
-/// Databases that are never tenants.
-const SYSTEM: &[&str] = &["admin", "local", "config"];
+/// Databases that are never tenants: MongoDB's own, and dbshift's default snapshot database.
+const SYSTEM: &[&str] = &["admin", "local", "config", "dbshift_snapshots"];
 
 #[derive(Debug, Clone, Default)]
 pub struct TenantSelector {

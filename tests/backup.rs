@@ -221,3 +221,212 @@ async fn restoring_a_pre_migration_snapshot_records_the_migrations_as_rolled_bac
     let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
     assert_eq!((r.ok, r.migrations.len()), (true, 1));
 }
+
+// ---- Snapshots kept in a database ----
+
+use dbshift::backup::database;
+use futures::TryStreamExt;
+
+/// Exact bytes of every document as the server returns them, sorted by `_id`.
+async fn raw(db: &mongodb::Database, coll: &str) -> Vec<Vec<u8>> {
+    db.collection::<bson::RawDocumentBuf>(coll)
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.as_bytes().to_vec())
+        .collect()
+}
+
+async fn manifest_doc(store: &mongodb::Database, id: &str) -> Option<Document> {
+    store.collection::<Document>("snapshots").find_one(doc! {"_id": id}).await.unwrap()
+}
+
+async fn collections(db: &mongodb::Database) -> Vec<String> {
+    let mut v = db.list_collection_names().await.unwrap();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn database_snapshots_restore_byte_identical_documents_indexes_and_options() {
+    let db = rich_db("bkdb_exact").await;
+    let store = fresh_db("bkdb_store").await;
+    let before = (raw(&db, "orders").await, raw(&db, "users").await);
+    let (before_idx, before_opts) = (indexes(&db, "orders").await, options(&db, "orders").await);
+    let opts = SnapshotOptions { source: "h/x".into(), run_id: Some("run-7".into()), ..Default::default() };
+    let t = database::snapshot_to_database(&db, &store, &opts, &no_progress).await.unwrap();
+    assert!(t.id.starts_with(&format!("{}.", db.name())), "{}", t.id);
+    assert_eq!(t.location, format!("database:{}/{}", store.name(), t.id));
+    assert_eq!((t.manifest.total_documents, t.manifest.run_id.as_deref()), (2502, Some("run-7")));
+    assert_eq!(t.manifest.sha256, backup::snapshot_hash(&t.manifest.collections));
+
+    // The layout: a manifest document, and one data collection of chunks.
+    let m = manifest_doc(&store, &t.id).await.unwrap();
+    assert_eq!((m.get_str("state").unwrap(), m.get_str("tenant").unwrap()), ("complete", db.name()));
+    assert_eq!((m.get_str("runId").unwrap(), m.get_str("data").unwrap()), ("run-7", t.id.as_str()));
+    let stored = m.get_document("manifest").unwrap();
+    assert_eq!(stored.get_i64("totalDocuments").unwrap(), 2502);
+    let orders = &stored.get_array("collections").unwrap()[0].as_document().unwrap().clone();
+    assert_eq!(orders.get_str("name").unwrap(), "orders");
+    assert_eq!(orders.get_document("metadata").unwrap().get_array("indexes").unwrap().len(), 4);
+    assert_eq!(collections(&store).await, vec![t.id.clone(), "snapshots".to_string()]);
+    let chunks = store.collection::<Document>(&t.id);
+    assert_eq!(chunks.count_documents(doc! {"_id.c": "orders"}).await.unwrap(), 3, "1,000 documents a chunk");
+    let first = chunks.find_one(doc! {"_id": {"c": "users", "n": 0i64}}).await.unwrap().unwrap();
+    assert_eq!(first.get_array("docs").unwrap().len(), 2);
+
+    // Damage, then restore.
+    db.collection::<Document>("orders").delete_many(doc! {"n": {"$lt": 100}}).await.unwrap();
+    db.collection::<Document>("orders").update_many(doc! {}, doc! {"$set": {"ratio": 2}}).await.unwrap();
+    db.run_command(doc! {"dropIndexes": "orders", "index": "compound"}).await.unwrap();
+    db.collection::<Document>("users").drop().await.unwrap();
+    db.collection::<Document>("newer").insert_one(doc! {"x": 1}).await.unwrap();
+    let rep =
+        database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress).await.unwrap();
+    assert!(rep.collections.iter().all(|c| c.verified));
+    assert_eq!((rep.dropped.clone(), rep.snapshot_sha256.clone()), (vec!["newer".to_string()], t.manifest.sha256));
+    assert_eq!((raw(&db, "orders").await, raw(&db, "users").await), before, "byte-identical documents");
+    assert_eq!(indexes(&db, "orders").await, before_idx);
+    assert_eq!(options(&db, "orders").await, before_opts);
+}
+
+#[tokio::test]
+async fn long_tenant_and_collection_names_fit() {
+    let c = client().await;
+    let tenant = format!("{}_{}", unique("bkdb_long"), "t".repeat(40));
+    let db = c.database(&tenant);
+    let long = "c".repeat(150);
+    db.collection::<Document>(&long).insert_many((0..3).map(|i| doc! {"_id": i, "v": "x"})).await.unwrap();
+    let store = fresh_db("bkdb_store").await;
+    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let before = raw(&db, &long).await;
+    db.collection::<Document>(&long).delete_many(doc! {}).await.unwrap();
+    database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress).await.unwrap();
+    assert_eq!(raw(&db, &long).await, before);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_complete_snapshots_of_each_tenant() {
+    let db = fresh_db("bkdb_keep").await;
+    let other = fresh_db("bkdb_keep_other").await;
+    let store = fresh_db("bkdb_store").await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        db.collection::<Document>("items").insert_one(doc! {"_id": i}).await.unwrap();
+        ids.push(
+            database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap().id,
+        );
+    }
+    other.collection::<Document>("items").insert_one(doc! {"_id": 1}).await.unwrap();
+    let kept_other =
+        database::snapshot_to_database(&other, &store, &SnapshotOptions::default(), &no_progress).await.unwrap().id;
+    // Taken within the same second: ids stay unique.
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 4, "{ids:?}");
+    let mut deleted = database::retain(&store, db.name(), 2).await.unwrap();
+    deleted.sort();
+    let mut oldest = ids[..2].to_vec();
+    oldest.sort();
+    assert_eq!(deleted, oldest);
+    let left: Vec<String> = database::list(&store, Some(db.name())).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(left, vec![ids[3].clone(), ids[2].clone()], "newest first");
+    let mut want = vec!["snapshots".to_string(), ids[2].clone(), ids[3].clone(), kept_other.clone()];
+    want.sort();
+    assert_eq!(collections(&store).await, want, "the data of deleted snapshots is dropped");
+    assert_eq!(database::newest(&store, db.name(), None).await.unwrap(), Some(ids[3].clone()));
+    // The newest one restores the last state.
+    db.collection::<Document>("items").delete_many(doc! {}).await.unwrap();
+    database::restore_from_database(&db, &store, &ids[3], &RestoreOptions::default(), &no_progress).await.unwrap();
+    assert_eq!(dump(&db, "items").await.len(), 4);
+}
+
+#[tokio::test]
+async fn an_interrupted_snapshot_is_never_restored_and_is_cleaned_up() {
+    let db = rich_db("bkdb_crash").await;
+    let store = fresh_db("bkdb_store").await;
+    let good = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    // A writer that died half-way: its manifest still says `writing`, some chunks are there.
+    let old = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 3_600_000);
+    let newer = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000);
+    let crashed = format!("{}.29990101T000000Z", db.name());
+    store
+        .collection::<Document>("snapshots")
+        .insert_one(doc! {"_id": &crashed, "tenant": db.name(), "state": "writing", "createdAt": newer, "updatedAt": old, "data": &crashed})
+        .await
+        .unwrap();
+    store
+        .collection::<Document>(&crashed)
+        .insert_one(doc! {"_id": {"c": "users", "n": 0i64}, "docs": [{"_id": "u1"}]})
+        .await
+        .unwrap();
+    // One still being written (refreshed recently) is left alone.
+    let busy = format!("{}.29990101T000001Z", db.name());
+    store
+        .collection::<Document>("snapshots")
+        .insert_one(doc! {"_id": &busy, "tenant": db.name(), "state": "writing", "createdAt": newer, "updatedAt": bson::DateTime::now(), "data": &busy})
+        .await
+        .unwrap();
+
+    assert_eq!(database::newest(&store, db.name(), None).await.unwrap(), Some(good.id.clone()), "only complete ones");
+    let now = dump_db(&db).await;
+    let e = database::restore_from_database(&db, &store, &crashed, &RestoreOptions::default(), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not complete (state writing)"), "{e}");
+    assert_eq!(dump_db(&db).await, now, "nothing changed");
+    let states: Vec<String> = database::list(&store, None).await.unwrap().into_iter().map(|s| s.state).collect();
+    assert_eq!(states, ["writing", "writing", "complete"]);
+
+    // The next snapshot of the tenant deletes the abandoned one (manifest and data), not the busy one.
+    let next = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    assert!(manifest_doc(&store, &crashed).await.is_none());
+    assert!(!collections(&store).await.contains(&crashed));
+    assert!(manifest_doc(&store, &busy).await.is_some());
+    let left: Vec<String> = database::list(&store, None).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(left, vec![busy, next.id, good.id]);
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_leaves_nothing_behind() {
+    let db = rich_db("bkdb_fail").await;
+    let store = fresh_db("bkdb_store").await;
+    let opts = SnapshotOptions { collections: vec!["nope".into()], ..Default::default() };
+    let e = database::snapshot_to_database(&db, &store, &opts, &no_progress).await.unwrap_err();
+    assert!(e.to_string().contains("collection nope does not exist"), "{e}");
+    assert_eq!(store.collection::<Document>("snapshots").count_documents(doc! {}).await.unwrap(), 0);
+    assert_eq!(collections(&store).await, vec!["snapshots".to_string()]);
+    // The tenant itself is refused as a destination.
+    let e = database::snapshot_to_database(&db, &db, &SnapshotOptions::default(), &no_progress).await.unwrap_err();
+    assert!(e.to_string().contains("is the tenant itself"), "{e}");
+}
+
+#[tokio::test]
+async fn a_damaged_database_snapshot_is_refused_and_nothing_changes() {
+    let db = rich_db("bkdb_damaged").await;
+    let store = fresh_db("bkdb_store").await;
+    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    db.collection::<Document>("users").insert_one(doc! {"_id": "u3"}).await.unwrap();
+    let now = dump_db(&db).await;
+    store
+        .collection::<Document>(&t.id)
+        .update_one(doc! {"_id": {"c": "users", "n": 0i64}}, doc! {"$set": {"docs.0.name": "Eve"}})
+        .await
+        .unwrap();
+    let e = database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("collection users of snapshot") && e.to_string().contains("nothing was restored"),
+        "{e}"
+    );
+    assert_eq!(dump_db(&db).await, now);
+    let e = database::restore_from_database(&db, &store, "nope.1", &RestoreOptions::default(), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no snapshot nope.1 in database"), "{e}");
+    assert_eq!(dump_db(&db).await, now);
+}

@@ -1,19 +1,32 @@
-//! Snapshots of a tenant database, in mongodump's directory layout, and exact restores.
+//! Snapshots of a tenant database and exact restores, kept in a directory or in a database.
 //!
+//! A directory snapshot is in mongodump's layout (a stock `mongorestore --dir <out>` reads it):
 //! ```text
 //! <out>/dbshift-manifest.json          counts, sizes, content hashes, time, source
 //! <out>/<db>/<coll>.bson[.gz]          the documents, concatenated BSON (as mongodump writes them)
 //! <out>/<db>/<coll>.metadata.json[.gz] options, indexes, uuid (canonical Extended JSON)
 //! ```
-//! A stock `mongorestore --dir <out>` can read it. Documents stream through a bounded
-//! pipeline, so memory stays flat whatever the collection size.
+//! A database snapshot (see [`database`]) keeps the same manifest in a document of
+//! `<snapshot db>.snapshots` and the documents, packed in chunks, in one collection per snapshot.
+//!
+//! Taking and restoring a snapshot is the same code for both: [`Sink`] is where a snapshot's
+//! documents go, [`Source`] where a restore reads them. Documents stream through a bounded
+//! pipeline in batches, so memory stays flat whatever the collection size.
 
+pub mod database;
+mod destination;
 mod restore;
 mod snapshot;
 
+pub use database::{SnapshotInfo, Taken, DEFAULT_DATABASE};
+pub use destination::{Destination, Found};
 pub use restore::{read_manifest, restore, RestoreOptions, RestoreReport};
 pub use snapshot::{snapshot, SnapshotOptions};
 
+use std::future::Future;
+
+use bson::{Document, RawDocumentBuf};
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -79,13 +92,20 @@ pub struct Manifest {
     /// marks migrations applied since then as rolled back, so records match the data.
     #[serde(default)]
     pub applied_migrations: Vec<String>,
+    /// The run that took it (`dbshift run` records its run id), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// The hash of the whole snapshot (see [`snapshot_hash`]). Empty in snapshots of older versions.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CollectionManifest {
     pub name: String,
-    /// Path of the BSON file, relative to the snapshot directory.
+    /// Directory snapshots: the BSON file, relative to the snapshot directory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub file: String,
     pub documents: u64,
     /// Uncompressed BSON bytes.
@@ -93,6 +113,69 @@ pub struct CollectionManifest {
     /// Order-independent content hash (see [`ContentHash`]).
     pub sha256: String,
     pub indexes: usize,
+    /// Database snapshots: options, indexes and uuid, as a directory snapshot's
+    /// `<coll>.metadata.json` holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Document>,
+}
+
+/// The hash of a whole snapshot: the SHA-256 of one line per collection, in name order, each
+/// `<name> NUL <content hash in hex> LF`. Equal hashes mean equal collections with equal documents.
+pub fn snapshot_hash(collections: &[CollectionManifest]) -> String {
+    let mut sorted: Vec<&CollectionManifest> = collections.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Sha256::new();
+    for c in sorted {
+        h.update(c.name.as_bytes());
+        h.update([0]);
+        h.update(c.sha256.as_bytes());
+        h.update([b'\n']);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Documents travel in batches of at most this many documents...
+pub(crate) const BATCH_DOCS: usize = 1000;
+/// ... or this many bytes (a single larger document travels alone).
+pub(crate) const BATCH_BYTES: usize = 8 << 20;
+
+/// Where a snapshot is written. The snapshot code lists collections, reads and hashes their
+/// documents; a sink only stores what it is given.
+pub(crate) trait Sink: Sync {
+    type Writer: CollectionWriter;
+    /// Start storing one collection, given its metadata (options, indexes, uuid).
+    fn collection(
+        &self,
+        name: &str,
+        meta: &Document,
+    ) -> impl Future<Output = Result<Opened<Self::Writer>, BackupError>> + Send;
+}
+
+/// A sink's answer to [`Sink::collection`].
+pub(crate) struct Opened<W> {
+    pub writer: W,
+    /// The file written, for a directory snapshot's manifest.
+    pub file: String,
+    /// Metadata to keep in the manifest (when the sink does not store it itself).
+    pub metadata: Option<Document>,
+}
+
+/// Stores one collection's documents, a batch at a time.
+pub(crate) trait CollectionWriter: Send {
+    fn write(&mut self, batch: Vec<RawDocumentBuf>) -> impl Future<Output = Result<(), BackupError>> + Send;
+    /// Every batch was written: make it durable.
+    fn finish(self) -> impl Future<Output = Result<(), BackupError>> + Send;
+}
+
+/// Where a restore reads a snapshot from.
+pub(crate) trait Source: Sync {
+    fn manifest(&self) -> &Manifest;
+    /// Where a collection's documents are kept, for messages.
+    fn place(&self, c: &CollectionManifest) -> String;
+    /// The collection's metadata (options, indexes).
+    fn metadata(&self, c: &CollectionManifest) -> Result<Document, BackupError>;
+    /// The collection's documents, exactly as snapshotted, in batches.
+    fn batches<'a>(&'a self, c: &'a CollectionManifest) -> BoxStream<'a, Result<Vec<RawDocumentBuf>, BackupError>>;
 }
 
 /// A hash of a set of documents that does not depend on their order: the SHA-256 of each
@@ -146,6 +229,23 @@ mod tests {
         assert_eq!(x.hex(), y.hex());
         assert_ne!(x.hex(), z.hex());
         assert_eq!(x.hex().len(), 64);
+    }
+
+    #[test]
+    fn the_snapshot_hash_covers_names_and_contents_in_any_order() {
+        let c = |name: &str, sha: &str| CollectionManifest {
+            name: name.into(),
+            file: String::new(),
+            documents: 1,
+            bytes: 1,
+            sha256: sha.into(),
+            indexes: 1,
+            metadata: None,
+        };
+        let a = snapshot_hash(&[c("a", "11"), c("b", "22")]);
+        assert_eq!(a, snapshot_hash(&[c("b", "22"), c("a", "11")]));
+        assert_ne!(a, snapshot_hash(&[c("a", "22"), c("b", "11")]));
+        assert_eq!(a.len(), 64);
     }
 
     #[test]

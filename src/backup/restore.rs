@@ -1,7 +1,7 @@
 //! Restoring a snapshot exactly, and proving it.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bson::{doc, Bson, Document, RawDocumentBuf};
@@ -18,6 +18,9 @@ pub struct RestoreOptions {
     pub collections: Vec<String>,
     /// Tracking collection (default `_dbshift_migrations`).
     pub tracking: String,
+    /// Recorded as `rolledBackBy` of the migrations the restore undoes (default: the restore of
+    /// the snapshot taken at its time).
+    pub rolled_back_by: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +28,9 @@ pub struct RestoreOptions {
 pub struct RestoreReport {
     pub database: String,
     pub snapshot_of: String,
+    /// The restored snapshot's hash (see [`snapshot_hash`]); empty for snapshots of older versions.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snapshot_sha256: String,
     pub collections: Vec<RestoredCollection>,
     /// Collections that were not in a whole-database snapshot and were dropped.
     pub dropped: Vec<String>,
@@ -115,19 +121,29 @@ fn read_metadata(path: &Path, gzip: bool) -> Result<Document, BackupError> {
     }
 }
 
-/// Check every file against the manifest before anything is changed.
-fn verify_files(from: &Path, m: &Manifest, wanted: &[&CollectionManifest]) -> Result<(), BackupError> {
+/// Check every collection's stored documents against the manifest before anything is changed.
+async fn verify_source<S: Source>(src: &S, wanted: &[&CollectionManifest]) -> Result<(), BackupError> {
+    let m = src.manifest();
+    if !m.sha256.is_empty() && snapshot_hash(&m.collections) != m.sha256 {
+        return Err(BackupError::Invalid(format!(
+            "the manifest of the snapshot of {} is inconsistent (its collection hashes do not add up to its \
+             sha256 {}); nothing was restored",
+            m.database, m.sha256
+        )));
+    }
     for c in wanted {
-        let mut r = BsonReader::open(&from.join(&c.file), m.gzip)?;
         let (mut n, mut hash) = (0u64, ContentHash::default());
-        while let Some(d) = r.next()? {
-            hash.add(d.as_bytes());
-            n += 1;
+        let mut batches = src.batches(c);
+        while let Some(batch) = batches.try_next().await? {
+            for d in &batch {
+                hash.add(d.as_bytes());
+                n += 1;
+            }
         }
         if n != c.documents || hash.hex() != c.sha256 {
             return Err(BackupError::Invalid(format!(
-                "{}: the file does not match the manifest ({n} documents, hash {}; manifest: {} documents, hash {}); nothing was restored",
-                c.file,
+                "{} does not match the manifest ({n} documents, hash {}; manifest: {} documents, hash {}); nothing was restored",
+                src.place(c),
                 hash.hex(),
                 c.documents,
                 c.sha256
@@ -139,7 +155,7 @@ fn verify_files(from: &Path, m: &Manifest, wanted: &[&CollectionManifest]) -> Re
 
 /// After a whole-database restore, migrations applied since the snapshot no longer have any
 /// effect: record them as rolled back (by this restore) and drop their now-stale rollback data.
-async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str) -> Result<Vec<String>, BackupError> {
+async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str, by: &str) -> Result<Vec<String>, BackupError> {
     let records = db.collection::<Document>(tracking);
     let since = doc! {"state": "applied", "_id": {"$nin": &m.applied_migrations}};
     let ids: Vec<String> = records
@@ -152,7 +168,7 @@ async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str) -> Resu
     if ids.is_empty() {
         return Ok(ids);
     }
-    let by = format!("restore of the snapshot taken {}", m.created_at);
+    let by = if by.is_empty() { format!("restore of the snapshot taken {}", m.created_at) } else { by.to_string() };
     records
         .update_many(
             since,
@@ -169,17 +185,30 @@ async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str) -> Resu
     Ok(ids)
 }
 
-/// Bring `db` back to the snapshot in `from`: every snapshotted collection gets exactly the
-/// snapshot's documents, options and indexes; for a whole-database snapshot, collections
-/// created since are dropped (dbshift's own `_dbshift*` collections are left alone).
+/// Bring `db` back to the snapshot in the directory `from` (see [`restore_from`]).
 pub async fn restore(
     db: &Database,
     from: &Path,
     opts: &RestoreOptions,
     progress: RestoreProgress<'_>,
 ) -> Result<RestoreReport, BackupError> {
+    let src = DirSource { manifest: read_manifest(from)?, from: from.to_path_buf() };
+    restore_from(db, &src, opts, progress).await
+}
+
+/// Bring `db` back to a snapshot: every snapshotted collection gets exactly the snapshot's
+/// documents, options and indexes; for a whole-database snapshot, collections created since are
+/// dropped (dbshift's own `_dbshift*` collections are left alone). The stored documents are
+/// checked against the manifest first (nothing changes if they differ), and every restored
+/// collection is read back and checked again.
+pub(crate) async fn restore_from<S: Source>(
+    db: &Database,
+    src: &S,
+    opts: &RestoreOptions,
+    progress: RestoreProgress<'_>,
+) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
-    let m = read_manifest(from)?;
+    let m = src.manifest();
     for want in &opts.collections {
         if !m.collections.iter().any(|c| &c.name == want) {
             return Err(BackupError::Invalid(format!("collection {want} is not in the snapshot of {}", m.database)));
@@ -187,12 +216,8 @@ pub async fn restore(
     }
     let wanted: Vec<&CollectionManifest> =
         m.collections.iter().filter(|c| opts.collections.is_empty() || opts.collections.contains(&c.name)).collect();
-    verify_files(from, &m, &wanted)?;
-    let ext = if m.gzip { ".gz" } else { "" };
-    let metas: Vec<Document> = wanted
-        .iter()
-        .map(|c| read_metadata(&from.join(&m.database).join(format!("{}.metadata.json{ext}", c.name)), m.gzip))
-        .collect::<Result<_, _>>()?;
+    verify_source(src, &wanted).await?;
+    let metas: Vec<Document> = wanted.iter().map(|c| src.metadata(c)).collect::<Result<_, _>>()?;
 
     let mut dropped = Vec::new();
     if m.scope == "all" && opts.collections.is_empty() {
@@ -216,74 +241,28 @@ pub async fn restore(
         create.extend(options);
         db.run_command(create).await.map_err(mongo(format!("creating {}", c.name)))?;
 
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<RawDocumentBuf>, BackupError>>(4);
-        let path = from.join(&c.file);
-        let gzip = m.gzip;
-        let reader = std::thread::spawn(move || {
-            let mut r = match BsonReader::open(&path, gzip) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let (mut batch, mut size) = (Vec::with_capacity(1000), 0usize);
-            loop {
-                match r.next() {
-                    Ok(Some(d)) => {
-                        size += d.as_bytes().len();
-                        batch.push(d);
-                        if batch.len() == 1000 || size > 8 << 20 {
-                            size = 0;
-                            if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                let _ = tx.send(Ok(batch));
-            }
-        });
-        // The receiver blocks; take batches on a blocking-friendly path.
-        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        // Two inserts in flight: the server works on one while the next is read and sent.
         let mut done = 0u64;
-        // Two inserts in flight: the server works on one while the next is sent.
-        let mut inserting = futures::stream::FuturesUnordered::new();
-        loop {
-            let rx2 = rx.clone();
-            let next = tokio::task::spawn_blocking(move || rx2.lock().expect("lock").recv().ok())
-                .await
-                .map_err(|e| BackupError::Invalid(e.to_string()))?;
-            let Some(batch) = next else { break };
-            let batch = batch?;
-            let n = batch.len() as u64;
-            if inserting.len() == 2 {
-                done += inserting.next().await.expect("two in flight")?;
+        src.batches(c)
+            .map_ok(|batch| {
+                let n = batch.len() as u64;
+                let coll = coll.clone();
+                async move {
+                    coll.insert_many(batch)
+                        .ordered(false)
+                        .bypass_document_validation(true)
+                        .await
+                        .map(|_| n)
+                        .map_err(mongo(format!("inserting into {}", c.name)))
+                }
+            })
+            .try_buffered(2)
+            .try_for_each(|n| {
+                done += n;
                 progress(&c.name, done, c.documents);
-            }
-            let coll = coll.clone();
-            let name = c.name.clone();
-            inserting.push(async move {
-                coll.insert_many(batch)
-                    .ordered(false)
-                    .bypass_document_validation(true)
-                    .await
-                    .map(|_| n)
-                    .map_err(mongo(format!("inserting into {name}")))
-            });
-        }
-        while let Some(n) = inserting.next().await {
-            done += n?;
-            progress(&c.name, done, c.documents);
-        }
-        let _ = reader.join();
+                futures::future::ready(Ok(()))
+            })
+            .await?;
         let indexes: Vec<Document> = meta
             .get_array("indexes")
             .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
@@ -325,7 +304,7 @@ pub async fn restore(
         });
     }
     let rolled_back = if m.scope == "all" && opts.collections.is_empty() {
-        reconcile_tracking(db, &m, tracking_name(&opts.tracking)).await?
+        reconcile_tracking(db, m, tracking_name(&opts.tracking), &opts.rolled_back_by).await?
     } else {
         Vec::new()
     };
@@ -333,9 +312,73 @@ pub async fn restore(
         rolled_back,
         database: db.name().to_string(),
         snapshot_of: m.database.clone(),
+        snapshot_sha256: m.sha256.clone(),
         total_documents: restored.iter().map(|c| c.documents).sum(),
         collections: restored,
         dropped,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// A directory snapshot.
+struct DirSource {
+    from: PathBuf,
+    manifest: Manifest,
+}
+
+impl Source for DirSource {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn place(&self, c: &CollectionManifest) -> String {
+        format!("{}: the file", c.file)
+    }
+
+    fn metadata(&self, c: &CollectionManifest) -> Result<Document, BackupError> {
+        let ext = if self.manifest.gzip { ".gz" } else { "" };
+        let path = self.from.join(&self.manifest.database).join(format!("{}.metadata.json{ext}", c.name));
+        read_metadata(&path, self.manifest.gzip)
+    }
+
+    /// A thread reads the file and hands batches over through a bounded queue.
+    fn batches<'a>(&'a self, c: &'a CollectionManifest) -> BoxStream<'a, Result<Vec<RawDocumentBuf>, BackupError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<RawDocumentBuf>, BackupError>>(4);
+        let path = self.from.join(&c.file);
+        let gzip = self.manifest.gzip;
+        std::thread::spawn(move || {
+            let mut r = match BsonReader::open(&path, gzip) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            let (mut batch, mut size) = (Vec::with_capacity(BATCH_DOCS), 0usize);
+            loop {
+                match r.next() {
+                    Ok(Some(d)) => {
+                        let len = d.as_bytes().len();
+                        if !batch.is_empty() && (batch.len() == BATCH_DOCS || size + len > BATCH_BYTES) {
+                            size = 0;
+                            if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                                return; // the restore stopped reading
+                            }
+                        }
+                        size += len;
+                        batch.push(d);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.blocking_send(Ok(batch));
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) }).boxed()
+    }
 }

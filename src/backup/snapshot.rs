@@ -1,4 +1,4 @@
-//! Writing a snapshot.
+//! Taking a snapshot: the same code whatever the [`Sink`]; the directory sink is here.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,31 +15,27 @@ use crate::engine::tracking::INTERNAL_PREFIX;
 pub struct SnapshotOptions {
     /// Only these collections (default: every collection except dbshift's own).
     pub collections: Vec<String>,
+    /// Directory snapshots only: compress files with gzip.
     pub gzip: bool,
     /// The URI's hosts are recorded as the source (never its credentials).
     pub source: String,
     /// Tracking collection (default `_dbshift_migrations`).
     pub tracking: String,
+    /// The run taking the snapshot, recorded in the manifest.
+    pub run_id: Option<String>,
 }
 
 /// Progress: (collection, documents done, documents expected).
 pub type SnapshotProgress<'a> = &'a (dyn Fn(&str, u64, u64) + Send + Sync);
 
-fn open(path: &Path, gzip: bool) -> Result<Box<dyn Write + Send>, BackupError> {
-    let f = std::fs::File::create(path).map_err(io(path))?;
-    let w = std::io::BufWriter::with_capacity(1 << 20, f);
-    Ok(if gzip { Box::new(flate2::write::GzEncoder::new(w, flate2::Compression::fast())) } else { Box::new(w) })
-}
-
-/// Write a snapshot of `db` into `out` (created if needed; must not already hold a snapshot).
+/// Write a snapshot of `db` into the directory `out` (created if needed; must not already hold
+/// a snapshot). The manifest is written last: a directory without one is an unfinished snapshot.
 pub async fn snapshot(
     db: &Database,
     out: &Path,
     opts: &SnapshotOptions,
     progress: SnapshotProgress<'_>,
 ) -> Result<Manifest, BackupError> {
-    let started = Instant::now();
-    let created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     if out.join(MANIFEST).exists() {
         return Err(BackupError::Invalid(format!(
             "{} already holds a snapshot; choose an empty directory",
@@ -48,6 +44,23 @@ pub async fn snapshot(
     }
     let dir = out.join(db.name());
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let sink = DirSink { out: out.to_path_buf(), dir, db: db.name().to_string(), gzip: opts.gzip };
+    let manifest = write_snapshot(db, &sink, opts, progress).await?;
+    let mpath = out.join(MANIFEST);
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializable")).map_err(io(&mpath))?;
+    Ok(manifest)
+}
+
+/// Snapshot `db` into `sink`: every collection (or the selected ones), then the migrations
+/// applied at the time. Returns the manifest; storing it is the caller's last step.
+pub(crate) async fn write_snapshot<S: Sink>(
+    db: &Database,
+    sink: &S,
+    opts: &SnapshotOptions,
+    progress: SnapshotProgress<'_>,
+) -> Result<Manifest, BackupError> {
+    let started = Instant::now();
+    let created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     // The whole cursor: a database may hold more collections than one batch returns.
     let listing: Vec<Document> = db
         .run_cursor_command(doc! {"listCollections": 1, "filter": {"type": "collection"}})
@@ -77,7 +90,7 @@ pub async fn snapshot(
     infos.sort_by(|a, b| a.get_str("name").unwrap_or_default().cmp(b.get_str("name").unwrap_or_default()));
     // Two collections at a time: a server serves two cursors faster than one after the other.
     let collections: Vec<CollectionManifest> = futures::stream::iter(infos)
-        .map(|info| dump_collection(db, info, out, &dir, opts, progress))
+        .map(|info| dump_collection(db, sink, info, progress))
         .buffered(2)
         .try_collect()
         .await?;
@@ -89,7 +102,7 @@ pub async fn snapshot(
         .into_iter()
         .filter_map(|b| b.as_str().map(str::to_string))
         .collect();
-    let manifest = Manifest {
+    Ok(Manifest {
         applied_migrations,
         format: FORMAT.into(),
         database: db.name().to_string(),
@@ -99,25 +112,21 @@ pub async fn snapshot(
         scope: scope.into(),
         total_documents: collections.iter().map(|c| c.documents).sum(),
         total_bytes: collections.iter().map(|c| c.bytes).sum(),
+        sha256: snapshot_hash(&collections),
         collections,
         duration_ms: started.elapsed().as_millis() as u64,
-    };
-    let mpath = out.join(MANIFEST);
-    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializable")).map_err(io(&mpath))?;
-    Ok(manifest)
+        run_id: opts.run_id.clone(),
+    })
 }
 
-/// Write one collection: its metadata file and its documents, streamed through a bounded
-/// queue to a writer thread (disk and hashing overlap the network).
-async fn dump_collection(
+/// Snapshot one collection: its metadata, then its documents, read in batches and handed to
+/// the sink through a bounded queue, so reading and writing overlap and memory stays flat.
+async fn dump_collection<S: Sink>(
     db: &Database,
+    sink: &S,
     info: Document,
-    out: &Path,
-    dir: &Path,
-    opts: &SnapshotOptions,
     progress: SnapshotProgress<'_>,
 ) -> Result<CollectionManifest, BackupError> {
-    let ext = if opts.gzip { ".gz" } else { "" };
     let name = info.get_str("name").unwrap_or_default().to_string();
     let coll = db.collection::<RawDocumentBuf>(&name);
     let expected = coll.estimated_document_count().await.unwrap_or(0);
@@ -129,8 +138,9 @@ async fn dump_collection(
         .and_then(|c| c.get_array("firstBatch"))
         .cloned()
         .unwrap_or_default();
+    let index_count = indexes.len();
     let mut meta = doc! {
-        "indexes": indexes.clone(),
+        "indexes": indexes,
         "collectionName": &name,
         "type": "collection",
     };
@@ -138,59 +148,154 @@ async fn dump_collection(
     if let Ok(Bson::Binary(b)) = info.get_document("info").map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null)) {
         meta.insert("uuid", hex::encode(&b.bytes));
     }
-    let meta_path = dir.join(format!("{name}.metadata.json{ext}"));
-    let mut mw = open(&meta_path, opts.gzip)?;
-    serde_json::to_writer(&mut mw, &Bson::Document(meta).into_canonical_extjson())
-        .map_err(|e| io(&meta_path)(e.into()))?;
-    mw.flush().map_err(io(&meta_path))?;
-    drop(mw);
+    let opened = sink.collection(&name, &meta).await?;
 
-    // Reading (network) and writing (disk, maybe gzip) overlap through a bounded channel.
-    let file = format!("{}/{name}.bson{ext}", db.name());
-    let path: PathBuf = out.join(&file);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<RawDocumentBuf>>(4);
-    let w_path = path.clone();
-    let gzip = opts.gzip;
-    let writer = std::thread::spawn(move || -> Result<(u64, u64, ContentHash), BackupError> {
-        let mut w = open(&w_path, gzip)?;
-        let (mut n, mut bytes, mut hash) = (0u64, 0u64, ContentHash::default());
-        for batch in rx {
-            for d in batch {
-                let b = d.as_bytes();
-                w.write_all(b).map_err(io(&w_path))?;
-                hash.add(b);
-                n += 1;
-                bytes += b.len() as u64;
-            }
-        }
-        w.flush().map_err(io(&w_path))?;
-        Ok((n, bytes, hash))
-    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<RawDocumentBuf>>(4);
     let read = async {
+        let tx = tx;
         let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("reading {name}")))?;
-        let mut batch = Vec::with_capacity(1000);
-        let mut done = 0u64;
+        let (mut batch, mut size, mut done) = (Vec::with_capacity(BATCH_DOCS), 0usize, 0u64);
         while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {name}")))? {
-            batch.push(d);
-            if batch.len() == 1000 {
-                done += 1000;
+            let len = d.as_bytes().len();
+            if !batch.is_empty() && (batch.len() == BATCH_DOCS || size + len > BATCH_BYTES) {
+                done += batch.len() as u64;
+                size = 0;
                 progress(&name, done, expected.max(done));
-                if tx.send(std::mem::take(&mut batch)).is_err() {
-                    break;
+                if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    return Ok(()); // the writer stopped; its error is the one reported
                 }
             }
+            size += len;
+            batch.push(d);
         }
         if !batch.is_empty() {
             done += batch.len() as u64;
-            let _ = tx.send(batch);
+            let _ = tx.send(batch).await;
         }
         progress(&name, done, expected.max(done));
         Ok::<(), BackupError>(())
     };
-    let r = read.await;
-    drop(tx);
-    let (documents, bytes, hash) =
-        writer.join().map_err(|_| BackupError::Invalid("snapshot writer panicked".into()))??;
+    let write = async {
+        let mut w = opened.writer;
+        let (mut n, mut bytes, mut hash) = (0u64, 0u64, ContentHash::default());
+        while let Some(batch) = rx.recv().await {
+            for d in &batch {
+                hash.add(d.as_bytes());
+                n += 1;
+                bytes += d.as_bytes().len() as u64;
+            }
+            w.write(batch).await?;
+        }
+        w.finish().await?;
+        Ok::<_, BackupError>((n, bytes, hash))
+    };
+    let (r, w) = futures::join!(read, write);
+    let (documents, bytes, hash) = w?;
     r?;
-    Ok(CollectionManifest { name, file, documents, bytes, sha256: hash.hex(), indexes: indexes.len() })
+    Ok(CollectionManifest {
+        name,
+        file: opened.file,
+        documents,
+        bytes,
+        sha256: hash.hex(),
+        indexes: index_count,
+        metadata: opened.metadata,
+    })
+}
+
+/// A file being written, maybe gzipped.
+pub(crate) enum FileOut {
+    Plain(std::io::BufWriter<std::fs::File>),
+    Gzip(flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>),
+}
+
+impl FileOut {
+    pub(crate) fn create(path: &Path, gzip: bool) -> Result<Self, BackupError> {
+        let f = std::fs::File::create(path).map_err(io(path))?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, f);
+        Ok(if gzip {
+            FileOut::Gzip(flate2::write::GzEncoder::new(w, flate2::Compression::fast()))
+        } else {
+            FileOut::Plain(w)
+        })
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            FileOut::Plain(w) => w.write_all(b),
+            FileOut::Gzip(w) => w.write_all(b),
+        }
+    }
+
+    /// Write everything out (the gzip trailer too) and sync it to disk.
+    fn finish(self) -> std::io::Result<()> {
+        let w = match self {
+            FileOut::Plain(w) => w,
+            FileOut::Gzip(g) => g.finish()?,
+        };
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()
+    }
+}
+
+/// A directory snapshot: `<out>/<db>/<coll>.bson[.gz]` and `<coll>.metadata.json[.gz]`.
+struct DirSink {
+    out: PathBuf,
+    dir: PathBuf,
+    db: String,
+    gzip: bool,
+}
+
+struct DirWriter {
+    file: Option<FileOut>,
+    path: PathBuf,
+}
+
+impl Sink for DirSink {
+    type Writer = DirWriter;
+
+    async fn collection(&self, name: &str, meta: &Document) -> Result<Opened<DirWriter>, BackupError> {
+        let ext = if self.gzip { ".gz" } else { "" };
+        let meta_path = self.dir.join(format!("{name}.metadata.json{ext}"));
+        let mut mw = FileOut::create(&meta_path, self.gzip)?;
+        let text = serde_json::to_vec(&Bson::Document(meta.clone()).into_canonical_extjson()).expect("serializable");
+        mw.write_all(&text).map_err(io(&meta_path))?;
+        mw.finish().map_err(io(&meta_path))?;
+        let file = format!("{}/{name}.bson{ext}", self.db);
+        let path = self.out.join(&file);
+        let writer = DirWriter { file: Some(FileOut::create(&path, self.gzip)?), path };
+        Ok(Opened { writer, file, metadata: None })
+    }
+}
+
+impl DirWriter {
+    /// Run blocking file work off the async threads.
+    async fn with_file<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut FileOut) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, BackupError> {
+        let mut file = self.file.take().ok_or_else(|| BackupError::Invalid("the snapshot file was closed".into()))?;
+        let (file, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut file);
+            (file, r)
+        })
+        .await
+        .map_err(|e| BackupError::Invalid(format!("the snapshot writer stopped: {e}")))?;
+        self.file = Some(file);
+        r.map_err(io(&self.path))
+    }
+}
+
+impl CollectionWriter for DirWriter {
+    async fn write(&mut self, batch: Vec<RawDocumentBuf>) -> Result<(), BackupError> {
+        self.with_file(move |f| batch.iter().try_for_each(|d| f.write_all(d.as_bytes()))).await
+    }
+
+    async fn finish(mut self) -> Result<(), BackupError> {
+        let file = self.file.take().ok_or_else(|| BackupError::Invalid("the snapshot file was closed".into()))?;
+        tokio::task::spawn_blocking(move || file.finish())
+            .await
+            .map_err(|e| BackupError::Invalid(format!("the snapshot writer stopped: {e}")))?
+            .map_err(io(&self.path))
+    }
 }

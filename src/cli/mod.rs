@@ -2,6 +2,7 @@
 
 mod output;
 pub mod run;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -95,26 +96,46 @@ pub enum Command {
     Down(DownArgs),
     /// Run the checks of every applied migration.
     Validate,
-    /// Write a snapshot of each tenant database to `<out>/<tenant>/` (mongodump layout plus a manifest).
+    /// Write a snapshot of each tenant database to `<out>/<tenant>/` (mongodump layout plus a manifest),
+    /// or into a database of the same server (--into-database).
     Backup {
         /// Directory to write into.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "into_database", conflicts_with = "into_database")]
+        out: Option<PathBuf>,
         /// Only these collections (repeat).
         #[arg(long = "collection")]
         collections: Vec<String>,
         /// Compress files with gzip.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "into_database")]
         gzip: bool,
+        /// Keep the snapshots in this database of the same server (alone: dbshift_snapshots).
+        #[arg(long, value_name = "DB", num_args = 0..=1, default_missing_value = backup::DEFAULT_DATABASE)]
+        into_database: Option<String>,
+        /// With --into-database: then keep only the N newest complete snapshots of each tenant.
+        #[arg(long, value_name = "N", requires = "into_database")]
+        keep: Option<usize>,
     },
     /// Bring tenant databases back to a snapshot exactly, and verify counts and hashes.
     Restore {
         /// A snapshot directory, or a directory of per-tenant snapshots written by `backup`.
-        #[arg(long)]
-        from: PathBuf,
+        #[arg(long, required_unless_present = "from_database", conflicts_with = "from_database")]
+        from: Option<PathBuf>,
         /// Only these collections (repeat).
         #[arg(long = "collection")]
         collections: Vec<String>,
+        /// Restore from snapshots kept in this database (alone: dbshift_snapshots): the newest
+        /// complete snapshot of each tenant, or --snapshot.
+        #[arg(long, value_name = "DB", num_args = 0..=1, default_missing_value = backup::DEFAULT_DATABASE)]
+        from_database: Option<String>,
+        /// With --from-database: this snapshot (an id listed by `dbshift snapshots`).
+        #[arg(long, value_name = "ID", requires = "from_database")]
+        snapshot: Option<String>,
+    },
+    /// List the snapshots kept in a database (by `backup --into-database`, or `run` with DBSHIFT_BACKUP).
+    Snapshots {
+        /// The snapshot database.
+        #[arg(long, value_name = "DB", default_value = backup::DEFAULT_DATABASE)]
+        database: String,
     },
     /// Check migration files without touching any database.
     Lint,
@@ -211,6 +232,7 @@ impl From<RunError> for CliError {
             RunError::Lock(LockError::Mongo(_)) | RunError::Mongo { .. } => Exit::Unreachable,
             RunError::Exec(engine::executor::ExecError::Mongo { .. }) => Exit::Unreachable,
             RunError::Exec(_) => Exit::Failed,
+            RunError::BeforeChange(_) => Exit::Failed,
         };
         CliError { exit, message: e.to_string() }
     }
@@ -482,7 +504,15 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             output::print_validation(out, &results, &conn.redactor);
             Ok(worst(&results, |checks| if checks.iter().all(|c| c.passed) { Exit::Ok } else { Exit::Failed }))
         }
-        Command::Backup { out: dir, collections, gzip } => {
+        Command::Snapshots { database } => snapshots::list(g, database).await,
+        Command::Backup { out: None, into_database, collections, keep, .. } => {
+            snapshots::backup(g, into_database.as_deref().unwrap_or(backup::DEFAULT_DATABASE), collections, *keep).await
+        }
+        Command::Restore { from: None, from_database, collections, snapshot } => {
+            let store = from_database.as_deref().unwrap_or(backup::DEFAULT_DATABASE);
+            snapshots::restore(g, store, snapshot.as_deref(), collections).await
+        }
+        Command::Backup { out: Some(dir), collections, gzip, .. } => {
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
             let tenants = selector(g, conn.default_db.clone()).resolve(&conn.client).await?;
             let progress = output::transfer_progress(out);
@@ -493,6 +523,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                     gzip: *gzip,
                     source: format!("{}/{t}", conn.source),
                     tracking: g.tracking_collection.clone(),
+                    ..Default::default()
                 };
                 let target = dir.join(&t);
                 let p = progress.clone();
@@ -502,7 +533,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             output::print_backups(out, dir, &results, &conn.redactor);
             Ok(worst(&results, |_| Exit::Ok))
         }
-        Command::Restore { from, collections } => {
+        Command::Restore { from: Some(from), collections, .. } => {
             let conn = connect(g.uri.as_deref(), Duration::from_secs(g.connect_timeout)).await?;
             let plan = restore_plan(from, g)?;
             let progress = output::transfer_progress(out);
@@ -512,6 +543,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                 let opts = backup::RestoreOptions {
                     collections: collections.clone(),
                     tracking: g.tracking_collection.clone(),
+                    ..Default::default()
                 };
                 let p = progress.clone();
                 async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }

@@ -28,7 +28,12 @@ pub enum Output {
 type Results<T> = [(String, Result<T, CliError>)];
 
 /// Results as JSON: `{ command, ok, tenants: [ { tenant, ok, result | error } ] }`.
-fn print_json<T: Serialize>(command: &str, results: &Results<T>, ok: impl Fn(&T) -> bool, redactor: &Redactor) {
+pub(super) fn print_json<T: Serialize>(
+    command: &str,
+    results: &Results<T>,
+    ok: impl Fn(&T) -> bool,
+    redactor: &Redactor,
+) {
     let tenants: Vec<serde_json::Value> = results
         .iter()
         .map(|(t, r)| match r {
@@ -43,7 +48,7 @@ fn print_json<T: Serialize>(command: &str, results: &Results<T>, ok: impl Fn(&T)
     println!("{}", redactor.apply(&serde_json::to_string_pretty(&doc).expect("serializable")));
 }
 
-fn print_error(tenant: &str, e: &CliError, redactor: &Redactor) {
+pub(super) fn print_error(tenant: &str, e: &CliError, redactor: &Redactor) {
     println!("{tenant}: error: {}", redactor.apply(&e.message));
 }
 

@@ -221,6 +221,10 @@ pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Durati
         }
     }
     tenants.retain(|n| !t.exclude.contains(n));
+    // Never migrate the database that holds the snapshots.
+    if let Some(db) = dbm.spec.backup.destination.as_ref().and_then(|d| d.database.as_ref()) {
+        tenants.retain(|n| n != db);
+    }
     tenants.sort();
     tenants.dedup();
     if tenants.is_empty() {

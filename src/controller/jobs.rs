@@ -147,7 +147,8 @@ pub fn build_job(
     let claim = spec.backup.destination.as_ref().and_then(|d| d.persistent_volume_claim.as_ref());
     if spec.backup.enabled && !spec.dry_run {
         let dest = match claim {
-            Some(_) => format!("dir:{BACKUP_DIR}/{namespace}/{resource}"),
+            // The claim is mounted at the resource's own sub-directory (created by the kubelet).
+            Some(_) => format!("dir:{BACKUP_DIR}"),
             None => {
                 let db = spec.backup.destination.as_ref().and_then(|d| d.database.clone());
                 format!("database:{}", db.as_deref().unwrap_or(DEFAULT_SNAPSHOT_DB))
@@ -221,7 +222,10 @@ pub fn build_job(
         (None, None) => {}
     }
     if let (Some(c), true) = (claim, spec.backup.enabled && !spec.dry_run) {
-        mounts.push(mount("backups", BACKUP_DIR, false));
+        mounts.push(VolumeMount {
+            sub_path: Some(format!("{namespace}/{resource}")),
+            ..mount("backups", BACKUP_DIR, false)
+        });
         volumes.push(Volume {
             name: "backups".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {

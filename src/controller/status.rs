@@ -70,10 +70,10 @@ pub fn tenant_status(plan: &RunPlan, resource: &str, tenant: &str, v: &TenantVie
                 });
             }
             s.backup = r.backup.as_ref().map(|b| BackupStatus {
-                location: b.loc.clone(),
+                location: b.at.clone(),
                 documents: b.docs,
                 size_bytes: b.bytes,
-                sha256: b.sha.clone(),
+                sha256: b.sha256.clone(),
             });
             s.error = r.error.clone();
         } else {

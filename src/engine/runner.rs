@@ -28,6 +28,11 @@ pub trait Observer: Send + Sync {
 pub struct Quiet;
 impl Observer for Quiet {}
 
+/// Runs under the tenant lock, after the plan and right before a run changes anything, only
+/// when it will change something (e.g. to snapshot the tenant). An error stops the run, with
+/// nothing changed.
+pub type BeforeChange = Arc<dyn Fn(Database) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct RunOptions {
     /// Tracking collection name.
@@ -41,6 +46,7 @@ pub struct RunOptions {
     pub dry_run: bool,
     pub profiles: Vec<String>,
     pub observer: Arc<dyn Observer>,
+    pub before_change: Option<BeforeChange>,
 }
 
 impl RunOptions {
@@ -55,6 +61,7 @@ impl RunOptions {
             dry_run: false,
             profiles: Vec::new(),
             observer: Arc::new(Quiet),
+            before_change: None,
         }
     }
     fn host(&self) -> String {
@@ -76,6 +83,16 @@ pub enum RunError {
     },
     #[error(transparent)]
     Exec(#[from] ExecError),
+    /// [`RunOptions::before_change`] failed; nothing was changed.
+    #[error("{0}")]
+    BeforeChange(String),
+}
+
+async fn before_change(db: &Database, opts: &RunOptions) -> Result<(), RunError> {
+    match &opts.before_change {
+        Some(hook) => hook(db.clone()).await.map_err(RunError::BeforeChange),
+        None => Ok(()),
+    }
 }
 
 fn mongo(action: &'static str) -> impl FnOnce(mongodb::error::Error) -> RunError {
@@ -237,6 +254,9 @@ async fn up_locked(
     let from_version = current_version(&records);
     let planned = plan::plan_up(migrations, &records, req, &opts.profiles)?;
     let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
+    if !planned.is_empty() {
+        before_change(db, opts).await?;
+    }
     let txn = supports_transactions(db).await;
     let mut outs = Vec::new();
     for m in planned {
@@ -562,6 +582,9 @@ async fn down_locked(
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
     let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
+    if !chosen.is_empty() {
+        before_change(db, opts).await?;
+    }
     let mut outs = Vec::new();
     for r in &chosen {
         opts.observer.migration_started(tenant, &r.id, Direction::Down);

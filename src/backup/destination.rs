@@ -1,0 +1,242 @@
+//! Where `dbshift run` keeps the snapshots it takes before changing a tenant
+//! (`DBSHIFT_BACKUP`): a database of the same server, or a directory.
+//!
+//! A directory destination holds `<dir>/<tenant>/<yyyyMMddTHHmmssZ>/`, each a directory
+//! snapshot (complete once its manifest is written).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use mongodb::Database;
+
+use super::database::{self, STALE_AFTER};
+use super::*;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A database of the same server (see [`database`]).
+    Database(String),
+    /// An existing directory (a mounted volume).
+    Dir(PathBuf),
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Database(d) => write!(f, "database:{d}"),
+            Destination::Dir(p) => write!(f, "dir:{}", p.display()),
+        }
+    }
+}
+
+/// A snapshot found in a destination.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// `database:<db>/<id>` or `dir:<path>`.
+    pub location: String,
+    pub manifest: Manifest,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    Database(String),
+    Dir(PathBuf),
+}
+
+fn no_progress(_: &str, _: u64, _: u64) {}
+
+impl Destination {
+    /// `database:<name>` (`database` alone: `dbshift_snapshots`), `dir:<path>`, or `none` / empty.
+    pub fn parse(s: &str) -> Result<Option<Destination>, BackupError> {
+        let s = s.trim();
+        let bad = || {
+            BackupError::Invalid(format!(
+                "backup destination {s:?} is not database:<name>, dir:<path> or none (DBSHIFT_BACKUP)"
+            ))
+        };
+        if s.is_empty() || s == "none" {
+            return Ok(None);
+        }
+        if s == "database" {
+            return Ok(Some(Destination::Database(database::DEFAULT_DATABASE.into())));
+        }
+        if let Some(name) = s.strip_prefix("database:") {
+            if name.is_empty() {
+                return Err(bad());
+            }
+            crate::tenants::check_db_name(name)
+                .map_err(|e| BackupError::Invalid(format!("backup destination {s:?}: {e}")))?;
+            return Ok(Some(Destination::Database(name.into())));
+        }
+        match s.strip_prefix("dir:") {
+            Some(p) if !p.is_empty() => Ok(Some(Destination::Dir(p.into()))),
+            _ => Err(bad()),
+        }
+    }
+
+    /// What can be checked before connecting: the database is not the tenant; the directory
+    /// exists (a missing one usually means a volume that is not mounted).
+    pub fn check(&self, tenant: &str) -> Result<(), BackupError> {
+        match self {
+            Destination::Database(d) => database::check_store(d, tenant),
+            Destination::Dir(p) if !p.is_dir() => Err(BackupError::Invalid(format!(
+                "backup destination {self}: no such directory (mount the backup volume there, or create it)"
+            ))),
+            Destination::Dir(_) => Ok(()),
+        }
+    }
+
+    /// Snapshot the tenant `db`.
+    pub async fn take(&self, db: &Database, opts: &SnapshotOptions) -> Result<Taken, BackupError> {
+        match self {
+            Destination::Database(d) => {
+                database::snapshot_to_database(db, &db.client().database(d), opts, &no_progress).await
+            }
+            Destination::Dir(root) => {
+                let tdir = root.join(db.name());
+                std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+                cleanup_abandoned_dirs(&tdir);
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+                let mut k = 1;
+                let path = loop {
+                    let name = if k == 1 { stamp.clone() } else { format!("{stamp}-{k}") };
+                    let p = tdir.join(&name);
+                    match std::fs::create_dir(&p) {
+                        Ok(()) => break p,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 100 => k += 1,
+                        Err(e) => return Err(io(&p)(e)),
+                    }
+                };
+                match snapshot(db, &path, opts, &no_progress).await {
+                    Ok(manifest) => Ok(Taken {
+                        id: format!("{}/{}", db.name(), path.file_name().unwrap_or_default().to_string_lossy()),
+                        location: format!("dir:{}", path.display()),
+                        manifest,
+                    }),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&path);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The newest complete snapshot of the tenant `db` that the run `run_id` took.
+    pub async fn find_by_run(&self, db: &Database, run_id: &str) -> Result<Option<Found>, BackupError> {
+        match self {
+            Destination::Database(d) => {
+                let store = db.client().database(d);
+                let Some(id) = database::newest(&store, db.name(), Some(run_id)).await? else { return Ok(None) };
+                let manifest = database::manifest(&store, &id).await?;
+                Ok(Some(Found { location: database::location(d, &id), manifest, place: Place::Database(id) }))
+            }
+            Destination::Dir(root) => Ok(dir_snapshots(&root.join(db.name()))
+                .into_iter()
+                .filter(|(_, m)| m.run_id.as_deref() == Some(run_id))
+                .map(|(p, manifest)| Found { location: format!("dir:{}", p.display()), manifest, place: Place::Dir(p) })
+                .next()),
+        }
+    }
+
+    /// Restore a snapshot found here into `db`.
+    pub async fn restore(
+        &self,
+        db: &Database,
+        found: &Found,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport, BackupError> {
+        match (&found.place, self) {
+            (Place::Database(id), Destination::Database(d)) => {
+                database::restore_from_database(db, &db.client().database(d), id, opts, &no_progress).await
+            }
+            (Place::Dir(p), _) => restore(db, p, opts, &no_progress).await,
+            (Place::Database(_), Destination::Dir(_)) => {
+                Err(BackupError::Invalid(format!("{} is not in {self}", found.location)))
+            }
+        }
+    }
+
+    /// Keep the `keep` newest complete snapshots of the tenant `db` (0 keeps all); delete
+    /// older and abandoned ones. Returns what was deleted.
+    pub async fn retain(&self, db: &Database, keep: usize) -> Result<Vec<String>, BackupError> {
+        match self {
+            Destination::Database(d) => database::retain(&db.client().database(d), db.name(), keep).await,
+            Destination::Dir(root) => {
+                let tdir = root.join(db.name());
+                let mut deleted = cleanup_abandoned_dirs(&tdir);
+                if keep > 0 {
+                    for (p, _) in dir_snapshots(&tdir).into_iter().skip(keep) {
+                        std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                        deleted.push(p.display().to_string());
+                    }
+                }
+                Ok(deleted)
+            }
+        }
+    }
+}
+
+/// Complete directory snapshots of one tenant, newest first.
+fn dir_snapshots(tdir: &Path) -> Vec<(PathBuf, Manifest)> {
+    let mut out: Vec<(PathBuf, Manifest)> = std::fs::read_dir(tdir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join(MANIFEST).is_file())
+        .filter_map(|p| match read_manifest(&p) {
+            Ok(m) => Some((p, m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an unreadable snapshot");
+                None
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.created_at.cmp(&a.1.created_at).then(b.0.cmp(&a.0)));
+    out
+}
+
+/// The newest modification time of anything under `p`.
+fn newest_mtime(p: &Path) -> Option<SystemTime> {
+    let own = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let children = std::fs::read_dir(p).into_iter().flatten().flatten().filter_map(|e| newest_mtime(&e.path()));
+    own.into_iter().chain(children).max()
+}
+
+/// Delete snapshot directories without a manifest that nothing wrote to for [`STALE_AFTER`].
+fn cleanup_abandoned_dirs(tdir: &Path) -> Vec<String> {
+    let mut deleted = Vec::new();
+    for p in std::fs::read_dir(tdir).into_iter().flatten().flatten().map(|e| e.path()) {
+        let stale = newest_mtime(&p).and_then(|t| t.elapsed().ok()).is_some_and(|age| age > STALE_AFTER);
+        if p.is_dir() && !p.join(MANIFEST).exists() && stale {
+            tracing::info!(dir = %p.display(), "deleting an abandoned snapshot");
+            if std::fs::remove_dir_all(&p).is_ok() {
+                deleted.push(p.display().to_string());
+            }
+        }
+    }
+    deleted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse_or_say_what_is_expected() {
+        assert_eq!(Destination::parse("").unwrap(), None);
+        assert_eq!(Destination::parse("none").unwrap(), None);
+        assert_eq!(Destination::parse("database").unwrap(), Some(Destination::Database("dbshift_snapshots".into())));
+        assert_eq!(Destination::parse("database:bk").unwrap(), Some(Destination::Database("bk".into())));
+        assert_eq!(Destination::parse("dir:/backups").unwrap(), Some(Destination::Dir("/backups".into())));
+        for bad in ["database:", "dir:", "s3://bucket", "database:a.b"] {
+            let e = Destination::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(Destination::Database("t1".into()).check("t1").is_err());
+        assert!(Destination::Dir("/nonexistent/dbshift".into()).check("t1").unwrap_err().to_string().contains("mount"));
+    }
+}
