@@ -25,6 +25,8 @@ echo $! > "$work/mongo.pid"
 tests/support/cluster/up.sh "$work/k8s" >/dev/null
 tar=$(deploy/image/build.sh -b target/release/dbshift -t dbshift:bench -o "$work/image.tar" 2>/dev/null)
 tests/support/cluster/load-image.sh "$work/k8s" "$tar" >/dev/null
+kubectl --kubeconfig "$work/k8s/kubeconfig" apply --server-side -f crds/databasemigration.yaml >/dev/null
+kubectl --kubeconfig "$work/k8s/kubeconfig" wait --for condition=established crd/databasemigrations.dbshift.io >/dev/null
 export DBSHIFT_BENCH_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_BENCH_MONGODB_URI=mongodb://127.0.0.1:$port
 export DBSHIFT_BENCH_RUNNER_IMAGE=dbshift:bench DBSHIFT_BENCH_DBSHIFT=$PWD/target/release/dbshift
 cargo bench --locked --bench operator -- --bench
