@@ -464,7 +464,7 @@ async fn announce_end(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Out
         (None, Some(e)) => format!("{tenant}: {e}"),
         (None, None) => tenant.clone(),
     };
-    publish(ctx, dbm, kind, reason, detail).await;
+    publish_about(ctx, dbm, kind, reason, detail, Some(job.object_ref(&()))).await;
 }
 
 fn same_status(a: &DatabaseMigrationStatus, b: &DatabaseMigrationStatus) -> bool {
@@ -506,12 +506,25 @@ where
 }
 
 async fn publish(ctx: &Context, dbm: &DatabaseMigration, type_: EventType, reason: &str, note: String) {
+    publish_about(ctx, dbm, type_, reason, note, None).await
+}
+
+/// An Event about the resource; `related` (a tenant's Job) keeps tenants' Events apart
+/// instead of folding them into one series.
+async fn publish_about(
+    ctx: &Context,
+    dbm: &DatabaseMigration,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
     ctx.metrics.write("event");
     if let Err(e) = ctx.recorder.publish(&ev, &dbm.object_ref(&())).await {
