@@ -723,6 +723,12 @@ spec:
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains(&prefix) && logs.contains("run starts"), "controller logs:\n{logs}");
     assert!(!logs.contains("mongodb://"), "the URI leaked into the logs");
+    // Uninstall the controller (the CRD stays: other tests use it).
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig(), "-n", ns, "delete", "deployment", "e2e-dbshift", "--wait=true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Two controllers with leader election on one Lease: only the leader acts; when it dies, the
