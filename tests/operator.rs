@@ -804,3 +804,36 @@ async fn tenants_resolve_from_a_registry_collection() {
         dbshift::controller::inputs::resolve_tenants(&dbm, &common::uri(), Duration::from_secs(5)).await.unwrap_err();
     assert!(e.permanent && e.message.contains("tenants"), "{e}");
 }
+
+/// Migration sets larger than a ConfigMap come in an image: an init container copies them
+/// from the image (anything with `cp`, here busybox) into a volume the runner reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_from_an_image_are_copied_in_by_an_init_container() {
+    let cluster = std::env::var("DBSHIFT_TEST_CLUSTER_DIR")
+        .expect("DBSHIFT_TEST_CLUSTER_DIR is not set: run tests/run.sh, which starts the cluster");
+    let mut env = Env::new("image").await;
+    env.seed(0, false).await;
+    let dir = common::migrations(&[("20250101000000_add_flag.yaml", ADD_FLAG)]);
+    let file = dir.path().join("20250101000000_add_flag.yaml");
+    let tag = format!("localhost/dbshift-test/migrations:{}", env.prefix);
+    let tar = dir.path().join("image.tar");
+    let built = Command::new("tests/support/cluster/busybox-image.sh")
+        .args(["-t", &tag, "-o", tar.to_str().unwrap()])
+        .arg(format!("{}=/migrations/20250101000000_add_flag.yaml", file.display()))
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let loaded =
+        Command::new("tests/support/cluster/load-image.sh").args([&cluster, tar.to_str().unwrap()]).output().unwrap();
+    assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
+    env.start_controller();
+    let yaml = env.resource("img", "").replace(
+        "migrations: { configMapRef: { name: migrations } }",
+        &format!("migrations: {{ image: {{ image: \"{tag}\", path: /migrations }} }}"),
+    );
+    env.apply(&yaml).await;
+    let d = env.wait_final("img", 180).await;
+    assert_eq!(d.status.as_ref().unwrap().phase, Some(Phase::Succeeded), "{:?}\n{}", d.status, env.log_tail());
+    assert!(env.docs(0).await.iter().all(|d| d.get_bool("flag") == Ok(true)));
+    assert_eq!(env.records(0).await, vec![("20250101000000_add_flag".to_string(), "applied".to_string())]);
+}

@@ -47,7 +47,7 @@ tests/support/cluster/up.sh "$work/k8s" >/dev/null
 # The image holds the debug build the tests use: no second (release) compile in CI.
 image_tar=$(deploy/image/build.sh -b target/debug/dbshift -t dbshift:test -o "$work/dbshift-test.tar")
 tests/support/cluster/load-image.sh "$work/k8s" "$image_tar" >/dev/null
-export DBSHIFT_TEST_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_TEST_RUNNER_IMAGE=dbshift:test
+export DBSHIFT_TEST_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_TEST_RUNNER_IMAGE=dbshift:test DBSHIFT_TEST_CLUSTER_DIR=$work/k8s
 # The chart, as the in-cluster test installs it: the pod uses the node's network (no kube-proxy
 # here), so it reaches the API server and MongoDB on 127.0.0.1.
 . "$work/k8s/env"

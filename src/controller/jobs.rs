@@ -31,6 +31,8 @@ pub const DEFAULT_SNAPSHOT_DB: &str = "dbshift_snapshots";
 pub const MIGRATIONS_DIR: &str = "/migrations";
 pub const URI_DIR: &str = "/var/run/dbshift/connection";
 pub const BACKUP_DIR: &str = "/var/run/dbshift/backups";
+/// Where the init container of an image source copies the files to.
+const COPY_DIR: &str = "/var/run/dbshift/migrations";
 /// The unprivileged user of the runner image.
 pub const RUNNER_UID: i64 = 65532;
 
@@ -207,13 +209,14 @@ pub fn build_job(
                 name: "migrations".into(),
                 image: Some(img.image.clone()),
                 image_pull_policy: t.image_pull_policy.map(pull_policy),
+                // Mounted elsewhere than the image's own directory, which it would hide.
                 command: Some(vec![
                     "cp".into(),
                     "-R".into(),
                     format!("{}/.", img.path.trim_end_matches('/')),
-                    MIGRATIONS_DIR.into(),
+                    COPY_DIR.into(),
                 ]),
-                volume_mounts: Some(vec![mount("migrations", MIGRATIONS_DIR, false)]),
+                volume_mounts: Some(vec![mount("migrations", COPY_DIR, false)]),
                 security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
                 resources: t.resources.clone(),
                 ..Default::default()
@@ -344,6 +347,8 @@ pub fn job_phase(job: &Job) -> JobPhase {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub ok: bool,
+    /// The runner container started (if not, nothing can have been applied).
+    pub ran: bool,
     /// The runner's result, when it wrote one.
     pub result: Option<JobResult>,
     /// Why it failed, when the result does not say (killed, deadline, image missing...).
@@ -369,9 +374,10 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
     if let Some((_, code, message, reason)) = best {
         let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok());
         return match parsed {
-            Some(r) => Outcome { ok: succeeded && r.ok, error: None, result: Some(r) },
+            Some(r) => Outcome { ok: succeeded && r.ok, ran: true, error: None, result: Some(r) },
             None => Outcome {
                 ok: succeeded,
+                ran: true,
                 result: None,
                 error: (!succeeded).then(|| {
                     let mut e = format!("the runner exited with code {code}");
@@ -386,15 +392,37 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
             },
         };
     }
-    // No container ever ran to completion: the Job's own condition says why.
+    // The runner never finished: a failed init container, or the Job's own condition, says why.
+    for p in pods {
+        let inits = p.status.as_ref().and_then(|s| s.init_container_statuses.as_ref());
+        for cs in inits.into_iter().flatten() {
+            if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0) {
+                let message = t.message.as_deref().map(|m| format!(": {}", m.trim())).unwrap_or_default();
+                return Outcome {
+                    ok: false,
+                    ran: false,
+                    result: None,
+                    error: Some(format!("init container {} exited with code {}{message}", cs.name, t.exit_code)),
+                };
+            }
+        }
+    }
     let reason = job
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Failed" && c.status == "True"))
         .map(|c| format!("{}: {}", c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default()));
+    let ran = pods.iter().any(|p| {
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+        statuses
+            .into_iter()
+            .flatten()
+            .any(|c| c.name == "runner" && c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
+    });
     Outcome {
         ok: succeeded,
+        ran,
         result: None,
         error: (!succeeded)
             .then(|| format!("the Job failed before the runner finished ({})", reason.unwrap_or_default())),

@@ -55,8 +55,9 @@ fn needs_rollback(v: &TenantView) -> bool {
             // The engine already undid a failed migration itself; only what was applied
             // before it (or by a successful run) has to be rolled back.
             Some(r) => !r.done.is_empty(),
-            // No result: the runner died; assume anything may have been applied.
-            None => true,
+            // No result: if the runner started and died, anything may have been applied;
+            // if it never started (an init container or the image failed), nothing was.
+            None => o.ran,
         },
         _ => false,
     }
@@ -244,7 +245,7 @@ mod tests {
             done: if applied { vec![("20250101000000_a".into(), 1, 1)] } else { vec![] },
             ..Default::default()
         };
-        let done = |ok, r: Option<JobResult>| Step::Done(Box::new(Outcome { ok, result: r, error: None }));
+        let done = |ok, r: Option<JobResult>| Step::Done(Box::new(Outcome { ok, ran: true, result: r, error: None }));
         match s {
             "-" => Step::NotStarted,
             "R" => Step::Running,
@@ -253,6 +254,7 @@ mod tests {
             "fail" => done(false, Some(result(false, true))),
             "fail0" => done(false, Some(result(false, false))),
             "died" => done(false, None),
+            "never" => Step::Done(Box::new(Outcome { ok: false, ran: false, result: None, error: None })),
             other => panic!("unknown step {other}"),
         }
     }

@@ -285,6 +285,7 @@ spec:
     fn ok() -> Step {
         Step::Done(Box::new(Outcome {
             ok: true,
+            ran: true,
             error: None,
             result: Some(JobResult {
                 v: 1,
@@ -303,7 +304,8 @@ spec:
         let p = plan(10_000);
         let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
         for v in views.iter_mut().skip(9_000) {
-            v.migrate = Step::Done(Box::new(Outcome { ok: false, result: None, error: Some("e".repeat(300)) }));
+            v.migrate =
+                Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some("e".repeat(300)) }));
         }
         let d = decide(&p, &views, false);
         let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
