@@ -381,6 +381,8 @@ async fn continue_run(
     let owner = dbm.controller_owner_ref(&()).expect("owner reference");
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let defaults = jobs::JobDefaults { image: ctx.config.runner_image.clone() };
+    // A resource being deleted starts nothing, not even a Job lost before a restart.
+    let missing = if deleting { Vec::new() } else { missing };
     for (i, action) in decision.launch.iter().chain(missing.iter()) {
         let job = jobs::build_job(&plan, &name, &ns, owner.clone(), &plan.tenants[*i], *action, &defaults);
         create_ignoring_conflict(&jobs_api, &job, ctx, "job").await?;
