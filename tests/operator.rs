@@ -837,3 +837,106 @@ async fn migrations_from_an_image_are_copied_in_by_an_init_container() {
     assert!(env.docs(0).await.iter().all(|d| d.get_bool("flag") == Ok(true)));
     assert_eq!(env.records(0).await, vec![("20250101000000_add_flag".to_string(), "applied".to_string())]);
 }
+
+/// A spec changed while its run is in progress does not change that run: the run finishes as
+/// planned (here: to the first version), then the new generation gets a run of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spec_changed_mid_run_waits_for_the_run_to_end() {
+    let mut env = Env::new("respec").await;
+    for i in 0..3 {
+        env.seed(i, false).await;
+    }
+    env.migrations(
+        "migrations",
+        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
+    )
+    .await;
+    env.start_controller();
+    env.apply(&env.resource("respec", "  target: \"20250101000000\"\n  rollout: { maxParallel: 1 }")).await;
+    env.wait_for("respec", 120, |d| {
+        d.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.running == 1)
+    })
+    .await;
+    let patch = serde_json::json!({ "spec": { "target": "20250102000000" } });
+    env.dbms().patch("respec", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let d = env.wait_final("respec", 240).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(st.observed_generation, Some(2));
+    assert!(st.run_id.as_deref().unwrap().contains("-g2-"), "{:?}", st.run_id);
+    for i in 0..3 {
+        let recs = common::dump(&env.mongo.database(&env.tenant(i)), "_dbshift_migrations").await;
+        let run_of = |id: &str| {
+            recs.iter()
+                .find(|r| r.get_str("_id") == Ok(id))
+                .and_then(|r| r.get_str("runId").ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        // The first version came from the first run, frozen; the second from the run of generation 2.
+        assert!(run_of("20250101000000_add_flag").contains("-g1-"), "tenant {i}: {recs:?}");
+        assert!(run_of("20250102000000_touch_unique").contains("-g2-"), "tenant {i}: {recs:?}");
+        assert!(migrated(&env.docs(i).await));
+    }
+}
+
+/// Snapshots into a PersistentVolumeClaim: written by each Job under `<namespace>/<name>/`.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_go_to_a_persistent_volume_claim() {
+    let mut env = Env::new("pvc").await;
+    env.seed(0, false).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    // No provisioner here: a hostPath volume, bound by hand. The runner (uid 65532) writes into it.
+    let host = tempfile::tempdir().unwrap();
+    let sub = host.path().join(&env.ns).join("pvc");
+    std::fs::create_dir_all(&sub).unwrap();
+    for d in [host.path().to_path_buf(), host.path().join(&env.ns), sub.clone()] {
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": env.ns },
+        "spec": {
+            "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
+            "hostPath": { "path": host.path() }, "persistentVolumeReclaimPolicy": "Retain",
+            "claimRef": { "namespace": env.ns, "name": "snapshots" }
+        }
+    }))
+    .unwrap();
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(env.client.clone());
+    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "snapshots" },
+        "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "manual", "volumeName": env.ns,
+                  "resources": { "requests": { "storage": "1Gi" } } }
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
+    env.start_controller();
+    env.apply(&env.resource("pvc", "  backup: { destination: { persistentVolumeClaim: { claimName: snapshots } } }"))
+        .await;
+    let d = env.wait_final("pvc", 180).await;
+    assert_eq!(d.status.as_ref().unwrap().phase, Some(Phase::Succeeded), "{:?}\n{}", d.status, env.log_tail());
+    let e = tenant_entry(&d, &env.tenant(0));
+    let b = e.backup.as_ref().expect("backup recorded");
+    assert_eq!(b.documents, 20);
+    assert!(b.location.starts_with("dir:"), "{b:?}");
+    let manifests: Vec<_> = walk(&sub).into_iter().filter(|p| p.ends_with("dbshift-manifest.json")).collect();
+    assert_eq!(manifests.len(), 1, "snapshot files under {}: {:?}", sub.display(), walk(&sub));
+    let _ = pvs.delete(&env.ns, &DeleteParams::default()).await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
