@@ -66,12 +66,7 @@ pub async fn reconcile(dbm: Arc<DatabaseMigration>, ctx: Arc<Context>) -> Result
     if !dbm.finalizers().iter().any(|f| f == FINALIZER) {
         let mut fins = dbm.finalizers().to_vec();
         fins.push(FINALIZER.into());
-        let patch =
-            serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": dbm.resource_version() } });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(Error::kube("adding the finalizer"))?;
-        ctx.metrics.write("finalizer");
+        set_finalizers(&api, &ctx, &dbm, fins, "adding the finalizer").await?;
         return Ok(Requeue::await_change());
     }
     let generation = dbm.metadata.generation.unwrap_or(0);
@@ -109,13 +104,23 @@ async fn on_delete(
         }
     }
     let fins: Vec<String> = dbm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    let patch = serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": dbm.resource_version() } });
-    api.patch(&dbm.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::kube("removing the finalizer"))?;
-    ctx.metrics.write("finalizer");
+    set_finalizers(api, ctx, dbm, fins, "removing the finalizer").await?;
     ctx.runs.lock().expect("lock").remove(key);
     Ok(Requeue::await_change())
+}
+
+/// Replace the finalizer list, failing on a concurrent change (the resourceVersion guards it).
+async fn set_finalizers(
+    api: &Api<DatabaseMigration>,
+    ctx: &Context,
+    dbm: &DatabaseMigration,
+    fins: Vec<String>,
+    action: &'static str,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": dbm.resource_version() } });
+    api.patch(&dbm.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(Error::kube(action))?;
+    ctx.metrics.write("finalizer");
+    Ok(())
 }
 
 async fn start_run(
