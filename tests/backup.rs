@@ -225,21 +225,9 @@ async fn restoring_a_pre_migration_snapshot_records_the_migrations_as_rolled_bac
 // ---- Snapshots kept in a database ----
 
 use dbshift::backup::database;
-use futures::TryStreamExt;
 
-/// Exact bytes of every document as the server returns them, sorted by `_id`.
 async fn raw(db: &mongodb::Database, coll: &str) -> Vec<Vec<u8>> {
-    db.collection::<bson::RawDocumentBuf>(coll)
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.as_bytes().to_vec())
-        .collect()
+    raw_bytes(db, coll).await
 }
 
 async fn manifest_doc(store: &mongodb::Database, id: &str) -> Option<Document> {

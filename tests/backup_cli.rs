@@ -3,7 +3,7 @@
 
 mod common;
 
-use bson::{doc, Document, RawDocumentBuf};
+use bson::{doc, Document};
 use common::*;
 use futures::TryStreamExt;
 use serde_json::Value;
@@ -27,20 +27,7 @@ async fn tenant(prefix: &str) -> String {
 
 /// Exact bytes of every document of `items`, sorted by `_id`.
 async fn raw_items(db: &str) -> Vec<Vec<u8>> {
-    client()
-        .await
-        .database(db)
-        .collection::<RawDocumentBuf>("items")
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.as_bytes().to_vec())
-        .collect()
+    raw_bytes(&client().await.database(db), "items").await
 }
 
 async fn snapshot_docs(store: &str, tenant: &str) -> Vec<Document> {

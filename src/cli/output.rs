@@ -260,22 +260,25 @@ pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &
     }
     for (tenant, r) in results {
         match r {
-            Ok(rep) => {
-                println!(
-                    "{tenant}: restored {} collection(s), {} documents in {} ms; counts and hashes verified",
-                    rep.collections.len(),
-                    rep.total_documents,
-                    rep.duration_ms
-                );
-                if !rep.dropped.is_empty() {
-                    println!("  dropped collections not in the snapshot: {}", rep.dropped.join(", "));
-                }
-                if !rep.rolled_back.is_empty() {
-                    println!("  recorded as rolled back (applied after the snapshot): {}", rep.rolled_back.join(", "));
-                }
-            }
+            Ok(rep) => print_restored(tenant, "", rep),
             Err(e) => print_error(tenant, e, redactor),
         }
+    }
+}
+
+/// What one tenant's restore did; `from` names the snapshot (or is empty).
+pub(super) fn print_restored(tenant: &str, from: &str, rep: &RestoreReport) {
+    println!(
+        "{tenant}: restored {from}{} collection(s), {} documents in {} ms; counts and hashes verified",
+        rep.collections.len(),
+        rep.total_documents,
+        rep.duration_ms
+    );
+    if !rep.dropped.is_empty() {
+        println!("  dropped collections not in the snapshot: {}", rep.dropped.join(", "));
+    }
+    if !rep.rolled_back.is_empty() {
+        println!("  recorded as rolled back (applied after the snapshot): {}", rep.rolled_back.join(", "));
     }
 }
 

@@ -216,23 +216,7 @@ pub async fn restore(
     } else {
         for (tenant, r) in &results {
             match r {
-                Ok(Restored { snapshot, report: rep }) => {
-                    println!(
-                        "{tenant}: restored {snapshot}: {} collection(s), {} documents in {} ms; counts and hashes verified",
-                        rep.collections.len(),
-                        rep.total_documents,
-                        rep.duration_ms
-                    );
-                    if !rep.dropped.is_empty() {
-                        println!("  dropped collections not in the snapshot: {}", rep.dropped.join(", "));
-                    }
-                    if !rep.rolled_back.is_empty() {
-                        println!(
-                            "  recorded as rolled back (applied after the snapshot): {}",
-                            rep.rolled_back.join(", ")
-                        );
-                    }
-                }
+                Ok(Restored { snapshot, report: rep }) => output::print_restored(tenant, &format!("{snapshot}: "), rep),
                 Err(e) => output::print_error(tenant, e, &conn.redactor),
             }
         }

@@ -206,7 +206,7 @@ async fn blocked(
     tracing::warn!(resource = %dbm.name_any(), reason = e.reason, error = %e.message, "run blocked");
     ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: e.reason.into() }).inc();
     let new = status::blocked_status(st, generation, e.reason, &e.message, e.permanent, &now());
-    if !same_status(st, &new) {
+    if *st != new {
         write_status(api, ctx, &dbm.name_any(), &new).await?;
         let previous = st.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.as_str());
         if previous != Some(e.reason) {
@@ -376,11 +376,8 @@ async fn continue_run(
             decision.message, plan.run_id
         ));
     }
-    if st.run_id.as_deref() != Some(&plan.run_id) {
-        new.started_at = Some(now());
-    }
     // Status first: it records the launches before the Jobs exist.
-    if !same_status(st, &new) {
+    if *st != new {
         write_status(api, ctx, &name, &new).await?;
     }
     let owner = dbm.controller_owner_ref(&()).expect("owner reference");
@@ -472,10 +469,6 @@ async fn announce_end(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Out
         (None, None) => tenant.clone(),
     };
     publish_about(ctx, dbm, kind, reason, detail, Some(job.object_ref(&()))).await;
-}
-
-fn same_status(a: &DatabaseMigrationStatus, b: &DatabaseMigrationStatus) -> bool {
-    a == b
 }
 
 /// Server-side apply of the whole status under the controller's field manager.

@@ -82,6 +82,21 @@ pub async fn dump_bytes(db: &Database, coll: &str) -> Vec<Vec<u8>> {
     dump(db, coll).await.iter().map(|d| bson::to_vec(d).unwrap()).collect()
 }
 
+/// Exact bytes of every document as the server returns them (no re-encoding), sorted by `_id`.
+pub async fn raw_bytes(db: &Database, coll: &str) -> Vec<Vec<u8>> {
+    db.collection::<bson::RawDocumentBuf>(coll)
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.as_bytes().to_vec())
+        .collect()
+}
+
 /// Every user collection (not dbshift's own) with its documents and index names.
 pub async fn dump_db(db: &Database) -> Vec<(String, Vec<Document>, Vec<String>)> {
     let mut names: Vec<String> =
