@@ -244,6 +244,32 @@ async fn delete_documents_are_restored_byte_for_byte() {
     assert_eq!(STATE.with(|s| s.borrow().clone()).unwrap(), dump_bytes(&db, "customers").await);
 }
 
+/// Rollback data stored by earlier versions (`{_id, docs: [...]}` chunks) is still put back.
+#[tokio::test]
+async fn rollback_data_in_the_earlier_array_layout_is_still_read() {
+    let db = seed("op_legacy_rb").await;
+    let before = dump_bytes(&db, "customers").await;
+    let dir = migrations(&[(
+        "20250101000000_op.yaml",
+        "up:\n  - deleteDocuments: { collection: customers, filter: { plan: free } }\n",
+    )]);
+    let m = load(dir.path());
+    let opts = RunOptions::new("test-run");
+    assert!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().ok);
+    let names = db.list_collection_names().await.unwrap();
+    let rb = names.iter().find(|n| n.starts_with("_dbshift_rb_20250101000000")).expect("rollback data").clone();
+    let chunks = db.collection::<Document>(&rb);
+    let stored = chunks.find_one(doc! {}).await.unwrap().unwrap();
+    assert!(stored.get_binary_generic("bson").is_ok(), "pre-images are stored as raw BSON: {stored}");
+    // Rewrite the chunk the way earlier versions stored it.
+    let deleted: Vec<Document> = customers().into_iter().filter(|d| d.get_str("plan") == Ok("free")).collect();
+    chunks.delete_many(doc! {}).await.unwrap();
+    chunks.insert_one(doc! {"_id": 0i64, "docs": deleted}).await.unwrap();
+    let r = runner::down(&db, "t", &m, &DownRequest::Steps(1), &opts).await.unwrap();
+    assert!(r.ok, "down failed: {:?}", r.error);
+    assert_eq!(dump_bytes(&db, "customers").await, before);
+}
+
 #[tokio::test]
 async fn update_many_with_operators_and_with_a_pipeline() {
     let db = seed("op_update").await;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Bson, Document, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 
@@ -562,7 +562,7 @@ async fn rename_collection(db: &Database, from: &str, to: &str) -> Result<(), Ex
 /// which costs a server far less than one update per document). Reading, JavaScript and
 /// writing overlap, with at most two batches in flight between each stage.
 async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option<Progress>) -> Result<u64, ExecError> {
-    let source = db.collection::<Document>(&o.collection);
+    let source = db.collection::<RawDocumentBuf>(&o.collection);
     let filter = filter_doc(o.filter.as_ref()).map_err(data_err)?;
     let batch_size = o.batch_size.unwrap_or(1000).max(1) as usize;
     let total = if filter.is_empty() {
@@ -572,8 +572,9 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
     };
     let txn = super::runner::supports_transactions(db).await;
 
-    let (to_js, mut js_in) = tokio::sync::mpsc::channel::<Vec<Document>>(2);
-    let (js_out, mut from_js) = tokio::sync::mpsc::channel::<Result<(Vec<Document>, Vec<Document>), String>>(2);
+    type Changes = (Vec<RawDocumentBuf>, Vec<RawDocumentBuf>);
+    let (to_js, mut js_in) = tokio::sync::mpsc::channel::<Vec<RawDocumentBuf>>(2);
+    let (js_out, mut from_js) = tokio::sync::mpsc::channel::<Result<Changes, String>>(2);
     let script = o.script.clone();
     let js = std::thread::Builder::new()
         .name("dbshift-transform".into())
@@ -617,7 +618,9 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
             changed += new.len() as u64;
             // Pre-images are stored before their documents change.
             let t = Instant::now();
-            store.push_all(pre).await?;
+            for p in &pre {
+                store.push(p).await?;
+            }
             store.flush().await?;
             storing += t.elapsed();
             let t = Instant::now();

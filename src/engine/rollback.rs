@@ -2,16 +2,20 @@
 //! operation changes them, and written back on undo.
 //!
 //! Each step's pre-images live in a collection of their own, `_dbshift_rb_<version>_<step>`,
-//! packed into chunk documents `{ _id: <n>, docs: [ ... ] }` of up to 1,000 pre-images or 8 MiB.
-//! Writing a hundred chunks costs a server a small fraction of writing a hundred thousand small
-//! documents (measured: 0.23 s against 2.3 s for a server-side `$out` of 100,000 projections),
-//! and reading them back is one cursor.
+//! packed into chunk documents `{ _id: <n>, count: <pre-images>, bson: BinData(0, ...) }` of up
+//! to 1,000 pre-images or 8 MiB. `bson` holds the pre-images exactly as the server sent them,
+//! one BSON document after another (the layout of a mongodump `.bson` file). A server stores an
+//! opaque binary value far more cheaply than the same documents as an array (measured on
+//! SecantusDB's Rust build: 0.2 s against 0.7 s for 200,000 documents), the client never
+//! decodes them, and putting them back is byte-exact. Chunks written by earlier versions,
+//! `{ _id, docs: [ ... ] }`, are still read.
 //!
 //! Documents are written back in batches: inside a transaction (delete, then insert) where the
 //! server has transactions, so readers never see a batch half-done; otherwise one atomic
 //! `replaceOne` per document.
 
-use bson::{doc, Bson, Document};
+use bson::spec::BinarySubtype;
+use bson::{doc, Binary, Bson, Document, RawDocument, RawDocumentBuf};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::{Collection, Database};
 
@@ -36,8 +40,8 @@ pub fn collection_name(key: &str) -> String {
 /// Appends pre-images to a step's rollback collection, a chunk at a time.
 pub struct Writer {
     coll: Collection<Document>,
-    chunk: Vec<Document>,
-    bytes: usize,
+    bytes: Vec<u8>,
+    docs: usize,
     next: i64,
     /// Pre-images written so far.
     pub count: u64,
@@ -48,40 +52,34 @@ impl Writer {
     pub async fn create(db: &Database, key: &str) -> Result<Writer, ExecError> {
         let coll = db.collection::<Document>(&collection_name(key));
         coll.drop().await.map_err(mongo("clearing old rollback data"))?;
-        Ok(Writer { coll, chunk: Vec::new(), bytes: 0, next: 0, count: 0 })
+        Ok(Writer { coll, bytes: Vec::new(), docs: 0, next: 0, count: 0 })
     }
 
-    pub async fn push(&mut self, doc: Document) -> Result<(), ExecError> {
-        self.bytes += doc_len(&doc);
-        self.chunk.push(doc);
-        if self.chunk.len() >= CHUNK_DOCS || self.bytes >= CHUNK_BYTES {
+    pub async fn push(&mut self, doc: &RawDocument) -> Result<(), ExecError> {
+        self.bytes.extend_from_slice(doc.as_bytes());
+        self.docs += 1;
+        if self.docs >= CHUNK_DOCS || self.bytes.len() >= CHUNK_BYTES {
             self.flush().await?;
         }
         Ok(())
     }
 
-    pub async fn push_all(&mut self, docs: Vec<Document>) -> Result<(), ExecError> {
-        for d in docs {
-            self.push(d).await?;
-        }
-        Ok(())
-    }
-
     pub async fn flush(&mut self) -> Result<(), ExecError> {
-        if self.chunk.is_empty() {
+        if self.docs == 0 {
             return Ok(());
         }
-        let docs = std::mem::take(&mut self.chunk);
-        self.count += docs.len() as u64;
-        self.coll.insert_one(doc! {"_id": self.next, "docs": docs}).await.map_err(mongo("storing rollback data"))?;
+        let bytes = std::mem::take(&mut self.bytes);
+        let chunk = doc! {
+            "_id": self.next,
+            "count": self.docs as i64,
+            "bson": Binary { subtype: BinarySubtype::Generic, bytes },
+        };
+        self.coll.insert_one(chunk).await.map_err(mongo("storing rollback data"))?;
+        self.count += self.docs as u64;
+        self.docs = 0;
         self.next += 1;
-        self.bytes = 0;
         Ok(())
     }
-}
-
-fn doc_len(d: &Document) -> usize {
-    bson::to_vec(d).map(|v| v.len()).unwrap_or(0)
 }
 
 /// Store pre-images of the documents of `coll` matching `query` under `key`: whole
@@ -94,7 +92,7 @@ pub async fn capture(
     key: &str,
 ) -> Result<u64, ExecError> {
     let mut w = Writer::create(db, key).await?;
-    let source = db.collection::<Document>(coll);
+    let source = db.collection::<RawDocumentBuf>(coll);
     let mut find = source.find(query).batch_size(2000);
     if let Some(fields) = fields {
         let mut p = doc! {"_id": 1};
@@ -103,12 +101,45 @@ pub async fn capture(
         }
         find = find.projection(p);
     }
-    let mut cursor = find.await.map_err(mongo(format!("reading {coll} to store rollback data")))?;
-    while let Some(d) = cursor.try_next().await.map_err(mongo(format!("reading {coll} to store rollback data")))? {
-        w.push(d).await?;
+    let reading = || mongo(format!("reading {coll} to store rollback data"));
+    let mut cursor = find.await.map_err(reading())?;
+    while cursor.advance().await.map_err(reading())? {
+        w.push(cursor.current()).await?;
     }
     w.flush().await?;
     Ok(w.count)
+}
+
+/// The pre-images in one chunk, in the order they were stored.
+fn unpack(chunk: &Document) -> Result<Vec<RawDocumentBuf>, String> {
+    if let Ok(docs) = chunk.get_array("docs") {
+        // Written by an earlier version: an array of documents.
+        return docs
+            .iter()
+            .map(|b| match b {
+                Bson::Document(d) => RawDocumentBuf::from_document(d).map_err(|e| e.to_string()),
+                other => Err(format!("a pre-image is a {}, not a document", other.element_type() as u8)),
+            })
+            .collect();
+    }
+    let bytes = chunk.get_binary_generic("bson").map_err(|e| format!("no pre-images in the chunk: {e}"))?;
+    split_documents(bytes)
+}
+
+/// Split concatenated BSON documents.
+fn split_documents(mut bytes: &[u8]) -> Result<Vec<RawDocumentBuf>, String> {
+    let mut docs = Vec::new();
+    while !bytes.is_empty() {
+        let len = bytes
+            .get(..4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .filter(|&l| l >= 5 && l as usize <= bytes.len())
+            .ok_or("a pre-image is cut short")? as usize;
+        let (doc, rest) = bytes.split_at(len);
+        docs.push(RawDocumentBuf::from_bytes(doc.to_vec()).map_err(|e| format!("a pre-image is not valid BSON: {e}"))?);
+        bytes = rest;
+    }
+    Ok(docs)
 }
 
 /// Every chunk of a step's rollback data, in order.
@@ -127,14 +158,18 @@ pub async fn restore(db: &Database, r: &RestorePreimages) -> Result<u64, ExecErr
     let mut cursor = chunks(db, &r.key).await?;
     let mut written = 0u64;
     while let Some(chunk) = cursor.try_next().await.map_err(mongo("reading rollback data"))? {
-        let pre: Vec<Document> = chunk
-            .get_array("docs")
-            .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
-            .unwrap_or_default();
+        let pre = unpack(&chunk).map_err(|e| {
+            ExecError::Data(format!("the rollback data in {} is damaged: {e}", collection_name(&r.key)))
+        })?;
         let docs = match r.mode {
             RestoreMode::Replace => pre,
             RestoreMode::Fields => {
                 // Current documents, with the stored fields put back (and `unset` fields removed).
+                let pre: Vec<Document> = pre
+                    .iter()
+                    .map(|p| p.to_document())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| ExecError::Data(format!("a pre-image cannot be read: {e}")))?;
                 let ids: Vec<Bson> = pre.iter().filter_map(|d| d.get("_id").cloned()).collect();
                 let current: Vec<Document> = target
                     .find(doc! {"_id": {"$in": ids}})
@@ -145,24 +180,29 @@ pub async fn restore(db: &Database, r: &RestorePreimages) -> Result<u64, ExecErr
                     .map_err(mongo(format!("reading {}", r.collection)))?;
                 let mut by_id: std::collections::HashMap<Vec<u8>, Document> =
                     current.into_iter().map(|d| (id_key(&d), d)).collect();
-                pre.into_iter()
-                    .filter_map(|p| {
-                        let mut d = by_id.remove(&id_key(&p))?; // gone since: nothing to put back
-                                                                // Fields the pre-image lacks go; the others are put back where they
-                                                                // stand (a field the operation removed comes back at the end).
-                        for f in r.unset.iter().filter(|f| !p.contains_key(f.as_str())) {
-                            d.remove(f);
-                        }
-                        for (k, v) in p {
-                            d.insert(k, v);
-                        }
-                        Some(d)
-                    })
-                    .collect()
+                let mut docs = Vec::with_capacity(pre.len());
+                for p in pre {
+                    let Some(mut d) = by_id.remove(&id_key(&p)) else {
+                        continue; // gone since: nothing to put back
+                    };
+                    // Fields the pre-image lacks go; the others are put back where they stand
+                    // (a field the operation removed comes back at the end).
+                    for f in r.unset.iter().filter(|f| !p.contains_key(f.as_str())) {
+                        d.remove(f);
+                    }
+                    for (k, v) in p {
+                        d.insert(k, v);
+                    }
+                    docs.push(
+                        RawDocumentBuf::from_document(&d)
+                            .map_err(|e| ExecError::Data(format!("a restored document cannot be written: {e}")))?,
+                    );
+                }
+                docs
             }
         };
         written += docs.len() as u64;
-        replace_documents(db, &target, docs, txn, r.mode == RestoreMode::Replace).await?;
+        replace_documents(db, &target.clone_with_type(), docs, txn, r.mode == RestoreMode::Replace).await?;
     }
     Ok(written)
 }
@@ -171,12 +211,19 @@ fn id_key(d: &Document) -> Vec<u8> {
     bson::to_vec(&doc! {"_id": d.get("_id").cloned().unwrap_or(Bson::Null)}).unwrap_or_default()
 }
 
+fn raw_id(d: &RawDocument) -> Bson {
+    match d.get("_id") {
+        Ok(Some(v)) => v.to_raw_bson().try_into().unwrap_or(Bson::Null),
+        _ => Bson::Null,
+    }
+}
+
 /// Write whole documents over the ones with the same `_id` (inserting missing ones when
 /// `upsert`). In a transaction per batch where the server has them, else one `replaceOne` each.
 pub async fn replace_documents(
     db: &Database,
-    target: &Collection<Document>,
-    docs: Vec<Document>,
+    target: &Collection<RawDocumentBuf>,
+    docs: Vec<RawDocumentBuf>,
     txn: bool,
     upsert: bool,
 ) -> Result<(), ExecError> {
@@ -185,7 +232,7 @@ pub async fn replace_documents(
     }
     let name = target.name().to_string();
     if txn {
-        let ids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        let ids: Vec<Bson> = docs.iter().map(|d| raw_id(d)).collect();
         let mut session = db.client().start_session().await.map_err(mongo("starting a session"))?;
         let mut attempt = 0;
         loop {
@@ -193,7 +240,7 @@ pub async fn replace_documents(
             session.start_transaction().await.map_err(mongo("starting a transaction"))?;
             let r = async {
                 target.delete_many(doc! {"_id": {"$in": ids.clone()}}).session(&mut session).await?;
-                target.insert_many(docs.clone()).session(&mut session).await?;
+                target.insert_many(&docs).session(&mut session).await?;
                 Ok::<(), mongodb::error::Error>(())
             }
             .await;
@@ -212,10 +259,7 @@ pub async fn replace_documents(
         }
     }
     futures::stream::iter(docs)
-        .map(|d| {
-            let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-            async move { target.replace_one(doc! {"_id": id}, d).upsert(upsert).await.map(|_| ()) }
-        })
+        .map(|d| async move { target.replace_one(doc! {"_id": raw_id(&d)}, &d).upsert(upsert).await.map(|_| ()) })
         .buffer_unordered(16)
         .try_collect::<()>()
         .await

@@ -8,10 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use bson::{Bson, Document};
+use bson::{Bson, RawDocument, RawDocumentBuf};
 use rquickjs::{Context, Function, Runtime};
 
-use super::bsonx;
+mod from_js;
+mod to_js;
 
 /// The JavaScript heap a transform may use.
 const MEMORY_LIMIT: usize = 48 << 20;
@@ -110,7 +111,7 @@ impl Transformer {
                         }
                         out[i] = r;
                     }
-                    return JSON.stringify({ docs: out });
+                    return JSON.stringify(out);
                 };"#,
             )
             .map_err(|e| js_err(&ctx, e))
@@ -120,15 +121,15 @@ impl Transformer {
 
     /// Run the script over a batch. Returns, per input document, `Some(new)` when the script
     /// changed it and `None` when it returned null or the document unchanged.
-    pub fn run_batch(&self, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
+    pub fn run_batch(&self, docs: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, String> {
         let mut specials = Vec::new();
-        let mut input = String::with_capacity(docs.len() * 256);
+        let mut input = String::with_capacity(docs.iter().map(|d| d.as_bytes().len()).sum::<usize>() * 5 / 4 + 2);
         input.push('[');
         for (i, d) in docs.iter().enumerate() {
             if i > 0 {
                 input.push(',');
             }
-            write_fields(d, &mut input, i, &mut Vec::new(), &mut specials);
+            to_js::write_document(d, &mut input, i, &mut specials)?;
         }
         input.push(']');
         let specials = serde_json::to_string(&specials).map_err(|e| e.to_string())?;
@@ -146,143 +147,44 @@ impl Transformer {
             })
         })?;
         self.runtime.set_interrupt_handler(None);
-        let mut parsed: serde_json::Value = serde_json::from_str(&output).map_err(|e| e.to_string())?;
-        if let Some(err) = parsed.get("error") {
-            let i = parsed.get("index").and_then(|i| i.as_u64()).unwrap_or(0) as usize;
-            let id = docs.get(i).and_then(|d| d.get("_id")).map(|v| v.to_string()).unwrap_or_default();
+        if output.starts_with('{') {
+            let failure: serde_json::Value = serde_json::from_str(&output).map_err(|e| e.to_string())?;
+            let i = failure.get("index").and_then(|i| i.as_u64()).unwrap_or(0) as usize;
             return Err(format!(
-                "the script failed on the document with _id {id}: {}",
-                err.as_str().unwrap_or_default()
+                "the script failed on the document with _id {}: {}",
+                docs.get(i).map(|d| id_string(d)).unwrap_or_default(),
+                failure.get("error").and_then(|e| e.as_str()).unwrap_or_default()
             ));
         }
-        let outs = match parsed.get_mut("docs").map(serde_json::Value::take) {
-            Some(serde_json::Value::Array(a)) if a.len() == docs.len() => a,
-            _ => return Err("internal: the transform returned a malformed batch".into()),
-        };
+        let outs = from_js::read_documents(&output, docs)?;
+        if outs.len() != docs.len() {
+            return Err("internal: the transform returned a malformed batch".into());
+        }
         let mut result = Vec::with_capacity(docs.len());
         for (old, new) in docs.iter().zip(outs) {
-            if new.is_null() {
+            let Some(new) = new else {
                 result.push(None);
                 continue;
-            }
-            let new = match Bson::try_from(new) {
-                Ok(Bson::Document(d)) => bsonx::restore_document_types(d, old),
-                Ok(_) => unreachable!("a JSON object is a document"),
-                Err(e) => return Err(format!("the script returned a document that is not valid Extended JSON: {e}")),
             };
-            if new.get("_id") != old.get("_id") {
+            if new.get("_id").ok().flatten() != old.get("_id").ok().flatten() {
                 return Err(format!(
                     "the script changed or removed _id of the document with _id {}; _id cannot change",
-                    old.get("_id").map(|v| v.to_string()).unwrap_or_default()
+                    id_string(old)
                 ));
             }
             // Unchanged means byte-identical (NaN == NaN; a reordered document is a change).
-            let same = bson::to_vec(&new).ok() == bson::to_vec(old).ok();
-            result.push(if same { None } else { Some(new) });
+            result.push((new.as_bytes() != old.as_bytes()).then_some(new));
         }
         Ok(result)
     }
 }
 
-fn write_fields<'a>(
-    d: &'a Document,
-    out: &mut String,
-    doc: usize,
-    path: &mut Vec<Seg<'a>>,
-    specials: &mut Vec<serde_json::Value>,
-) {
-    out.push('{');
-    for (n, (k, v)) in d.iter().enumerate() {
-        if n > 0 {
-            out.push(',');
-        }
-        write_str(k, out);
-        out.push(':');
-        path.push(Seg::Key(k));
-        write_js(v, out, doc, path, specials);
-        path.pop();
+/// A document's `_id`, for messages.
+fn id_string(d: &RawDocument) -> String {
+    match d.get("_id") {
+        Ok(Some(v)) => Bson::try_from(v).map(|b| b.to_string()).unwrap_or_default(),
+        _ => String::new(),
     }
-    out.push('}');
-}
-
-enum Seg<'a> {
-    Key(&'a str),
-    Index(usize),
-}
-
-/// Write a value as the JSON JavaScript parses (relaxed Extended JSON, see
-/// [`bsonx::to_js_json`]) straight into `out`, noting where dates (kind 0) and ObjectIds
-/// (kind 1) are, as `[document index, path, kind]`, so JavaScript converts only those.
-fn write_js<'a>(
-    b: &'a Bson,
-    out: &mut String,
-    doc: usize,
-    path: &mut Vec<Seg<'a>>,
-    specials: &mut Vec<serde_json::Value>,
-) {
-    use std::fmt::Write;
-    const SAFE: i64 = 1 << 53;
-    match b {
-        Bson::Document(d) => write_fields(d, out, doc, path, specials),
-        Bson::Array(a) => {
-            out.push('[');
-            for (n, v) in a.iter().enumerate() {
-                if n > 0 {
-                    out.push(',');
-                }
-                path.push(Seg::Index(n));
-                write_js(v, out, doc, path, specials);
-                path.pop();
-            }
-            out.push(']');
-        }
-        Bson::String(v) => write_str(v, out),
-        Bson::Int32(v) => {
-            let _ = write!(out, "{v}");
-        }
-        Bson::Int64(v) if v.abs() <= SAFE => {
-            let _ = write!(out, "{v}");
-        }
-        Bson::Double(v) if v.is_finite() => {
-            let _ = write!(out, "{v:?}");
-        }
-        Bson::Boolean(v) => out.push_str(if *v { "true" } else { "false" }),
-        Bson::Null => out.push_str("null"),
-        other => {
-            if matches!(other, Bson::DateTime(_) | Bson::ObjectId(_)) {
-                let p: Vec<serde_json::Value> = path
-                    .iter()
-                    .map(|s| match s {
-                        Seg::Key(k) => serde_json::Value::from(*k),
-                        Seg::Index(i) => serde_json::Value::from(*i),
-                    })
-                    .collect();
-                let kind = if matches!(other, Bson::DateTime(_)) { 0 } else { 1 };
-                specials.push(serde_json::json!([doc, p, kind]));
-            }
-            out.push_str(&bsonx::to_js_json(other).to_string());
-        }
-    }
-}
-
-/// A JSON string literal.
-fn write_str(s: &str, out: &mut String) {
-    use std::fmt::Write;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 /// Compile a script without running it (for `lint` and file loading).
@@ -293,7 +195,13 @@ pub fn compile_check(script: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, oid::ObjectId, DateTime};
+    use bson::{doc, oid::ObjectId, DateTime, Document};
+
+    /// `run_batch` on documents.
+    fn run(t: &Transformer, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
+        let raw: Vec<RawDocumentBuf> = docs.iter().map(|d| RawDocumentBuf::from_document(d).unwrap()).collect();
+        Ok(t.run_batch(&raw)?.into_iter().map(|d| d.map(|d| d.to_document().unwrap())).collect())
+    }
 
     #[test]
     fn splits_a_name_and_keeps_types() {
@@ -307,7 +215,7 @@ mod tests {
             doc! {"_id": id, "name": "Ada King Lovelace", "n": 1i64, "x": 2.0f64, "at": at, "big": 9_007_199_254_740_993i64},
             doc! {"_id": 2, "other": true},
         ];
-        let out = t.run_batch(&docs).unwrap();
+        let out = run(&t, &docs).unwrap();
         assert_eq!(
             out[0],
             Some(
@@ -322,7 +230,7 @@ mod tests {
         let t = Transformer::new("(d) => { d.copy = d.s; return d; }").unwrap();
         let s = "quote\" backslash\\ newline\n tab\t nul\u{0} bell\u{7} é 😀 \u{2028}\u{2029} </script>";
         let d = doc! {"_id": 1, "s": s, "x": 0.1f64, "y": -0.0f64, "z": 1e300f64, "n": i32::MIN, "l": -(1i64 << 53), "nan": f64::NAN, "arr": [[1, "a"], {"k": null}]};
-        let out = t.run_batch(std::slice::from_ref(&d)).unwrap()[0].clone().unwrap();
+        let out = run(&t, std::slice::from_ref(&d)).unwrap()[0].clone().unwrap();
         assert_eq!(out.get_str("copy").unwrap(), s);
         let mut expected = d.clone();
         expected.insert("copy", s);
@@ -333,13 +241,13 @@ mod tests {
         b.remove("nan");
         assert_eq!(bson::to_vec(&a).unwrap(), bson::to_vec(&b).unwrap(), "byte-identical apart from the new field");
         let same = Transformer::new("(d) => d").unwrap();
-        assert_eq!(same.run_batch(&[d]).unwrap(), vec![None]);
+        assert_eq!(run(&same, &[d]).unwrap(), vec![None]);
     }
 
     #[test]
     fn unchanged_documents_are_not_rewritten() {
         let t = Transformer::new("(d) => d").unwrap();
-        let out = t.run_batch(&[doc! {"_id": 1, "a": 1.5, "b": [1, 2]}]).unwrap();
+        let out = run(&t, &[doc! {"_id": 1, "a": 1.5, "b": [1, 2]}]).unwrap();
         assert_eq!(out, vec![None]);
     }
 
@@ -348,8 +256,7 @@ mod tests {
         let t = Transformer::new("(d) => { d.year = d.at.getUTCFullYear(); d.ref = d.owner.toString(); return d; }")
             .unwrap();
         let owner = ObjectId::new();
-        let out =
-            t.run_batch(&[doc! {"_id": 1, "at": DateTime::from_millis(1_700_000_000_000), "owner": owner}]).unwrap();
+        let out = run(&t, &[doc! {"_id": 1, "at": DateTime::from_millis(1_700_000_000_000), "owner": owner}]).unwrap();
         let d = out[0].clone().unwrap();
         assert_eq!(d.get_i32("year").unwrap(), 2023);
         assert_eq!(d.get_str("ref").unwrap(), owner.to_hex());
@@ -361,9 +268,11 @@ mod tests {
         assert!(Transformer::new("(d) => {").unwrap_err().contains("does not compile"));
         assert!(Transformer::new("42").unwrap_err().contains("must be a JavaScript function"));
         let t = Transformer::new("(d) => { throw new Error('boom') }").unwrap();
-        let e = t.run_batch(&[doc! {"_id": 7}]).unwrap_err();
+        let e = run(&t, &[doc! {"_id": 7}]).unwrap_err();
         assert!(e.contains("_id 7") && e.contains("boom"), "{e}");
         let t = Transformer::new("(d) => { d._id = 1; return d; }").unwrap();
-        assert!(t.run_batch(&[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
+        assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
+        let t = Transformer::new("(d) => new Date(0)").unwrap();
+        assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("not a document"), "a Date is not a document");
     }
 }
