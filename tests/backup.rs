@@ -167,6 +167,15 @@ async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
         "{e}"
     );
     assert_eq!(dump_db(&db).await, now);
+    let staging = |names: Vec<String>| names.into_iter().filter(|n| n.starts_with("_dbshift_restore_")).count();
+    assert_eq!(staging(db.list_collection_names().await.unwrap()), 0, "no staging collection is left behind");
+    // Cut short: orders (restored first) was already staged when users failed; it is untouched too.
+    let b = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &b[..b.len() - 10]).unwrap();
+    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap_err();
+    assert!(e.to_string().contains("truncated BSON") && e.to_string().contains("nothing was restored"), "{e}");
+    assert_eq!(dump_db(&db).await, now);
+    assert_eq!(staging(db.list_collection_names().await.unwrap()), 0);
     // Not a snapshot at all.
     let e = backup::restore(&db, tempfile::tempdir().unwrap().path(), &RestoreOptions::default(), &no_progress)
         .await

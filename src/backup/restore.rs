@@ -155,6 +155,39 @@ async fn verify_source<S: Source>(src: &S, wanted: &[&CollectionManifest]) -> Re
 
 /// After a whole-database restore, migrations applied since the snapshot no longer have any
 /// effect: record them as rolled back (by this restore) and drop their now-stale rollback data.
+/// Say so in an error raised before anything changed.
+fn nothing_restored(e: BackupError) -> BackupError {
+    const NOTHING: &str = "nothing was restored";
+    match e {
+        BackupError::Invalid(m) if !m.contains(NOTHING) => BackupError::Invalid(format!("{m}; {NOTHING}")),
+        e @ BackupError::Io { .. } => BackupError::Invalid(format!("{e}; {NOTHING}")),
+        other => other,
+    }
+}
+
+/// Read a restored collection back and compare it with its manifest entry.
+async fn verify_restored(
+    coll: mongodb::Collection<RawDocumentBuf>,
+    c: CollectionManifest,
+) -> Result<RestoredCollection, BackupError> {
+    let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("verifying {}", c.name)))?;
+    let (mut n, mut hash) = (0u64, ContentHash::default());
+    while cursor.advance().await.map_err(mongo(format!("verifying {}", c.name)))? {
+        hash.add(cursor.current().as_bytes());
+        n += 1;
+    }
+    if n != c.documents || hash.hex() != c.sha256 {
+        return Err(BackupError::Verify(format!(
+            "{}: {n} documents with hash {} after restore, the snapshot has {} with hash {}",
+            c.name,
+            hash.hex(),
+            c.documents,
+            c.sha256
+        )));
+    }
+    Ok(RestoredCollection { name: c.name, documents: n, sha256: c.sha256, verified: true })
+}
+
 async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str, by: &str) -> Result<Vec<String>, BackupError> {
     let records = db.collection::<Document>(tracking);
     let since = doc! {"state": "applied", "_id": {"$nin": &m.applied_migrations}};
@@ -216,7 +249,9 @@ pub(crate) async fn restore_from<S: Source>(
     }
     let wanted: Vec<&CollectionManifest> =
         m.collections.iter().filter(|c| opts.collections.is_empty() || opts.collections.contains(&c.name)).collect();
-    verify_source(src, &wanted).await?;
+    let checked = Instant::now();
+    verify_source(src, &wanted).await.map_err(nothing_restored)?;
+    tracing::debug!(seconds = checked.elapsed().as_secs_f64(), "restore: snapshot checked against its manifest");
     let metas: Vec<Document> = wanted.iter().map(|c| src.metadata(c)).collect::<Result<_, _>>()?;
 
     let mut dropped = Vec::new();
@@ -232,8 +267,11 @@ pub(crate) async fn restore_from<S: Source>(
             }
         }
     }
-    let mut restored = Vec::new();
-    for (c, meta) in wanted.iter().zip(metas) {
+    // Largest first: each collection is read back while the next (smaller) one is written.
+    let mut order: Vec<(&CollectionManifest, Document)> = wanted.iter().copied().zip(metas).collect();
+    order.sort_by_key(|(c, _)| std::cmp::Reverse(c.documents));
+    let (mut restored, mut checks) = (Vec::new(), tokio::task::JoinSet::new());
+    for (c, meta) in order {
         let coll = db.collection::<RawDocumentBuf>(&c.name);
         coll.drop().await.map_err(mongo(format!("dropping {}", c.name)))?;
         let options = meta.get_document("options").cloned().unwrap_or_default();
@@ -243,6 +281,7 @@ pub(crate) async fn restore_from<S: Source>(
 
         // Two inserts in flight: the server works on one while the next is read and sent.
         let mut done = 0u64;
+        let written = Instant::now();
         src.batches(c)
             .map_ok(|batch| {
                 let n = batch.len() as u64;
@@ -263,6 +302,7 @@ pub(crate) async fn restore_from<S: Source>(
                 futures::future::ready(Ok(()))
             })
             .await?;
+        tracing::debug!(collection = %c.name, seconds = written.elapsed().as_secs_f64(), "restore: documents written");
         let indexes: Vec<Document> = meta
             .get_array("indexes")
             .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
@@ -280,29 +320,16 @@ pub(crate) async fn restore_from<S: Source>(
                 .await
                 .map_err(mongo(format!("creating indexes of {}", c.name)))?;
         }
-        // Read back and compare with the manifest.
-        let mut cursor = coll.find(doc! {}).batch_size(2000).await.map_err(mongo(format!("verifying {}", c.name)))?;
-        let (mut n, mut hash) = (0u64, ContentHash::default());
-        while let Some(d) = cursor.try_next().await.map_err(mongo(format!("verifying {}", c.name)))? {
-            hash.add(d.as_bytes());
-            n += 1;
+        // Read back and compare with the manifest, while the next collection is written.
+        checks.spawn(verify_restored(coll, c.clone()));
+        while let Some(r) = checks.try_join_next() {
+            restored.push(r.map_err(|e| BackupError::Verify(format!("the check of a collection stopped: {e}")))??);
         }
-        if n != c.documents || hash.hex() != c.sha256 {
-            return Err(BackupError::Verify(format!(
-                "{}: {n} documents with hash {} after restore, the snapshot has {} with hash {}",
-                c.name,
-                hash.hex(),
-                c.documents,
-                c.sha256
-            )));
-        }
-        restored.push(RestoredCollection {
-            name: c.name.clone(),
-            documents: n,
-            sha256: c.sha256.clone(),
-            verified: true,
-        });
     }
+    while let Some(r) = checks.join_next().await {
+        restored.push(r.map_err(|e| BackupError::Verify(format!("the check of a collection stopped: {e}")))??);
+    }
+    restored.sort_by_key(|r| wanted.iter().position(|c| c.name == r.name));
     let rolled_back = if m.scope == "all" && opts.collections.is_empty() {
         reconcile_tracking(db, m, tracking_name(&opts.tracking), &opts.rolled_back_by).await?
     } else {
