@@ -417,37 +417,24 @@ pub async fn execute(
         }
         Operation::ConvertType(o) => {
             let q = convert_query(o)?;
-            let on_error = match o.on_error {
-                OnConvertError::SetNull => Bson::Null,
-                OnConvertError::Keep | OnConvertError::Fail => Bson::String(format!("${}", o.field)),
+            let input = format!("${}", o.field);
+            let mut convert = doc! {"input": &input, "to": o.to.mongo_name()};
+            match o.on_error {
+                OnConvertError::SetNull => convert.insert("onError", Bson::Null),
+                OnConvertError::Keep => convert.insert("onError", &input),
+                // No onError: the server stops at the first value it cannot convert (and the
+                // step is undone from its pre-images), with no second pass over the collection.
+                OnConvertError::Fail => None,
             };
-            let pipeline = vec![
-                doc! {"$set": {&o.field: {"$convert": {"input": format!("${}", o.field), "to": o.to.mongo_name(), "onError": on_error}}}},
-            ];
-            let r = in_session!(coll(&o.collection).update_many(q.clone(), pipeline), s).map_err(mongo(format!(
-                "converting {} in {} to {}",
-                o.field,
-                o.collection,
-                o.to.mongo_name()
-            )))?;
-            if o.on_error == OnConvertError::Fail {
-                let left = in_session!(coll(&o.collection).find_one(q.clone()), s)
-                    .map_err(mongo("checking the conversion"))?;
-                if let Some(d) = left {
-                    let n = in_session!(coll(&o.collection).count_documents(q), s)
-                        .map_err(mongo("checking the conversion"))?;
-                    return Err(ExecError::Data(format!(
-                        "{n} value(s) of {} in {} cannot be converted to {}, e.g. {} in the document with _id {} \
-                         (set `onError: keep` or `onError: setNull` to allow this)",
-                        o.field,
-                        o.collection,
-                        o.to.mongo_name(),
-                        d.get(&o.field).map(|v| v.to_string()).unwrap_or_else(|| "(nested)".into()),
-                        d.get("_id").map(|v| v.to_string()).unwrap_or_default()
-                    )));
+            let pipeline = vec![doc! {"$set": {&o.field: {"$convert": convert}}}];
+            let r = in_session!(coll(&o.collection).update_many(q.clone(), pipeline), s);
+            match r {
+                Ok(r) => Ok(r.modified_count),
+                Err(e) if o.on_error == OnConvertError::Fail && error_code(&e) == Some(CONVERSION_FAILURE) => {
+                    Err(conversion_failure(&coll(&o.collection), o, q, s).await)
                 }
+                Err(e) => Err(mongo(format!("converting {} in {} to {}", o.field, o.collection, o.to.mongo_name()))(e)),
             }
-            Ok(r.modified_count)
         }
         Operation::CreateIndex(o) => {
             let spec = index_spec(o)?;
@@ -535,9 +522,50 @@ pub async fn execute(
     }
 }
 
+/// The server's code for a `$convert` without `onError` that met a value it cannot convert.
+const CONVERSION_FAILURE: i32 = 241;
+
+/// Which values stopped a `convertType` (`onError: fail`): how many, and one example.
+async fn conversion_failure(
+    coll: &Collection<Document>,
+    o: &ConvertType,
+    q: Document,
+    s: &mut Option<&mut ClientSession>,
+) -> ExecError {
+    let input = format!("${}", o.field);
+    let fails =
+        doc! {"$expr": {"$eq": [{"$convert": {"input": &input, "to": o.to.mongo_name(), "onError": null}}, null]}};
+    let q = and(q, fails);
+    let found = async {
+        let example = in_session!(coll.find_one(q.clone()), s)?;
+        let n = in_session!(coll.count_documents(q), s)?;
+        Ok::<_, mongodb::error::Error>((n, example))
+    }
+    .await;
+    match found {
+        Ok((n, Some(d))) => ExecError::Data(format!(
+            "{n} value(s) of {} in {} cannot be converted to {}, e.g. {} in the document with _id {} \
+             (set `onError: keep` or `onError: setNull` to allow this)",
+            o.field,
+            o.collection,
+            o.to.mongo_name(),
+            d.get(&o.field).map(|v| v.to_string()).unwrap_or_else(|| "(nested)".into()),
+            d.get("_id").map(|v| v.to_string()).unwrap_or_default()
+        )),
+        _ => ExecError::Data(format!(
+            "a value of {} in {} cannot be converted to {} (set `onError: keep` or `onError: setNull` to allow this)",
+            o.field,
+            o.collection,
+            o.to.mongo_name()
+        )),
+    }
+}
+
 pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
     match e.kind.as_ref() {
-        mongodb::error::ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
         _ => None,
     }
 }
