@@ -96,6 +96,11 @@ async fn copy(client: &Client, from: (&str, &str), to: (&str, &str)) {
         .unwrap();
 }
 
+/// Repetitions of each measurement (DBSHIFT_BENCH_REPS, default 5); the median is reported.
+fn reps() -> usize {
+    env_usize("DBSHIFT_BENCH_REPS", 5).max(1)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -182,21 +187,25 @@ async fn declarative(client: &Client, n: usize, rows: &mut Vec<Row>) {
         std::fs::write(dir.path().join("20250101000000_bench.yaml"), format!("up:\n  - {op}\n")).unwrap();
         let migrations = load_dir(dir.path()).unwrap();
         let (mut base, mut ours) = (Vec::new(), Vec::new());
-        for rep in 0..3 {
-            copy(client, ("bench_seed", "people"), ("bench_raw", "people")).await;
-            let db = client.database("bench_raw");
-            let t = Instant::now();
-            raw(&db).await;
-            base.push(t.elapsed().as_secs_f64());
-            copy(client, ("bench_seed", "people"), ("bench_dbshift", "people")).await;
-            let db = client.database("bench_dbshift");
-            let t = Instant::now();
-            let r =
-                runner::up(&db, "bench", &migrations, &UpRequest::default(), &RunOptions::new(format!("bench-{rep}")))
-                    .await
-                    .unwrap();
-            ours.push(t.elapsed().as_secs_f64());
-            assert!(r.ok, "{name}: {:?}", r.error);
+        for rep in 0..reps() {
+            // Alternate which side goes first, so drift in the machine's state favours neither.
+            for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+                if side == 0 {
+                    copy(client, ("bench_seed", "people"), ("bench_raw", "people")).await;
+                    let db = client.database("bench_raw");
+                    let t = Instant::now();
+                    raw(&db).await;
+                    base.push(t.elapsed().as_secs_f64());
+                } else {
+                    copy(client, ("bench_seed", "people"), ("bench_dbshift", "people")).await;
+                    let db = client.database("bench_dbshift");
+                    let opts = RunOptions::new(format!("bench-{rep}"));
+                    let t = Instant::now();
+                    let r = runner::up(&db, "bench", &migrations, &UpRequest::default(), &opts).await.unwrap();
+                    ours.push(t.elapsed().as_secs_f64());
+                    assert!(r.ok, "{name}: {:?}", r.error);
+                }
+            }
         }
         let (b, o) = (median(base), median(ours));
         rows.push(Row {
@@ -281,7 +290,7 @@ async fn transform(client: &Client, uri: &str, n: usize, rows: &mut Vec<Row>) {
     )
     .unwrap();
     let (mut base, mut ours, mut base_rss, mut ours_rss) = (Vec::new(), Vec::new(), 0, 0);
-    for _ in 0..2 {
+    for _ in 0..reps().min(3) {
         copy(client, ("bench_t_seed", "people"), ("bench_t_mm", "people")).await;
         let (w, rss) = timed(Command::new(&mm).arg("up").current_dir(mm_dir.path()));
         base.push(w);
@@ -339,7 +348,7 @@ async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
     let db = client.database("bench_s");
     let (mut base, mut ours) = (Vec::new(), Vec::new());
     let mut all: Vec<(String, Vec<RawDocumentBuf>)> = Vec::new();
-    for rep in 0..3 {
+    for rep in 0..reps() {
         let t = Instant::now();
         let mut docs = Vec::new();
         for c in ["orders", "people"] {
@@ -376,21 +385,31 @@ async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
     let out = tempfile::tempdir().unwrap();
     dbshift::backup::snapshot(&db, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
     let (mut base, mut ours) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let target = client.database("bench_r_raw");
-        target.drop().await.unwrap();
-        let t = Instant::now();
-        for (c, docs) in &all {
-            for chunk in docs.chunks(1000) {
-                target.collection::<RawDocumentBuf>(c).insert_many(chunk.to_vec()).ordered(false).await.unwrap();
+    for rep in 0..reps() {
+        for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                let target = client.database("bench_r_raw");
+                target.drop().await.unwrap();
+                let t = Instant::now();
+                for (c, docs) in &all {
+                    for chunk in docs.chunks(1000) {
+                        target
+                            .collection::<RawDocumentBuf>(c)
+                            .insert_many(chunk.to_vec())
+                            .ordered(false)
+                            .await
+                            .unwrap();
+                    }
+                }
+                base.push(t.elapsed().as_secs_f64());
+            } else {
+                let target = client.database("bench_r_dbshift");
+                target.drop().await.unwrap();
+                let t = Instant::now();
+                dbshift::backup::restore(&target, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+                ours.push(t.elapsed().as_secs_f64());
             }
         }
-        base.push(t.elapsed().as_secs_f64());
-        let target = client.database("bench_r_dbshift");
-        target.drop().await.unwrap();
-        let t = Instant::now();
-        dbshift::backup::restore(&target, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
-        ours.push(t.elapsed().as_secs_f64());
     }
     let (b, o) = (median(base), median(ours));
     rows.push(Row {
