@@ -649,7 +649,7 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
             for p in &pre {
                 store.push(p).await?;
             }
-            store.flush().await?;
+            store.sync().await?;
             storing += t.elapsed();
             let t = Instant::now();
             rollback::replace_documents(&db_w, &target, new, txn, false).await?;
