@@ -197,6 +197,16 @@ impl ContentHash {
             carry = sum >> 64;
         }
     }
+    /// Add the documents counted in another hash.
+    pub fn merge(&mut self, other: &ContentHash) {
+        let mut carry = 0u128;
+        for i in (0..4).rev() {
+            let sum = self.lanes[i] as u128 + other.lanes[i] as u128 + carry;
+            self.lanes[i] = sum as u64;
+            carry = sum >> 64;
+        }
+    }
+
     pub fn hex(&self) -> String {
         self.lanes.iter().map(|l| format!("{l:016x}")).collect()
     }
@@ -213,6 +223,18 @@ pub fn describe_source(uri: &str, db: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_hashes_of_parts_merge_into_the_hash_of_the_whole() {
+        let docs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 7 + i as usize]).collect();
+        let mut whole = ContentHash::default();
+        docs.iter().for_each(|d| whole.add(d));
+        let (mut a, mut b) = (ContentHash::default(), ContentHash::default());
+        docs[..20].iter().for_each(|d| a.add(d));
+        docs[20..].iter().for_each(|d| b.add(d));
+        a.merge(&b);
+        assert_eq!(a, whole);
+    }
 
     #[test]
     fn content_hash_ignores_order_but_not_content() {
