@@ -431,7 +431,7 @@ pub async fn execute(
             match r {
                 Ok(r) => Ok(r.modified_count),
                 Err(e) if o.on_error == OnConvertError::Fail && error_code(&e) == Some(CONVERSION_FAILURE) => {
-                    Err(conversion_failure(&coll(&o.collection), o, q, s).await)
+                    Err(conversion_failure(&coll(&o.collection), o, q).await)
                 }
                 Err(e) => Err(mongo(format!("converting {} in {} to {}", o.field, o.collection, o.to.mongo_name()))(e)),
             }
@@ -525,20 +525,16 @@ pub async fn execute(
 /// The server's code for a `$convert` without `onError` that met a value it cannot convert.
 const CONVERSION_FAILURE: i32 = 241;
 
-/// Which values stopped a `convertType` (`onError: fail`): how many, and one example.
-async fn conversion_failure(
-    coll: &Collection<Document>,
-    o: &ConvertType,
-    q: Document,
-    s: &mut Option<&mut ClientSession>,
-) -> ExecError {
+/// Which values stopped a `convertType` (`onError: fail`): how many, and one example. Looked
+/// up outside any transaction (the failure aborted it); the values that failed are unchanged.
+async fn conversion_failure(coll: &Collection<Document>, o: &ConvertType, q: Document) -> ExecError {
     let input = format!("${}", o.field);
     let fails =
         doc! {"$expr": {"$eq": [{"$convert": {"input": &input, "to": o.to.mongo_name(), "onError": null}}, null]}};
     let q = and(q, fails);
     let found = async {
-        let example = in_session!(coll.find_one(q.clone()), s)?;
-        let n = in_session!(coll.count_documents(q), s)?;
+        let example = coll.find_one(q.clone()).await?;
+        let n = coll.count_documents(q).await?;
         Ok::<_, mongodb::error::Error>((n, example))
     }
     .await;
