@@ -145,7 +145,7 @@ fn unpack(chunk: &Document) -> Result<Vec<RawDocumentBuf>, String> {
             .iter()
             .map(|b| match b {
                 Bson::Document(d) => RawDocumentBuf::from_document(d).map_err(|e| e.to_string()),
-                other => Err(format!("a pre-image is a {}, not a document", other.element_type() as u8)),
+                other => Err(format!("a pre-image is not a document (found {})", super::bsonx::type_name(other))),
             })
             .collect();
     }
@@ -312,4 +312,23 @@ pub async fn forget(db: &Database, prefix: &str) -> Result<(), ExecError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_split_back_into_their_documents() {
+        let docs = [doc! {"_id": 1, "a": "x"}, doc! {"_id": 2, "b": [1, 2]}];
+        let mut bytes = Vec::new();
+        for d in &docs {
+            bytes.extend(bson::to_vec(d).unwrap());
+        }
+        let back: Vec<Document> = split_documents(&bytes).unwrap().iter().map(|d| d.to_document().unwrap()).collect();
+        assert_eq!(back, docs);
+        assert!(split_documents(&bytes[..bytes.len() - 1]).unwrap_err().contains("cut short"));
+        let legacy = doc! {"_id": 0i64, "docs": [docs[0].clone(), 5]};
+        assert!(unpack(&legacy).unwrap_err().contains("not a document (found int)"));
+    }
 }
