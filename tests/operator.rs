@@ -64,6 +64,10 @@ validate:
   - indexExists: { collection: customers, name: code_unique }
 "#;
 
+/// The two migrations most scenarios roll out.
+const BOTH_MIGRATIONS: &[(&str, &str)] =
+    &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)];
+
 /// An irreversible data change: only the snapshot can undo it.
 const IRREVERSIBLE: &str = r#"
 description: upgrade every customer with a raw command (no rollback data)
@@ -302,11 +306,7 @@ async fn five_tenants_happy_path() {
     for i in 0..5 {
         env.seed(i, false).await;
     }
-    env.migrations(
-        "migrations",
-        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
-    )
-    .await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
     env.start_controller();
     let canary = env.tenant(3);
     env.apply(&env.resource("happy", &format!("  rollout: {{ maxParallel: 2, canaries: [{canary}] }}"))).await;
@@ -368,11 +368,7 @@ async fn failing_tenant(policy: &str) -> (Env, DatabaseMigration, Vec<Vec<Vec<u8
     for i in 0..4 {
         before.push(env.customers(i).await);
     }
-    env.migrations(
-        "migrations",
-        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
-    )
-    .await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
     env.start_controller();
     env.apply(&env.resource("fail", &format!("  rollout: {{ maxParallel: 1, onFailure: {policy} }}"))).await;
     let d = env.wait_final("fail", 300).await;
@@ -467,11 +463,7 @@ async fn a_controller_killed_at_random_moments_applies_nothing_twice() {
     for i in 0..6 {
         env.seed(i, false).await;
     }
-    env.migrations(
-        "migrations",
-        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
-    )
-    .await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
     env.apply(&env.resource("kill", "  rollout: { maxParallel: 2 }")).await;
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut kills = 0;
@@ -739,11 +731,7 @@ async fn leader_election_hands_over_when_the_leader_dies() {
     for i in 0..4 {
         env.seed(i, false).await;
     }
-    env.migrations(
-        "migrations",
-        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
-    )
-    .await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
     let start = |who: &str| {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = std::fs::File::create(std::env::temp_dir().join(format!("dbshift-{}-{who}.log", env.ns))).unwrap();
@@ -846,11 +834,7 @@ async fn a_spec_changed_mid_run_waits_for_the_run_to_end() {
     for i in 0..3 {
         env.seed(i, false).await;
     }
-    env.migrations(
-        "migrations",
-        &[("20250101000000_add_flag.yaml", ADD_FLAG), ("20250102000000_touch_unique.yaml", TOUCH_AND_UNIQUE)],
-    )
-    .await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
     env.start_controller();
     env.apply(&env.resource("respec", "  target: \"20250101000000\"\n  rollout: { maxParallel: 1 }")).await;
     env.wait_for("respec", 120, |d| {

@@ -88,7 +88,7 @@ pub fn restore_number_types(new: Bson, old: Option<&Bson>) -> Bson {
 }
 
 /// [`restore_number_types`] for a whole document, without copying the original.
-pub fn restore_document_types(new: Document, old: &Document) -> Document {
+fn restore_document_types(new: Document, old: &Document) -> Document {
     new.into_iter()
         .map(|(k, v)| {
             let o = old.get(&k);

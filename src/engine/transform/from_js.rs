@@ -18,16 +18,9 @@ use crate::engine::bsonx;
 /// Parse the JSON array of documents (or nulls) the script returned, one per input document.
 pub fn read_documents(json: &str, olds: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, String> {
     let mut p = Parser { s: json, b: json.as_bytes(), i: 0 };
-    p.expect(b'[')?;
     let mut out = Vec::with_capacity(olds.len());
-    loop {
-        match p.peek() {
-            Some(b']') if out.is_empty() => {
-                p.i += 1;
-                break;
-            }
-            _ => {}
-        }
+    let mut more = p.open(b'[', b']')?;
+    while more {
         let old = olds.get(out.len()).map(|d| d.as_ref());
         match p.peek() {
             Some(b'n') => {
@@ -42,11 +35,7 @@ pub fn read_documents(json: &str, olds: &[RawDocumentBuf]) -> Result<Vec<Option<
                 )
             }
         }
-        match p.next() {
-            Some(b',') => continue,
-            Some(b']') => break,
-            _ => return Err(p.unexpected("`,` or `]`")),
-        }
+        more = p.more(b']')?;
     }
     if p.i != p.b.len() {
         return Err(p.unexpected("the end"));
@@ -130,16 +119,34 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// Move past `open`; for an empty container past `close` too, and say there is nothing in it.
+    fn open(&mut self, open: u8, close: u8) -> Result<bool, String> {
+        self.expect(open)?;
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.i += 1;
+        }
+        Ok(!empty)
+    }
+
+    /// After an item: `true` at `,` (another follows), `false` at `close`.
+    fn more(&mut self, close: u8) -> Result<bool, String> {
+        match self.next() {
+            Some(b',') => Ok(true),
+            Some(c) if c == close => Ok(false),
+            _ => {
+                self.i -= 1;
+                Err(self.unexpected(&format!("`,` or `{}`", close as char)))
+            }
+        }
+    }
+
     /// A document at `{` (a plain one: not Extended JSON).
     fn document(&mut self, old: Option<&RawDocument>) -> Result<RawDocumentBuf, String> {
-        self.expect(b'{')?;
         let mut doc = RawDocumentBuf::new();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            return Ok(doc);
-        }
+        let mut more = self.open(b'{', b'}')?;
         let mut olds = OldFields::new(old);
-        loop {
+        while more {
             let key = self.string()?;
             if key.contains('\0') {
                 return Err(format!("the script returned a field name with a NUL character: {key:?}"));
@@ -150,40 +157,24 @@ impl<'a> Parser<'a> {
                 Value::Ref(v) => doc.append_ref(key.as_ref(), v),
                 Value::Owned(v) => doc.append(key.as_ref(), v),
             }
-            match self.next() {
-                Some(b',') => continue,
-                Some(b'}') => return Ok(doc),
-                _ => {
-                    self.i -= 1;
-                    return Err(self.unexpected("`,` or `}`"));
-                }
-            }
+            more = self.more(b'}')?;
         }
+        Ok(doc)
     }
 
     fn array(&mut self, old: Option<&RawArray>) -> Result<RawArrayBuf, String> {
-        self.expect(b'[')?;
         let mut arr = RawArrayBuf::new();
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            return Ok(arr);
-        }
+        let mut more = self.open(b'[', b']')?;
         let mut olds = old.map(|a| a.into_iter());
-        loop {
+        while more {
             let old = olds.as_mut().and_then(|it| it.next()).and_then(Result::ok);
             match self.value(old)? {
                 Value::Ref(v) => arr.push(v.to_raw_bson()),
                 Value::Owned(v) => arr.push(v),
             }
-            match self.next() {
-                Some(b',') => continue,
-                Some(b']') => return Ok(arr),
-                _ => {
-                    self.i -= 1;
-                    return Err(self.unexpected("`,` or `]`"));
-                }
-            }
+            more = self.more(b']')?;
         }
+        Ok(arr)
     }
 
     fn value<'o>(&mut self, old: Option<RawBsonRef<'o>>) -> Result<Value<'a>, String> {
@@ -285,26 +276,16 @@ impl<'a> Parser<'a> {
             Some(b'"') => self.string().map(|_| ()),
             Some(open @ (b'{' | b'[')) => {
                 let close = if open == b'{' { b'}' } else { b']' };
-                self.i += 1;
-                if self.peek() == Some(close) {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
+                let mut more = self.open(open, close)?;
+                while more {
                     if open == b'{' {
                         self.string()?;
                         self.expect(b':')?;
                     }
                     self.skip()?;
-                    match self.next() {
-                        Some(b',') => continue,
-                        Some(c) if c == close => return Ok(()),
-                        _ => {
-                            self.i -= 1;
-                            return Err(self.unexpected("`,` or the end of a value"));
-                        }
-                    }
+                    more = self.more(close)?;
                 }
+                Ok(())
             }
             Some(b't') => self.literal("true"),
             Some(b'f') => self.literal("false"),
