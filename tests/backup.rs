@@ -67,22 +67,16 @@ async fn options(db: &mongodb::Database, coll: &str) -> Document {
         .clone()
 }
 
-fn no_progress(_: &str, _: u64, _: u64) {}
-
 async fn round_trip(gzip: bool) {
     let db = rich_db(if gzip { "bk_gzip" } else { "bk_plain" }).await;
     let before_orders = dump_bytes(&db, "orders").await;
     let before_users = dump_bytes(&db, "users").await;
     let (before_idx, before_opts) = (indexes(&db, "orders").await, options(&db, "orders").await);
     let out = tempfile::tempdir().unwrap();
-    let m = backup::snapshot(
-        &db,
-        out.path(),
-        &SnapshotOptions { gzip, source: "test".into(), ..Default::default() },
-        &no_progress,
-    )
-    .await
-    .unwrap();
+    let m =
+        backup::snapshot(&db, out.path(), &SnapshotOptions { gzip, source: "test".into(), ..Default::default() }, None)
+            .await
+            .unwrap();
     assert_eq!(m.total_documents, 2502);
     assert_eq!(m.collections.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["orders", "users"]);
     let ext = if gzip { ".gz" } else { "" };
@@ -96,13 +90,45 @@ async fn round_trip(gzip: bool) {
     db.collection::<Document>("users").drop().await.unwrap();
     db.collection::<Document>("newer").insert_one(doc! {"x": 1}).await.unwrap();
 
-    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap();
+    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), None).await.unwrap();
     assert!(rep.collections.iter().all(|c| c.verified));
     assert_eq!(rep.dropped, vec!["newer".to_string()]);
     assert_eq!(dump_bytes(&db, "orders").await, before_orders, "byte-identical documents");
     assert_eq!(dump_bytes(&db, "users").await, before_users);
     assert_eq!(indexes(&db, "orders").await, before_idx);
     assert_eq!(options(&db, "orders").await, before_opts);
+}
+
+/// Every progress report: (collection, done, total).
+type ProgressLog = std::sync::Arc<std::sync::Mutex<Vec<(String, u64, u64)>>>;
+
+/// A progress reporter, and the log it writes to.
+fn progress_log() -> (ProgressLog, impl Fn(&str, u64, u64) + Send + Sync) {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    (log, move |c: &str, done: u64, total: u64| l.lock().unwrap().push((c.to_string(), done, total)))
+}
+
+/// The last report on `coll`, after checking no report had a total below its count.
+fn last_report(log: &[(String, u64, u64)], coll: &str) -> (u64, u64) {
+    assert!(log.iter().all(|(_, done, total)| total >= done), "a total below the documents done: {log:?}");
+    log.iter().rev().find(|(c, _, _)| c == coll).map(|(_, d, t)| (*d, *t)).expect("reported")
+}
+
+#[tokio::test]
+async fn snapshot_and_restore_report_progress_to_the_end() {
+    let db = rich_db("bk_progress").await;
+    let out = tempfile::tempdir().unwrap();
+    let (log, report) = progress_log();
+    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), Some(&report)).await.unwrap();
+    assert_eq!(last_report(&log.lock().unwrap(), "orders"), (2500, 2500));
+    assert_eq!(last_report(&log.lock().unwrap(), "users"), (2, 2));
+
+    db.collection::<Document>("orders").delete_many(doc! {}).await.unwrap();
+    let (log, report) = progress_log();
+    backup::restore(&db, out.path(), &RestoreOptions::default(), Some(&report)).await.unwrap();
+    assert_eq!(last_report(&log.lock().unwrap(), "orders"), (2500, 2500));
+    assert_eq!(db.collection::<Document>("orders").count_documents(doc! {}).await.unwrap(), 2500);
 }
 
 #[tokio::test]
@@ -123,7 +149,7 @@ async fn the_bson_files_are_in_mongodump_format() {
         &db,
         out.path(),
         &SnapshotOptions { collections: vec!["users".into()], ..Default::default() },
-        &no_progress,
+        None,
     )
     .await
     .unwrap();
@@ -152,7 +178,7 @@ async fn the_bson_files_are_in_mongodump_format() {
 async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
     let db = rich_db("bk_damaged").await;
     let out = tempfile::tempdir().unwrap();
-    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), None).await.unwrap();
     db.collection::<Document>("users").insert_one(doc! {"_id": "u3"}).await.unwrap();
     let now = dump_db(&db).await;
     // Flip one byte inside a document of users.bson.
@@ -161,7 +187,7 @@ async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
     let last = b.len() - 3;
     b[last] ^= 0x20;
     std::fs::write(&f, b).unwrap();
-    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap_err();
+    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), None).await.unwrap_err();
     assert!(
         e.to_string().contains("does not match the manifest") && e.to_string().contains("nothing was restored"),
         "{e}"
@@ -172,14 +198,13 @@ async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
     // Cut short: orders (restored first) was already staged when users failed; it is untouched too.
     let b = std::fs::read(&f).unwrap();
     std::fs::write(&f, &b[..b.len() - 10]).unwrap();
-    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap_err();
+    let e = backup::restore(&db, out.path(), &RestoreOptions::default(), None).await.unwrap_err();
     assert!(e.to_string().contains("truncated BSON") && e.to_string().contains("nothing was restored"), "{e}");
     assert_eq!(dump_db(&db).await, now);
     assert_eq!(staging(db.list_collection_names().await.unwrap()), 0);
     // Not a snapshot at all.
-    let e = backup::restore(&db, tempfile::tempdir().unwrap().path(), &RestoreOptions::default(), &no_progress)
-        .await
-        .unwrap_err();
+    let e =
+        backup::restore(&db, tempfile::tempdir().unwrap().path(), &RestoreOptions::default(), None).await.unwrap_err();
     assert!(e.to_string().contains("is not a dbshift snapshot"), "{e}");
 }
 
@@ -187,14 +212,14 @@ async fn a_damaged_snapshot_is_refused_and_nothing_changes() {
 async fn restore_into_another_database_and_selected_collections() {
     let db = rich_db("bk_other").await;
     let out = tempfile::tempdir().unwrap();
-    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    backup::snapshot(&db, out.path(), &SnapshotOptions::default(), None).await.unwrap();
     let copy = fresh_db("bk_copy").await;
     copy.collection::<Document>("keep").insert_one(doc! {"k": 1}).await.unwrap();
     backup::restore(
         &copy,
         out.path(),
         &RestoreOptions { collections: vec!["users".into()], ..Default::default() },
-        &no_progress,
+        None,
     )
     .await
     .unwrap();
@@ -216,11 +241,11 @@ async fn restoring_a_pre_migration_snapshot_records_the_migrations_as_rolled_bac
     let opts = RunOptions::new("r1");
     runner::up(&db, "t", &m[..1], &UpRequest::default(), &opts).await.unwrap();
     let out = tempfile::tempdir().unwrap();
-    let snap = backup::snapshot(&db, out.path(), &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let snap = backup::snapshot(&db, out.path(), &SnapshotOptions::default(), None).await.unwrap();
     assert_eq!(snap.applied_migrations, vec!["20250101000000_a".to_string()]);
     let users = dump_bytes(&db, "users").await;
     assert!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().ok);
-    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), &no_progress).await.unwrap();
+    let rep = backup::restore(&db, out.path(), &RestoreOptions::default(), None).await.unwrap();
     assert_eq!(rep.rolled_back, vec!["20250102000000_b".to_string()]);
     assert_eq!(dump_bytes(&db, "users").await, users);
     let recs = tracking::load(&db, tracking::TRACKING).await.unwrap();
@@ -256,7 +281,7 @@ async fn database_snapshots_restore_byte_identical_documents_indexes_and_options
     let before = (raw(&db, "orders").await, raw(&db, "users").await);
     let (before_idx, before_opts) = (indexes(&db, "orders").await, options(&db, "orders").await);
     let opts = SnapshotOptions { source: "h/x".into(), run_id: Some("run-7".into()), ..Default::default() };
-    let t = database::snapshot_to_database(&db, &store, &opts, &no_progress).await.unwrap();
+    let t = database::snapshot_to_database(&db, &store, &opts, None).await.unwrap();
     assert!(t.id.starts_with(&format!("{}.", db.name())), "{}", t.id);
     assert_eq!(t.location, format!("database:{}/{}", store.name(), t.id));
     assert_eq!((t.manifest.total_documents, t.manifest.run_id.as_deref()), (2502, Some("run-7")));
@@ -283,8 +308,7 @@ async fn database_snapshots_restore_byte_identical_documents_indexes_and_options
     db.run_command(doc! {"dropIndexes": "orders", "index": "compound"}).await.unwrap();
     db.collection::<Document>("users").drop().await.unwrap();
     db.collection::<Document>("newer").insert_one(doc! {"x": 1}).await.unwrap();
-    let rep =
-        database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress).await.unwrap();
+    let rep = database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), None).await.unwrap();
     assert!(rep.collections.iter().all(|c| c.verified));
     assert_eq!((rep.dropped.clone(), rep.snapshot_sha256.clone()), (vec!["newer".to_string()], t.manifest.sha256));
     assert_eq!((raw(&db, "orders").await, raw(&db, "users").await), before, "byte-identical documents");
@@ -300,10 +324,10 @@ async fn long_tenant_and_collection_names_fit() {
     let long = "c".repeat(150);
     db.collection::<Document>(&long).insert_many((0..3).map(|i| doc! {"_id": i, "v": "x"})).await.unwrap();
     let store = fresh_db("bkdb_store").await;
-    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), None).await.unwrap();
     let before = raw(&db, &long).await;
     db.collection::<Document>(&long).delete_many(doc! {}).await.unwrap();
-    database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress).await.unwrap();
+    database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), None).await.unwrap();
     assert_eq!(raw(&db, &long).await, before);
 }
 
@@ -315,13 +339,11 @@ async fn retention_keeps_the_newest_complete_snapshots_of_each_tenant() {
     let mut ids = Vec::new();
     for i in 0..4 {
         db.collection::<Document>("items").insert_one(doc! {"_id": i}).await.unwrap();
-        ids.push(
-            database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap().id,
-        );
+        ids.push(database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), None).await.unwrap().id);
     }
     other.collection::<Document>("items").insert_one(doc! {"_id": 1}).await.unwrap();
     let kept_other =
-        database::snapshot_to_database(&other, &store, &SnapshotOptions::default(), &no_progress).await.unwrap().id;
+        database::snapshot_to_database(&other, &store, &SnapshotOptions::default(), None).await.unwrap().id;
     // Taken within the same second: ids stay unique.
     assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 4, "{ids:?}");
     let mut deleted = database::retain(&store, db.name(), 2).await.unwrap();
@@ -337,7 +359,7 @@ async fn retention_keeps_the_newest_complete_snapshots_of_each_tenant() {
     assert_eq!(database::newest(&store, db.name(), None).await.unwrap(), Some(ids[3].clone()));
     // The newest one restores the last state.
     db.collection::<Document>("items").delete_many(doc! {}).await.unwrap();
-    database::restore_from_database(&db, &store, &ids[3], &RestoreOptions::default(), &no_progress).await.unwrap();
+    database::restore_from_database(&db, &store, &ids[3], &RestoreOptions::default(), None).await.unwrap();
     assert_eq!(dump(&db, "items").await.len(), 4);
 }
 
@@ -345,7 +367,7 @@ async fn retention_keeps_the_newest_complete_snapshots_of_each_tenant() {
 async fn an_interrupted_snapshot_is_never_restored_and_is_cleaned_up() {
     let db = rich_db("bkdb_crash").await;
     let store = fresh_db("bkdb_store").await;
-    let good = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let good = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), None).await.unwrap();
     // A writer that died half-way: its manifest still says `writing`, some chunks are there.
     let old = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 3_600_000);
     let newer = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 60_000);
@@ -370,16 +392,14 @@ async fn an_interrupted_snapshot_is_never_restored_and_is_cleaned_up() {
 
     assert_eq!(database::newest(&store, db.name(), None).await.unwrap(), Some(good.id.clone()), "only complete ones");
     let now = dump_db(&db).await;
-    let e = database::restore_from_database(&db, &store, &crashed, &RestoreOptions::default(), &no_progress)
-        .await
-        .unwrap_err();
+    let e = database::restore_from_database(&db, &store, &crashed, &RestoreOptions::default(), None).await.unwrap_err();
     assert!(e.to_string().contains("is not complete (state writing)"), "{e}");
     assert_eq!(dump_db(&db).await, now, "nothing changed");
     let states: Vec<String> = database::list(&store, None).await.unwrap().into_iter().map(|s| s.state).collect();
     assert_eq!(states, ["writing", "writing", "complete"]);
 
     // The next snapshot of the tenant deletes the abandoned one (manifest and data), not the busy one.
-    let next = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let next = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), None).await.unwrap();
     assert!(manifest_doc(&store, &crashed).await.is_none());
     assert!(!collections(&store).await.contains(&crashed));
     assert!(manifest_doc(&store, &busy).await.is_some());
@@ -392,12 +412,12 @@ async fn a_failed_snapshot_leaves_nothing_behind() {
     let db = rich_db("bkdb_fail").await;
     let store = fresh_db("bkdb_store").await;
     let opts = SnapshotOptions { collections: vec!["nope".into()], ..Default::default() };
-    let e = database::snapshot_to_database(&db, &store, &opts, &no_progress).await.unwrap_err();
+    let e = database::snapshot_to_database(&db, &store, &opts, None).await.unwrap_err();
     assert!(e.to_string().contains("collection nope does not exist"), "{e}");
     assert_eq!(store.collection::<Document>("snapshots").count_documents(doc! {}).await.unwrap(), 0);
     assert_eq!(collections(&store).await, vec!["snapshots".to_string()]);
     // The tenant itself is refused as a destination.
-    let e = database::snapshot_to_database(&db, &db, &SnapshotOptions::default(), &no_progress).await.unwrap_err();
+    let e = database::snapshot_to_database(&db, &db, &SnapshotOptions::default(), None).await.unwrap_err();
     assert!(e.to_string().contains("is the tenant itself"), "{e}");
 }
 
@@ -405,7 +425,7 @@ async fn a_failed_snapshot_leaves_nothing_behind() {
 async fn a_damaged_database_snapshot_is_refused_and_nothing_changes() {
     let db = rich_db("bkdb_damaged").await;
     let store = fresh_db("bkdb_store").await;
-    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), &no_progress).await.unwrap();
+    let t = database::snapshot_to_database(&db, &store, &SnapshotOptions::default(), None).await.unwrap();
     db.collection::<Document>("users").insert_one(doc! {"_id": "u3"}).await.unwrap();
     let now = dump_db(&db).await;
     store
@@ -413,17 +433,13 @@ async fn a_damaged_database_snapshot_is_refused_and_nothing_changes() {
         .update_one(doc! {"_id": {"c": "users", "n": 0i64}}, doc! {"$set": {"docs.0.name": "Eve"}})
         .await
         .unwrap();
-    let e = database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), &no_progress)
-        .await
-        .unwrap_err();
+    let e = database::restore_from_database(&db, &store, &t.id, &RestoreOptions::default(), None).await.unwrap_err();
     assert!(
         e.to_string().contains("collection users of snapshot") && e.to_string().contains("nothing was restored"),
         "{e}"
     );
     assert_eq!(dump_db(&db).await, now);
-    let e = database::restore_from_database(&db, &store, "nope.1", &RestoreOptions::default(), &no_progress)
-        .await
-        .unwrap_err();
+    let e = database::restore_from_database(&db, &store, "nope.1", &RestoreOptions::default(), None).await.unwrap_err();
     assert!(e.to_string().contains("no snapshot nope.1 in database"), "{e}");
     assert_eq!(dump_db(&db).await, now);
 }

@@ -346,3 +346,19 @@ async fn run_command_without_down_is_applied_but_down_is_refused_clearly() {
     assert!(e.to_string().contains("20250101000000_cmd cannot be rolled back: step 1 (runCommand)"), "{e}");
     assert!(index(&db, "customers", "by_n").await.is_some(), "a refused down changes nothing");
 }
+
+#[tokio::test]
+async fn background_count_reports_the_count_of_its_filter() {
+    use dbshift::engine::count::BackgroundCount;
+    let db = fresh_db("op_count").await;
+    let coll = db.collection::<Document>("people");
+    coll.insert_many((0..30).map(|i| doc! {"_id": i, "pro": i % 3 == 0})).await.unwrap();
+    for (filter, want) in [(Some(doc! {"pro": true}), 10), (None, 30)] {
+        let count = BackgroundCount::start(&coll, filter);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count.get().is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(count.get(), Some(want));
+    }
+}

@@ -45,8 +45,6 @@ enum Place {
     Dir(PathBuf),
 }
 
-fn no_progress(_: &str, _: u64, _: u64) {}
-
 impl Destination {
     /// `database:<name>` (`database` alone: `dbshift_snapshots`), `dir:<path>`, or `none` / empty.
     pub fn parse(s: &str) -> Result<Option<Destination>, BackupError> {
@@ -91,9 +89,7 @@ impl Destination {
     /// Snapshot the tenant `db`.
     pub async fn take(&self, db: &Database, opts: &SnapshotOptions) -> Result<Taken, BackupError> {
         match self {
-            Destination::Database(d) => {
-                database::snapshot_to_database(db, &db.client().database(d), opts, &no_progress).await
-            }
+            Destination::Database(d) => database::snapshot_to_database(db, &db.client().database(d), opts, None).await,
             Destination::Dir(root) => {
                 let tdir = root.join(db.name());
                 std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
@@ -109,7 +105,7 @@ impl Destination {
                         Err(e) => return Err(io(&p)(e)),
                     }
                 };
-                match snapshot(db, &path, opts, &no_progress).await {
+                match snapshot(db, &path, opts, None).await {
                     Ok(manifest) => Ok(Taken {
                         id: format!("{}/{}", db.name(), path.file_name().unwrap_or_default().to_string_lossy()),
                         location: format!("dir:{}", path.display()),
@@ -150,9 +146,9 @@ impl Destination {
     ) -> Result<RestoreReport, BackupError> {
         match (&found.place, self) {
             (Place::Database(id), Destination::Database(d)) => {
-                database::restore_from_database(db, &db.client().database(d), id, opts, &no_progress).await
+                database::restore_from_database(db, &db.client().database(d), id, opts, None).await
             }
-            (Place::Dir(p), _) => restore(db, p, opts, &no_progress).await,
+            (Place::Dir(p), _) => restore(db, p, opts, None).await,
             (Place::Database(_), Destination::Dir(_)) => {
                 Err(BackupError::Invalid(format!("{} is not in {self}", found.location)))
             }

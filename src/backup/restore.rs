@@ -51,7 +51,8 @@ pub struct RestoredCollection {
     pub verified: bool,
 }
 
-pub type RestoreProgress<'a> = &'a (dyn Fn(&str, u64, u64) + Send + Sync);
+/// Progress: (collection, documents done, documents in the snapshot). `None` shows nothing.
+pub type RestoreProgress<'a> = Option<&'a (dyn Fn(&str, u64, u64) + Send + Sync)>;
 
 pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     let path = from.join(MANIFEST);
@@ -298,7 +299,9 @@ pub(crate) async fn restore_from<S: Source>(
             .try_buffered(2)
             .try_for_each(|n| {
                 done += n;
-                progress(&c.name, done, c.documents);
+                if let Some(p) = progress {
+                    p(&c.name, done, c.documents);
+                }
                 futures::future::ready(Ok(()))
             })
             .await?;

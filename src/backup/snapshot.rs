@@ -9,6 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 
 use super::*;
+use crate::engine::count::BackgroundCount;
 use crate::engine::tracking::INTERNAL_PREFIX;
 
 #[derive(Debug, Clone, Default)]
@@ -25,8 +26,9 @@ pub struct SnapshotOptions {
     pub run_id: Option<String>,
 }
 
-/// Progress: (collection, documents done, documents expected).
-pub type SnapshotProgress<'a> = &'a (dyn Fn(&str, u64, u64) + Send + Sync);
+/// Progress: (collection, documents done, documents expected). `None` shows nothing, and
+/// then the collections are not counted either (on some servers a count is a full scan).
+pub type SnapshotProgress<'a> = Option<&'a (dyn Fn(&str, u64, u64) + Send + Sync)>;
 
 /// Write a snapshot of `db` into the directory `out` (created if needed; must not already hold
 /// a snapshot). The manifest is written last: a directory without one is an unfinished snapshot.
@@ -129,7 +131,13 @@ async fn dump_collection<S: Sink>(
 ) -> Result<CollectionManifest, BackupError> {
     let name = info.get_str("name").unwrap_or_default().to_string();
     let coll = db.collection::<RawDocumentBuf>(&name);
-    let expected = coll.estimated_document_count().await.unwrap_or(0);
+    // Counted beside the reading, for the progress report only.
+    let expected = progress.map(|_| BackgroundCount::start(&coll, None));
+    let report = |done: u64, total: u64| {
+        if let Some(p) = progress {
+            p(&name, done, total.max(done));
+        }
+    };
     let indexes: Vec<Bson> = db
         .run_command(doc! {"listIndexes": &name})
         .await
@@ -160,7 +168,7 @@ async fn dump_collection<S: Sink>(
             if !batch.is_empty() && (batch.len() == BATCH_DOCS || size + len > BATCH_BYTES) {
                 done += batch.len() as u64;
                 size = 0;
-                progress(&name, done, expected.max(done));
+                report(done, expected.as_ref().and_then(BackgroundCount::get).unwrap_or(0));
                 if tx.send(std::mem::take(&mut batch)).await.is_err() {
                     return Ok(()); // the writer stopped; its error is the one reported
                 }
@@ -172,7 +180,7 @@ async fn dump_collection<S: Sink>(
             done += batch.len() as u64;
             let _ = tx.send(batch).await;
         }
-        progress(&name, done, expected.max(done));
+        report(done, done);
         Ok::<(), BackupError>(())
     };
     let write = async {

@@ -527,7 +527,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                 };
                 let target = dir.join(&t);
                 let p = progress.clone();
-                async move { Ok(backup::snapshot(&db, &target, &opts, &*p).await?) }
+                async move { Ok(backup::snapshot(&db, &target, &opts, p.as_deref()).await?) }
             })
             .await;
             output::print_backups(out, dir, &results, &conn.redactor);
@@ -546,7 +546,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, CliError> {
                     ..Default::default()
                 };
                 let p = progress.clone();
-                async move { Ok(backup::restore(&db, &src, &opts, &*p).await?) }
+                async move { Ok(backup::restore(&db, &src, &opts, p.as_deref()).await?) }
             })
             .await;
             output::print_restores(out, &results, &conn.redactor);

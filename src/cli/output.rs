@@ -311,6 +311,9 @@ impl Observer for Progress {
             b.set_position(done);
         }
     }
+    fn shows_progress(&self) -> bool {
+        self.tty
+    }
     fn migration_finished(&self, _tenant: &str, _outcome: &Outcome) {
         if let Some(b) = self.bar.lock().expect("lock").take() {
             b.finish_and_clear();
@@ -325,13 +328,14 @@ pub fn observer(out: Output, _tenants: usize) -> Arc<dyn Observer> {
 /// Progress of snapshots and restores: (collection, documents done, documents expected).
 pub type TransferProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
-pub fn transfer_progress(out: Output) -> TransferProgress {
+/// A progress bar on a terminal; `None` elsewhere (nothing shown, nothing counted for it).
+pub fn transfer_progress(out: Output) -> Option<TransferProgress> {
     if out != Output::Human || !std::io::stderr().is_terminal() {
-        return Arc::new(|_, _, _| {});
+        return None;
     }
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} documents [{elapsed}]").expect("template"));
-    Arc::new(move |coll, done, total| {
+    Some(Arc::new(move |coll, done, total| {
         bar.set_message(coll.to_string());
         bar.set_length(total);
         bar.set_position(done);
@@ -339,5 +343,5 @@ pub fn transfer_progress(out: Output) -> TransferProgress {
             bar.finish_and_clear();
             bar.reset();
         }
-    })
+    }))
 }

@@ -56,7 +56,7 @@ pub async fn backup(
         };
         let (store, p) = (&store, progress.clone());
         async move {
-            let taken = database::snapshot_to_database(&db, store, &opts, &*p).await?;
+            let taken = database::snapshot_to_database(&db, store, &opts, p.as_deref()).await?;
             let deleted = match keep {
                 Some(k) => database::retain(store, &t, k).await?,
                 None => Vec::new(),
@@ -201,7 +201,7 @@ pub async fn restore(
         async move {
             // A restore changes the tenant: not while a migration runs on it.
             let lease = Lease::acquire(&db, &o.owner, &o.run_id, o.lock_ttl).await.map_err(RunError::from)?;
-            let r = database::restore_from_database(&db, store, &id, &ropts, &*p).await;
+            let r = database::restore_from_database(&db, store, &id, &ropts, p.as_deref()).await;
             let released = lease.release().await;
             let report = r?;
             if let Err(e) = released {

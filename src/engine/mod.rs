@@ -1,6 +1,7 @@
 //! The migration engine: everything that happens to one tenant database.
 
 pub mod bsonx;
+pub mod count;
 pub mod executor;
 pub mod loader;
 pub mod lock;

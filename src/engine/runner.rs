@@ -21,6 +21,11 @@ pub trait Observer: Send + Sync {
     fn migration_started(&self, _tenant: &str, _id: &str, _direction: Direction) {}
     fn step_started(&self, _tenant: &str, _id: &str, _step: usize, _op: &Operation) {}
     fn progress(&self, _done: u64, _total: Option<u64>) {}
+    /// Whether [`Observer::progress`] shows anything; when not, long operations skip the
+    /// counts they would make only to report a total.
+    fn shows_progress(&self) -> bool {
+        false
+    }
     fn migration_finished(&self, _tenant: &str, _outcome: &Outcome) {}
 }
 
@@ -329,8 +334,9 @@ async fn run_steps(
             }
         };
         let observer = opts.observer.clone();
-        let progress: executor::Progress = Arc::new(move |d, t| observer.progress(d, t));
-        let r = executor::execute(db, &prepared, &key, None, Some(progress)).await;
+        let progress: Option<executor::Progress> =
+            observer.shows_progress().then(|| Arc::new(move |d, t| observer.progress(d, t)) as executor::Progress);
+        let r = executor::execute(db, &prepared, &key, None, progress).await;
         s.done.push(prepared);
         match r {
             Ok(n) => {

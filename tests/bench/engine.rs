@@ -373,7 +373,7 @@ async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
         }
         let out = tempfile::tempdir().unwrap();
         let t = Instant::now();
-        dbshift::backup::snapshot(&db, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+        dbshift::backup::snapshot(&db, out.path(), &Default::default(), None).await.unwrap();
         ours.push(t.elapsed().as_secs_f64());
     }
     let (b, o) = (median(base), median(ours));
@@ -387,7 +387,7 @@ async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
         note: "dbshift also writes the files and hashes every document".into(),
     });
     let out = tempfile::tempdir().unwrap();
-    dbshift::backup::snapshot(&db, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+    dbshift::backup::snapshot(&db, out.path(), &Default::default(), None).await.unwrap();
     let (mut base, mut ours) = (Vec::new(), Vec::new());
     for rep in 0..reps() {
         for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
@@ -410,7 +410,7 @@ async fn snapshots(client: &Client, n: usize, rows: &mut Vec<Row>) {
                 let target = client.database("bench_r_dbshift");
                 target.drop().await.unwrap();
                 let t = Instant::now();
-                dbshift::backup::restore(&target, out.path(), &Default::default(), &|_, _, _| {}).await.unwrap();
+                dbshift::backup::restore(&target, out.path(), &Default::default(), None).await.unwrap();
                 ours.push(t.elapsed().as_secs_f64());
             }
         }
