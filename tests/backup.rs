@@ -82,6 +82,8 @@ async fn round_trip(gzip: bool) {
     let ext = if gzip { ".gz" } else { "" };
     assert!(out.path().join(db.name()).join(format!("orders.bson{ext}")).exists());
     assert!(out.path().join(db.name()).join(format!("orders.metadata.json{ext}")).exists());
+    assert!(out.path().join(backup::MANIFEST).is_file());
+    assert!(!out.path().join(format!("{}.tmp", backup::MANIFEST)).exists(), "the manifest was renamed into place");
 
     // Damage the database every way a migration could.
     db.collection::<Document>("orders").delete_many(doc! {"n": {"$lt": 100}}).await.unwrap();

@@ -48,9 +48,27 @@ pub async fn snapshot(
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let sink = DirSink { out: out.to_path_buf(), dir, db: db.name().to_string(), gzip: opts.gzip };
     let manifest = write_snapshot(db, &sink, opts, progress).await?;
-    let mpath = out.join(MANIFEST);
-    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializable")).map_err(io(&mpath))?;
+    let text = serde_json::to_vec_pretty(&manifest).expect("serializable");
+    let (out, files) = (out.to_path_buf(), sink.dir);
+    tokio::task::spawn_blocking(move || write_manifest(&out, &files, &text))
+        .await
+        .map_err(|e| BackupError::Invalid(format!("writing the manifest stopped: {e}")))??;
     Ok(manifest)
+}
+
+/// Store the manifest durably and all at once: written to a temporary file, synced, renamed
+/// into place, then the directories synced (`files`, which lists the collection files, and
+/// `out`). After a crash the snapshot either has its whole manifest, and every file it lists
+/// (each synced when written), or reads as unfinished.
+fn write_manifest(out: &Path, files: &Path, text: &[u8]) -> Result<(), BackupError> {
+    let (tmp, path) = (out.join(format!("{MANIFEST}.tmp")), out.join(MANIFEST));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(text).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    for d in [files, out] {
+        std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io(d))?;
+    }
+    Ok(())
 }
 
 /// Snapshot `db` into `sink`: every collection (or the selected ones), then the migrations
@@ -271,10 +289,14 @@ impl Sink for DirSink {
     async fn collection(&self, name: &str, meta: &Document) -> Result<Opened<DirWriter>, BackupError> {
         let ext = if self.gzip { ".gz" } else { "" };
         let meta_path = self.dir.join(format!("{name}.metadata.json{ext}"));
-        let mut mw = FileOut::create(&meta_path, self.gzip)?;
         let text = serde_json::to_vec(&Bson::Document(meta.clone()).into_canonical_extjson()).expect("serializable");
-        mw.write_all(&text).map_err(io(&meta_path))?;
-        mw.finish().map_err(io(&meta_path))?;
+        let gzip = self.gzip;
+        tokio::task::spawn_blocking(move || {
+            let mut mw = FileOut::create(&meta_path, gzip)?;
+            mw.write_all(&text).and_then(|_| mw.finish()).map_err(io(&meta_path))
+        })
+        .await
+        .map_err(|e| BackupError::Invalid(format!("writing the metadata of {name} stopped: {e}")))??;
         let file = format!("{}/{name}.bson{ext}", self.db);
         let path = self.out.join(&file);
         let writer = DirWriter { file: Some(FileOut::create(&path, self.gzip)?), path };
