@@ -26,8 +26,10 @@ pub struct SnapshotOptions {
     pub run_id: Option<String>,
 }
 
-/// Progress: (collection, documents done, documents expected). `None` shows nothing, and
-/// then the collections are not counted either (on some servers a count is a full scan).
+/// Progress: (collection, documents done, documents expected). Expected is 0 while the count
+/// is not known yet (it runs beside the reading); the last report of a collection has done ==
+/// expected. `None` shows nothing, and then nothing is counted (on some servers a count is a
+/// full scan).
 pub type SnapshotProgress<'a> = Option<&'a (dyn Fn(&str, u64, u64) + Send + Sync)>;
 
 /// Write a snapshot of `db` into the directory `out` (created if needed; must not already hold
@@ -153,7 +155,7 @@ async fn dump_collection<S: Sink>(
     let expected = progress.map(|_| BackgroundCount::start(&coll, None));
     let report = |done: u64, total: u64| {
         if let Some(p) = progress {
-            p(&name, done, total.max(done));
+            p(&name, done, if total == 0 { 0 } else { total.max(done) });
         }
     };
     let indexes: Vec<Bson> = db

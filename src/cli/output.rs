@@ -325,7 +325,8 @@ pub fn observer(out: Output, _tenants: usize) -> Arc<dyn Observer> {
     Arc::new(Progress { bar: Mutex::new(None), tty: out == Output::Human && std::io::stderr().is_terminal() })
 }
 
-/// Progress of snapshots and restores: (collection, documents done, documents expected).
+/// Progress of snapshots and restores: (collection, documents done, documents expected; 0 while
+/// not counted yet).
 pub type TransferProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
 /// A progress bar on a terminal; `None` elsewhere (nothing shown, nothing counted for it).
@@ -337,9 +338,11 @@ pub fn transfer_progress(out: Output) -> Option<TransferProgress> {
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} documents [{elapsed}]").expect("template"));
     Some(Arc::new(move |coll, done, total| {
         bar.set_message(coll.to_string());
-        bar.set_length(total);
+        // Expected 0 with documents done: not counted yet.
+        let counted = total > 0 || done == 0;
+        bar.set_length(if counted { total } else { done });
         bar.set_position(done);
-        if done >= total {
+        if counted && done >= total {
             bar.finish_and_clear();
             bar.reset();
         }
