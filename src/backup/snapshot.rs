@@ -59,15 +59,17 @@ pub async fn snapshot(
 }
 
 /// Store the manifest durably and all at once: written to a temporary file, synced, renamed
-/// into place, then the directories synced (`files`, which lists the collection files, and
-/// `out`). After a crash the snapshot either has its whole manifest, and every file it lists
-/// (each synced when written), or reads as unfinished.
+/// into place, then the directories synced (`files`, which lists the collection files, `out`,
+/// and the directory holding `out`, which may be new too). After a crash the snapshot either
+/// has its whole manifest, and every file it lists (each synced when written), or reads as
+/// unfinished.
 fn write_manifest(out: &Path, files: &Path, text: &[u8]) -> Result<(), BackupError> {
     let (tmp, path) = (out.join(format!("{MANIFEST}.tmp")), out.join(MANIFEST));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(text).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    for d in [files, out] {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    for d in [files, out, parent] {
         std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io(d))?;
     }
     Ok(())
