@@ -189,13 +189,8 @@ pub struct ContentHash {
 impl ContentHash {
     pub fn add(&mut self, doc: &[u8]) {
         let h = Sha256::digest(doc);
-        let mut carry = 0u128;
-        for i in (0..4).rev() {
-            let lane = u64::from_be_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let sum = self.lanes[i] as u128 + lane as u128 + carry;
-            self.lanes[i] = sum as u64;
-            carry = sum >> 64;
-        }
+        let lanes = std::array::from_fn(|i| u64::from_be_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes")));
+        self.merge(&ContentHash { lanes });
     }
     /// Add the documents counted in another hash.
     pub fn merge(&mut self, other: &ContentHash) {

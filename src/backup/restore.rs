@@ -154,8 +154,6 @@ async fn verify_source<S: Source>(src: &S, wanted: &[&CollectionManifest]) -> Re
     Ok(())
 }
 
-/// After a whole-database restore, migrations applied since the snapshot no longer have any
-/// effect: record them as rolled back (by this restore) and drop their now-stale rollback data.
 /// Say so in an error raised before anything changed.
 fn nothing_restored(e: BackupError) -> BackupError {
     const NOTHING: &str = "nothing was restored";
@@ -189,6 +187,8 @@ async fn verify_restored(
     Ok(RestoredCollection { name: c.name, documents: n, sha256: c.sha256, verified: true })
 }
 
+/// After a whole-database restore, migrations applied since the snapshot no longer have any
+/// effect: record them as rolled back (by this restore) and drop their now-stale rollback data.
 async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str, by: &str) -> Result<Vec<String>, BackupError> {
     let records = db.collection::<Document>(tracking);
     let since = doc! {"state": "applied", "_id": {"$nin": &m.applied_migrations}};

@@ -590,7 +590,8 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
     let filter = filter_doc(o.filter.as_ref()).map_err(data_err)?;
     let batch_size = o.batch_size.unwrap_or(1000).max(1) as usize;
     // Counted beside the reading, and only for a progress report.
-    let total = progress.as_ref().map(|_| super::count::BackgroundCount::start(&source, Some(filter.clone())));
+    let count = progress.as_ref().map(|_| super::count::BackgroundCount::start(&source, Some(filter.clone())));
+    let total = || count.as_ref().and_then(super::count::BackgroundCount::get);
     let txn = super::runner::supports_transactions(db).await;
 
     type Changes = (Vec<RawDocumentBuf>, Vec<RawDocumentBuf>);
@@ -672,7 +673,7 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
                     return Ok(()); // the script failed; the writer reports why
                 }
                 if let Some(p) = &progress {
-                    p(done, total.as_ref().and_then(super::count::BackgroundCount::get));
+                    p(done, total());
                 }
             }
         }
@@ -681,7 +682,7 @@ async fn run_transform(db: &Database, o: &Transform, key: &str, progress: Option
             let _ = to_js.send(batch).await;
         }
         if let Some(p) = &progress {
-            p(done, total.as_ref().and_then(super::count::BackgroundCount::get));
+            p(done, total());
         }
         Ok::<(), ExecError>(())
     };

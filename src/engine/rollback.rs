@@ -81,7 +81,7 @@ impl Writer {
     }
 
     /// Start storing what was pushed since the last chunk.
-    pub async fn flush(&mut self) -> Result<(), ExecError> {
+    async fn flush(&mut self) -> Result<(), ExecError> {
         if self.docs == 0 {
             return Ok(());
         }
