@@ -12,5 +12,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod engine;
+pub mod exit;
+pub mod mongo;
 pub mod redact;
 pub mod tenants;

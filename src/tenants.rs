@@ -25,7 +25,7 @@ pub enum TenantError {
     BadPattern { pattern: String, message: String },
     #[error("{0:?} is not a valid database name (it must be 1-63 characters without / \\ . space \" $ * < > : | ?)")]
     BadName(String),
-    #[error("listing databases: {}", crate::engine::describe(.0))]
+    #[error("listing databases: {}", crate::mongo::describe(.0))]
     List(#[source] mongodb::error::Error),
     #[error("--tenants {0:?} matched no database")]
     NoMatch(String),

@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::restore::{restore_from, RestoreProgress};
 use super::snapshot::{write_snapshot, SnapshotProgress};
 use super::*;
-use crate::engine::lock::is_duplicate_key;
+use crate::mongo::is_duplicate_key;
 
 /// The database snapshots go to when none is named.
 pub const DEFAULT_DATABASE: &str = "dbshift_snapshots";

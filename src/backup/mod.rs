@@ -35,7 +35,7 @@ pub const FORMAT: &str = "dbshift-snapshot/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{action}: {}", crate::engine::describe(source))]
+    #[error("{action}: {}", crate::mongo::describe(source))]
     Mongo {
         action: String,
         #[source]

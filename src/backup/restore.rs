@@ -212,7 +212,7 @@ async fn reconcile_tracking(db: &Database, m: &Manifest, tracking: &str, by: &st
         .map_err(mongo("recording the restore in the tracking collection"))?;
     for id in &ids {
         let version = id.split('_').next().unwrap_or(id);
-        crate::engine::rollback::forget(db, &format!("{version}_"))
+        crate::engine::preimages::forget(db, &format!("{version}_"))
             .await
             .map_err(|e| BackupError::Invalid(format!("dropping stale rollback data of {id}: {e}")))?;
     }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use mongodb::{error::ErrorKind, options::ClientOptions, Client};
 
 use crate::backup::{self, BackupError};
 use crate::engine::{self, loader, lock::LockError, runner::RunError, DownRequest, Migration, RunOptions, UpRequest};
+use crate::mongo::ConnectError;
 use crate::redact::Redactor;
 use crate::tenants::{TenantError, TenantSelector};
 
@@ -187,16 +187,7 @@ pub struct DownArgs {
     pub dry_run: bool,
 }
 
-/// Exit codes (see `dbshift --help`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Ok = 0,
-    Failed = 1,
-    Invalid = 2,
-    Unreachable = 3,
-    Locked = 4,
-    NeedsAttention = 5,
-}
+pub use crate::exit::Exit;
 
 /// An error for the user: a message and an exit code.
 #[derive(Debug)]
@@ -230,7 +221,7 @@ impl From<RunError> for CliError {
             RunError::Plan(_) => Exit::Invalid,
             RunError::Lock(LockError::Held { .. }) => Exit::Locked,
             RunError::Lock(LockError::Mongo(_)) | RunError::Mongo { .. } => Exit::Unreachable,
-            RunError::Exec(engine::executor::ExecError::Mongo { .. }) => Exit::Unreachable,
+            RunError::Exec(engine::ops::ExecError::Mongo { .. }) => Exit::Unreachable,
             RunError::Exec(_) => Exit::Failed,
             RunError::BeforeChange(_) => Exit::Failed,
         };
@@ -285,61 +276,23 @@ fn init_logging(command: &Command) {
     let _ = if json { b.json().try_init() } else { b.try_init() };
 }
 
-/// A connected client and what the URI names.
-pub struct Connection {
-    pub client: Client,
-    pub default_db: Option<String>,
-    pub redactor: Redactor,
-    pub source: String,
+pub use crate::mongo::Connection;
+
+impl From<ConnectError> for CliError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Invalid(message) => CliError { exit: Exit::Invalid, message },
+            ConnectError::Unreachable(message) => CliError { exit: Exit::Unreachable, message },
+        }
+    }
 }
 
-/// Connect and check the server answers, with a few attempts for transient outages.
+/// Connect to the server the URI names (it must be given).
 pub async fn connect(uri: Option<&str>, timeout: Duration) -> Result<Connection, CliError> {
     let uri = uri.ok_or_else(|| {
         CliError::invalid("no MongoDB URI: pass --uri, or set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE")
     })?;
-    let redactor = Redactor::for_uri(uri);
-    let mut options = ClientOptions::parse(uri).await.map_err(|e| {
-        CliError::invalid(format!("the MongoDB URI is not valid: {}", redactor.apply(&engine::describe(&e))))
-    })?;
-    options.app_name = Some("dbshift".into());
-    options.server_selection_timeout = Some(timeout);
-    options.connect_timeout = Some(timeout);
-    let default_db = options.default_database.clone();
-    let hosts = options.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",");
-    let client = Client::with_options(options).map_err(|e| CliError::invalid(redactor.apply(&engine::describe(&e))))?;
-    let attempts = 3;
-    let mut last = String::new();
-    for attempt in 1..=attempts {
-        match client.database("admin").run_command(bson::doc! {"ping": 1}).await {
-            Ok(_) => {
-                return Ok(Connection { client, default_db: default_db.clone(), redactor, source: hosts });
-            }
-            Err(e) => {
-                last = redactor.apply(&engine::describe(&e));
-                // Only network trouble is worth another attempt; bad credentials are not.
-                let transient = matches!(
-                    *e.kind,
-                    ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
-                );
-                if !transient {
-                    let message = format!("MongoDB at {hosts} refused the connection: {last}");
-                    return Err(CliError { exit: Exit::Unreachable, message });
-                }
-                tracing::warn!(attempt, error = %last, "MongoDB did not answer");
-                if attempt < attempts {
-                    tokio::time::sleep(Duration::from_secs(attempt)).await;
-                }
-            }
-        }
-    }
-    Err(CliError {
-        exit: Exit::Unreachable,
-        message: format!(
-            "cannot reach MongoDB at {hosts} after {attempts} attempts ({}s timeout each): {last}",
-            timeout.as_secs()
-        ),
-    })
+    Ok(crate::mongo::connect(uri, timeout).await?)
 }
 
 fn selector(g: &Global, default_db: Option<String>) -> TenantSelector {
@@ -608,22 +561,10 @@ fn report_exit(r: &engine::TenantReport) -> Exit {
 
 /// The most serious exit code over all tenants.
 fn worst<T>(results: &[(String, Result<T, CliError>)], ok: impl Fn(&T) -> Exit) -> Exit {
-    let rank = |e: Exit| match e {
-        Exit::Ok => 0,
-        Exit::Failed => 1,
-        Exit::Locked => 2,
-        Exit::Invalid => 3,
-        Exit::Unreachable => 4,
-        Exit::NeedsAttention => 5,
-    };
-    results
-        .iter()
-        .map(|(_, r)| match r {
-            Ok(v) => ok(v),
-            Err(e) => e.exit,
-        })
-        .max_by_key(|e| rank(*e))
-        .unwrap_or(Exit::Ok)
+    Exit::worst(results.iter().map(|(_, r)| match r {
+        Ok(v) => ok(v),
+        Err(e) => e.exit,
+    }))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::CliError;
 use crate::backup::{Manifest, RestoreReport};
 use crate::engine::model::Operation;
-use crate::engine::plan::{Direction, Entry, Standing};
+use crate::engine::planner::{Direction, Entry, Standing};
 use crate::engine::runner::{Observer, Outcome};
 use crate::engine::validate::CheckResult;
 use crate::engine::{Migration, TenantReport};

@@ -24,7 +24,7 @@ use crate::backup::{Destination, RestoreOptions, SnapshotOptions, Taken};
 use crate::engine::lock::Lease;
 use crate::engine::runner::{BeforeChange, Outcome, RunError};
 use crate::engine::tracking::{self, State};
-use crate::engine::{self, plan::Direction, runner, DownRequest, Migration, RunOptions, TenantReport, UpRequest};
+use crate::engine::{self, planner::Direction, runner, DownRequest, Migration, RunOptions, TenantReport, UpRequest};
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -301,7 +301,7 @@ async fn run_inner(g: &Global, a: &RunArgs, tenant: &str, snaps: &Snapshots) -> 
             exit: Exit::Unreachable,
             message: format!("reading the tracking collection: {e}"),
         })?;
-        let report = match engine::plan::direction_for(&records, a.target.as_deref()) {
+        let report = match engine::planner::direction_for(&records, a.target.as_deref()) {
             Direction::Down => {
                 let req = DownRequest::To(a.target.clone().unwrap_or_default());
                 runner::down(&db, tenant, &migrations, &req, &opts).await

@@ -15,6 +15,7 @@ use kube::Client;
 
 use crate::crd::DatabaseMigration;
 use crate::engine::loader;
+use crate::mongo::ConnectError;
 use crate::tenants::{check_db_name, TenantSelector};
 
 /// Why a run cannot start.
@@ -178,9 +179,9 @@ pub fn resolve_target(
 
 /// Resolve the tenant databases on the server.
 pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Duration) -> Result<Vec<String>, InputError> {
-    let conn = crate::cli::connect(Some(uri), timeout).await.map_err(|e| match e.exit {
-        crate::cli::Exit::Invalid => invalid("InvalidSecret", e.message),
-        _ => waiting("MongoUnreachable", e.message),
+    let conn = crate::mongo::connect(uri, timeout).await.map_err(|e| match e {
+        ConnectError::Invalid(m) => invalid("InvalidSecret", m),
+        ConnectError::Unreachable(m) => waiting("MongoUnreachable", m),
     })?;
     let redact = |s: String| conn.redactor.apply(&s);
     let t = &dbm.spec.tenants;
@@ -205,10 +206,10 @@ pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Durati
         };
         let coll = conn.client.database(&r.database).collection::<bson::Document>(&r.collection);
         let mut cursor = coll.find(filter).projection(bson::doc! { &r.field: 1 }).await.map_err(|e| {
-            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::engine::describe(&e))))
+            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::mongo::describe(&e))))
         })?;
         while let Some(doc) = cursor.try_next().await.map_err(|e| {
-            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::engine::describe(&e))))
+            waiting("MongoUnreachable", redact(format!("reading the tenant registry: {}", crate::mongo::describe(&e))))
         })? {
             let name = doc.get_str(&r.field).map_err(|_| {
                 invalid(

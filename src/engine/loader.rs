@@ -237,7 +237,7 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
         out.push(("up", None, "`up` must list at least one operation".into()));
     }
     for (i, op) in file.up.iter().enumerate() {
-        for m in check_operation(op) {
+        for m in op.check() {
             out.push(("up", Some(i), format!("{}: {m}", op.kind())));
         }
         if file.transaction && !op.is_data_operation() {
@@ -252,7 +252,7 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
         }
     }
     for (i, op) in file.down.iter().flatten().enumerate() {
-        for m in check_operation(op) {
+        for m in op.check() {
             out.push(("down", Some(i), format!("{}: {m}", op.kind())));
         }
     }
@@ -269,158 +269,12 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
     out
 }
 
-/// Problems with a collection name written by a user.
-pub fn check_collection_name(name: &str) -> Option<String> {
-    if name.is_empty() {
-        Some("collection name is empty".into())
-    } else if name.starts_with("_dbshift") {
-        Some(format!("collection `{name}`: names starting with `_dbshift` are reserved for dbshift's own data"))
-    } else if name.starts_with("system.") {
-        Some(format!("collection `{name}`: system collections cannot be migrated"))
-    } else if name.contains('$') || name.contains('\0') {
-        Some(format!("collection `{name}` contains `$` or a NUL character"))
-    } else {
-        None
-    }
-}
-
-fn check_field(field: &str, what: &str) -> Option<String> {
-    if field.is_empty() {
-        Some(format!("`{what}` is empty"))
-    } else if field.starts_with('$') || field.split('.').any(|s| s.is_empty()) {
-        Some(format!("`{what}` `{field}` is not a valid field path"))
-    } else if field == "_id" || field.starts_with("_id.") {
-        Some(format!("`{what}` cannot be `_id`: a document's _id cannot change"))
-    } else {
-        None
-    }
-}
-
 fn check_filter(filter: Option<&serde_json::Value>, what: &str) -> Option<String> {
-    filter.and_then(|f| bsonx::to_doc(f).err()).map(|e| format!("`{what}`: {e}"))
-}
-
-fn check_operation(op: &Operation) -> Vec<String> {
-    let mut p: Vec<Option<String>> = Vec::new();
-    if let Some(c) = op.collection() {
-        p.push(check_collection_name(c));
-    }
-    match op {
-        Operation::AddField(o) => {
-            p.push(check_field(&o.field, "field"));
-            p.push(bsonx::to_bson(&o.value).err().map(|e| format!("`value`: {e}")));
-            p.push(check_filter(o.filter.as_ref(), "filter"));
-        }
-        Operation::RemoveField(o) => {
-            p.push(check_field(&o.field, "field"));
-            p.push(check_filter(o.filter.as_ref(), "filter"));
-        }
-        Operation::RenameField(o) => {
-            p.push(check_field(&o.from, "from"));
-            p.push(check_field(&o.to, "to"));
-            if o.from == o.to {
-                p.push(Some("`from` and `to` are the same".into()));
-            } else if o.to.starts_with(&format!("{}.", o.from)) || o.from.starts_with(&format!("{}.", o.to)) {
-                p.push(Some("`from` and `to` cannot be a path and its parent".into()));
-            }
-            p.push(check_filter(o.filter.as_ref(), "filter"));
-        }
-        Operation::ConvertType(o) => {
-            p.push(check_field(&o.field, "field"));
-            if o.from == Some(o.to) {
-                p.push(Some("`from` and `to` are the same type".into()));
-            }
-            p.push(check_filter(o.filter.as_ref(), "filter"));
-        }
-        Operation::CreateIndex(o) => {
-            if o.keys.is_empty() {
-                p.push(Some("`keys` is empty".into()));
-            }
-            for (k, v) in &o.keys {
-                let ok = matches!(v.as_i64(), Some(1) | Some(-1))
-                    || matches!(v.as_str(), Some("2dsphere") | Some("2d") | Some("text") | Some("hashed"));
-                if !ok {
-                    p.push(Some(format!(
-                        "key `{k}`: direction must be 1, -1, \"2dsphere\", \"2d\", \"text\" or \"hashed\""
-                    )));
-                }
-                if k.is_empty() || k.starts_with('$') {
-                    p.push(Some(format!("key `{k}` is not a valid field path")));
-                }
-            }
-            if o.expire_after_seconds.is_some() && o.keys.len() != 1 {
-                p.push(Some("a TTL index (`expireAfterSeconds`) must have exactly one key".into()));
-            }
-            p.push(check_filter(o.partial_filter_expression.as_ref(), "partialFilterExpression"));
-            if o.name.as_deref() == Some("") {
-                p.push(Some("`name` is empty".into()));
-            }
-        }
-        Operation::DropIndex(o) => {
-            if o.name == "_id_" {
-                p.push(Some("the `_id_` index cannot be dropped".into()));
-            }
-        }
-        Operation::CreateCollection(o) => {
-            p.push(check_filter(o.json_schema.as_ref(), "jsonSchema"));
-            p.push(check_filter(o.validator.as_ref(), "validator"));
-        }
-        Operation::DropCollection(_) => {}
-        Operation::RenameCollection(o) => {
-            p.push(check_collection_name(&o.to));
-            if o.from == o.to {
-                p.push(Some("`from` and `to` are the same".into()));
-            }
-        }
-        Operation::InsertDocuments(o) => {
-            if o.documents.is_empty() {
-                p.push(Some("`documents` is empty".into()));
-            }
-            for (i, d) in o.documents.iter().enumerate() {
-                p.push(bsonx::map_to_doc(d).err().map(|e| format!("documents[{i}]: {e}")));
-            }
-        }
-        Operation::DeleteDocuments(o) => p.push(check_filter(Some(&o.filter), "filter")),
-        Operation::UpdateMany(o) => {
-            p.push(check_filter(Some(&o.filter), "filter"));
-            match &o.update {
-                serde_json::Value::Array(stages) => {
-                    if stages.is_empty() {
-                        p.push(Some("`update` pipeline is empty".into()));
-                    }
-                    for (i, s) in stages.iter().enumerate() {
-                        p.push(bsonx::to_doc(s).err().map(|e| format!("`update[{i}]`: {e}")));
-                    }
-                }
-                serde_json::Value::Object(m) => {
-                    if m.is_empty() || !m.keys().all(|k| k.starts_with('$')) {
-                        p.push(Some("`update` must contain only update operators such as `$set` (a replacement document is not allowed)".into()));
-                    }
-                    p.push(check_filter(Some(&o.update), "update"));
-                }
-                _ => p.push(Some("`update` must be a mapping of update operators or a list of pipeline stages".into())),
-            }
-        }
-        Operation::Transform(o) => {
-            p.push(check_filter(o.filter.as_ref(), "filter"));
-            if o.batch_size == Some(0) {
-                p.push(Some("`batchSize` must be at least 1".into()));
-            }
-            p.push(super::transform::compile_check(&o.script).err().map(|e| format!("`script`: {e}")));
-        }
-        Operation::RunCommand(o) => {
-            if o.command.is_empty() {
-                p.push(Some("`command` is empty".into()));
-            }
-            p.push(bsonx::map_to_doc(&o.command).err().map(|e| format!("`command`: {e}")));
-        }
-        Operation::RestorePreimages(_) => p.push(Some("is internal to dbshift and cannot be written in a file".into())),
-    }
-    p.into_iter().flatten().collect()
+    super::ops::filter_problem(filter, what)
 }
 
 fn check_check(c: &Check) -> Vec<String> {
-    let mut p = vec![check_collection_name(c.collection())];
+    let mut p = vec![super::ops::collection_problem(c.collection())];
     match c {
         Check::Count(c) => {
             p.push(check_filter(c.filter.as_ref(), "filter"));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
-use mongodb::{error::ErrorKind, Database};
+use mongodb::Database;
 use tokio::sync::watch;
 
 use super::tracking::LOCK;
@@ -19,7 +19,7 @@ pub enum LockError {
              The lock expires by itself if that runner died"
     )]
     Held { owner: String, run: String, expires: String },
-    #[error("could not take the lock: {}", super::describe(.0))]
+    #[error("could not take the lock: {}", crate::mongo::describe(.0))]
     Mongo(#[from] mongodb::error::Error),
 }
 
@@ -46,7 +46,7 @@ impl Lease {
             .await;
         match res {
             Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {
+            Err(e) if crate::mongo::is_duplicate_key(&e) => {
                 let held = coll.find_one(doc! {"_id": LOCK_ID}).await?.unwrap_or_default();
                 return Err(LockError::Held {
                     owner: held.get_str("owner").unwrap_or("?").to_string(),
@@ -104,13 +104,5 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-    }
-}
-
-pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Command(c) => c.code == 11000,
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
-        _ => e.to_string().contains("E11000"),
     }
 }

@@ -1,34 +1,25 @@
 //! The migration engine: everything that happens to one tenant database.
+//!
+//! - [`model`] and [`loader`]: the migration file format and reading a directory of files;
+//! - [`ops`]: one file per operation (check, prepare, execute, estimate, undo);
+//! - [`planner`]: pure decisions (what is applied, pending, changed; what a request runs);
+//! - [`runner`]: a tenant's run under its [`lock`]: apply or undo, check, record in [`tracking`];
+//! - [`preimages`]: the pre-image store, written before a lossy change, read on undo;
+//! - [`script`]: the JavaScript engine behind `transform`; [`validate`]: post-migration checks.
 
 pub mod bsonx;
 pub mod count;
-pub mod executor;
 pub mod loader;
 pub mod lock;
 pub mod model;
-pub mod plan;
-pub mod rollback;
+pub mod ops;
+pub mod planner;
+pub mod preimages;
 pub mod runner;
+pub mod script;
 pub mod tracking;
-pub mod transform;
 pub mod validate;
 
 pub use loader::{load_dir, load_sources, Migration};
-pub use plan::{Direction, DownRequest, UpRequest};
+pub use planner::{Direction, DownRequest, UpRequest};
 pub use runner::{RunOptions, TenantReport};
-
-/// A MongoDB error as one readable sentence: the kind and the server's message, without the
-/// driver's debug fields (labels, the raw server response as hex) that would drown it.
-pub fn describe(e: &mongodb::error::Error) -> String {
-    let text = e.kind.to_string();
-    // Servers repeat themselves in long chains; keep errors to a readable length.
-    if text.len() > 500 {
-        let mut end = 500;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}...", &text[..end])
-    } else {
-        text
-    }
-}

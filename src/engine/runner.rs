@@ -7,12 +7,12 @@ use bson::{doc, DateTime, Document};
 use mongodb::Database;
 use serde::Serialize;
 
-use super::executor::{self, ExecError, Prepared};
 use super::loader::Migration;
 use super::lock::{Lease, LockError};
 use super::model::Operation;
-use super::plan::{self, Direction, DownRequest, PlanError, UpRequest};
-use super::rollback;
+use super::ops::{self, Exec, ExecError, Prepared, Undo};
+use super::planner::{self, Direction, DownRequest, PlanError, UpRequest};
+use super::preimages;
 use super::tracking::{self, Record, State, StepRecord};
 use super::validate::{self, CheckResult};
 
@@ -80,7 +80,7 @@ pub enum RunError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Lock(#[from] LockError),
-    #[error("{action}: {}", super::describe(source))]
+    #[error("{action}: {}", crate::mongo::describe(source))]
     Mongo {
         action: &'static str,
         #[source]
@@ -172,17 +172,13 @@ fn current_version(records: &[Record]) -> Option<String> {
 }
 
 /// The status of every migration on this tenant.
-pub async fn status(db: &Database, migrations: &[Migration], opts: &RunOptions) -> Result<Vec<plan::Entry>, RunError> {
+pub async fn status(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<Vec<planner::Entry>, RunError> {
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
-    Ok(plan::status(migrations, &records, &opts.profiles))
-}
-
-/// Whether the server runs multi-document transactions (replica set or sharded cluster).
-pub async fn supports_transactions(db: &Database) -> bool {
-    match db.run_command(doc! {"hello": 1}).await {
-        Ok(h) => h.contains_key("setName") || h.get_str("msg").ok() == Some("isdbgrid"),
-        Err(_) => false,
-    }
+    Ok(planner::status(migrations, &records, &opts.profiles))
 }
 
 /// Apply pending migrations.
@@ -195,13 +191,13 @@ pub async fn up(
 ) -> Result<TenantReport, RunError> {
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let planned = plan::plan_up(migrations, &records, req, &opts.profiles)?;
+    let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
     if opts.dry_run {
         let mut outs = Vec::new();
         for m in planned {
             let mut estimates = Vec::new();
             for op in &m.file.up {
-                estimates.push(executor::estimate(db, op).await?);
+                estimates.push(op.estimate(db).await?);
             }
             outs.push(planned_outcome(m.id(), Direction::Up, &m.file.up, estimates));
         }
@@ -257,12 +253,12 @@ async fn up_locked(
     // Read again under the lock: another runner may have applied some in the meantime.
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let planned = plan::plan_up(migrations, &records, req, &opts.profiles)?;
+    let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
     let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
     if !planned.is_empty() {
         before_change(db, opts).await?;
     }
-    let txn = supports_transactions(db).await;
+    let txn = crate::mongo::supports_transactions(db).await;
     let mut outs = Vec::new();
     for m in planned {
         opts.observer.migration_started(tenant, &m.id(), Direction::Up);
@@ -299,6 +295,20 @@ fn planned_outcome(id: String, direction: Direction, ops: &[Operation], estimate
     }
 }
 
+/// Execute a prepared step (nothing when prepare found nothing to do).
+async fn execute(
+    db: &Database,
+    prepared: &Prepared,
+    key: &str,
+    session: Option<&mut mongodb::ClientSession>,
+    progress: Option<ops::Progress>,
+) -> Result<u64, ExecError> {
+    if prepared.skip {
+        return Ok(0);
+    }
+    prepared.op.execute(&mut Exec { db, key, session, progress }).await
+}
+
 /// The result of running a list of operations with undo on failure.
 struct Steps {
     done: Vec<Prepared>,
@@ -326,7 +336,7 @@ async fn run_steps(
         opts.observer.step_started(tenant, id, i, op);
         let key = format!("{}_{tag}{i}", version_of(id));
         let t = Instant::now();
-        let prepared = match executor::prepare(db, op, &key).await {
+        let prepared = match op.prepare(db, &key).await {
             Ok(p) => p,
             Err(e) => {
                 s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
@@ -334,9 +344,9 @@ async fn run_steps(
             }
         };
         let observer = opts.observer.clone();
-        let progress: Option<executor::Progress> =
-            observer.shows_progress().then(|| Arc::new(move |d, t| observer.progress(d, t)) as executor::Progress);
-        let r = executor::execute(db, &prepared, &key, None, progress).await;
+        let progress: Option<ops::Progress> =
+            observer.shows_progress().then(|| Arc::new(move |d, t| observer.progress(d, t)) as ops::Progress);
+        let r = execute(db, &prepared, &key, None, progress).await;
         s.done.push(prepared);
         match r {
             Ok(n) => {
@@ -365,18 +375,18 @@ async fn undo(db: &Database, id: &str, done: &[Prepared], last_failed: bool) -> 
     for (i, p) in done.iter().enumerate().rev() {
         let partial = last_failed && i + 1 == done.len();
         let ops = match &p.undo {
-            Ok(ops) => ops,
-            Err(why) => {
+            Undo::Ops(ops) => ops,
+            Undo::Impossible(why) => {
                 problems.push(format!("step {} ({}) was not undone: {why}", i + 1, p.op.kind()));
                 continue;
             }
         };
         for (j, op) in ops.iter().enumerate() {
             let key = format!("{}_x{i}_{j}", version_of(id));
-            let r = match executor::prepare(db, op, &key).await {
-                Ok(prep) => executor::execute(db, &prep, &key, None, None).await.map(|_| ()),
+            let r = match op.prepare(db, &key).await {
+                Ok(prep) => execute(db, &prep, &key, None, None).await.map(|_| ()),
                 // The failed step never created what its undo would remove.
-                Err(executor::ExecError::Precondition(_))
+                Err(ExecError::Precondition(_))
                     if partial && matches!(op, Operation::DropIndex(_) | Operation::DropCollection(_)) =>
                 {
                     Ok(())
@@ -396,8 +406,8 @@ fn auto_down(done: &[Prepared]) -> Result<Vec<Operation>, String> {
     let mut ops = Vec::new();
     for (i, p) in done.iter().enumerate().rev() {
         match &p.undo {
-            Ok(u) => ops.extend(u.iter().cloned()),
-            Err(why) => return Err(format!("step {} ({}): {why}", i + 1, p.op.kind())),
+            Undo::Ops(u) => ops.extend(u.iter().cloned()),
+            Undo::Impossible(why) => return Err(format!("step {} ({}): {why}", i + 1, p.op.kind())),
         }
     }
     Ok(ops)
@@ -415,7 +425,7 @@ async fn apply(
     let id = m.id();
     let started = Instant::now();
     let applied_at = DateTime::now();
-    rollback::forget(db, &format!("{}_", m.version)).await?;
+    preimages::forget(db, &format!("{}_", m.version)).await?;
     let mut steps = if m.file.transaction && txn_supported {
         run_in_transaction(db, &id, &m.file.up).await?
     } else {
@@ -453,7 +463,7 @@ async fn apply(
         run_id: opts.run_id.clone(),
         host: opts.host(),
         steps: steps.records.clone(),
-        rollback_data: Some(format!("{}*", rollback::collection_name(&format!("{}_", m.version)))),
+        rollback_data: Some(format!("{}*", preimages::collection_name(&format!("{}_", m.version)))),
         down: None,
         irreversible: None,
         error: None,
@@ -468,7 +478,7 @@ async fn apply(
             format!("{err}; UNDO INCOMPLETE, the database may be partly migrated: {}", problems.join("; "))
         };
         if problems.is_empty() {
-            rollback::forget(db, &format!("{}_", m.version)).await?;
+            preimages::forget(db, &format!("{}_", m.version)).await?;
             record.rollback_data = None;
         }
         record.state = State::Failed;
@@ -512,7 +522,7 @@ async fn apply(
 async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation]) -> Result<Steps, RunError> {
     let mut s = Steps { done: Vec::new(), records: Vec::new(), error: None, affected: 0 };
     for (i, op) in ops.iter().enumerate() {
-        match executor::prepare(db, op, &format!("{}_u{i}", version_of(id))).await {
+        match op.prepare(db, &format!("{}_u{i}", version_of(id))).await {
             Ok(p) => s.done.push(p),
             Err(e) => {
                 s.error = Some(format!("step {} ({}): {e}", i + 1, op.kind()));
@@ -525,7 +535,7 @@ async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation]) -> Resul
     session.start_transaction().await.map_err(mongo("starting a transaction"))?;
     for (i, p) in s.done.iter().enumerate() {
         let t = Instant::now();
-        match executor::execute(db, p, &format!("{}_u{i}", version_of(id)), Some(&mut session), None).await {
+        match execute(db, p, &format!("{}_u{i}", version_of(id)), Some(&mut session), None).await {
             Ok(n) => {
                 s.affected += n as i64;
                 s.records.push(StepRecord {
@@ -543,7 +553,7 @@ async fn run_in_transaction(db: &Database, id: &str, ops: &[Operation]) -> Resul
     }
     if s.error.is_none() {
         if let Err(e) = session.commit_transaction().await {
-            s.error = Some(format!("committing the transaction: {}", super::describe(&e)));
+            s.error = Some(format!("committing the transaction: {}", crate::mongo::describe(&e)));
         }
     }
     if s.error.is_some() {
@@ -564,7 +574,7 @@ pub async fn down(
 ) -> Result<TenantReport, RunError> {
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let chosen = plan::plan_down(migrations, &records, req)?;
+    let chosen = planner::plan_down(migrations, &records, req)?;
     if opts.dry_run || chosen.is_empty() {
         let outs = chosen
             .iter()
@@ -587,7 +597,7 @@ async fn down_locked(
 ) -> Result<TenantReport, RunError> {
     let records = tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))?;
     let from_version = current_version(&records);
-    let chosen: Vec<Record> = plan::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
+    let chosen: Vec<Record> = planner::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
     if !chosen.is_empty() {
         before_change(db, opts).await?;
     }
@@ -596,8 +606,8 @@ async fn down_locked(
         opts.observer.migration_started(tenant, &r.id, Direction::Down);
         let started = Instant::now();
         let ops = r.down_ops().map_err(PlanError::Irreversible)?;
-        rollback::forget(db, &format!("{}_d", r.version)).await?;
-        rollback::forget(db, &format!("{}_x", r.version)).await?;
+        preimages::forget(db, &format!("{}_d", r.version)).await?;
+        preimages::forget(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
         let (state, affected, error) = if let Some(err) = steps.error {
             let problems = undo(db, &r.id, &steps.done, steps.records.len() < steps.done.len()).await;
@@ -615,7 +625,7 @@ async fn down_locked(
             tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
                 .await
                 .map_err(mongo("recording the rollback"))?;
-            rollback::forget(db, &format!("{}_", r.version)).await?;
+            preimages::forget(db, &format!("{}_", r.version)).await?;
             ("rolled_back", steps.affected, None)
         };
         let out = Outcome {

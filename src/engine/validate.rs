@@ -47,7 +47,7 @@ pub async fn run_check(db: &Database, migration: &str, check: &Check) -> CheckRe
 
 async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String> {
     let coll = db.collection::<Document>(check.collection());
-    let e = |e: mongodb::error::Error| super::describe(&e);
+    let e = |e: mongodb::error::Error| crate::mongo::describe(&e);
     match check {
         Check::Count(c) => {
             let f = bsonx::filter_doc(c.filter.as_ref())?;
@@ -69,16 +69,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
             })
         }
         Check::IndexExists(c) => {
-            let r = db.run_command(doc! {"listIndexes": &c.collection}).await;
-            let specs: Vec<Document> = match r {
-                Ok(r) => r
-                    .get_document("cursor")
-                    .and_then(|c| c.get_array("firstBatch"))
-                    .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
-                    .unwrap_or_default(),
-                Err(err) if super::executor::error_code(&err) == Some(26) => Vec::new(),
-                Err(err) => return Err(err.to_string()),
-            };
+            let specs = crate::mongo::list_indexes(db, &c.collection).await.map_err(e)?;
             let found = match (&c.name, &c.keys) {
                 (Some(n), _) => specs.iter().any(|s| s.get_str("name").ok() == Some(n.as_str())),
                 (None, Some(k)) => {

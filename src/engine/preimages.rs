@@ -1,4 +1,4 @@
-//! Rollback data: pre-images of documents, stored in the tenant database before a lossy
+//! The pre-image store ("rollback data" in records and docs): pre-images of documents, stored in the tenant database before a lossy
 //! operation changes them, and written back on undo.
 //!
 //! Each step's pre-images live in a collection of their own, `_dbshift_rb_<version>_<step>`,
@@ -19,8 +19,7 @@ use bson::{doc, Binary, Bson, Document, RawDocument, RawDocumentBuf};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::{Collection, Database};
 
-use super::executor::ExecError;
-use super::model::{RestoreMode, RestorePreimages};
+use super::ops::{mongo, ExecError, RestoreMode, RestorePreimages};
 use super::tracking::ROLLBACK_PREFIX;
 
 /// Pre-images per chunk document, and bytes (a chunk must stay under the 16 MiB BSON limit).
@@ -28,11 +27,6 @@ const CHUNK_DOCS: usize = 10_000;
 const CHUNK_BYTES: usize = 8 << 20;
 /// Documents written back per transaction (or per round of `replaceOne`s).
 const RESTORE_BATCH: usize = 1000;
-
-fn mongo(action: impl Into<String>) -> impl FnOnce(mongodb::error::Error) -> ExecError {
-    let action = action.into();
-    move |source| ExecError::Mongo { action, source }
-}
 
 /// The collection that holds the pre-images of one step (`key` is `<version>_<step>`).
 pub fn collection_name(key: &str) -> String {
@@ -180,7 +174,7 @@ async fn chunks(db: &Database, key: &str) -> Result<mongodb::Cursor<Document>, E
 
 /// Put pre-images back into their collection. Returns how many documents were written.
 pub async fn restore(db: &Database, r: &RestorePreimages) -> Result<u64, ExecError> {
-    let txn = super::runner::supports_transactions(db).await;
+    let txn = crate::mongo::supports_transactions(db).await;
     let target = db.collection::<Document>(&r.collection);
     let mut cursor = chunks(db, &r.key).await?;
     let mut written = 0u64;

@@ -1,0 +1,178 @@
+//! `convertType`: convert a field's values to another BSON type; the previous values are
+//! kept as pre-images.
+
+use bson::{doc, Bson, Document};
+use mongodb::{Collection, Database};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use super::{count, data_err, field_problem, filter_problem, in_session, mongo, restore};
+use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode};
+use crate::engine::bsonx::{and, filter_doc, top_field};
+use crate::engine::preimages;
+use crate::mongo::{code, error_code};
+
+/// Target BSON types for `convertType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BsonType {
+    String,
+    Int,
+    Long,
+    Double,
+    Decimal,
+    Bool,
+    Date,
+    ObjectId,
+}
+
+impl BsonType {
+    /// The name MongoDB's `$convert` and `$type` use.
+    pub fn mongo_name(self) -> &'static str {
+        match self {
+            BsonType::String => "string",
+            BsonType::Int => "int",
+            BsonType::Long => "long",
+            BsonType::Double => "double",
+            BsonType::Decimal => "decimal",
+            BsonType::Bool => "bool",
+            BsonType::Date => "date",
+            BsonType::ObjectId => "objectId",
+        }
+    }
+}
+
+/// What `convertType` does with a value that cannot be converted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnConvertError {
+    /// Stop the migration (and undo it) at the first value that cannot be converted.
+    #[default]
+    Fail,
+    /// Leave such values as they are.
+    Keep,
+    /// Set such values to null.
+    SetNull,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConvertType {
+    /// Collection name.
+    pub collection: String,
+    /// Field path (dots for nested fields).
+    pub field: String,
+    /// The type to convert to.
+    pub to: BsonType,
+    /// Convert only values currently of this type (default: any type other than `to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<BsonType>,
+    /// What to do with values that cannot be converted.
+    #[serde(default)]
+    pub on_error: OnConvertError,
+    /// Only documents matching this filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Json>,
+}
+
+impl ConvertType {
+    /// The documents whose value is to convert.
+    fn query(&self) -> Result<Document, ExecError> {
+        let type_cond = match self.from {
+            Some(from) => doc! {"$type": from.mongo_name()},
+            None => doc! {"$exists": true, "$ne": null, "$not": {"$type": self.to.mongo_name()}},
+        };
+        Ok(and(filter_doc(self.filter.as_ref()).map_err(data_err)?, doc! {&self.field: type_cond}))
+    }
+
+    /// Put the stored values back.
+    fn undo(&self, key: &str) -> Vec<Operation> {
+        vec![restore(&self.collection, key, RestoreMode::Fields, vec![top_field(&self.field).to_string()])]
+    }
+
+    /// Which values stopped a conversion (`onError: fail`): how many, and one example. Looked
+    /// up outside any transaction (the failure aborted it); the values that failed are unchanged.
+    async fn failure(&self, coll: &Collection<Document>, q: Document) -> ExecError {
+        let input = format!("${}", self.field);
+        let fails = doc! {"$expr": {"$eq": [{"$convert": {"input": &input, "to": self.to.mongo_name(), "onError": null}}, null]}};
+        let q = and(q, fails);
+        let found = async {
+            let example = coll.find_one(q.clone()).await?;
+            let n = coll.count_documents(q).await?;
+            Ok::<_, mongodb::error::Error>((n, example))
+        }
+        .await;
+        let to = self.to.mongo_name();
+        let hint = "(set `onError: keep` or `onError: setNull` to allow this)";
+        match found {
+            Ok((n, Some(d))) => ExecError::Data(format!(
+                "{n} value(s) of {} in {} cannot be converted to {to}, e.g. {} in the document with _id {} {hint}",
+                self.field,
+                self.collection,
+                d.get(&self.field).map(|v| v.to_string()).unwrap_or_else(|| "(nested)".into()),
+                d.get("_id").map(|v| v.to_string()).unwrap_or_default()
+            )),
+            _ => ExecError::Data(format!(
+                "a value of {} in {} cannot be converted to {to} {hint}",
+                self.field, self.collection
+            )),
+        }
+    }
+}
+
+impl Op for ConvertType {
+    const KIND: &'static str = "convertType";
+
+    fn collection(&self) -> Option<&str> {
+        Some(&self.collection)
+    }
+
+    fn is_data_operation(&self) -> bool {
+        true
+    }
+
+    fn check(&self) -> Vec<Option<String>> {
+        let mut p = vec![field_problem(&self.field, "field")];
+        if self.from == Some(self.to) {
+            p.push(Some("`from` and `to` are the same type".into()));
+        }
+        p.push(filter_problem(self.filter.as_ref(), "filter"));
+        p
+    }
+
+    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
+        let top = top_field(&self.field).to_string();
+        preimages::capture(db, &self.collection, self.query()?, Some(&[top]), key).await?;
+        Ok(Prepared::new(Operation::ConvertType(self.clone()), self.undo(key)))
+    }
+
+    async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
+        let q = self.query()?;
+        let input = format!("${}", self.field);
+        let mut convert = doc! {"input": &input, "to": self.to.mongo_name()};
+        match self.on_error {
+            OnConvertError::SetNull => convert.insert("onError", Bson::Null),
+            OnConvertError::Keep => convert.insert("onError", &input),
+            // No onError: the server stops at the first value it cannot convert (and the
+            // step is undone from its pre-images), with no second pass over the collection.
+            OnConvertError::Fail => None,
+        };
+        let pipeline = vec![doc! {"$set": {&self.field: {"$convert": convert}}}];
+        let coll = x.db.collection::<Document>(&self.collection);
+        let s = &mut x.session;
+        match in_session!(coll.update_many(q.clone(), pipeline), s) {
+            Ok(r) => Ok(r.modified_count),
+            Err(e) if self.on_error == OnConvertError::Fail && error_code(&e) == Some(code::CONVERSION_FAILURE) => {
+                Err(self.failure(&coll, q).await)
+            }
+            Err(e) => {
+                Err(mongo(format!("converting {} in {} to {}", self.field, self.collection, self.to.mongo_name()))(e))
+            }
+        }
+    }
+
+    async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {
+        count(db, &self.collection, self.query()?).await
+    }
+}
