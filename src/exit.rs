@@ -57,3 +57,81 @@ impl From<Exit> for std::process::ExitCode {
         std::process::ExitCode::from(e.code())
     }
 }
+
+/// A failure for the user: what went wrong, in a sentence that names what to fix, and the
+/// exit code it means. Every error of the engine, the snapshots and the tenant selection maps
+/// to one here, in one place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure { exit, message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Failure::new(Exit::Invalid, message)
+    }
+}
+
+impl From<crate::engine::loader::LoadError> for Failure {
+    fn from(e: crate::engine::loader::LoadError) -> Self {
+        Failure::invalid(e.to_string().trim_end().to_string())
+    }
+}
+
+impl From<crate::tenants::TenantError> for Failure {
+    fn from(e: crate::tenants::TenantError) -> Self {
+        let exit = match e {
+            crate::tenants::TenantError::List(_) => Exit::Unreachable,
+            _ => Exit::Invalid,
+        };
+        Failure::new(exit, e.to_string())
+    }
+}
+
+impl From<crate::mongo::ConnectError> for Failure {
+    fn from(e: crate::mongo::ConnectError) -> Self {
+        match e {
+            crate::mongo::ConnectError::Invalid(m) => Failure::new(Exit::Invalid, m),
+            crate::mongo::ConnectError::Unreachable(m) => Failure::new(Exit::Unreachable, m),
+        }
+    }
+}
+
+impl From<crate::engine::runner::RunError> for Failure {
+    fn from(e: crate::engine::runner::RunError) -> Self {
+        use crate::engine::lock::LockError;
+        use crate::engine::ops::ExecError;
+        use crate::engine::runner::RunError;
+        let exit = match &e {
+            RunError::Plan(_) => Exit::Invalid,
+            RunError::Lock(LockError::Held { .. }) => Exit::Locked,
+            RunError::Lock(LockError::Mongo(_)) | RunError::Mongo { .. } => Exit::Unreachable,
+            RunError::Exec(ExecError::Mongo { .. }) => Exit::Unreachable,
+            RunError::Exec(_) => Exit::Failed,
+            // A hook that says how it failed keeps its exit code.
+            RunError::BeforeChange(hook) => match hook.downcast_ref::<Failure>() {
+                Some(f) => return f.clone(),
+                None => Exit::Failed,
+            },
+        };
+        Failure::new(exit, e.to_string())
+    }
+}
+
+impl From<crate::backup::BackupError> for Failure {
+    fn from(e: crate::backup::BackupError) -> Self {
+        use crate::backup::BackupError;
+        let exit = match &e {
+            BackupError::Mongo { .. } => Exit::Unreachable,
+            BackupError::Invalid(_) | BackupError::Io { .. } => Exit::Invalid,
+            BackupError::Verify(_) => Exit::NeedsAttention,
+        };
+        Failure::new(exit, e.to_string())
+    }
+}

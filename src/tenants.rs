@@ -3,7 +3,7 @@
 use mongodb::Client;
 
 /// Databases that are never tenants: MongoDB's own, and dbshift's default snapshot database.
-const SYSTEM: &[&str] = &["admin", "local", "config", "dbshift_snapshots"];
+const SYSTEM: &[&str] = &["admin", "local", "config", crate::engine::tracking::SNAPSHOT_DATABASE];
 
 #[derive(Debug, Clone, Default)]
 pub struct TenantSelector {

@@ -33,7 +33,7 @@ use super::*;
 use crate::mongo::is_duplicate_key;
 
 /// The database snapshots go to when none is named.
-pub const DEFAULT_DATABASE: &str = "dbshift_snapshots";
+pub const DEFAULT_DATABASE: &str = crate::engine::tracking::SNAPSHOT_DATABASE;
 /// The collection of manifest documents.
 pub const MANIFESTS: &str = "snapshots";
 /// An unfinished snapshot not refreshed for this long is abandoned, and deleted.

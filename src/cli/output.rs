@@ -10,13 +10,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
-use super::CliError;
 use crate::backup::{Manifest, RestoreReport};
 use crate::engine::model::Operation;
 use crate::engine::planner::{Direction, Entry, Standing};
-use crate::engine::runner::{Observer, Outcome};
+use crate::engine::runner::{Observer, Outcome, OutcomeState};
 use crate::engine::validate::CheckResult;
 use crate::engine::{Migration, TenantReport};
+use crate::exit::Failure;
 use crate::redact::Redactor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,10 +25,10 @@ pub enum Output {
     Json,
 }
 
-type Results<T> = [(String, Result<T, CliError>)];
+type Results<T> = [(String, Result<T, Failure>)];
 
 /// Results as JSON: `{ command, ok, tenants: [ { tenant, ok, result | error } ] }`.
-pub(super) fn print_json<T: Serialize>(
+pub(crate) fn print_json<T: Serialize>(
     command: &str,
     results: &Results<T>,
     ok: impl Fn(&T) -> bool,
@@ -39,7 +39,7 @@ pub(super) fn print_json<T: Serialize>(
         .map(|(t, r)| match r {
             Ok(v) => json!({ "tenant": t, "ok": ok(v), "result": v }),
             Err(e) => {
-                json!({ "tenant": t, "ok": false, "error": redactor.apply(&e.message), "exitCode": e.exit as u8 })
+                json!({ "tenant": t, "ok": false, "error": redactor.apply(&e.message), "exitCode": e.exit.code() })
             }
         })
         .collect();
@@ -48,7 +48,7 @@ pub(super) fn print_json<T: Serialize>(
     println!("{}", redactor.apply(&serde_json::to_string_pretty(&doc).expect("serializable")));
 }
 
-pub(super) fn print_error(tenant: &str, e: &CliError, redactor: &Redactor) {
+pub(crate) fn print_error(tenant: &str, e: &Failure, redactor: &Redactor) {
     println!("{tenant}: error: {}", redactor.apply(&e.message));
 }
 
@@ -162,8 +162,8 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
             continue;
         }
         for m in &report.migrations {
-            match m.state.as_str() {
-                "planned" => {
+            match m.state {
+                OutcomeState::Planned => {
                     let verb = if m.direction == Direction::Up { "would apply" } else { "would roll back" };
                     println!("{tenant}: {verb} {}", m.id);
                     for (i, s) in m.steps.iter().enumerate() {
@@ -182,10 +182,12 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
                         );
                     }
                 }
-                "failed" => println!("{tenant}: FAILED {}: {}", m.id, redactor.apply(m.error.as_deref().unwrap_or(""))),
+                OutcomeState::Failed => {
+                    println!("{tenant}: FAILED {}: {}", m.id, redactor.apply(m.error.as_deref().unwrap_or("")))
+                }
                 state => println!(
                     "{tenant}: {} {} in {} ms ({} documents)",
-                    if state == "applied" { "applied" } else { "rolled back" },
+                    if state == OutcomeState::Applied { "applied" } else { "rolled back" },
                     m.id,
                     m.duration_ms,
                     m.documents_affected
@@ -267,7 +269,7 @@ pub fn print_restores(out: Output, results: &Results<RestoreReport>, redactor: &
 }
 
 /// What one tenant's restore did; `from` names the snapshot (or is empty).
-pub(super) fn print_restored(tenant: &str, from: &str, rep: &RestoreReport) {
+pub(crate) fn print_restored(tenant: &str, from: &str, rep: &RestoreReport) {
     println!(
         "{tenant}: restored {from}{} collection(s), {} documents in {} ms; counts and hashes verified",
         rep.collections.len(),

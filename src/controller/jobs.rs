@@ -14,8 +14,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use sha2::{Digest, Sha256};
 
 use super::plan::{trim_name, RunPlan};
-use crate::cli::run::JobResult;
+use crate::backup::Destination;
 use crate::crd::PullPolicy;
+use crate::job::{env, JobResult};
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "dbshift";
@@ -25,8 +26,6 @@ pub const LABEL_ACTION: &str = "dbshift.io/action";
 pub const LABEL_TENANT: &str = "dbshift.io/tenant";
 pub const ANNOTATION_TENANT: &str = "dbshift.io/tenant";
 
-/// Database that holds snapshots when the resource names none.
-pub const DEFAULT_SNAPSHOT_DB: &str = "dbshift_snapshots";
 /// Where the runner container finds things.
 pub const MIGRATIONS_DIR: &str = "/migrations";
 pub const URI_DIR: &str = "/var/run/dbshift/connection";
@@ -125,39 +124,39 @@ pub fn build_job(
 
     let env_var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     let mut env = vec![
-        env_var("DBSHIFT_TENANT", tenant),
-        env_var("DBSHIFT_RUN_ID", &plan.run_id),
-        env_var("DBSHIFT_DIR", MIGRATIONS_DIR),
-        env_var("DBSHIFT_MONGODB_URI_FILE", &format!("{URI_DIR}/uri")),
-        env_var("DBSHIFT_LOG_FORMAT", "json"),
-        env_var("DBSHIFT_LOG", "info"),
+        env_var(env::TENANT, tenant),
+        env_var(env::RUN_ID, &plan.run_id),
+        env_var(env::DIR, MIGRATIONS_DIR),
+        env_var(env::MONGODB_URI_FILE, &format!("{URI_DIR}/uri")),
+        env_var(env::LOG_FORMAT, "json"),
+        env_var(env::LOG, "info"),
     ];
     if let Some(target) = &plan.target {
-        env.push(env_var("DBSHIFT_TARGET", target));
+        env.push(env_var(env::TARGET, target));
     }
     if !spec.profiles.is_empty() {
-        env.push(env_var("DBSHIFT_PROFILES", &spec.profiles.join(",")));
+        env.push(env_var(env::PROFILES, &spec.profiles.join(",")));
     }
     if spec.allow_changed {
-        env.push(env_var("DBSHIFT_ALLOW_CHANGED", "true"));
+        env.push(env_var(env::ALLOW_CHANGED, "true"));
     }
     match action {
-        Action::Migrate if spec.dry_run => env.push(env_var("DBSHIFT_DRY_RUN", "true")),
+        Action::Migrate if spec.dry_run => env.push(env_var(env::DRY_RUN, "true")),
         Action::Migrate => {}
-        Action::Rollback => env.push(env_var("DBSHIFT_ROLLBACK_RUN", &plan.run_id)),
+        Action::Rollback => env.push(env_var(env::ROLLBACK_RUN, &plan.run_id)),
     }
     let claim = spec.backup.destination.as_ref().and_then(|d| d.persistent_volume_claim.as_ref());
     if spec.backup.enabled && !spec.dry_run {
         let dest = match claim {
             // The claim is mounted at the resource's own sub-directory (created by the kubelet).
-            Some(_) => format!("dir:{BACKUP_DIR}"),
+            Some(_) => Destination::Dir(BACKUP_DIR.into()),
             None => {
                 let db = spec.backup.destination.as_ref().and_then(|d| d.database.clone());
-                format!("database:{}", db.as_deref().unwrap_or(DEFAULT_SNAPSHOT_DB))
+                Destination::Database(db.unwrap_or_else(|| crate::backup::DEFAULT_DATABASE.into()))
             }
         };
-        env.push(env_var("DBSHIFT_BACKUP", &dest));
-        env.push(env_var("DBSHIFT_BACKUP_RETENTION", &spec.backup.retention.to_string()));
+        env.push(env_var(env::BACKUP, &dest.to_string()));
+        env.push(env_var(env::BACKUP_RETENTION, &spec.backup.retention.to_string()));
     }
 
     let mount = |n: &str, p: &str, ro: bool| VolumeMount {

@@ -14,14 +14,12 @@ pub mod plan;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
-pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -40,38 +38,24 @@ pub const MANAGER: &str = "dbshift-controller";
 /// Finalizer that holds a deleted resource until its running Jobs finished.
 pub const FINALIZER: &str = "dbshift.io/finalizer";
 
-#[derive(Args, Debug, Clone)]
-pub struct ControllerArgs {
+/// How the controller runs (from `dbshift controller`'s flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
     /// Default image of the per-tenant Jobs (a resource's jobTemplate.image overrides it).
-    #[arg(long, env = "DBSHIFT_RUNNER_IMAGE", default_value = concat!("dbshift:", env!("CARGO_PKG_VERSION")))]
     pub runner_image: String,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "DBSHIFT_WATCH_NAMESPACE")]
+    /// Watch only this namespace (`None`: every namespace).
     pub namespace: Option<String>,
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
-    #[arg(long, env = "DBSHIFT_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
     /// Elect a leader with a Lease, so only one replica acts.
-    #[arg(long, env = "DBSHIFT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
-    /// Shorthand for `--leader-election false` (a single replica, or a run outside the cluster).
-    #[arg(long)]
-    pub no_leader_election: bool,
-    /// Name of the Lease.
-    #[arg(long, default_value = "dbshift-controller")]
     pub lease_name: String,
-    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE).
-    #[arg(long, env = "POD_NAMESPACE")]
+    /// Namespace of the Lease (default: the client's namespace).
     pub lease_namespace: Option<String>,
-    /// Seconds a Lease lives without renewal.
-    #[arg(long, default_value_t = 15)]
-    pub lease_seconds: u64,
-    /// Seconds to wait for MongoDB when resolving tenants.
-    #[arg(long, default_value_t = 5)]
-    pub mongodb_timeout: u64,
-    /// Log format.
-    #[arg(long, env = "DBSHIFT_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// How long a Lease lives without renewal.
+    pub lease_duration: Duration,
+    /// How long to wait for MongoDB when resolving tenants.
+    pub mongodb_timeout: Duration,
 }
 
 /// Settings the reconciler reads.
@@ -132,13 +116,10 @@ fn error_policy(dbm: Arc<DatabaseMigration>, e: &Error, ctx: Arc<Context>) -> Re
 }
 
 /// Run the controller until SIGTERM/SIGINT, or until leadership is lost.
-pub async fn run(args: &ControllerArgs) -> Result<(), String> {
+pub async fn run(args: &Settings) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("cannot configure a Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
-    // An empty DBSHIFT_WATCH_NAMESPACE means every namespace, like an absent one.
-    let namespace = args.namespace.clone().filter(|n| !n.is_empty());
-    let args = &ControllerArgs { namespace, ..args.clone() };
     let dbms: Api<DatabaseMigration> = match &args.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -163,13 +144,13 @@ pub async fn run(args: &ControllerArgs) -> Result<(), String> {
         .ok()
         .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "dbshift".into());
-    let elector = if args.leader_election && !args.no_leader_election {
+    let elector = if args.leader_election {
         let ns = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
         let e = lease::Elector::new(
             Api::<Lease>::namespaced(client.clone(), &ns),
             &args.lease_name,
             &identity,
-            Duration::from_secs(args.lease_seconds.max(3)),
+            args.lease_duration,
         );
         // A standby replica is healthy and ready; it just does not act.
         health.ready.store(true, Ordering::Relaxed);
@@ -202,7 +183,7 @@ pub async fn run(args: &ControllerArgs) -> Result<(), String> {
         client: client.clone(),
         config: Config {
             runner_image: args.runner_image.clone(),
-            connect_timeout: Duration::from_secs(args.mongodb_timeout.max(1)),
+            connect_timeout: args.mongodb_timeout,
             retry: Duration::from_secs(30),
         },
         jobs: store,

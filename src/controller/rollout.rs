@@ -220,7 +220,7 @@ mod tests {
     //! `died` (no result)), with the expected launches and phase.
 
     use super::*;
-    use crate::cli::run::JobResult;
+    use crate::job::JobResult;
 
     #[derive(serde::Deserialize)]
     struct Case {

@@ -16,6 +16,7 @@ use crate::crd::{
 use super::jobs::{job_name, Action};
 use super::plan::RunPlan;
 use super::rollout::{Decision, Step, TenantView};
+use crate::job::result::RollbackHow;
 
 /// Per-tenant entries kept in the status (about 400 bytes each at most).
 pub const MAX_TENANT_ENTRIES: usize = 1000;
@@ -84,9 +85,9 @@ pub fn tenant_status(plan: &RunPlan, resource: &str, tenant: &str, v: &TenantVie
         Step::NotStarted => {}
         Step::Running => s.rollback = Some("running".into()),
         Step::Done(o) => {
-            let how = o.result.as_ref().and_then(|r| r.rollback.clone());
-            s.rollback = Some(match (o.ok, how.as_deref()) {
-                (true, Some("snapshot")) => "restored from the snapshot taken before the run".into(),
+            let how = o.result.as_ref().and_then(|r| r.rollback);
+            s.rollback = Some(match (o.ok, how) {
+                (true, Some(RollbackHow::Snapshot)) => "restored from the snapshot taken before the run".into(),
                 (true, _) => "rolled back with the rollback data stored by the run".into(),
                 (false, _) => {
                     let why = o.result.as_ref().and_then(|r| r.error.clone()).or_else(|| o.error.clone());
@@ -254,9 +255,9 @@ pub fn blocked_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::run::JobResult;
     use crate::controller::jobs::Outcome;
     use crate::controller::rollout::decide;
+    use crate::job::JobResult;
 
     fn now() -> Time {
         Time("2026-11-21T10:00:00Z".parse().unwrap())

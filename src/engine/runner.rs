@@ -36,7 +36,11 @@ impl Observer for Quiet {}
 /// Runs under the tenant lock, after the plan and right before a run changes anything, only
 /// when it will change something (e.g. to snapshot the tenant). An error stops the run, with
 /// nothing changed.
-pub type BeforeChange = Arc<dyn Fn(Database) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+pub type BeforeChange =
+    Arc<dyn Fn(Database) -> futures::future::BoxFuture<'static, Result<(), HookError>> + Send + Sync>;
+
+/// Why a [`BeforeChange`] hook failed (its own error type, boxed).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone)]
 pub struct RunOptions {
@@ -90,7 +94,7 @@ pub enum RunError {
     Exec(#[from] ExecError),
     /// [`RunOptions::before_change`] failed; nothing was changed.
     #[error("{0}")]
-    BeforeChange(String),
+    BeforeChange(HookError),
 }
 
 async fn before_change(db: &Database, opts: &RunOptions) -> Result<(), RunError> {
@@ -104,14 +108,25 @@ fn mongo(action: &'static str) -> impl FnOnce(mongodb::error::Error) -> RunError
     move |source| RunError::Mongo { action, source }
 }
 
+/// Where one migration ended on one tenant (`--output json` writes these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeState {
+    Applied,
+    RolledBack,
+    /// It failed; `needs_attention` tells whether its undo was complete.
+    Failed,
+    /// What a dry run would do.
+    Planned,
+}
+
 /// What happened to one migration on one tenant.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Outcome {
     pub id: String,
     pub direction: Direction,
-    /// applied / rolled_back / failed / planned
-    pub state: String,
+    pub state: OutcomeState,
     pub duration_ms: i64,
     pub documents_affected: i64,
     pub steps: Vec<StepRecord>,
@@ -119,6 +134,9 @@ pub struct Outcome {
     pub validation: Vec<CheckResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failure whose undo was incomplete: the database may be partly changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_attention: bool,
     /// For plans: documents each step would touch, where it can be counted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub estimates: Vec<Option<u64>>,
@@ -146,6 +164,11 @@ fn version_of(id: &str) -> &str {
 }
 
 impl TenantReport {
+    /// A migration failed and its undo was incomplete: the database needs attention.
+    pub fn needs_attention(&self) -> bool {
+        self.migrations.iter().any(|m| m.needs_attention)
+    }
+
     /// A report of a run that changed nothing (a plan, or nothing to do).
     fn unchanged(
         tenant: &str,
@@ -224,7 +247,7 @@ async fn finished(
     let error = migrations.iter().find_map(|o| o.error.clone());
     Ok(TenantReport {
         tenant: tenant.into(),
-        ok: migrations.iter().all(|o| o.state != "failed"),
+        ok: migrations.iter().all(|o| o.state != OutcomeState::Failed),
         direction,
         dry_run: false,
         from_version,
@@ -264,7 +287,7 @@ async fn up_locked(
         opts.observer.migration_started(tenant, &m.id(), Direction::Up);
         let out = apply(db, tenant, m, batch, txn, opts, lease).await?;
         opts.observer.migration_finished(tenant, &out);
-        let failed = out.state == "failed";
+        let failed = out.state == OutcomeState::Failed;
         outs.push(out);
         if failed {
             break; // later migrations may depend on this one
@@ -277,7 +300,7 @@ fn planned_outcome(id: String, direction: Direction, ops: &[Operation], estimate
     Outcome {
         id,
         direction,
-        state: "planned".into(),
+        state: OutcomeState::Planned,
         duration_ms: 0,
         documents_affected: 0,
         steps: ops
@@ -291,6 +314,7 @@ fn planned_outcome(id: String, direction: Direction, ops: &[Operation], estimate
             .collect(),
         validation: vec![],
         error: None,
+        needs_attention: false,
         estimates,
     }
 }
@@ -488,12 +512,13 @@ async fn apply(
         return Ok(Outcome {
             id,
             direction: Direction::Up,
-            state: "failed".into(),
+            state: OutcomeState::Failed,
             duration_ms: record.duration_ms,
             documents_affected: 0,
             steps: steps.records,
             validation,
             error: Some(error),
+            needs_attention: !problems.is_empty(),
             estimates: vec![],
         });
     }
@@ -507,12 +532,13 @@ async fn apply(
     Ok(Outcome {
         id,
         direction: Direction::Up,
-        state: "applied".into(),
+        state: OutcomeState::Applied,
         duration_ms: record.duration_ms,
         documents_affected: steps.affected,
         steps: steps.records,
         validation,
         error: None,
+        needs_attention: false,
         estimates: vec![],
     })
 }
@@ -609,7 +635,7 @@ async fn down_locked(
         preimages::forget(db, &format!("{}_d", r.version)).await?;
         preimages::forget(db, &format!("{}_x", r.version)).await?;
         let steps = run_steps(db, tenant, &r.id, "d", &ops, opts, lease).await;
-        let (state, affected, error) = if let Some(err) = steps.error {
+        let (state, affected, error, needs_attention) = if let Some(err) = steps.error {
             let problems = undo(db, &r.id, &steps.done, steps.records.len() < steps.done.len()).await;
             let error = if problems.is_empty() {
                 format!("{err}; the rollback was undone, the migration is still applied")
@@ -620,27 +646,28 @@ async fn down_locked(
                 .update_one(doc! {"_id": &r.id}, doc! {"$set": {"error": &error}})
                 .await
                 .map_err(mongo("recording the failed rollback"))?;
-            ("failed", 0, Some(error))
+            (OutcomeState::Failed, 0, Some(error), !problems.is_empty())
         } else {
             tracking::mark_rolled_back(db, &opts.tracking, &r.id, &opts.run_id)
                 .await
                 .map_err(mongo("recording the rollback"))?;
             preimages::forget(db, &format!("{}_", r.version)).await?;
-            ("rolled_back", steps.affected, None)
+            (OutcomeState::RolledBack, steps.affected, None, false)
         };
         let out = Outcome {
             id: r.id.clone(),
             direction: Direction::Down,
-            state: state.into(),
+            state,
             duration_ms: started.elapsed().as_millis() as i64,
             documents_affected: affected,
             steps: steps.records,
             validation: vec![],
             error,
+            needs_attention,
             estimates: vec![],
         };
         opts.observer.migration_finished(tenant, &out);
-        let failed = out.state == "failed";
+        let failed = out.state == OutcomeState::Failed;
         outs.push(out);
         if failed {
             break;

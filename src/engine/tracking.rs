@@ -16,6 +16,8 @@ pub const TRACKING: &str = "_dbshift_migrations";
 pub const ROLLBACK_PREFIX: &str = "_dbshift_rb_";
 /// The per-database lock.
 pub const LOCK: &str = "_dbshift_lock";
+/// The database that holds snapshots when none is named (never a tenant).
+pub const SNAPSHOT_DATABASE: &str = "dbshift_snapshots";
 /// Prefix of collections moved aside by `dropCollection`.
 pub const DROPPED_PREFIX: &str = "_dbshift_dropped_";
 

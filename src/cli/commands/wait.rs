@@ -10,6 +10,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 
 use crate::crd::{DatabaseMigration, Phase};
+use crate::exit::Exit;
 
 #[derive(Args, Debug, Clone)]
 pub struct WaitArgs {
@@ -50,13 +51,13 @@ pub fn verdict(dbm: &DatabaseMigration) -> Verdict {
     }
 }
 
-/// Exit code: 0 ready, 1 failed or timed out, 2 cannot ask the API server.
-pub async fn run(a: &WaitArgs) -> u8 {
+/// Exit code: 0 ready, 1 failed or timed out, 3 cannot ask the API server.
+pub async fn run(a: &WaitArgs) -> Exit {
     let client = match Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: cannot configure a Kubernetes client: {e}");
-            return 2;
+            return Exit::Unreachable;
         }
     };
     let ns = a.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
@@ -71,7 +72,7 @@ pub async fn run(a: &WaitArgs) -> u8 {
                 Ok(n) => n,
                 Err(_) => {
                     eprintln!("timed out after {}s waiting for {ns}/{} ({last})", a.timeout, a.name);
-                    return 1;
+                    return Exit::Failed;
                 }
             },
             None => stream.try_next().await,
@@ -80,11 +81,11 @@ pub async fn run(a: &WaitArgs) -> u8 {
             Ok(Some(dbm)) => match verdict(&dbm) {
                 Verdict::Ready => {
                     println!("{ns}/{} succeeded", a.name);
-                    return 0;
+                    return Exit::Ok;
                 }
                 Verdict::Failed(m) => {
                     eprintln!("{ns}/{} did not succeed: {m}", a.name);
-                    return 1;
+                    return Exit::Failed;
                 }
                 Verdict::Waiting(m) => {
                     if m != last {
@@ -93,10 +94,10 @@ pub async fn run(a: &WaitArgs) -> u8 {
                     }
                 }
             },
-            Ok(None) => return 2,
+            Ok(None) => return Exit::Unreachable,
             Err(e) => {
                 eprintln!("error: watching {ns}/{}: {e}", a.name);
-                return 2;
+                return Exit::Unreachable;
             }
         }
     }

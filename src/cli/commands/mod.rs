@@ -1,0 +1,16 @@
+//! One file per subcommand.
+
+pub mod backup;
+pub mod controller;
+pub mod crd;
+pub mod down;
+pub mod lint;
+pub mod new;
+pub mod restore;
+pub mod run;
+pub mod schema;
+pub mod snapshots;
+pub mod status;
+pub mod up;
+pub mod validate;
+pub mod wait;

@@ -1,0 +1,32 @@
+//! The environment of a runner pod: every variable `dbshift run` reads. The controller sets
+//! them on each Job; the CLI's flags read the same names.
+
+/// The MongoDB connection string (never set by the controller: it mounts a file).
+pub const MONGODB_URI: &str = "DBSHIFT_MONGODB_URI";
+/// A file holding the connection string (the mounted Secret key).
+pub const MONGODB_URI_FILE: &str = "DBSHIFT_MONGODB_URI_FILE";
+/// The tenant database the Job migrates.
+pub const TENANT: &str = "DBSHIFT_TENANT";
+/// The directory of migration files (a mounted ConfigMap, or files copied from an image).
+pub const DIR: &str = "DBSHIFT_DIR";
+/// The operator run the Job belongs to (recorded with each migration and snapshot).
+pub const RUN_ID: &str = "DBSHIFT_RUN_ID";
+/// Target version: up to it, or down to it when below the current version. Absent: latest.
+pub const TARGET: &str = "DBSHIFT_TARGET";
+/// Undo everything this run id applied, instead of migrating.
+pub const ROLLBACK_RUN: &str = "DBSHIFT_ROLLBACK_RUN";
+/// Plan only; write nothing.
+pub const DRY_RUN: &str = "DBSHIFT_DRY_RUN";
+/// Run even though applied migrations changed since they were applied.
+pub const ALLOW_CHANGED: &str = "DBSHIFT_ALLOW_CHANGED";
+/// Active profiles, comma-separated.
+pub const PROFILES: &str = "DBSHIFT_PROFILES";
+/// Where to snapshot the tenant before changing it: a [`crate::backup::Destination`].
+pub const BACKUP: &str = "DBSHIFT_BACKUP";
+/// How many snapshots of the tenant to keep there.
+pub const BACKUP_RETENTION: &str = "DBSHIFT_BACKUP_RETENTION";
+/// Where the runner writes its [`super::JobResult`] (default: the termination message).
+pub const RESULT_FILE: &str = "DBSHIFT_RESULT_FILE";
+/// Log filter (`info`, `debug`, ...) and format (`json` or text).
+pub const LOG: &str = "DBSHIFT_LOG";
+pub const LOG_FORMAT: &str = "DBSHIFT_LOG_FORMAT";
