@@ -349,17 +349,63 @@ pub struct DatabaseMigrationStatus {
     pub tenants: Vec<TenantStatus>,
 }
 
-/// Phase of a run.
+/// Phase of a run. Snapshots and checks happen inside each tenant's Job, so they show per
+/// tenant, not as phases of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
+    /// Waiting to start (inputs missing or being checked).
     Pending,
-    BackingUp,
+    /// Tenant Jobs are running.
     Migrating,
-    Validating,
     Succeeded,
     Failed,
+    /// The failure policy `rollback` is undoing what the run applied.
     RollingBack,
     RolledBack,
+}
+
+impl Phase {
+    /// The name written in the status, conditions and Events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Migrating => "Migrating",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::RollingBack => "RollingBack",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+
+    /// Jobs may be running: the run continues.
+    pub fn is_active(self) -> bool {
+        matches!(self, Phase::Migrating | Phase::RollingBack)
+    }
+
+    /// The run is over.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::RolledBack)
+    }
+}
+
+/// Where one tenant stands in a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum TenantPhase {
+    /// Not started yet.
+    #[default]
+    Pending,
+    /// Its Job runs.
+    Running,
+    Succeeded,
+    /// Its migration failed (its own changes were undone by the runner).
+    Failed,
+    /// Its rollback Job runs (failure policy `rollback`).
+    RollingBack,
+    RolledBack,
+    /// The rollback failed: the tenant needs attention.
+    RollbackFailed,
+    /// Not started, and will not be: the run stopped first.
+    Skipped,
 }
 
 /// Tenant counts, Velero-style.
@@ -382,8 +428,8 @@ pub struct Progress {
 pub struct TenantStatus {
     /// Database name.
     pub name: String,
-    /// Pending, BackingUp, Running, Succeeded, Failed, RollingBack, RolledBack.
-    pub phase: String,
+    /// Where the tenant stands.
+    pub phase: TenantPhase,
     /// The tenant's Job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,

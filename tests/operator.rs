@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
-use dbshift::crd::{DatabaseMigration, Phase};
+use dbshift::crd::{DatabaseMigration, Phase, TenantPhase};
 
 fn kubeconfig() -> String {
     std::env::var("DBSHIFT_TEST_KUBECONFIG")
@@ -323,7 +323,7 @@ async fn five_tenants_happy_path() {
         assert!(docs.iter().all(|d| d.get_bool("flag") == Ok(true) && d.get_i32("visits") == Ok(1)), "tenant {i}");
         assert!(env.indexes(i).await.contains(&"code_unique".to_string()));
         let e = tenant_entry(&d, &env.tenant(i));
-        assert_eq!(e.phase, "Succeeded");
+        assert_eq!(e.phase, TenantPhase::Succeeded);
         assert_eq!(e.applied.len(), 2, "{e:?}");
         assert_eq!(e.applied[1].documents_affected, 20);
         assert_eq!(e.to_version.as_deref(), Some("20250102000000"));
@@ -389,9 +389,9 @@ async fn a_failure_under_rollback_restores_every_tenant() {
         assert_eq!(env.customers(i).await, before[i], "tenant {i} is not exactly as before");
         assert!(!env.indexes(i).await.contains(&"code_unique".to_string()));
     }
-    assert_eq!(tenant_entry(&d, &env.tenant(0)).phase, "RolledBack");
-    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, "RolledBack");
-    assert_eq!(tenant_entry(&d, &env.tenant(2)).phase, "Skipped");
+    assert_eq!(tenant_entry(&d, &env.tenant(0)).phase, TenantPhase::RolledBack);
+    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, TenantPhase::RolledBack);
+    assert_eq!(tenant_entry(&d, &env.tenant(2)).phase, TenantPhase::Skipped);
     assert!(tenant_entry(&d, &env.tenant(1)).error.as_deref().unwrap_or_default().contains("code_unique"));
     assert!(env.records(0).await.iter().all(|(_, s)| s == "rolled_back"), "{:?}", env.records(0).await);
     assert!(env.records(2).await.is_empty());
@@ -409,7 +409,7 @@ async fn a_failure_under_halt_stops_the_rollout() {
     assert_eq!(env.records(1).await.iter().filter(|(_, s)| s == "applied").count(), 1);
     for i in 2..4 {
         assert_eq!(env.customers(i).await, before[i], "tenant {i} was not to be touched");
-        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, "Skipped");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, TenantPhase::Skipped);
     }
     assert_eq!(st.progress.as_ref().unwrap().failed, 1);
     // `dbshift wait` gives up on a failed run instead of holding the application forever.
@@ -423,9 +423,9 @@ async fn a_failure_under_continue_migrates_the_others() {
     assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
     for i in [0, 2, 3] {
         assert!(migrated(&env.docs(i).await), "tenant {i}");
-        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, "Succeeded");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, TenantPhase::Succeeded);
     }
-    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, "Failed");
+    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, TenantPhase::Failed);
     let p = st.progress.unwrap();
     assert_eq!((p.succeeded, p.failed), (3, 1));
 }

@@ -1,7 +1,7 @@
 -- Argo CD health check for dbshift.io/DatabaseMigration.
 --   Healthy      Ready=True and status.observedGeneration == metadata.generation
---   Progressing  no status yet, observedGeneration behind, or phase Pending, BackingUp,
---                Migrating, Validating, RollingBack (or Succeeded before Ready turns True)
+--   Progressing  no status yet, observedGeneration behind, or phase Pending, Migrating,
+--                RollingBack (or Succeeded before Ready turns True)
 --   Degraded     Stalled=True (cannot go on without a spec change), or phase Failed/RolledBack
 -- The message is the phase, the tenant progress ("7/10") and status.message.
 -- Only Lua's base library is used: Argo CD runs custom checks without string and math.
@@ -85,7 +85,7 @@ if ready ~= nil and ready.status == "True" then
   return hs
 end
 
--- Pending, BackingUp, Migrating, Validating, RollingBack, or Succeeded before Ready is True.
+-- Pending, Migrating, RollingBack, or Succeeded before Ready is True.
 local msg = st.message
 if not nonempty(msg) and ready ~= nil then
   msg = ready.message

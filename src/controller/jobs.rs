@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sha2::{Digest, Sha256};
 
-use super::plan::{trim_name, RunPlan};
+use super::frozen::{trim_name, FrozenRun};
 use crate::backup::Destination;
 use crate::crd::PullPolicy;
 use crate::job::{env, JobResult};
@@ -96,7 +96,7 @@ pub struct JobDefaults {
 
 /// The Job that runs `dbshift run` for one tenant.
 pub fn build_job(
-    plan: &RunPlan,
+    plan: &FrozenRun,
     resource: &str,
     namespace: &str,
     owner: OwnerReference,
@@ -431,9 +431,9 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::plan::RunPlan;
+    use crate::controller::frozen::FrozenRun;
 
-    fn plan(yaml: &str) -> RunPlan {
+    fn plan(yaml: &str) -> FrozenRun {
         serde_yaml::from_str(yaml).unwrap()
     }
 

@@ -6,12 +6,15 @@
 //! [`reconcile`] talks to the API server. [`lease`] keeps a single active replica;
 //! [`metrics`] serves `/metrics`, `/healthz` and `/readyz`.
 
+pub mod act;
+pub mod frozen;
 pub mod inputs;
 pub mod jobs;
 pub mod lease;
 pub mod metrics;
-pub mod plan;
+pub mod observe;
 pub mod reconcile;
+pub mod report;
 pub mod rollout;
 pub mod status;
 
@@ -75,35 +78,27 @@ pub struct Context {
     pub jobs: Store<Job>,
     pub recorder: Recorder,
     pub metrics: Arc<metrics::Metrics>,
-    pub runs: Mutex<HashMap<String, reconcile::RunMemory>>,
+    pub runs: Mutex<HashMap<String, observe::RunMemory>>,
     /// When this process started: Jobs that ended before are not announced again.
     pub started: Timestamp,
 }
 
+/// Why a reconcile failed: the step that failed, with its own error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action}: {source}")]
-    Kube {
-        action: &'static str,
-        #[source]
-        source: Box<kube::Error>,
-    },
-    #[error("{0}: timed out")]
-    Timeout(&'static str),
-    #[error("{0}")]
-    Lost(String),
+    #[error(transparent)]
+    Observe(#[from] observe::ObserveError),
+    #[error(transparent)]
+    Act(#[from] act::ActError),
 }
 
 impl Error {
-    pub fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
-        move |source| Error::Kube { action, source: Box::new(source) }
-    }
-
+    /// For the `reconcile_errors` metric and logs.
     fn label(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "KubernetesError",
-            Error::Timeout(_) => "Timeout",
-            Error::Lost(_) => "RunLost",
+            Error::Observe(observe::ObserveError::Lost(_)) => "RunLost",
+            Error::Observe(_) | Error::Act(act::ActError::Kube { .. }) => "KubernetesError",
+            Error::Act(act::ActError::Timeout(_)) => "Timeout",
         }
     }
 }

@@ -5,8 +5,8 @@
 
 use crate::crd::{FailurePolicy, Phase};
 
+use super::frozen::FrozenRun;
 use super::jobs::{Action, Outcome};
-use super::plan::RunPlan;
 
 /// One Job's progress, as far as the controller knows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,7 +64,7 @@ fn needs_rollback(v: &TenantView) -> bool {
 }
 
 /// Decide the next step. `deleting`: the resource is being deleted, start nothing.
-pub fn decide(plan: &RunPlan, views: &[TenantView], deleting: bool) -> Decision {
+pub fn decide(plan: &FrozenRun, views: &[TenantView], deleting: bool) -> Decision {
     let rollout = &plan.spec.rollout;
     let max_parallel = rollout.max_parallel.max(1) as usize;
     let canaries = plan.canaries.min(views.len());
@@ -266,7 +266,7 @@ mod tests {
         let cases: Vec<Case> = serde_yaml::from_str(CASES).unwrap();
         assert!(cases.len() >= 10);
         for c in cases {
-            let mut plan: RunPlan = serde_yaml::from_str(PLAN).unwrap();
+            let mut plan: FrozenRun = serde_yaml::from_str(PLAN).unwrap();
             plan.spec.rollout = serde_yaml::from_value(c.rollout.clone()).unwrap();
             plan.spec.dry_run = c.dry_run;
             plan.canaries = c.canaries;

@@ -10,11 +10,12 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    AppliedMigration, BackupStatus, DatabaseMigrationStatus, Phase, Progress, TenantStatus, ValidationStatus,
+    AppliedMigration, BackupStatus, DatabaseMigrationStatus, Phase, Progress, TenantPhase, TenantStatus,
+    ValidationStatus,
 };
 
+use super::frozen::FrozenRun;
 use super::jobs::{job_name, Action};
-use super::plan::RunPlan;
 use super::rollout::{Decision, Step, TenantView};
 use crate::job::result::RollbackHow;
 
@@ -22,35 +23,35 @@ use crate::job::result::RollbackHow;
 pub const MAX_TENANT_ENTRIES: usize = 1000;
 
 /// The phase of one tenant, as shown in `status.tenants[].phase`.
-pub fn tenant_phase(v: &TenantView, stopped: bool) -> &'static str {
+pub fn tenant_phase(v: &TenantView, stopped: bool) -> TenantPhase {
     match (&v.rollback, &v.migrate) {
-        (Step::Running, _) => "RollingBack",
-        (Step::Done(o), _) if o.ok => "RolledBack",
-        (Step::Done(_), _) => "RollbackFailed",
-        (_, Step::NotStarted) if stopped => "Skipped",
-        (_, Step::NotStarted) => "Pending",
-        (_, Step::Running) => "Running",
-        (_, Step::Done(o)) if o.ok => "Succeeded",
-        (_, Step::Done(_)) => "Failed",
+        (Step::Running, _) => TenantPhase::RollingBack,
+        (Step::Done(o), _) if o.ok => TenantPhase::RolledBack,
+        (Step::Done(_), _) => TenantPhase::RollbackFailed,
+        (_, Step::NotStarted) if stopped => TenantPhase::Skipped,
+        (_, Step::NotStarted) => TenantPhase::Pending,
+        (_, Step::Running) => TenantPhase::Running,
+        (_, Step::Done(o)) if o.ok => TenantPhase::Succeeded,
+        (_, Step::Done(_)) => TenantPhase::Failed,
     }
 }
 
 /// Lower sorts first: what a reader most needs to see.
-fn attention(phase: &str) -> u8 {
+fn attention(phase: TenantPhase) -> u8 {
     match phase {
-        "RollbackFailed" => 0,
-        "Failed" => 1,
-        "Running" | "RollingBack" => 2,
-        "RolledBack" => 3,
-        "Succeeded" => 4,
-        _ => 5,
+        TenantPhase::RollbackFailed => 0,
+        TenantPhase::Failed => 1,
+        TenantPhase::Running | TenantPhase::RollingBack => 2,
+        TenantPhase::RolledBack => 3,
+        TenantPhase::Succeeded => 4,
+        TenantPhase::Pending | TenantPhase::Skipped => 5,
     }
 }
 
 /// One tenant's entry.
-pub fn tenant_status(plan: &RunPlan, resource: &str, tenant: &str, v: &TenantView, stopped: bool) -> TenantStatus {
+pub fn tenant_status(plan: &FrozenRun, resource: &str, tenant: &str, v: &TenantView, stopped: bool) -> TenantStatus {
     let phase = tenant_phase(v, stopped);
-    let mut s = TenantStatus { name: tenant.to_string(), phase: phase.to_string(), ..Default::default() };
+    let mut s = TenantStatus { name: tenant.to_string(), phase, ..Default::default() };
     if v.migrate != Step::NotStarted {
         s.job = Some(job_name(resource, &plan.run_id, tenant, Action::Migrate));
     }
@@ -104,11 +105,11 @@ pub fn progress(views: &[TenantView], stopped: bool) -> Progress {
     let mut p = Progress { total: views.len() as u32, ..Default::default() };
     for v in views {
         match tenant_phase(v, stopped) {
-            "Succeeded" => p.succeeded += 1,
-            "Failed" | "RollbackFailed" => p.failed += 1,
-            "Running" | "RollingBack" => p.running += 1,
-            "RolledBack" => p.rolled_back += 1,
-            _ => p.pending += 1,
+            TenantPhase::Succeeded => p.succeeded += 1,
+            TenantPhase::Failed | TenantPhase::RollbackFailed => p.failed += 1,
+            TenantPhase::Running | TenantPhase::RollingBack => p.running += 1,
+            TenantPhase::RolledBack => p.rolled_back += 1,
+            TenantPhase::Pending | TenantPhase::Skipped => p.pending += 1,
         }
     }
     p.summary = format!("{}/{}", p.succeeded, p.total);
@@ -157,9 +158,7 @@ pub fn conditions_for(
 ) -> Vec<Condition> {
     let mut c = previous.to_vec();
     let ready = phase == Phase::Succeeded;
-    let active =
-        matches!(phase, Phase::Pending | Phase::BackingUp | Phase::Migrating | Phase::Validating | Phase::RollingBack)
-            && !stalled;
+    let active = (phase == Phase::Pending || phase.is_active()) && !stalled;
     set_condition(&mut c, "Ready", ready, reason, message, generation, now);
     set_condition(&mut c, "Reconciling", active, reason, message, generation, now);
     set_condition(&mut c, "Stalled", stalled, reason, message, generation, now);
@@ -168,22 +167,13 @@ pub fn conditions_for(
 
 /// Reason of a phase, for conditions and Events.
 pub fn reason(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Pending => "Pending",
-        Phase::BackingUp => "BackingUp",
-        Phase::Migrating => "Migrating",
-        Phase::Validating => "Validating",
-        Phase::Succeeded => "Succeeded",
-        Phase::Failed => "Failed",
-        Phase::RollingBack => "RollingBack",
-        Phase::RolledBack => "RolledBack",
-    }
+    phase.as_str()
 }
 
 /// The status of a run in progress or finished.
 pub fn run_status(
     previous: &DatabaseMigrationStatus,
-    plan: &RunPlan,
+    plan: &FrozenRun,
     resource: &str,
     views: &[TenantView],
     decision: &Decision,
@@ -195,7 +185,7 @@ pub fn run_status(
         .zip(views)
         .map(|(t, v)| tenant_status(plan, resource, t, v, decision.stopped || decision.finished))
         .collect();
-    entries.sort_by_key(|e| attention(&e.phase));
+    entries.sort_by_key(|e| attention(e.phase));
     entries.truncate(MAX_TENANT_ENTRIES);
     // Readers find a tenant faster in plan order.
     let order: std::collections::HashMap<&str, usize> =
@@ -233,6 +223,28 @@ pub fn run_status(
     }
 }
 
+/// `status.message` when the resource is being deleted, or its spec changed during the run.
+pub fn message_override(
+    decision: &Decision,
+    plan: &FrozenRun,
+    generation: i64,
+    deleting: bool,
+    running: usize,
+) -> Option<String> {
+    let m = &decision.message;
+    if deleting {
+        Some(format!("deleting: {running} running Job(s) finish first; {m}"))
+    } else if generation > plan.generation && !decision.finished {
+        // The run keeps the spec it started with; the change gets a run of its own after it.
+        Some(format!(
+            "{m} (the spec changed to generation {generation} during run {}: it applies when this run ends)",
+            plan.run_id
+        ))
+    } else {
+        None
+    }
+}
+
 /// The status of a resource whose run cannot start (yet): bad input, or something missing.
 pub fn blocked_status(
     previous: &DatabaseMigrationStatus,
@@ -263,8 +275,8 @@ mod tests {
         Time("2026-11-21T10:00:00Z".parse().unwrap())
     }
 
-    fn plan(n: usize) -> RunPlan {
-        let mut p: RunPlan = serde_yaml::from_str(
+    fn plan(n: usize) -> FrozenRun {
+        let mut p: FrozenRun = serde_yaml::from_str(
             r#"
 runId: r
 generation: 4
@@ -314,7 +326,7 @@ spec:
         assert!(size < 700_000, "status is {size} bytes");
         assert_eq!(s.tenants.len(), MAX_TENANT_ENTRIES);
         // Failures are listed first; the counts cover everyone.
-        assert!(s.tenants.iter().all(|t| t.phase == "Failed"));
+        assert!(s.tenants.iter().all(|t| t.phase == TenantPhase::Failed));
         let prog = s.progress.unwrap();
         assert_eq!((prog.total, prog.succeeded, prog.failed), (10_000, 9_000, 1_000));
         assert_eq!(prog.summary, "9000/10000");
@@ -342,7 +354,7 @@ spec:
         let p = plan(1);
         let v = TenantView { migrate: ok(), rollback: Step::NotStarted };
         let s = tenant_status(&p, "add-preferences", &p.tenants[0], &v, false);
-        assert_eq!(s.phase, "Succeeded");
+        assert_eq!(s.phase, TenantPhase::Succeeded);
         assert_eq!(s.applied[0].documents_affected, 56789);
         assert_eq!(s.validation.unwrap().passed, 3);
         assert_eq!(s.to_version.as_deref(), Some("20250105000000"));

@@ -24,8 +24,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 
+use dbshift::controller::frozen::FrozenRun;
 use dbshift::controller::jobs::{build_job, job_phase, Action, JobDefaults, JobPhase};
-use dbshift::controller::plan::RunPlan;
 use dbshift::crd::{DatabaseMigration, DatabaseMigrationSpec, Phase};
 
 const MIGRATION: &str = "description: flag every customer\nup:\n  - addField: { collection: customers, field: flag, value: true }\nvalidate:\n  - count: { collection: customers, filter: { flag: { $exists: false } }, equals: 0 }\n";
@@ -93,7 +93,7 @@ jobTemplate: {{ image: "{image}", imagePullPolicy: Never, hostNetwork: true }}
 
 /// The baseline: the same Jobs, `parallel` at a time, from a minimal driver.
 async fn baseline(c: &kube::Client, ns: &str, tenants: Vec<String>, parallel: usize, image: &str) -> Duration {
-    let mut plan = RunPlan {
+    let mut plan = FrozenRun {
         run_id: "bench-baseline".into(),
         generation: 1,
         target: Some("20250101000000".into()),

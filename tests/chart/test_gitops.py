@@ -79,8 +79,7 @@ def test_the_sandbox_has_no_string_library():
 
 def test_every_phase_and_outcome_has_a_fixture():
     phases = {load(ARGOCD / c["inputPath"]).get("status", {}).get("phase") for c in ARGO_TESTS}
-    assert {"Pending", "BackingUp", "Migrating", "Validating", "Succeeded", "Failed", "RollingBack",
-            "RolledBack"} <= phases
+    assert {"Pending", "Migrating", "Succeeded", "Failed", "RollingBack", "RolledBack"} <= phases
     assert {c["healthStatus"]["status"] for c in ARGO_TESTS} == {"Healthy", "Progressing", "Degraded"}
 
 

@@ -14,7 +14,7 @@ pub const PLAN_KEY: &str = "plan.json";
 /// Everything a run needs, decided once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RunPlan {
+pub struct FrozenRun {
     /// `<name>-g<generation>-<uid>`: in Job labels, tracking records and snapshots.
     pub run_id: String,
     /// The generation of the resource this run carries out.

@@ -1,0 +1,147 @@
+//! Act: the controller's writes to the API server (status, finalizer, the run's ConfigMaps,
+//! the tenant Jobs). Each write is counted by kind, and creating an object that exists is
+//! harmless (a repeat after a restart).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Resource as _, ResourceExt};
+
+use super::frozen::{self, FrozenRun, PLAN_KEY};
+use super::inputs::Inputs;
+use super::jobs::{self, Action};
+use super::reconcile::Resource;
+use super::{Context, MANAGER};
+use crate::crd::DatabaseMigrationStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error("{action}: {source}")]
+    Kube {
+        action: &'static str,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("{0}: timed out")]
+    Timeout(&'static str),
+}
+
+fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> ActError {
+    move |source| ActError::Kube { action, source: Box::new(source) }
+}
+
+/// Server-side apply of the whole status under the controller's field manager.
+pub async fn write_status(ctx: &Context, r: &Resource<'_>, status: &DatabaseMigrationStatus) -> Result<(), ActError> {
+    let patch = serde_json::json!({
+        "apiVersion": "dbshift.io/v1alpha1",
+        "kind": "DatabaseMigration",
+        "status": status,
+    });
+    let pp = PatchParams::apply(MANAGER).force();
+    tokio::time::timeout(Duration::from_secs(30), r.api.patch_status(&r.name, &pp, &Patch::Apply(&patch)))
+        .await
+        .map_err(|_| ActError::Timeout("writing the status"))?
+        .map_err(kube("writing the status"))?;
+    ctx.metrics.write("status");
+    Ok(())
+}
+
+/// Replace the finalizer list, failing on a concurrent change (the resourceVersion guards it).
+pub async fn set_finalizers(
+    ctx: &Context,
+    r: &Resource<'_>,
+    fins: Vec<String>,
+    action: &'static str,
+) -> Result<(), ActError> {
+    let patch = serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": r.dbm.resource_version() } });
+    r.api.patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(kube(action))?;
+    ctx.metrics.write("finalizer");
+    Ok(())
+}
+
+/// Create an object; `Ok(false)` when it already exists (a repeat after a restart).
+async fn create<K>(ctx: &Context, api: &Api<K>, obj: &K, kind: &str) -> Result<bool, ActError>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ctx.metrics.write(kind);
+    match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, obj).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(ActError::Kube { action: "creating a child object", source: Box::new(e) }),
+    }
+}
+
+/// Freeze a new run: its files and its plan, in ConfigMaps owned by the resource, before any
+/// Job exists. Returns the plan and whether it was created now (`false`: a plan written before
+/// a restart exists, and wins).
+pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Result<(FrozenRun, bool), ActError> {
+    let generation = r.dbm.metadata.generation.unwrap_or(0);
+    let run_id = frozen::run_id(r.dbm);
+    let (tenants, canaries) = frozen::order_tenants(&inputs.tenants, &r.dbm.spec.rollout.canaries);
+    let owner = r.dbm.controller_owner_ref(&()).expect("a namespaced resource has an owner reference");
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.ns);
+    let labels = BTreeMap::from([
+        (jobs::MANAGED_BY.to_string(), jobs::MANAGER.to_string()),
+        (jobs::LABEL_RUN.to_string(), run_id.clone()),
+    ]);
+    let meta = |name: String| ObjectMeta {
+        name: Some(name),
+        namespace: Some(r.ns.clone()),
+        labels: Some(labels.clone()),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    };
+    let files_config_map = match &inputs.files {
+        Some(files) => {
+            let name = frozen::files_config_map(&run_id);
+            let cm = ConfigMap { metadata: meta(name.clone()), data: Some(files.clone()), ..Default::default() };
+            create(ctx, &cms, &cm, "configmap").await?;
+            Some(name)
+        }
+        None => None,
+    };
+    let fresh = FrozenRun {
+        run_id: run_id.clone(),
+        generation,
+        target: inputs.target.clone(),
+        tenants,
+        canaries,
+        files_config_map,
+        spec: r.dbm.spec.clone(),
+    };
+    let cm = ConfigMap {
+        metadata: meta(frozen::plan_config_map(&run_id)),
+        data: Some(BTreeMap::from([(PLAN_KEY.to_string(), serde_json::to_string(&fresh).expect("serializable"))])),
+        ..Default::default()
+    };
+    let created = create(ctx, &cms, &cm, "configmap").await?;
+    Ok((fresh, created))
+}
+
+/// Create the tenant Jobs (already recorded in the status), and remember when.
+pub async fn launch(
+    ctx: &Context,
+    r: &Resource<'_>,
+    plan: &Arc<FrozenRun>,
+    launches: &[(usize, Action)],
+) -> Result<(), ActError> {
+    if launches.is_empty() {
+        return Ok(());
+    }
+    let owner = r.dbm.controller_owner_ref(&()).expect("owner reference");
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &r.ns);
+    let defaults = jobs::JobDefaults { image: ctx.config.runner_image.clone() };
+    for (i, action) in launches {
+        let job = jobs::build_job(plan, &r.name, &r.ns, owner.clone(), &plan.tenants[*i], *action, &defaults);
+        create(ctx, &jobs_api, &job, "job").await?;
+        if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
+            m.launched.insert((*i, *action), Instant::now());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Observe: the run's frozen plan and what its Jobs did, as the rollout decision needs it.
+//!
+//! Reads the Job store (no API call) and, for Jobs that finished since the last look, their
+//! pods' termination messages (one list call per finished Job, once).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::ResourceExt;
+
+use super::frozen::{self, FrozenRun, PLAN_KEY};
+use super::jobs::{self, job_name, job_phase, Action, JobPhase, Outcome};
+use super::reconcile::Resource;
+use super::rollout::{Step, TenantView};
+use super::Context;
+use crate::crd::DatabaseMigrationStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("reading the pods of Job {job}: {source}")]
+    Pods {
+        job: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("reading the plan of run {run} (ConfigMap {config_map}): {source}")]
+    ReadPlan {
+        run: String,
+        config_map: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// The plan is gone or unreadable: the run cannot continue as it started.
+    #[error("{0}")]
+    Lost(String),
+}
+
+/// What the controller remembers about a run between reconciles (rebuilt after a restart
+/// from the plan ConfigMap, the status and the Jobs).
+pub struct RunMemory {
+    pub plan: Arc<FrozenRun>,
+    /// Jobs created by this process, and when (the Job store may not show them yet).
+    pub(super) launched: HashMap<(usize, Action), Instant>,
+    /// Outcomes of finished Jobs, by Job name.
+    outcomes: HashMap<String, Outcome>,
+    /// Jobs whose end was already announced (Event, metrics).
+    announced: HashSet<String>,
+    pub running: usize,
+}
+
+impl RunMemory {
+    pub fn new(plan: Arc<FrozenRun>) -> Self {
+        RunMemory { plan, launched: HashMap::new(), outcomes: HashMap::new(), announced: HashSet::new(), running: 0 }
+    }
+}
+
+/// What the run's Jobs did.
+pub struct Observed {
+    /// Each tenant's Jobs, in plan order.
+    pub views: Vec<TenantView>,
+    /// Launches recorded in the status whose Jobs are missing (lost between the status write
+    /// and the create): created again.
+    pub missing: Vec<(usize, Action)>,
+    /// Jobs that ended since the last look and were not announced yet.
+    pub new_ends: Vec<(Arc<Job>, Outcome)>,
+}
+
+/// Read the plan from memory, or from its ConfigMap.
+pub async fn plan(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<Arc<FrozenRun>, ObserveError> {
+    if let Some(m) = ctx.runs.lock().expect("lock").get(&r.key) {
+        if m.plan.run_id == run_id {
+            return Ok(m.plan.clone());
+        }
+    }
+    let name = frozen::plan_config_map(run_id);
+    let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), &r.ns).get_opt(&name).await.map_err(|e| {
+        ObserveError::ReadPlan { run: run_id.into(), config_map: format!("{}/{name}", r.ns), source: Box::new(e) }
+    })?;
+    let lost = |why: String| ObserveError::Lost(format!("the plan of run {run_id} (ConfigMap {}/{name}) {why}", r.ns));
+    let cm = cm.ok_or_else(|| lost("is gone".into()))?;
+    let text = cm.data.as_ref().and_then(|d| d.get(PLAN_KEY)).cloned().unwrap_or_default();
+    let plan: FrozenRun = serde_json::from_str(&text).map_err(|e| lost(format!("is unreadable: {e}")))?;
+    let plan = Arc::new(plan);
+    ctx.runs.lock().expect("lock").insert(r.key.clone(), RunMemory::new(plan.clone()));
+    Ok(plan)
+}
+
+/// Where every tenant of the run stands.
+pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Result<Observed, ObserveError> {
+    let jobs = run_jobs(ctx, r, &plan.run_id);
+    let recorded = recorded_launches(&r.status, &plan.run_id);
+    let unread: Vec<Arc<Job>> = {
+        let runs = ctx.runs.lock().expect("lock");
+        let mem = runs.get(&r.key);
+        jobs.values()
+            .filter(|j| matches!(job_phase(j), JobPhase::Finished(_)))
+            .filter(|j| mem.is_none_or(|m| !m.outcomes.contains_key(&j.name_any())))
+            .cloned()
+            .collect()
+    };
+    let read = read_outcomes(ctx, &r.ns, unread).await?;
+
+    let mut runs = ctx.runs.lock().expect("lock");
+    let mem = runs.entry(r.key.clone()).or_insert_with(|| RunMemory::new(plan.clone()));
+    if mem.plan.run_id != plan.run_id {
+        *mem = RunMemory::new(plan.clone());
+    }
+    let mut new_ends = Vec::new();
+    for (job, o) in read {
+        let jn = job.name_any();
+        let finished_now = job_end(&job).is_none_or(|t| t >= ctx.started);
+        if finished_now && mem.announced.insert(jn.clone()) {
+            new_ends.push((job, o.clone()));
+        }
+        mem.outcomes.insert(jn, o);
+    }
+    let (views, missing) = tenant_views(plan, &r.name, &jobs, mem, &recorded);
+    Ok(Observed { views, missing, new_ends })
+}
+
+/// The Jobs of this run, from the store.
+fn run_jobs(ctx: &Context, r: &Resource<'_>, run_id: &str) -> HashMap<String, Arc<Job>> {
+    let uid = r.dbm.uid().unwrap_or_default();
+    ctx.jobs
+        .state()
+        .into_iter()
+        .filter(|j| j.namespace().as_deref() == Some(r.ns.as_str()))
+        .filter(|j| j.labels().get(jobs::LABEL_RUN).map(String::as_str) == Some(run_id))
+        .filter(|j| j.owner_references().iter().any(|o| o.uid == uid))
+        .map(|j| (j.name_any(), j))
+        .collect()
+}
+
+/// Launches the status recorded (they matter after a restart).
+fn recorded_launches(st: &DatabaseMigrationStatus, run_id: &str) -> HashSet<(String, Action)> {
+    if st.run_id.as_deref() != Some(run_id) {
+        return HashSet::new();
+    }
+    let mut out = HashSet::new();
+    for t in &st.tenants {
+        if t.job.is_some() {
+            out.insert((t.name.clone(), Action::Migrate));
+        }
+        if t.rollback.is_some() {
+            out.insert((t.name.clone(), Action::Rollback));
+        }
+    }
+    out
+}
+
+/// Finished Jobs' outcomes, from their pods.
+async fn read_outcomes(ctx: &Context, ns: &str, jobs: Vec<Arc<Job>>) -> Result<Vec<(Arc<Job>, Outcome)>, ObserveError> {
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut read = Vec::new();
+    for job in jobs {
+        let jn = job.name_any();
+        let pods = pods_api
+            .list(&ListParams::default().labels(&format!("job-name={jn}")))
+            .await
+            .map_err(|e| ObserveError::Pods { job: jn, source: Box::new(e) })?;
+        let o = jobs::outcome(&job, &pods.items);
+        read.push((job, o));
+    }
+    Ok(read)
+}
+
+/// How long a launch recorded in the status may be missing from the store before its Job is
+/// created again (the store lags behind creates by a moment).
+const MISSING_AFTER: Duration = Duration::from_secs(30);
+
+/// Each tenant's two Jobs, and the recorded launches whose Jobs are missing.
+fn tenant_views(
+    plan: &FrozenRun,
+    resource: &str,
+    jobs: &HashMap<String, Arc<Job>>,
+    mem: &RunMemory,
+    recorded: &HashSet<(String, Action)>,
+) -> (Vec<TenantView>, Vec<(usize, Action)>) {
+    let mut missing = Vec::new();
+    let views = plan
+        .tenants
+        .iter()
+        .enumerate()
+        .map(|(i, tenant)| {
+            let mut step_of = |action: Action| {
+                let jn = job_name(resource, &plan.run_id, tenant, action);
+                if let Some(job) = jobs.get(&jn) {
+                    return match job_phase(job) {
+                        JobPhase::Running => Step::Running,
+                        JobPhase::Finished(_) => {
+                            mem.outcomes.get(&jn).cloned().map(|o| Step::Done(Box::new(o))).unwrap_or(Step::Running)
+                        }
+                    };
+                }
+                let launched_at = mem.launched.get(&(i, action));
+                if launched_at.is_some() || recorded.contains(&(tenant.clone(), action)) {
+                    // Launched but not in the store: just created, or lost between the
+                    // status write and the create. Create it (again) once it is clearly missing.
+                    if launched_at.is_none_or(|t| t.elapsed() > MISSING_AFTER) {
+                        missing.push((i, action));
+                    }
+                    return Step::Running;
+                }
+                Step::NotStarted
+            };
+            TenantView { migrate: step_of(Action::Migrate), rollback: step_of(Action::Rollback) }
+        })
+        .collect();
+    (views, missing)
+}
+
+/// When a Job ended (its Complete/Failed condition).
+pub fn job_end(job: &Job) -> Option<Timestamp> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .filter(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))
+        .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0))
+        .max()
+}

@@ -1,0 +1,90 @@
+//! Report: Events about the resource (each tenant's outcome related to its Job, so they are
+//! not folded into one series) and the run metrics. Publishing is best effort: a lost Event
+//! is logged, never a reason to fail a reconcile.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+
+use super::jobs::{self, Action, Outcome};
+use super::metrics::{OutcomeLabel, ResultLabel};
+use super::observe::job_end;
+use super::rollout::Decision;
+use super::Context;
+use crate::crd::{DatabaseMigration, Phase};
+
+pub async fn publish(ctx: &Context, dbm: &DatabaseMigration, type_: EventType, reason: &str, note: String) {
+    publish_about(ctx, dbm, type_, reason, note, None).await
+}
+
+/// An Event about the resource; `related` (a tenant's Job) keeps tenants' Events apart
+/// instead of folding them into one series.
+async fn publish_about(
+    ctx: &Context,
+    dbm: &DatabaseMigration,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: related,
+    };
+    ctx.metrics.write("event");
+    if let Err(e) = ctx.recorder.publish(&ev, &dbm.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish an Event");
+    }
+}
+
+/// A tenant's Job ended: its Event and metrics.
+pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) {
+    let tenant = job.annotations().get(jobs::ANNOTATION_TENANT).cloned().unwrap_or_default();
+    let action = job.labels().get(jobs::LABEL_ACTION).and_then(|a| Action::from_label(a)).unwrap_or(Action::Migrate);
+    let (reason, kind) = match (action, o.ok) {
+        (Action::Migrate, true) => ("TenantSucceeded", EventType::Normal),
+        (Action::Migrate, false) => ("TenantFailed", EventType::Warning),
+        (Action::Rollback, true) => ("TenantRolledBack", EventType::Normal),
+        (Action::Rollback, false) => ("TenantRollbackFailed", EventType::Warning),
+    };
+    ctx.metrics.tenant_runs.get_or_create(&OutcomeLabel { outcome: reason.trim_start_matches("Tenant").into() }).inc();
+    if let (Some(start), Some(end)) = (job.metadata.creation_timestamp.as_ref(), job_end(job)) {
+        let secs = end.duration_since(start.0).as_secs_f64();
+        ctx.metrics.tenant_duration.observe(secs.max(0.0));
+    }
+    if let Some(b) = o.result.as_ref().and_then(|r| r.backup.as_ref()) {
+        ctx.metrics.backup_bytes.inc_by(b.bytes);
+    }
+    let detail = match (&o.result, &o.error) {
+        (Some(r), _) if r.ok => {
+            let docs: i64 = r.done.iter().map(|d| d.2).sum();
+            format!(
+                "{tenant}: {} migration(s), {docs} document(s), now at {}",
+                r.done.len(),
+                r.to.clone().unwrap_or_default()
+            )
+        }
+        (Some(r), _) => format!("{tenant}: {}", r.error.clone().unwrap_or_else(|| "failed".into())),
+        (None, Some(e)) => format!("{tenant}: {e}"),
+        (None, None) => tenant.clone(),
+    };
+    publish_about(ctx, dbm, kind, reason, detail, Some(job.object_ref(&()))).await;
+}
+
+/// The run's phase changed: an Event, and the run metric when it is over.
+pub async fn phase_changed(ctx: &Context, dbm: &DatabaseMigration, phase: Phase, decision: &Decision, run_id: &str) {
+    let kind = match phase {
+        Phase::Failed | Phase::RollingBack | Phase::RolledBack => EventType::Warning,
+        _ => EventType::Normal,
+    };
+    let reason = phase.as_str();
+    publish(ctx, dbm, kind, reason, decision.message.clone()).await;
+    if decision.finished {
+        ctx.metrics.runs.get_or_create(&ResultLabel { result: reason.into() }).inc();
+        tracing::info!(resource = %dbm.name_any(), run = %run_id, phase = reason, "{}", decision.message);
+    }
+}
