@@ -44,10 +44,6 @@ async fn snapshot_docs(store: &str, tenant: &str) -> Vec<Document> {
         .unwrap()
 }
 
-fn json(o: &std::process::Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
-}
-
 /// `dbshift run` for one tenant, as a Job runs it; returns the output and the result file.
 struct Job {
     dir: tempfile::TempDir,

@@ -30,10 +30,6 @@ async fn tenants(prefix: &str, n: usize) -> Vec<String> {
     names
 }
 
-fn json(o: &std::process::Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
-}
-
 #[tokio::test]
 async fn a_release_across_tenants_with_status_plan_up_and_down_batch() {
     let names = tenants("cli_flow", 3).await;

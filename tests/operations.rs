@@ -318,7 +318,8 @@ async fn transform_splits_names_in_batches_and_down_is_byte_exact() {
     assert_eq!(d.get("big"), Some(&Bson::Int64(9_007_199_254_740_993)), "a large long survives JavaScript");
     assert_eq!(STATE.with(|s| s.borrow().clone()).unwrap(), dump_bytes(&db, "customers").await);
     let names: Vec<String> = db.list_collection_names().await.unwrap();
-    assert!(!names.iter().any(|n| n.starts_with("_dbshift_staging")), "staging collection left behind: {names:?}");
+    // Rolled back: its pre-image store is gone with it.
+    assert!(!names.iter().any(|n| n.starts_with("_dbshift_rb_")), "pre-images left behind: {names:?}");
 }
 
 #[tokio::test]

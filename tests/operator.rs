@@ -301,6 +301,7 @@ fn ready(d: &DatabaseMigration) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn five_tenants_happy_path() {
     let mut env = Env::new("happy").await;
     for i in 0..5 {
@@ -380,6 +381,7 @@ fn migrated(docs: &[Document]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_failure_under_rollback_restores_every_tenant() {
     let (env, d, before) = failing_tenant("rollback").await;
     let st = d.status.clone().unwrap();
@@ -398,6 +400,7 @@ async fn a_failure_under_rollback_restores_every_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_failure_under_halt_stops_the_rollout() {
     let (env, d, before) = failing_tenant("halt").await;
     let st = d.status.clone().unwrap();
@@ -417,6 +420,7 @@ async fn a_failure_under_halt_stops_the_rollout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_failure_under_continue_migrates_the_others() {
     let (env, d, _) = failing_tenant("continue").await;
     let st = d.status.clone().unwrap();
@@ -431,6 +435,7 @@ async fn a_failure_under_continue_migrates_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_rollback_through_the_snapshot_is_byte_identical() {
     let mut env = Env::new("snap").await;
     for i in 0..3 {
@@ -458,6 +463,7 @@ async fn a_rollback_through_the_snapshot_is_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_controller_killed_at_random_moments_applies_nothing_twice() {
     let mut env = Env::new("kill").await;
     for i in 0..6 {
@@ -495,6 +501,7 @@ async fn a_controller_killed_at_random_moments_applies_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn an_invalid_spec_is_reported_and_touches_nothing() {
     let mut env = Env::new("invalid").await;
     env.seed(0, false).await;
@@ -513,6 +520,7 @@ async fn an_invalid_spec_is_reported_and_touches_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_malformed_migration_file_is_reported_with_its_line() {
     let mut env = Env::new("malformed").await;
     env.seed(0, false).await;
@@ -531,6 +539,7 @@ async fn a_malformed_migration_file_is_reported_with_its_line() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn mongodb_unreachable_waits_and_recovers() {
     let mut env = Env::new("unreachable").await;
     env.seed(0, false).await;
@@ -557,6 +566,7 @@ async fn mongodb_unreachable_waits_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn deleting_mid_run_lets_the_running_job_finish_and_starts_no_other() {
     let mut env = Env::new("delete").await;
     for i in 0..3 {
@@ -590,6 +600,7 @@ async fn deleting_mid_run_lets_the_running_job_finish_and_starts_no_other() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_dry_run_writes_nothing() {
     let mut env = Env::new("dry").await;
     for i in 0..2 {
@@ -619,6 +630,7 @@ async fn a_dry_run_writes_nothing() {
 /// `DBSHIFT_TEST_CHART_MANIFEST`, release `e2e` in namespace `dbshift-e2e`, watching only that
 /// namespace), running in a pod of the cluster with its chart RBAC and a leader Lease.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn the_controller_installed_from_the_chart_migrates_in_the_cluster() {
     let manifest = std::env::var("DBSHIFT_TEST_CHART_MANIFEST")
         .expect("DBSHIFT_TEST_CHART_MANIFEST is not set: run tests/run.sh, which renders the chart");
@@ -726,6 +738,7 @@ spec:
 /// Two controllers with leader election on one Lease: only the leader acts; when it dies, the
 /// other takes over and finishes the run without applying anything twice.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn leader_election_hands_over_when_the_leader_dies() {
     let env = Env::new("leader").await;
     for i in 0..4 {
@@ -771,6 +784,7 @@ async fn leader_election_hands_over_when_the_leader_dies() {
 
 /// Tenants from a registry collection (plus names, minus exclusions), resolved on the server.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn tenants_resolve_from_a_registry_collection() {
     let mongo = common::client().await;
     let reg = common::unique("registry");
@@ -796,6 +810,7 @@ async fn tenants_resolve_from_a_registry_collection() {
 /// Migration sets larger than a ConfigMap come in an image: an init container copies them
 /// from the image (anything with `cp`, here busybox) into a volume the runner reads.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn migrations_from_an_image_are_copied_in_by_an_init_container() {
     let cluster = std::env::var("DBSHIFT_TEST_CLUSTER_DIR")
         .expect("DBSHIFT_TEST_CLUSTER_DIR is not set: run tests/run.sh, which starts the cluster");
@@ -829,6 +844,7 @@ async fn migrations_from_an_image_are_copied_in_by_an_init_container() {
 /// A spec changed while its run is in progress does not change that run: the run finishes as
 /// planned (here: to the first version), then the new generation gets a run of its own.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_spec_changed_mid_run_waits_for_the_run_to_end() {
     let mut env = Env::new("respec").await;
     for i in 0..3 {
@@ -866,6 +882,7 @@ async fn a_spec_changed_mid_run_waits_for_the_run_to_end() {
 
 /// Snapshots into a PersistentVolumeClaim: written by each Job under `<namespace>/<name>/`.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn snapshots_go_to_a_persistent_volume_claim() {
     let mut env = Env::new("pvc").await;
     env.seed(0, false).await;

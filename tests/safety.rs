@@ -284,8 +284,11 @@ async fn a_transform_that_throws_changes_nothing() {
     let e = r.error.unwrap();
     assert!(e.contains("_id 1200") && e.contains("bad row"), "{e}");
     assert_eq!(dump_bytes(&db, "items").await, before);
+    // Undone completely: the failed step's pre-images are dropped, and the record says so.
     let names = db.list_collection_names().await.unwrap();
-    assert!(!names.iter().any(|n| n.starts_with("_dbshift_staging")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("_dbshift_rb_")), "{names:?}");
+    let rec = db.collection::<Document>("_dbshift_migrations").find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!((rec.get_str("state"), rec.get("rollbackData")), (Ok("failed"), None), "{rec}");
 }
 
 #[tokio::test]

@@ -57,6 +57,11 @@ impl RunMemory {
     pub fn new(plan: Arc<FrozenRun>) -> Self {
         RunMemory { plan, launched: HashMap::new(), outcomes: HashMap::new(), announced: HashSet::new(), running: 0 }
     }
+
+    /// The end of this Job was announced: never again.
+    pub fn announced(&mut self, job: String) {
+        self.announced.insert(job);
+    }
 }
 
 /// What the run's Jobs did.
@@ -66,7 +71,7 @@ pub struct Observed {
     /// Launches recorded in the status whose Jobs are missing (lost between the status write
     /// and the create): created again.
     pub missing: Vec<(usize, Action)>,
-    /// Jobs that ended since the last look and were not announced yet.
+    /// Jobs that ended while this process ran and whose end was not announced yet.
     pub new_ends: Vec<(Arc<Job>, Outcome)>,
 }
 
@@ -94,10 +99,18 @@ pub async fn plan(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<Arc<F
 pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Result<Observed, ObserveError> {
     let jobs = run_jobs(ctx, r, &plan.run_id);
     let recorded = recorded_launches(&r.status, &plan.run_id);
+    // In plan order, so reads and announcements follow the tenants.
+    let ordered: Vec<Arc<Job>> = plan
+        .tenants
+        .iter()
+        .flat_map(|t| [Action::Migrate, Action::Rollback].map(|a| job_name(&r.name, &plan.run_id, t, a)))
+        .filter_map(|n| jobs.get(&n).cloned())
+        .collect();
     let unread: Vec<Arc<Job>> = {
         let runs = ctx.runs.lock().expect("lock");
         let mem = runs.get(&r.key);
-        jobs.values()
+        ordered
+            .iter()
             .filter(|j| matches!(job_phase(j), JobPhase::Finished(_)))
             .filter(|j| mem.is_none_or(|m| !m.outcomes.contains_key(&j.name_any())))
             .cloned()
@@ -110,15 +123,16 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     if mem.plan.run_id != plan.run_id {
         *mem = RunMemory::new(plan.clone());
     }
-    let mut new_ends = Vec::new();
     for (job, o) in read {
-        let jn = job.name_any();
-        let finished_now = job_end(&job).is_none_or(|t| t >= ctx.started);
-        if finished_now && mem.announced.insert(jn.clone()) {
-            new_ends.push((job, o.clone()));
-        }
-        mem.outcomes.insert(jn, o);
+        mem.outcomes.insert(job.name_any(), o);
     }
+    // Ends are announced until an announcement went out (a failed reconcile retries them).
+    let new_ends = ordered
+        .iter()
+        .filter(|j| job_end(j).is_some_and(|t| t >= ctx.started))
+        .filter(|j| !mem.announced.contains(&j.name_any()))
+        .filter_map(|j| mem.outcomes.get(&j.name_any()).map(|o| (j.clone(), o.clone())))
+        .collect();
     let (views, missing) = tenant_views(plan, &r.name, &jobs, mem, &recorded);
     Ok(Observed { views, missing, new_ends })
 }

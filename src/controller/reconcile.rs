@@ -20,7 +20,7 @@ use kube::ResourceExt;
 
 use super::frozen::FrozenRun;
 use super::inputs::{self, InputError};
-use super::jobs::Action;
+use super::jobs::{Action, Outcome};
 use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
@@ -155,6 +155,9 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     if let Some(m) = status::message_override(&decision, &plan, r.generation(), deleting, running) {
         new.message = Some(m);
     }
+    // Tenant outcomes are announced before the status that counts them, so whoever sees the
+    // status also finds their Events.
+    announce_ends(ctx, r, seen.new_ends).await;
     // Status first: it records the launches before the Jobs exist.
     if r.status != new {
         act::write_status(ctx, r, &new).await?;
@@ -164,9 +167,6 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     let launches: Vec<(usize, Action)> = decision.launch.iter().chain(&missing).copied().collect();
     act::launch(ctx, r, &plan, &launches).await?;
 
-    for (job, o) in seen.new_ends {
-        report::tenant_ended(ctx, r.dbm, &job, &o).await;
-    }
     if r.status.phase != new.phase {
         report::phase_changed(ctx, r.dbm, new.phase.unwrap_or(Phase::Pending), &decision, &plan.run_id).await;
     }
@@ -178,6 +178,17 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         (true, false) => Requeue::await_change(),
         (false, _) => Requeue::requeue(Duration::from_secs(60)),
     })
+}
+
+/// Publish each Job's end; one that went out is never published again.
+async fn announce_ends(ctx: &Context, r: &Resource<'_>, ends: Vec<(Arc<k8s_openapi::api::batch::v1::Job>, Outcome)>) {
+    for (job, o) in ends {
+        if report::tenant_ended(ctx, r.dbm, &job, &o).await {
+            if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
+                m.announced(job.name_any());
+            }
+        }
+    }
 }
 
 /// The views as they will be once the decided launches are made.

@@ -15,7 +15,7 @@ use super::Context;
 use crate::crd::{DatabaseMigration, Phase};
 
 pub async fn publish(ctx: &Context, dbm: &DatabaseMigration, type_: EventType, reason: &str, note: String) {
-    publish_about(ctx, dbm, type_, reason, note, None).await
+    publish_about(ctx, dbm, type_, reason, note, None).await;
 }
 
 /// An Event about the resource; `related` (a tenant's Job) keeps tenants' Events apart
@@ -27,7 +27,7 @@ async fn publish_about(
     reason: &str,
     note: String,
     related: Option<ObjectReference>,
-) {
+) -> bool {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -36,13 +36,18 @@ async fn publish_about(
         secondary: related,
     };
     ctx.metrics.write("event");
-    if let Err(e) = ctx.recorder.publish(&ev, &dbm.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "could not publish an Event");
+    match ctx.recorder.publish(&ev, &dbm.object_ref(&())).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, reason, "could not publish an Event");
+            false
+        }
     }
 }
 
-/// A tenant's Job ended: its Event and metrics.
-pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) {
+/// A tenant's Job ended: its Event, then its metrics. `false` when the Event could not be
+/// published: both are tried again at the next reconcile.
+pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) -> bool {
     let tenant = job.annotations().get(jobs::ANNOTATION_TENANT).cloned().unwrap_or_default();
     let action = job.labels().get(jobs::LABEL_ACTION).and_then(|a| Action::from_label(a)).unwrap_or(Action::Migrate);
     let (reason, kind) = match (action, o.ok) {
@@ -51,14 +56,6 @@ pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: 
         (Action::Rollback, true) => ("TenantRolledBack", EventType::Normal),
         (Action::Rollback, false) => ("TenantRollbackFailed", EventType::Warning),
     };
-    ctx.metrics.tenant_runs.get_or_create(&OutcomeLabel { outcome: reason.trim_start_matches("Tenant").into() }).inc();
-    if let (Some(start), Some(end)) = (job.metadata.creation_timestamp.as_ref(), job_end(job)) {
-        let secs = end.duration_since(start.0).as_secs_f64();
-        ctx.metrics.tenant_duration.observe(secs.max(0.0));
-    }
-    if let Some(b) = o.result.as_ref().and_then(|r| r.backup.as_ref()) {
-        ctx.metrics.backup_bytes.inc_by(b.bytes);
-    }
     let detail = match (&o.result, &o.error) {
         (Some(r), _) if r.ok => {
             let docs: i64 = r.done.iter().map(|d| d.2).sum();
@@ -72,7 +69,18 @@ pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: 
         (None, Some(e)) => format!("{tenant}: {e}"),
         (None, None) => tenant.clone(),
     };
-    publish_about(ctx, dbm, kind, reason, detail, Some(job.object_ref(&()))).await;
+    if !publish_about(ctx, dbm, kind, reason, detail, Some(job.object_ref(&()))).await {
+        return false;
+    }
+    ctx.metrics.tenant_runs.get_or_create(&OutcomeLabel { outcome: reason.trim_start_matches("Tenant").into() }).inc();
+    if let (Some(start), Some(end)) = (job.metadata.creation_timestamp.as_ref(), job_end(job)) {
+        let secs = end.duration_since(start.0).as_secs_f64();
+        ctx.metrics.tenant_duration.observe(secs.max(0.0));
+    }
+    if let Some(b) = o.result.as_ref().and_then(|r| r.backup.as_ref()) {
+        ctx.metrics.backup_bytes.inc_by(b.bytes);
+    }
+    true
 }
 
 /// The run's phase changed: an Event, and the run metric when it is over.

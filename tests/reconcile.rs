@@ -1,0 +1,485 @@
+//! The reconcile driver against a scripted API server: every request the controller makes is
+//! seen here in order, checked (method, path, body) and answered, the way kube-rs's
+//! controller-rs tests its reconciler. No cluster: the Job store is fed by the test, and the
+//! tenants are resolved on the real MongoDB wire server (tests/common).
+//!
+//! What these tests pin down: a new run freezes its plan before anything else, records each
+//! launch in the status before creating the Job, reads a finished Job's pods once, announces
+//! a tenant's end before the status that counts it, continues the same run after a restart
+//! without creating a Job twice, lets running Jobs finish on deletion, and applies each failure
+//! policy.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{json, Value};
+use tower_test::mock::{self, Handle, SendResponse};
+
+use dbshift::controller::{metrics::Metrics, reconcile::reconcile, Config, Context, MANAGER};
+use dbshift::crd::{DatabaseMigration, DatabaseMigrationStatus, Phase, TenantPhase};
+
+const NS: &str = "shop";
+const NAME: &str = "add-flag";
+const UID: &str = "5e1f0c2a-0000-4000-8000-000000000001";
+
+/// One request the controller made, waiting for its answer.
+struct Call {
+    method: String,
+    path: String,
+    query: String,
+    body: Value,
+    reply: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn answer(self, code: u16, body: Value) {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        self.reply.send_response(Response::builder().status(code).body(Body::from(bytes)).unwrap());
+    }
+
+    /// Answer a create or patch with the object it sent (what an API server returns).
+    fn echo(self) {
+        let body = self.body.clone();
+        self.answer(200, body)
+    }
+
+    fn already_exists(self) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                            "message": "already exists", "code": 409});
+        self.answer(409, status)
+    }
+}
+
+/// The scripted API server.
+struct ApiServer {
+    handle: Handle<Request<Body>, Response<Body>>,
+    /// Every request body seen, to check that no secret ever left the controller.
+    seen: Vec<String>,
+}
+
+impl ApiServer {
+    async fn next(&mut self) -> Call {
+        let (req, reply) = tokio::time::timeout(Duration::from_secs(20), self.handle.next_request())
+            .await
+            .expect("the controller made no further request")
+            .expect("the client is gone");
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        self.seen.push(String::from_utf8_lossy(&bytes).into_owned());
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        Call {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or_default().to_string(),
+            body,
+            reply,
+        }
+    }
+
+    /// The next request must be `method path`.
+    async fn expect(&mut self, method: &str, path: &str) -> Call {
+        let c = self.next().await;
+        assert_eq!((c.method.as_str(), c.path.as_str()), (method, path), "unexpected request (query {})", c.query);
+        c
+    }
+
+    /// An Event with this reason (events.k8s.io/v1), answered.
+    async fn event(&mut self, reason: &str) -> Value {
+        let c = self.expect("POST", &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")).await;
+        assert_eq!(c.body["reason"], reason, "{}", c.body);
+        let body = c.body.clone();
+        c.echo();
+        body
+    }
+
+    /// The status apply, answered; returns the status written.
+    async fn status(&mut self) -> DatabaseMigrationStatus {
+        let c = self.expect("PATCH", &format!("{}/status", resource_path())).await;
+        assert!(c.query.contains(&format!("fieldManager={MANAGER}")) && c.query.contains("force=true"), "{}", c.query);
+        let st: DatabaseMigrationStatus = serde_json::from_value(c.body["status"].clone()).unwrap();
+        let mut obj = resource(st.clone());
+        obj.metadata.resource_version = Some("2".into());
+        c.answer(200, serde_json::to_value(obj).unwrap());
+        st
+    }
+
+    /// A Job create, answered; returns the Job.
+    async fn job(&mut self) -> Job {
+        let c = self.expect("POST", &format!("/apis/batch/v1/namespaces/{NS}/jobs")).await;
+        let job: Job = serde_json::from_value(c.body.clone()).unwrap();
+        c.echo();
+        job
+    }
+
+    /// The list of a finished Job's pods, answered with a runner that wrote `result`.
+    async fn pods(&mut self, job: &Job, exit_code: i32, result: Value) {
+        let c = self.expect("GET", &format!("/api/v1/namespaces/{NS}/pods")).await;
+        let name = job.metadata.name.clone().unwrap();
+        assert!(c.query.contains(&format!("job-name%3D{name}")), "{}", c.query);
+        let pod = json!({
+            "metadata": { "name": format!("{name}-x"), "namespace": NS },
+            "status": { "containerStatuses": [{
+                "name": "runner", "image": "dbshift:test", "imageID": "", "ready": false, "restartCount": 0,
+                "state": { "terminated": { "exitCode": exit_code, "message": result.to_string() } }
+            }]}
+        });
+        c.answer(200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
+    }
+
+    /// Nothing more is asked.
+    async fn idle(&mut self) {
+        if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await {
+            panic!("unexpected request {} {}", req.method(), req.uri());
+        }
+    }
+}
+
+fn resource_path() -> String {
+    format!("/apis/dbshift.io/v1alpha1/namespaces/{NS}/databasemigrations/{NAME}")
+}
+
+const ADD_FLAG: &str = "up:\n  - addField: { collection: customers, field: flag, value: true }\n";
+
+fn tenants() -> Vec<String> {
+    (0..3).map(|i| format!("rc_t{i}")).collect()
+}
+
+/// The resource, with the finalizer and the given status.
+fn resource_with(rollout: Value, status: DatabaseMigrationStatus) -> DatabaseMigration {
+    let mut d: DatabaseMigration = serde_json::from_value(json!({
+        "apiVersion": "dbshift.io/v1alpha1",
+        "kind": "DatabaseMigration",
+        "metadata": { "name": NAME, "namespace": NS, "uid": UID, "generation": 1, "resourceVersion": "1",
+                      "finalizers": ["dbshift.io/finalizer"] },
+        "spec": {
+            "connection": { "secretRef": { "name": "mongo", "key": "uri" } },
+            "tenants": { "names": tenants() },
+            "migrations": { "inline": { "20250101000000_add_flag.yaml": ADD_FLAG } },
+            "rollout": rollout,
+        }
+    }))
+    .unwrap();
+    d.status = Some(status);
+    d
+}
+
+fn resource(status: DatabaseMigrationStatus) -> DatabaseMigration {
+    resource_with(json!({ "maxParallel": 2 }), status)
+}
+
+/// A controller's context on the scripted API server, with a Job store the test feeds.
+fn context() -> (Arc<Context>, ApiServer, Writer<Job>) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, NS);
+    let (store, writer) = reflector::store::<Job>();
+    let ctx = Context {
+        client: client.clone(),
+        config: Config {
+            runner_image: "dbshift:test".into(),
+            connect_timeout: Duration::from_secs(5),
+            retry: Duration::from_secs(30),
+        },
+        jobs: store,
+        recorder: Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some("test".into()) }),
+        metrics: Arc::new(Metrics::default()),
+        runs: Mutex::new(HashMap::new()),
+        started: Timestamp::now(),
+    };
+    (Arc::new(ctx), ApiServer { handle, seen: Vec::new() }, writer)
+}
+
+/// A reconcile running on the scripted API server; the test answers its requests, then
+/// [`Running::done`] checks it asks nothing more and returns what it wants next.
+struct Running(tokio::task::JoinHandle<Result<Requeue, dbshift::controller::Error>>);
+
+fn reconcile_on(ctx: &Arc<Context>, dbm: DatabaseMigration) -> Running {
+    Running(tokio::spawn(reconcile(Arc::new(dbm), ctx.clone())))
+}
+
+impl Running {
+    async fn done(self, api: &mut ApiServer) -> Requeue {
+        api.idle().await;
+        self.0.await.unwrap().expect("reconcile succeeded")
+    }
+}
+
+/// The Secret with the test server's URI.
+async fn secret(api: &mut ApiServer) {
+    let c = api.expect("GET", &format!("/api/v1/namespaces/{NS}/secrets/mongo")).await;
+    let uri = base64(common::uri().as_bytes());
+    c.answer(
+        200,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mongo", "namespace": NS},
+                          "data": {"uri": uri}}),
+    );
+}
+
+fn base64(b: &[u8]) -> String {
+    use std::fmt::Write;
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.write_char(T[(n >> (18 - 6 * i) & 63) as usize] as char).unwrap();
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// What a new run writes, in order: the frozen files and plan, RunStarted, the status naming
+/// the first launches, the Jobs, then the Migrating Event. Returns (plan ConfigMap, status, Jobs).
+async fn start(ctx: &Arc<Context>, api: &mut ApiServer, rollout: Value) -> (Value, DatabaseMigrationStatus, Vec<Job>) {
+    let n = rollout["maxParallel"].as_u64().unwrap_or(1).min(3) as usize;
+    let run = reconcile_on(ctx, resource_with(rollout, DatabaseMigrationStatus::default()));
+    secret(api).await;
+    let files = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
+    assert!(files.body["data"]["20250101000000_add_flag.yaml"].is_string(), "{}", files.body);
+    files.echo();
+    let plan = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
+    let plan_cm = plan.body.clone();
+    assert_eq!(plan_cm["metadata"]["ownerReferences"][0]["uid"], UID);
+    plan.echo();
+    api.event("RunStarted").await;
+    let st = api.status().await;
+    let mut jobs = Vec::new();
+    for _ in 0..n {
+        jobs.push(api.job().await);
+    }
+    api.event("Migrating").await;
+    assert_eq!(run.done(api).await, Requeue::requeue(Duration::from_secs(60)));
+    (plan_cm, st, jobs)
+}
+
+/// The Job as the store sees it once it ended.
+fn finished(job: &Job, ok: bool) -> Job {
+    let mut j = job.clone();
+    let cond = if ok { "Complete" } else { "Failed" };
+    j.status = Some(
+        serde_json::from_value(json!({
+            "conditions": [{ "type": cond, "status": "True", "lastTransitionTime": Timestamp::now().to_string() }]
+        }))
+        .unwrap(),
+    );
+    j
+}
+
+fn put(writer: &mut Writer<Job>, job: &Job) {
+    writer.apply_watcher_event(&watcher::Event::Apply(job.clone()));
+}
+
+fn env_of(job: &Job) -> HashMap<String, String> {
+    let c = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
+}
+
+fn result(tenant: &str, ok: bool, applied: bool) -> Value {
+    let done = if applied { json!([["20250101000000_add_flag", 12, 20]]) } else { json!([]) };
+    let error =
+        if ok { Value::Null } else { json!("step 1 (addField): boom; every change of this migration was undone") };
+    json!({"v": 1, "tenant": tenant, "ok": ok, "dir": "up", "done": done, "checks": [0, 0],
+           "code": if ok { 0 } else { 1 }, "error": error})
+}
+
+fn entry(st: &DatabaseMigrationStatus, tenant: &str) -> TenantPhase {
+    st.tenants.iter().find(|t| t.name == tenant).map(|t| t.phase).unwrap_or_else(|| panic!("{tenant} not listed"))
+}
+
+fn time(t: Timestamp) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t)
+}
+
+#[tokio::test]
+async fn a_new_run_freezes_its_plan_and_records_launches_before_creating_jobs() {
+    let (ctx, mut api, _writer) = context();
+    // Without the finalizer, the first reconcile adds it and nothing else.
+    let mut bare = resource(DatabaseMigrationStatus::default());
+    bare.metadata.finalizers = None;
+    let run = reconcile_on(&ctx, bare);
+    let c = api.expect("PATCH", &resource_path()).await;
+    assert_eq!(c.body["metadata"]["finalizers"], json!(["dbshift.io/finalizer"]));
+    assert_eq!(c.body["metadata"]["resourceVersion"], "1", "the patch is guarded by the resourceVersion");
+    c.answer(200, serde_json::to_value(resource(DatabaseMigrationStatus::default())).unwrap());
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+
+    let (plan_cm, st, jobs) = start(&ctx, &mut api, json!({ "maxParallel": 2 })).await;
+    let plan: Value = serde_json::from_str(plan_cm["data"]["plan.json"].as_str().unwrap()).unwrap();
+    assert_eq!(plan["tenants"], json!(tenants()));
+    assert_eq!(st.phase, Some(Phase::Migrating));
+    assert_eq!(st.run_id.as_deref(), plan["runId"].as_str());
+    // The status written before the creates names exactly the Jobs created.
+    let recorded: Vec<&str> = st.tenants.iter().filter_map(|t| t.job.as_deref()).collect();
+    let created: Vec<String> = jobs.iter().map(|j| j.metadata.name.clone().unwrap()).collect();
+    assert_eq!(recorded, created);
+    let phases = (entry(&st, "rc_t0"), entry(&st, "rc_t1"), entry(&st, "rc_t2"));
+    assert_eq!(phases, (TenantPhase::Running, TenantPhase::Running, TenantPhase::Pending));
+    let e = env_of(&jobs[0]);
+    assert_eq!((e["DBSHIFT_TENANT"].as_str(), e["DBSHIFT_RUN_ID"].as_str()), ("rc_t0", st.run_id.as_deref().unwrap()));
+    assert_eq!(jobs[0].metadata.owner_references.as_ref().unwrap()[0].uid, UID);
+    // The URI went nowhere: not in a ConfigMap, a status, a Job or an Event.
+    let uri = common::uri();
+    assert!(api.seen.iter().all(|b| !b.contains(&uri)), "a request carried the MongoDB URI");
+}
+
+#[tokio::test]
+async fn a_finished_job_is_read_once_and_announced_before_the_status_counts_it() {
+    let (ctx, mut api, mut writer) = context();
+    let (_, st, jobs) = start(&ctx, &mut api, json!({ "maxParallel": 2 })).await;
+    put(&mut writer, &finished(&jobs[0], true));
+    put(&mut writer, &jobs[1]);
+    let run = reconcile_on(&ctx, resource(st));
+    api.pods(&jobs[0], 0, result("rc_t0", true, true)).await;
+    let ev = api.event("TenantSucceeded").await;
+    assert_eq!(ev["related"]["name"], jobs[0].metadata.name.clone().unwrap().as_str(), "related to its Job");
+    let st = api.status().await;
+    let third = api.job().await;
+    run.done(&mut api).await;
+    assert_eq!(entry(&st, "rc_t0"), TenantPhase::Succeeded);
+    assert_eq!(st.tenants[0].applied[0].documents_affected, 20);
+    assert_eq!(env_of(&third)["DBSHIFT_TENANT"], "rc_t2");
+    put(&mut writer, &third);
+
+    // Nothing changed since: no pod is read again, nothing is written.
+    reconcile_on(&ctx, resource(st)).done(&mut api).await;
+}
+
+#[tokio::test]
+async fn a_restarted_controller_continues_the_same_run_without_creating_a_job_twice() {
+    let (ctx, mut api, _) = context();
+    let (plan_cm, st, jobs) = start(&ctx, &mut api, json!({ "maxParallel": 2 })).await;
+    // A new process: empty memory. The store has the first Job, which ended before the
+    // restart (its Event is not sent again); the second was recorded in the status, but its
+    // create was lost.
+    let (ctx2, mut api2, mut writer2) = context();
+    let mut ended_before = finished(&jobs[0], true);
+    ended_before.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].last_transition_time =
+        Some(time("2020-01-01T00:00:00Z".parse().unwrap()));
+    put(&mut writer2, &ended_before);
+    let run_id = st.run_id.clone().unwrap();
+    let run = reconcile_on(&ctx2, resource(st));
+    let c = api2.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{run_id}-plan")).await;
+    c.answer(200, plan_cm);
+    api2.pods(&jobs[0], 0, result("rc_t0", true, true)).await;
+    let st = api2.status().await;
+    // The third tenant starts; then the lost Job is created again (it exists after all: harmless).
+    let third = api2.job().await;
+    let again = api2.expect("POST", &format!("/apis/batch/v1/namespaces/{NS}/jobs")).await;
+    assert_eq!(again.body["metadata"]["name"], jobs[1].metadata.name.clone().unwrap().as_str());
+    again.already_exists();
+    run.done(&mut api2).await;
+    assert_eq!(env_of(&third)["DBSHIFT_TENANT"], "rc_t2");
+    assert_eq!(entry(&st, "rc_t0"), TenantPhase::Succeeded);
+    assert_eq!(ctx2.runs.lock().unwrap().len(), 1, "the run is remembered again");
+}
+
+#[tokio::test]
+async fn deletion_lets_running_jobs_finish_starts_nothing_then_releases_the_finalizer() {
+    let (ctx, mut api, mut writer) = context();
+    let (_, st, jobs) = start(&ctx, &mut api, json!({ "maxParallel": 1 })).await;
+    put(&mut writer, &jobs[0]);
+    let mut deleting = resource_with(json!({ "maxParallel": 1 }), st);
+    deleting.metadata.deletion_timestamp = Some(time(Timestamp::now()));
+    let run = reconcile_on(&ctx, deleting.clone());
+    let st = api.status().await;
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(10)), "it waits for the running Job");
+    assert!(st.message.clone().unwrap().starts_with("deleting: 1 running Job(s) finish first"), "{st:?}");
+
+    // The Job ends: nothing new starts, the run ends, the finalizer goes.
+    put(&mut writer, &finished(&jobs[0], true));
+    deleting.status = Some(st);
+    let run = reconcile_on(&ctx, deleting);
+    api.pods(&jobs[0], 0, result("rc_t0", true, true)).await;
+    api.event("TenantSucceeded").await;
+    let st = api.status().await;
+    assert_eq!(st.phase, Some(Phase::Failed), "deleted before every tenant ran");
+    assert_eq!((entry(&st, "rc_t1"), entry(&st, "rc_t2")), (TenantPhase::Skipped, TenantPhase::Skipped));
+    api.event("Failed").await;
+    let c = api.expect("PATCH", &resource_path()).await;
+    assert_eq!(c.body["metadata"]["finalizers"], json!([]));
+    c.answer(200, serde_json::to_value(resource(st.clone())).unwrap());
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+}
+
+/// Tenant 0 failed after applying part of the run; tenant 1 succeeded. The reconcile that
+/// sees it reads both pods and announces both ends first; what it does next is the policy's.
+async fn after_a_failure(rollout: &Value) -> (Arc<Context>, ApiServer, Writer<Job>, Running) {
+    let (ctx, mut api, mut writer) = context();
+    let (_, st, jobs) = start(&ctx, &mut api, rollout.clone()).await;
+    put(&mut writer, &finished(&jobs[0], false));
+    put(&mut writer, &finished(&jobs[1], true));
+    let run = reconcile_on(&ctx, resource_with(rollout.clone(), st));
+    api.pods(&jobs[0], 1, result("rc_t0", false, true)).await;
+    api.pods(&jobs[1], 0, result("rc_t1", true, true)).await;
+    api.event("TenantFailed").await;
+    api.event("TenantSucceeded").await;
+    (ctx, api, writer, run)
+}
+
+#[tokio::test]
+async fn on_failure_rollback_rolls_back_every_tenant_the_run_changed() {
+    let rollout = json!({ "maxParallel": 2, "onFailure": "rollback" });
+    let (ctx, mut api, mut writer, run) = after_a_failure(&rollout).await;
+    let st = api.status().await;
+    let rb = [api.job().await, api.job().await];
+    api.event("RollingBack").await;
+    run.done(&mut api).await;
+    assert_eq!(st.phase, Some(Phase::RollingBack));
+    assert_eq!(entry(&st, "rc_t2"), TenantPhase::Skipped);
+    for (j, t) in rb.iter().zip(["rc_t0", "rc_t1"]) {
+        assert!(j.metadata.name.as_ref().unwrap().ends_with("-rb"));
+        assert_eq!(env_of(j)["DBSHIFT_TENANT"], t);
+        assert_eq!(env_of(j)["DBSHIFT_ROLLBACK_RUN"], st.run_id.clone().unwrap());
+        put(&mut writer, &finished(j, true));
+    }
+    let run = reconcile_on(&ctx, resource_with(rollout, st));
+    for (j, t) in rb.iter().zip(["rc_t0", "rc_t1"]) {
+        let mut r = result(t, true, true);
+        r["dir"] = json!("down");
+        r["rollback"] = json!("data");
+        api.pods(j, 0, r).await;
+    }
+    api.event("TenantRolledBack").await;
+    api.event("TenantRolledBack").await;
+    let st = api.status().await;
+    api.event("RolledBack").await;
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+    assert_eq!(st.phase, Some(Phase::RolledBack));
+    assert_eq!((entry(&st, "rc_t0"), entry(&st, "rc_t1")), (TenantPhase::RolledBack, TenantPhase::RolledBack));
+}
+
+#[tokio::test]
+async fn on_failure_halt_starts_nothing_more() {
+    let (_ctx, mut api, _writer, run) = after_a_failure(&json!({ "maxParallel": 2, "onFailure": "halt" })).await;
+    let st = api.status().await;
+    api.event("Failed").await;
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(entry(&st, "rc_t2"), TenantPhase::Skipped);
+}
+
+#[tokio::test]
+async fn on_failure_continue_migrates_the_others() {
+    let (_ctx, mut api, _writer, run) =
+        after_a_failure(&json!({ "maxParallel": 2, "onFailure": "continue", "maxFailures": 0 })).await;
+    let st = api.status().await;
+    let third = api.job().await;
+    run.done(&mut api).await;
+    assert_eq!(st.phase, Some(Phase::Migrating));
+    assert_eq!(entry(&st, "rc_t0"), TenantPhase::Failed);
+    assert_eq!(env_of(&third)["DBSHIFT_TENANT"], "rc_t2");
+}
