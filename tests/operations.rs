@@ -244,11 +244,11 @@ async fn delete_documents_are_restored_byte_for_byte() {
     assert_eq!(STATE.with(|s| s.borrow().clone()).unwrap(), dump_bytes(&db, "customers").await);
 }
 
-/// Rollback data stored by earlier versions (`{_id, docs: [...]}` chunks) is still put back.
+/// Rollback data that is not what dbshift wrote (damaged, or rewritten by someone) is refused:
+/// `down` fails saying so, and the migration stays applied.
 #[tokio::test]
-async fn rollback_data_in_the_earlier_array_layout_is_still_read() {
-    let db = seed("op_legacy_rb").await;
-    let before = dump_bytes(&db, "customers").await;
+async fn damaged_rollback_data_is_refused_and_the_migration_stays_applied() {
+    let db = seed("op_damaged_rb").await;
     let dir = migrations(&[(
         "20250101000000_op.yaml",
         "up:\n  - deleteDocuments: { collection: customers, filter: { plan: free } }\n",
@@ -256,18 +256,23 @@ async fn rollback_data_in_the_earlier_array_layout_is_still_read() {
     let m = load(dir.path());
     let opts = RunOptions::new("test-run");
     assert!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().ok);
+    let after_up = dump_bytes(&db, "customers").await;
     let names = db.list_collection_names().await.unwrap();
     let rb = names.iter().find(|n| n.starts_with("_dbshift_rb_20250101000000")).expect("rollback data").clone();
     let chunks = db.collection::<Document>(&rb);
     let stored = chunks.find_one(doc! {}).await.unwrap().unwrap();
     assert!(stored.get_binary_generic("bson").is_ok(), "pre-images are stored as raw BSON: {stored}");
-    // Rewrite the chunk the way earlier versions stored it.
+    // Rewrite the chunk in another layout.
     let deleted: Vec<Document> = customers().into_iter().filter(|d| d.get_str("plan") == Ok("free")).collect();
     chunks.delete_many(doc! {}).await.unwrap();
     chunks.insert_one(doc! {"_id": 0i64, "docs": deleted}).await.unwrap();
     let r = runner::down(&db, "t", &m, &DownRequest::Steps(1), &opts).await.unwrap();
-    assert!(r.ok, "down failed: {:?}", r.error);
-    assert_eq!(dump_bytes(&db, "customers").await, before);
+    assert!(!r.ok);
+    let e = r.error.unwrap();
+    assert!(e.contains("is damaged") && e.contains("no pre-images in the chunk"), "{e}");
+    assert_eq!(dump_bytes(&db, "customers").await, after_up);
+    let rec = db.collection::<Document>("_dbshift_migrations").find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(rec.get_str("state"), Ok("applied"));
 }
 
 #[tokio::test]

@@ -71,6 +71,16 @@ pub(crate) fn mongo(action: impl Into<String>) -> impl FnOnce(mongodb::error::Er
     move |source| BackupError::Mongo { action, source }
 }
 
+/// Which collections a snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Every collection but dbshift's own: a restore also drops collections created since.
+    All,
+    /// The collections named when it was taken.
+    Selected,
+}
+
 /// What a snapshot holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -82,8 +92,7 @@ pub struct Manifest {
     /// Where it came from: hosts and database, never credentials.
     pub source: String,
     pub gzip: bool,
-    /// `all` (every collection but dbshift's own) or `selected`.
-    pub scope: String,
+    pub scope: Scope,
     pub collections: Vec<CollectionManifest>,
     pub total_documents: u64,
     pub total_bytes: u64,

@@ -255,74 +255,14 @@ pub(crate) async fn restore_from<S: Source>(
     tracing::debug!(seconds = checked.elapsed().as_secs_f64(), "restore: snapshot checked against its manifest");
     let metas: Vec<Document> = wanted.iter().map(|c| src.metadata(c)).collect::<Result<_, _>>()?;
 
-    let mut dropped = Vec::new();
-    if m.scope == "all" && opts.collections.is_empty() {
-        let names = db.list_collection_names().await.map_err(mongo("listing collections"))?;
-        for n in names {
-            if !n.starts_with(INTERNAL_PREFIX)
-                && !n.starts_with("system.")
-                && !m.collections.iter().any(|c| c.name == n)
-            {
-                db.collection::<Document>(&n).drop().await.map_err(mongo(format!("dropping {n}")))?;
-                dropped.push(n);
-            }
-        }
-    }
+    let whole = m.scope == Scope::All && opts.collections.is_empty();
+    let dropped = if whole { drop_created_since(db, m).await? } else { Vec::new() };
     // Largest first: each collection is read back while the next (smaller) one is written.
     let mut order: Vec<(&CollectionManifest, Document)> = wanted.iter().copied().zip(metas).collect();
     order.sort_by_key(|(c, _)| std::cmp::Reverse(c.documents));
     let (mut restored, mut checks) = (Vec::new(), tokio::task::JoinSet::new());
     for (c, meta) in order {
-        let coll = db.collection::<RawDocumentBuf>(&c.name);
-        coll.drop().await.map_err(mongo(format!("dropping {}", c.name)))?;
-        let options = meta.get_document("options").cloned().unwrap_or_default();
-        let mut create = doc! {"create": &c.name};
-        create.extend(options);
-        db.run_command(create).await.map_err(mongo(format!("creating {}", c.name)))?;
-
-        // Two inserts in flight: the server works on one while the next is read and sent.
-        let mut done = 0u64;
-        let written = Instant::now();
-        src.batches(c)
-            .map_ok(|batch| {
-                let n = batch.len() as u64;
-                let coll = coll.clone();
-                async move {
-                    coll.insert_many(batch)
-                        .ordered(false)
-                        .bypass_document_validation(true)
-                        .await
-                        .map(|_| n)
-                        .map_err(mongo(format!("inserting into {}", c.name)))
-                }
-            })
-            .try_buffered(2)
-            .try_for_each(|n| {
-                done += n;
-                if let Some(p) = progress {
-                    p(&c.name, done, c.documents);
-                }
-                futures::future::ready(Ok(()))
-            })
-            .await?;
-        tracing::debug!(collection = %c.name, seconds = written.elapsed().as_secs_f64(), "restore: documents written");
-        let indexes: Vec<Document> = meta
-            .get_array("indexes")
-            .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
-            .unwrap_or_default();
-        let indexes: Vec<Document> = indexes
-            .into_iter()
-            .filter(|i| i.get_str("name").ok() != Some("_id_"))
-            .map(|mut i| {
-                i.remove("ns");
-                i
-            })
-            .collect();
-        if !indexes.is_empty() {
-            db.run_command(doc! {"createIndexes": &c.name, "indexes": indexes})
-                .await
-                .map_err(mongo(format!("creating indexes of {}", c.name)))?;
-        }
+        let coll = write_collection(db, src, c, &meta, progress).await?;
         // Read back and compare with the manifest, while the next collection is written.
         checks.spawn(verify_restored(coll, c.clone()));
         while let Some(r) = checks.try_join_next() {
@@ -333,7 +273,7 @@ pub(crate) async fn restore_from<S: Source>(
         restored.push(r.map_err(|e| BackupError::Verify(format!("the check of a collection stopped: {e}")))??);
     }
     restored.sort_by_key(|r| wanted.iter().position(|c| c.name == r.name));
-    let rolled_back = if m.scope == "all" && opts.collections.is_empty() {
+    let rolled_back = if whole {
         reconcile_tracking(db, m, tracking_name(&opts.tracking), &opts.rolled_back_by).await?
     } else {
         Vec::new()
@@ -348,6 +288,79 @@ pub(crate) async fn restore_from<S: Source>(
         dropped,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// A whole-database restore first drops the collections created since the snapshot.
+async fn drop_created_since(db: &Database, m: &Manifest) -> Result<Vec<String>, BackupError> {
+    let mut dropped = Vec::new();
+    for n in db.list_collection_names().await.map_err(mongo("listing collections"))? {
+        if !n.starts_with(INTERNAL_PREFIX) && !n.starts_with("system.") && !m.collections.iter().any(|c| c.name == n) {
+            db.collection::<Document>(&n).drop().await.map_err(mongo(format!("dropping {n}")))?;
+            dropped.push(n);
+        }
+    }
+    Ok(dropped)
+}
+
+/// Re-create one collection: its options, its documents (two inserts in flight), its indexes.
+async fn write_collection<S: Source>(
+    db: &Database,
+    src: &S,
+    c: &CollectionManifest,
+    meta: &Document,
+    progress: RestoreProgress<'_>,
+) -> Result<mongodb::Collection<RawDocumentBuf>, BackupError> {
+    let coll = db.collection::<RawDocumentBuf>(&c.name);
+    coll.drop().await.map_err(mongo(format!("dropping {}", c.name)))?;
+    let options = meta.get_document("options").cloned().unwrap_or_default();
+    let mut create = doc! {"create": &c.name};
+    create.extend(options);
+    db.run_command(create).await.map_err(mongo(format!("creating {}", c.name)))?;
+
+    // Two inserts in flight: the server works on one while the next is read and sent.
+    let mut done = 0u64;
+    let written = Instant::now();
+    src.batches(c)
+        .map_ok(|batch| {
+            let n = batch.len() as u64;
+            let coll = coll.clone();
+            async move {
+                coll.insert_many(batch)
+                    .ordered(false)
+                    .bypass_document_validation(true)
+                    .await
+                    .map(|_| n)
+                    .map_err(mongo(format!("inserting into {}", c.name)))
+            }
+        })
+        .try_buffered(2)
+        .try_for_each(|n| {
+            done += n;
+            if let Some(p) = progress {
+                p(&c.name, done, c.documents);
+            }
+            futures::future::ready(Ok(()))
+        })
+        .await?;
+    tracing::debug!(collection = %c.name, seconds = written.elapsed().as_secs_f64(), "restore: documents written");
+    let indexes: Vec<Document> = meta
+        .get_array("indexes")
+        .map(|a| a.iter().filter_map(|b| b.as_document().cloned()).collect())
+        .unwrap_or_default();
+    let indexes: Vec<Document> = indexes
+        .into_iter()
+        .filter(|i| i.get_str("name").ok() != Some("_id_"))
+        .map(|mut i| {
+            i.remove("ns");
+            i
+        })
+        .collect();
+    if !indexes.is_empty() {
+        db.run_command(doc! {"createIndexes": &c.name, "indexes": indexes})
+            .await
+            .map_err(mongo(format!("creating indexes of {}", c.name)))?;
+    }
+    Ok(coll)
 }
 
 /// A directory snapshot.

@@ -101,7 +101,7 @@ pub(crate) async fn write_snapshot<S: Sink>(
         })
         .collect();
     let scope = if opts.collections.is_empty() {
-        "all"
+        Scope::All
     } else {
         for want in &opts.collections {
             if !infos.iter().any(|c| c.get_str("name").ok() == Some(want.as_str())) {
@@ -109,7 +109,7 @@ pub(crate) async fn write_snapshot<S: Sink>(
             }
         }
         infos.retain(|c| opts.collections.iter().any(|w| c.get_str("name").ok() == Some(w.as_str())));
-        "selected"
+        Scope::Selected
     };
     infos.sort_by(|a, b| a.get_str("name").unwrap_or_default().cmp(b.get_str("name").unwrap_or_default()));
     // Two collections at a time: a server serves two cursors faster than one after the other.
@@ -133,7 +133,7 @@ pub(crate) async fn write_snapshot<S: Sink>(
         created_at,
         source: opts.source.clone(),
         gzip: opts.gzip,
-        scope: scope.into(),
+        scope,
         total_documents: collections.iter().map(|c| c.documents).sum(),
         total_bytes: collections.iter().map(|c| c.bytes).sum(),
         sha256: snapshot_hash(&collections),

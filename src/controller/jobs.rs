@@ -104,147 +104,17 @@ pub fn build_job(
     action: Action,
     defaults: &JobDefaults,
 ) -> Job {
-    let spec = &plan.spec;
-    let t = &spec.job_template;
-    let name = job_name(resource, &plan.run_id, tenant, action);
-
-    let mut labels = BTreeMap::from([
-        (MANAGED_BY.to_string(), MANAGER.to_string()),
-        ("app.kubernetes.io/name".to_string(), "dbshift-runner".to_string()),
-        (LABEL_RUN.to_string(), plan.run_id.clone()),
-        (LABEL_ACTION.to_string(), action.label().to_string()),
-    ]);
-    if is_label_value(resource) {
-        labels.insert(LABEL_MIGRATION.into(), resource.into());
-    }
-    if is_label_value(tenant) {
-        labels.insert(LABEL_TENANT.into(), tenant.into());
-    }
+    let t = &plan.spec.job_template;
+    let labels = job_labels(&plan.run_id, resource, tenant, action);
     let annotations = BTreeMap::from([(ANNOTATION_TENANT.to_string(), tenant.to_string())]);
-
-    let env_var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
-    let mut env = vec![
-        env_var(env::TENANT, tenant),
-        env_var(env::RUN_ID, &plan.run_id),
-        env_var(env::DIR, MIGRATIONS_DIR),
-        env_var(env::MONGODB_URI_FILE, &format!("{URI_DIR}/uri")),
-        env_var(env::LOG_FORMAT, "json"),
-        env_var(env::LOG, "info"),
-    ];
-    if let Some(target) = &plan.target {
-        env.push(env_var(env::TARGET, target));
-    }
-    if !spec.profiles.is_empty() {
-        env.push(env_var(env::PROFILES, &spec.profiles.join(",")));
-    }
-    if spec.allow_changed {
-        env.push(env_var(env::ALLOW_CHANGED, "true"));
-    }
-    match action {
-        Action::Migrate if spec.dry_run => env.push(env_var(env::DRY_RUN, "true")),
-        Action::Migrate => {}
-        Action::Rollback => env.push(env_var(env::ROLLBACK_RUN, &plan.run_id)),
-    }
-    let claim = spec.backup.destination.as_ref().and_then(|d| d.persistent_volume_claim.as_ref());
-    if spec.backup.enabled && !spec.dry_run {
-        let dest = match claim {
-            // The claim is mounted at the resource's own sub-directory (created by the kubelet).
-            Some(_) => Destination::Dir(BACKUP_DIR.into()),
-            None => {
-                let db = spec.backup.destination.as_ref().and_then(|d| d.database.clone());
-                Destination::Database(db.unwrap_or_else(|| crate::backup::DEFAULT_DATABASE.into()))
-            }
-        };
-        env.push(env_var(env::BACKUP, &dest.to_string()));
-        env.push(env_var(env::BACKUP_RETENTION, &spec.backup.retention.to_string()));
-    }
-
-    let mount = |n: &str, p: &str, ro: bool| VolumeMount {
-        name: n.into(),
-        mount_path: p.into(),
-        read_only: Some(ro),
-        ..Default::default()
-    };
-    let mut mounts = vec![mount("connection", URI_DIR, true), mount("tmp", "/tmp", false)];
-    let mut volumes = vec![
-        Volume {
-            name: "connection".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(spec.connection.secret_ref.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: spec.connection.secret_ref.key.clone(),
-                    path: "uri".into(),
-                    ..Default::default()
-                }]),
-                // Group-readable: the pod's fsGroup lets the unprivileged runner read it.
-                default_mode: Some(0o440),
-                optional: Some(false),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-    ];
-    let mut init_containers = Vec::new();
-    match (&plan.files_config_map, &spec.migrations.image) {
-        (Some(cm), _) => {
-            mounts.push(mount("migrations", MIGRATIONS_DIR, true));
-            volumes.push(Volume {
-                name: "migrations".into(),
-                config_map: Some(ConfigMapVolumeSource { name: cm.clone(), ..Default::default() }),
-                ..Default::default()
-            });
-        }
-        (None, Some(img)) => {
-            // The migrations image only has to hold the files and `cp`; an init container
-            // copies them into a volume the runner reads.
-            mounts.push(mount("migrations", MIGRATIONS_DIR, true));
-            volumes.push(Volume {
-                name: "migrations".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            });
-            init_containers.push(Container {
-                name: "migrations".into(),
-                image: Some(img.image.clone()),
-                image_pull_policy: t.image_pull_policy.map(pull_policy),
-                // Mounted elsewhere than the image's own directory, which it would hide.
-                command: Some(vec![
-                    "cp".into(),
-                    "-R".into(),
-                    format!("{}/.", img.path.trim_end_matches('/')),
-                    COPY_DIR.into(),
-                ]),
-                volume_mounts: Some(vec![mount("migrations", COPY_DIR, false)]),
-                security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
-                resources: t.resources.clone(),
-                ..Default::default()
-            });
-        }
-        (None, None) => {}
-    }
-    if let (Some(c), true) = (claim, spec.backup.enabled && !spec.dry_run) {
-        mounts.push(VolumeMount {
-            sub_path: Some(format!("{namespace}/{resource}")),
-            ..mount("backups", BACKUP_DIR, false)
-        });
-        volumes.push(Volume {
-            name: "backups".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: c.claim_name.clone(),
-                read_only: Some(false),
-            }),
-            ..Default::default()
-        });
-    }
-
+    let files = Files::of(plan, namespace, resource);
     let container = Container {
         name: "runner".into(),
         image: Some(t.image.clone().unwrap_or_else(|| defaults.image.clone())),
         image_pull_policy: t.image_pull_policy.map(pull_policy),
         args: Some(vec!["run".into()]),
-        env: Some(env),
-        volume_mounts: Some(mounts),
+        env: Some(runner_env(plan, tenant, action)),
+        volume_mounts: Some(files.mounts),
         resources: t.resources.clone(),
         security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
         termination_message_path: Some("/dev/termination-log".into()),
@@ -253,7 +123,7 @@ pub fn build_job(
     };
     let pod = PodSpec {
         containers: vec![container],
-        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        init_containers: (!files.init_containers.is_empty()).then_some(files.init_containers),
         restart_policy: Some("Never".into()),
         // The runner talks to MongoDB only; it gets no Kubernetes credentials.
         automount_service_account_token: Some(false),
@@ -267,12 +137,12 @@ pub fn build_job(
             fs_group: Some(RUNNER_UID),
             ..Default::default()
         }),
-        volumes: Some(volumes),
+        volumes: Some(files.volumes),
         ..Default::default()
     };
     Job {
         metadata: ObjectMeta {
-            name: Some(name),
+            name: Some(job_name(resource, &plan.run_id, tenant, action)),
             namespace: Some(namespace.into()),
             labels: Some(labels.clone()),
             annotations: Some(annotations.clone()),
@@ -293,6 +163,168 @@ pub fn build_job(
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// The labels of a tenant's Job and its pods (names that are not label values are left out:
+/// the tenant is always in the annotation).
+fn job_labels(run_id: &str, resource: &str, tenant: &str, action: Action) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.to_string(), MANAGER.to_string()),
+        ("app.kubernetes.io/name".to_string(), "dbshift-runner".to_string()),
+        (LABEL_RUN.to_string(), run_id.to_string()),
+        (LABEL_ACTION.to_string(), action.label().to_string()),
+    ]);
+    if is_label_value(resource) {
+        labels.insert(LABEL_MIGRATION.into(), resource.into());
+    }
+    if is_label_value(tenant) {
+        labels.insert(LABEL_TENANT.into(), tenant.into());
+    }
+    labels
+}
+
+/// The runner's environment: the contract of [`crate::job::env`].
+fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
+    let spec = &plan.spec;
+    let var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
+    let mut env = vec![
+        var(env::TENANT, tenant),
+        var(env::RUN_ID, &plan.run_id),
+        var(env::DIR, MIGRATIONS_DIR),
+        var(env::MONGODB_URI_FILE, &format!("{URI_DIR}/uri")),
+        var(env::LOG_FORMAT, "json"),
+        var(env::LOG, "info"),
+    ];
+    if let Some(target) = &plan.target {
+        env.push(var(env::TARGET, target));
+    }
+    if !spec.profiles.is_empty() {
+        env.push(var(env::PROFILES, &spec.profiles.join(",")));
+    }
+    if spec.allow_changed {
+        env.push(var(env::ALLOW_CHANGED, "true"));
+    }
+    match action {
+        Action::Migrate if spec.dry_run => env.push(var(env::DRY_RUN, "true")),
+        Action::Migrate => {}
+        Action::Rollback => env.push(var(env::ROLLBACK_RUN, &plan.run_id)),
+    }
+    if let Some(dest) = backup_destination(plan) {
+        env.push(var(env::BACKUP, &dest.to_string()));
+        env.push(var(env::BACKUP_RETENTION, &spec.backup.retention.to_string()));
+    }
+    env
+}
+
+/// Where the runner snapshots the tenant (none for a dry run or with backups off).
+fn backup_destination(plan: &FrozenRun) -> Option<Destination> {
+    let b = &plan.spec.backup;
+    if !b.enabled || plan.spec.dry_run {
+        return None;
+    }
+    let d = b.destination.as_ref();
+    Some(match d.and_then(|d| d.persistent_volume_claim.as_ref()) {
+        // The claim is mounted at the resource's own sub-directory (created by the kubelet).
+        Some(_) => Destination::Dir(BACKUP_DIR.into()),
+        None => Destination::Database(
+            d.and_then(|d| d.database.clone()).unwrap_or_else(|| crate::backup::DEFAULT_DATABASE.into()),
+        ),
+    })
+}
+
+/// The pod's files: the URI from the Secret, a writable /tmp, the migrations (a ConfigMap, or
+/// an image's files copied by an init container) and the backup claim.
+struct Files {
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    init_containers: Vec<Container>,
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(read_only), ..Default::default() }
+}
+
+impl Files {
+    fn of(plan: &FrozenRun, namespace: &str, resource: &str) -> Files {
+        let spec = &plan.spec;
+        let mut f = Files {
+            volumes: vec![
+                Volume { name: "connection".into(), secret: Some(uri_secret(spec)), ..Default::default() },
+                Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+            ],
+            mounts: vec![mount("connection", URI_DIR, true), mount("tmp", "/tmp", false)],
+            init_containers: Vec::new(),
+        };
+        match (&plan.files_config_map, &spec.migrations.image) {
+            (Some(cm), _) => {
+                f.mounts.push(mount("migrations", MIGRATIONS_DIR, true));
+                f.volumes.push(Volume {
+                    name: "migrations".into(),
+                    config_map: Some(ConfigMapVolumeSource { name: cm.clone(), ..Default::default() }),
+                    ..Default::default()
+                });
+            }
+            (None, Some(img)) => {
+                f.mounts.push(mount("migrations", MIGRATIONS_DIR, true));
+                f.volumes.push(Volume {
+                    name: "migrations".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                });
+                f.init_containers.push(copy_files(spec, img));
+            }
+            (None, None) => {}
+        }
+        let claim = spec.backup.destination.as_ref().and_then(|d| d.persistent_volume_claim.as_ref());
+        if let (Some(c), Some(Destination::Dir(_))) = (claim, backup_destination(plan)) {
+            f.mounts.push(VolumeMount {
+                sub_path: Some(format!("{namespace}/{resource}")),
+                ..mount("backups", BACKUP_DIR, false)
+            });
+            f.volumes.push(Volume {
+                name: "backups".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: c.claim_name.clone(),
+                    read_only: Some(false),
+                }),
+                ..Default::default()
+            });
+        }
+        f
+    }
+}
+
+/// The URI, as the one file `uri` of the Secret's key.
+fn uri_secret(spec: &crate::crd::DatabaseMigrationSpec) -> SecretVolumeSource {
+    SecretVolumeSource {
+        secret_name: Some(spec.connection.secret_ref.name.clone()),
+        items: Some(vec![KeyToPath {
+            key: spec.connection.secret_ref.key.clone(),
+            path: "uri".into(),
+            ..Default::default()
+        }]),
+        // Group-readable: the pod's fsGroup lets the unprivileged runner read it.
+        default_mode: Some(0o440),
+        optional: Some(false),
+        ..Default::default()
+    }
+}
+
+/// The migrations image only has to hold the files and `cp`; this init container copies them
+/// into a volume the runner reads, mounted elsewhere than the image's own directory (which it
+/// would hide).
+fn copy_files(spec: &crate::crd::DatabaseMigrationSpec, img: &crate::crd::ImageSource) -> Container {
+    let t = &spec.job_template;
+    Container {
+        name: "migrations".into(),
+        image: Some(img.image.clone()),
+        image_pull_policy: t.image_pull_policy.map(pull_policy),
+        command: Some(vec!["cp".into(), "-R".into(), format!("{}/.", img.path.trim_end_matches('/')), COPY_DIR.into()]),
+        volume_mounts: Some(vec![mount("migrations", COPY_DIR, false)]),
+        security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
+        resources: t.resources.clone(),
+        ..Default::default()
     }
 }
 

@@ -110,23 +110,63 @@ fn error_policy(dbm: Arc<DatabaseMigration>, e: &Error, ctx: Arc<Context>) -> Re
     Requeue::requeue(Duration::from_secs(5))
 }
 
+/// Fail fast, with the fix, when the CRD is not installed.
+async fn check_crd(dbms: &Api<DatabaseMigration>) -> Result<(), String> {
+    match dbms.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(ae)) if ae.code == 404 => Err(
+            "the DatabaseMigration CRD is not installed: `dbshift crd | kubectl apply -f -` (or install the Helm chart)"
+                .into(),
+        ),
+        Err(other) => Err(format!("cannot list DatabaseMigrations: {other}")),
+    }
+}
+
+/// Wait for leadership (a standby replica is healthy and ready; it just does not act).
+async fn elect(client: &Client, args: &Settings, identity: &str, health: &metrics::Health) -> Option<lease::Elector> {
+    if !args.leader_election {
+        return None;
+    }
+    let ns = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+    let e = lease::Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &ns),
+        &args.lease_name,
+        identity,
+        args.lease_duration,
+    );
+    health.ready.store(true, Ordering::Relaxed);
+    e.acquire().await;
+    health.ready.store(false, Ordering::Relaxed);
+    Some(e)
+}
+
+/// The store of every Job dbshift manages, kept by a watch; ready once listed.
+async fn job_store(jobs_api: &Api<Job>, selector: &str) -> Result<Store<Job>, String> {
+    let (store, writer) = reflector::store();
+    let job_events = watcher(jobs_api.clone(), watcher::Config::default().labels(selector))
+        .default_backoff()
+        .modify(|j: &mut Job| {
+            // The store keeps what decisions need: names, labels, owners, status.
+            j.metadata.managed_fields = None;
+            j.spec = None;
+        })
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(job_events.for_each(|_| futures::future::ready(())));
+    store.wait_until_ready().await.map_err(|e| format!("the Job watch stopped: {e}"))?;
+    Ok(store)
+}
+
 /// Run the controller until SIGTERM/SIGINT, or until leadership is lost.
 pub async fn run(args: &Settings) -> Result<(), String> {
     let client = Client::try_default()
         .await
         .map_err(|e| format!("cannot configure a Kubernetes client (in-cluster or KUBECONFIG): {e}"))?;
-    let dbms: Api<DatabaseMigration> = match &args.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let (dbms, jobs_api): (Api<DatabaseMigration>, Api<Job>) = match &args.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    if let Err(e) = dbms.list(&ListParams::default().limit(1)).await {
-        return Err(match e {
-            kube::Error::Api(ae) if ae.code == 404 => {
-                "the DatabaseMigration CRD is not installed: `dbshift crd | kubectl apply -f -` (or install the Helm chart)".into()
-            }
-            other => format!("cannot list DatabaseMigrations: {other}"),
-        });
-    }
+    check_crd(&dbms).await?;
 
     let metrics = Arc::new(metrics::Metrics::default());
     let health = Arc::new(metrics::Health::default());
@@ -139,41 +179,8 @@ pub async fn run(args: &Settings) -> Result<(), String> {
         .ok()
         .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "dbshift".into());
-    let elector = if args.leader_election {
-        let ns = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-        let e = lease::Elector::new(
-            Api::<Lease>::namespaced(client.clone(), &ns),
-            &args.lease_name,
-            &identity,
-            args.lease_duration,
-        );
-        // A standby replica is healthy and ready; it just does not act.
-        health.ready.store(true, Ordering::Relaxed);
-        e.acquire().await;
-        health.ready.store(false, Ordering::Relaxed);
-        Some(e)
-    } else {
-        None
-    };
-
-    let jobs_api: Api<Job> = match &args.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let elector = elect(&client, args, &identity, &health).await;
     let selector = format!("{}={}", jobs::MANAGED_BY, jobs::MANAGER);
-    let (store, writer) = reflector::store();
-    let job_events = watcher(jobs_api.clone(), watcher::Config::default().labels(&selector))
-        .default_backoff()
-        .modify(|j: &mut Job| {
-            // The store keeps what decisions need: names, labels, owners, status.
-            j.metadata.managed_fields = None;
-            j.spec = None;
-        })
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(job_events.for_each(|_| futures::future::ready(())));
-    store.wait_until_ready().await.map_err(|e| format!("the Job watch stopped: {e}"))?;
-
     let ctx = Arc::new(Context {
         client: client.clone(),
         config: Config {
@@ -181,7 +188,7 @@ pub async fn run(args: &Settings) -> Result<(), String> {
             connect_timeout: args.mongodb_timeout,
             retry: Duration::from_secs(30),
         },
-        jobs: store,
+        jobs: job_store(&jobs_api, &selector).await?,
         recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),
         metrics,
         runs: Mutex::new(HashMap::new()),

@@ -63,153 +63,129 @@ fn needs_rollback(v: &TenantView) -> bool {
     }
 }
 
+/// What every part of the decision looks at.
+struct Tally<'a> {
+    plan: &'a FrozenRun,
+    views: &'a [TenantView],
+    canaries: usize,
+    max_parallel: usize,
+    running: usize,
+    failures: usize,
+}
+
 /// Decide the next step. `deleting`: the resource is being deleted, start nothing.
 pub fn decide(plan: &FrozenRun, views: &[TenantView], deleting: bool) -> Decision {
     let rollout = &plan.spec.rollout;
-    let max_parallel = rollout.max_parallel.max(1) as usize;
-    let canaries = plan.canaries.min(views.len());
-    let total = views.len();
+    let t = Tally {
+        plan,
+        views,
+        canaries: plan.canaries.min(views.len()),
+        max_parallel: rollout.max_parallel.max(1) as usize,
+        running: views.iter().filter(|v| v.migrate == Step::Running).count(),
+        failures: views.iter().filter(|v| v.migrate.failed()).count(),
+    };
+    let canary_failed = views[..t.canaries].iter().any(|v| v.migrate.failed());
+    let over_budget = t.failures > rollout.max_failures as usize;
+    if canary_failed || (over_budget && rollout.on_failure != FailurePolicy::Continue) {
+        let why = if canary_failed {
+            "a canary tenant failed".to_string()
+        } else {
+            format!("{} tenant(s) failed (maxFailures {})", t.failures, rollout.max_failures)
+        };
+        return apply_policy(&t, &why, deleting);
+    }
+    migrate(&t, deleting)
+}
 
-    let running = views.iter().filter(|v| v.migrate == Step::Running).count();
-    let failures = views.iter().filter(|v| v.migrate.failed()).count();
-    let canary_failed = views[..canaries].iter().any(|v| v.migrate.failed());
-    let over_budget = failures > rollout.max_failures as usize;
-    let policy = rollout.on_failure;
-    let stopped = canary_failed || (over_budget && policy != FailurePolicy::Continue);
-
+/// No failure policy applies: start what may start, canaries first.
+fn migrate(t: &Tally<'_>, deleting: bool) -> Decision {
+    let (views, canaries, total) = (t.views, t.canaries, t.views.len());
     let mut launch = Vec::new();
-    if !stopped {
-        let canaries_done = views[..canaries].iter().all(|v| v.migrate.ok());
-        if !deleting {
-            if !canaries_done {
-                // Canaries go one at a time, in order.
-                if !views[..canaries].iter().any(|v| v.migrate == Step::Running) {
-                    if let Some(i) = views[..canaries].iter().position(|v| v.migrate == Step::NotStarted) {
-                        launch.push((i, Action::Migrate));
-                    }
+    let canaries_done = views[..canaries].iter().all(|v| v.migrate.ok());
+    if !deleting {
+        if !canaries_done {
+            // Canaries go one at a time, in order.
+            if !views[..canaries].iter().any(|v| v.migrate == Step::Running) {
+                if let Some(i) = views[..canaries].iter().position(|v| v.migrate == Step::NotStarted) {
+                    launch.push((i, Action::Migrate));
                 }
-            } else {
-                let free = max_parallel.saturating_sub(running);
-                launch.extend(
-                    (canaries..total)
-                        .filter(|&i| views[i].migrate == Step::NotStarted)
-                        .take(free)
-                        .map(|i| (i, Action::Migrate)),
-                );
             }
+        } else {
+            let free = t.max_parallel.saturating_sub(t.running);
+            launch.extend(
+                (canaries..total)
+                    .filter(|&i| views[i].migrate == Step::NotStarted)
+                    .take(free)
+                    .map(|i| (i, Action::Migrate)),
+            );
         }
-        let done = views.iter().filter(|v| matches!(v.migrate, Step::Done(_))).count();
-        let in_flight = running + launch.len();
-        if done == total {
-            let succeeded = total - failures;
-            return if failures == 0 {
-                Decision {
-                    launch,
-                    phase: Phase::Succeeded,
-                    finished: true,
-                    stopped: false,
-                    message: if plan.spec.dry_run {
-                        format!("dry run: {total} tenant(s) planned, nothing written")
-                    } else {
-                        format!("{succeeded}/{total} tenant(s) migrated")
-                    },
-                }
+    }
+    let done = views.iter().filter(|v| matches!(v.migrate, Step::Done(_))).count();
+    let in_flight = t.running + launch.len();
+    let decision =
+        |phase, finished, stopped, message| Decision { launch: launch.clone(), phase, finished, stopped, message };
+    if done == total {
+        let (succeeded, failures) = (total - t.failures, t.failures);
+        return if failures == 0 {
+            let message = if t.plan.spec.dry_run {
+                format!("dry run: {total} tenant(s) planned, nothing written")
             } else {
-                Decision {
-                    launch,
-                    phase: Phase::Failed,
-                    finished: true,
-                    stopped: false,
-                    message: format!(
-                        "{succeeded}/{total} tenant(s) migrated, {failures} failed (tolerated: maxFailures {})",
-                        rollout.max_failures
-                    ),
-                }
+                format!("{succeeded}/{total} tenant(s) migrated")
             };
-        }
-        if deleting && in_flight == 0 {
-            return Decision {
-                launch,
-                phase: Phase::Failed,
-                finished: true,
-                stopped: true,
-                message: format!("deleted after {done}/{total} tenant(s)"),
-            };
-        }
-        let stage = if !canaries_done { "canary stage: " } else { "" };
-        return Decision {
-            launch,
-            phase: Phase::Migrating,
-            finished: false,
-            stopped: false,
-            message: format!("{stage}{done}/{total} tenant(s) done, {in_flight} running"),
+            decision(Phase::Succeeded, true, false, message)
+        } else {
+            let max = t.plan.spec.rollout.max_failures;
+            let message =
+                format!("{succeeded}/{total} tenant(s) migrated, {failures} failed (tolerated: maxFailures {max})");
+            decision(Phase::Failed, true, false, message)
         };
     }
+    if deleting && in_flight == 0 {
+        return decision(Phase::Failed, true, true, format!("deleted after {done}/{total} tenant(s)"));
+    }
+    let stage = if !canaries_done { "canary stage: " } else { "" };
+    decision(Phase::Migrating, false, false, format!("{stage}{done}/{total} tenant(s) done, {in_flight} running"))
+}
 
-    // The failure policy applies: no more migrations start.
-    let why = if canary_failed {
-        "a canary tenant failed".to_string()
-    } else {
-        format!("{failures} tenant(s) failed (maxFailures {})", rollout.max_failures)
-    };
-    let rolling_back = policy == FailurePolicy::Rollback && !plan.spec.dry_run;
-    if running > 0 {
-        return Decision {
-            launch,
-            phase: if rolling_back { Phase::RollingBack } else { Phase::Migrating },
-            finished: false,
-            stopped: true,
-            message: format!("{why}; waiting for {running} running Job(s) before applying onFailure={policy:?}"),
-        };
+/// The failure policy applies: no more migrations start; `rollback` undoes what ran.
+fn apply_policy(t: &Tally<'_>, why: &str, deleting: bool) -> Decision {
+    let policy = t.plan.spec.rollout.on_failure;
+    let rolling_back = policy == FailurePolicy::Rollback && !t.plan.spec.dry_run;
+    let decision = |launch, phase, finished, message| Decision { launch, phase, finished, stopped: true, message };
+    if t.running > 0 {
+        let phase = if rolling_back { Phase::RollingBack } else { Phase::Migrating };
+        let message = format!("{why}; waiting for {} running Job(s) before applying onFailure={policy:?}", t.running);
+        return decision(Vec::new(), phase, false, message);
     }
     if !rolling_back || deleting {
-        let left = views.iter().filter(|v| v.migrate == Step::NotStarted).count();
-        return Decision {
-            launch,
-            phase: Phase::Failed,
-            finished: true,
-            stopped: true,
-            message: format!("{why}; halted with {left} tenant(s) not started"),
-        };
+        let left = t.views.iter().filter(|v| v.migrate == Step::NotStarted).count();
+        return decision(Vec::new(), Phase::Failed, true, format!("{why}; halted with {left} tenant(s) not started"));
     }
-    let candidates: Vec<usize> = (0..total).filter(|&i| needs_rollback(&views[i])).collect();
+    let views = t.views;
+    let candidates: Vec<usize> = (0..views.len()).filter(|&i| needs_rollback(&views[i])).collect();
     let rb_running = candidates.iter().filter(|&&i| views[i].rollback == Step::Running).count();
-    let free = max_parallel.saturating_sub(rb_running);
-    launch.extend(
-        candidates
-            .iter()
-            .copied()
-            .filter(|&i| views[i].rollback == Step::NotStarted)
-            .take(free)
-            .map(|i| (i, Action::Rollback)),
-    );
+    let launch: Vec<(usize, Action)> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| views[i].rollback == Step::NotStarted)
+        .take(t.max_parallel.saturating_sub(rb_running))
+        .map(|i| (i, Action::Rollback))
+        .collect();
     let rb_done = candidates.iter().filter(|&&i| matches!(views[i].rollback, Step::Done(_))).count();
     if rb_done < candidates.len() {
-        return Decision {
-            launch,
-            phase: Phase::RollingBack,
-            finished: false,
-            stopped: true,
-            message: format!("{why}; rolling back: {rb_done}/{} tenant(s) done", candidates.len()),
-        };
+        let message = format!("{why}; rolling back: {rb_done}/{} tenant(s) done", candidates.len());
+        return decision(launch, Phase::RollingBack, false, message);
     }
     let rb_failed = candidates.iter().filter(|&&i| views[i].rollback.failed()).count();
     if rb_failed > 0 {
-        Decision {
+        decision(
             launch,
-            phase: Phase::Failed,
-            finished: true,
-            stopped: true,
-            message: format!("{why}; rollback failed on {rb_failed} tenant(s): they need attention"),
-        }
+            Phase::Failed,
+            true,
+            format!("{why}; rollback failed on {rb_failed} tenant(s): they need attention"),
+        )
     } else {
-        Decision {
-            launch,
-            phase: Phase::RolledBack,
-            finished: true,
-            stopped: true,
-            message: format!("{why}; {} tenant(s) rolled back", candidates.len()),
-        }
+        decision(launch, Phase::RolledBack, true, format!("{why}; {} tenant(s) rolled back", candidates.len()))
     }
 }
 

@@ -1,5 +1,5 @@
-//! The pre-image store ("rollback data" in records and docs): pre-images of documents, stored in the tenant database before a lossy
-//! operation changes them, and written back on undo.
+//! The pre-image store ("rollback data" in records and docs): pre-images of documents, stored
+//! in the tenant database before a lossy operation changes them, and written back on undo.
 //!
 //! Each step's pre-images live in a collection of their own, `_dbshift_rb_<version>_<step>`,
 //! packed into chunk documents `{ _id: <n>, count: <pre-images>, bson: BinData(0, ...) }` of up
@@ -7,8 +7,7 @@
 //! one BSON document after another (the layout of a mongodump `.bson` file). A server stores an
 //! opaque binary value far more cheaply than the same documents as an array (measured on
 //! SecantusDB's Rust build: 0.2 s against 0.7 s for 200,000 documents), the client never
-//! decodes them, and putting them back is byte-exact. Chunks written by earlier versions,
-//! `{ _id, docs: [ ... ] }`, are still read.
+//! decodes them, and putting them back is byte-exact.
 //!
 //! Documents are written back in batches: inside a transaction (delete, then insert) where the
 //! server has transactions, so readers never see a batch half-done; otherwise one atomic
@@ -133,16 +132,6 @@ pub async fn capture(
 
 /// The pre-images in one chunk, in the order they were stored.
 fn unpack(chunk: &Document) -> Result<Vec<RawDocumentBuf>, String> {
-    if let Ok(docs) = chunk.get_array("docs") {
-        // Written by an earlier version: an array of documents.
-        return docs
-            .iter()
-            .map(|b| match b {
-                Bson::Document(d) => RawDocumentBuf::from_document(d).map_err(|e| e.to_string()),
-                other => Err(format!("a pre-image is not a document (found {})", super::bsonx::type_name(other))),
-            })
-            .collect();
-    }
     let bytes = chunk.get_binary_generic("bson").map_err(|e| format!("no pre-images in the chunk: {e}"))?;
     split_documents(bytes)
 }
@@ -322,7 +311,7 @@ mod tests {
         let back: Vec<Document> = split_documents(&bytes).unwrap().iter().map(|d| d.to_document().unwrap()).collect();
         assert_eq!(back, docs);
         assert!(split_documents(&bytes[..bytes.len() - 1]).unwrap_err().contains("cut short"));
-        let legacy = doc! {"_id": 0i64, "docs": [docs[0].clone(), 5]};
-        assert!(unpack(&legacy).unwrap_err().contains("not a document (found int)"));
+        let other = doc! {"_id": 0i64, "docs": [docs[0].clone(), 5]};
+        assert!(unpack(&other).unwrap_err().contains("no pre-images in the chunk"));
     }
 }

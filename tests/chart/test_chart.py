@@ -15,15 +15,14 @@ from conftest import (CHART, CRD_FILE, RELEASE_NAMESPACE, ROOT, VARIANTS, crd, f
 
 # Exactly what the controller's contract grants: (apiGroup, resource) -> verbs.
 CONTROLLER_RULES = {
-    ("dbshift.io", "databasemigrations"): {"get", "list", "watch", "patch", "update"},
-    ("dbshift.io", "databasemigrations/status"): {"get", "patch", "update"},
+    ("dbshift.io", "databasemigrations"): {"get", "list", "watch", "patch"},
+    ("dbshift.io", "databasemigrations/status"): {"patch"},
     ("dbshift.io", "databasemigrations/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "pods"): {"get", "list"},
+    ("batch", "jobs"): {"list", "watch", "create"},
+    ("", "pods"): {"list"},
     ("", "secrets"): {"get"},
-    ("", "configmaps"): {"get", "create", "delete"},
+    ("", "configmaps"): {"get", "create"},
     ("events.k8s.io", "events"): {"create", "patch"},
-    ("", "events"): {"create", "patch"},
 }
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 # Kubernetes versions the built-in objects are validated against (kubernetes-validate's oldest
