@@ -304,6 +304,12 @@ pub struct JobTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10))]
     pub backoff_limit: Option<i32>,
+    /// Seconds a runner asked to stop (its pod deleted, evicted, or past its deadline) has to
+    /// undo the migration in progress and record it before it is killed (default 300). A runner
+    /// killed before that leaves the undo to the next runner on the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 /// Image pull policy.

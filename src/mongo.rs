@@ -29,6 +29,13 @@ pub fn error_code(e: &mongodb::error::Error) -> Option<i32> {
     match e.kind.as_ref() {
         ErrorKind::Command(c) => Some(c.code),
         ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        // A bulk write: the first write's error (by its index).
+        ErrorKind::BulkWrite(b) => b
+            .write_errors
+            .iter()
+            .min_by_key(|(i, _)| **i)
+            .map(|(_, w)| w.code)
+            .or_else(|| b.write_concern_errors.first().map(|w| w.code)),
         _ => None,
     }
 }

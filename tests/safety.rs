@@ -164,9 +164,9 @@ async fn two_concurrent_runners_never_migrate_one_tenant_at_once() {
 #[tokio::test]
 async fn a_dead_holders_lock_expires_by_itself() {
     let db = fresh_db("safe_lock_expiry").await;
-    let held = Lease::acquire(&db, "crashed/1", "run-a", Duration::from_secs(2)).await.unwrap();
+    let held = Lease::acquire(&db, "crashed/1", "run-a", Duration::from_secs(2), Duration::ZERO).await.unwrap();
     std::mem::forget(held); // the holder "dies": no release, no renewal task stopped cleanly
-    let e = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2)).await.err().unwrap();
+    let e = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2), Duration::ZERO).await.err().unwrap();
     assert!(e.to_string().contains("crashed/1"), "{e}");
     // The renewal task of a forgotten lease still runs in this process; a real crash stops it.
     // Simulate the crash by expiring the lease as the clock would.
@@ -174,7 +174,7 @@ async fn a_dead_holders_lock_expires_by_itself() {
         .update_one(doc! {}, doc! {"$set": {"expiresAt": bson::DateTime::from_millis(0), "owner": "crashed/gone"}})
         .await
         .unwrap();
-    let l = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2)).await.unwrap();
+    let l = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2), Duration::ZERO).await.unwrap();
     l.release().await.unwrap();
     assert_eq!(db.collection::<Document>(tracking::LOCK).count_documents(doc! {}).await.unwrap(), 0);
 }
@@ -182,10 +182,13 @@ async fn a_dead_holders_lock_expires_by_itself() {
 #[tokio::test]
 async fn a_held_lock_is_renewed_while_its_holder_runs() {
     let db = fresh_db("safe_lock_renew").await;
-    let l = Lease::acquire(&db, "me/1", "r", Duration::from_secs(3)).await.unwrap();
+    let l = Lease::acquire(&db, "me/1", "r", Duration::from_secs(3), Duration::ZERO).await.unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(Lease::acquire(&db, "you/2", "r2", Duration::from_secs(3)).await.is_err(), "renewal kept it");
-    assert!(!l.is_lost());
+    assert!(
+        Lease::acquire(&db, "you/2", "r2", Duration::from_secs(3), Duration::ZERO).await.is_err(),
+        "renewal kept it"
+    );
+    assert!((l.valid())(), "still known to be held");
     l.release().await.unwrap();
 }
 

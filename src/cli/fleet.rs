@@ -68,8 +68,43 @@ pub fn run_options(g: &Global, observer: Arc<dyn Observer>) -> Result<RunOptions
     o.tracking = g.tracking_collection.clone();
     o.profiles = g.profiles.clone();
     o.lock_ttl = Duration::from_secs(g.lock_ttl.max(3));
+    o.lock_wait = g.lock_wait;
+    o.owner = crate::engine::lock::owner(std::env::var(crate::job::env::POD_NAME).ok().as_deref());
     o.observer = observer;
+    o.stop = Some(stop_on_signal());
     Ok(o)
+}
+
+/// A flag set when the process gets SIGTERM or SIGINT (a pod being deleted or evicted, a
+/// Ctrl-C): runs stop at the next safe point, undo the migration in progress, record it and
+/// exit. A second signal is not waited for: the default handling is restored for it.
+pub fn stop_on_signal() -> Arc<std::sync::atomic::AtomicBool> {
+    static STOP: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = flag.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("asked to stop: finishing at the next safe point (undoing the migration in progress)");
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+            // A second signal means now.
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("asked to stop again: exiting now (the next run undoes what this one left)");
+            std::process::exit(130);
+        });
+        flag
+    })
+    .clone()
 }
 
 /// A run id for one command-line invocation.

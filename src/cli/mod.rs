@@ -70,8 +70,25 @@ pub struct Global {
     #[arg(long, default_value_t = 1, global = true)]
     pub parallel: usize,
     /// Seconds a tenant lock lives without renewal (a crashed runner's lock expires after this).
-    #[arg(long, default_value_t = 60, global = true)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(3..=86_400), global = true)]
     pub lock_ttl: u64,
+    /// How long to wait for a tenant another runner holds, then take it and plan again
+    /// (`10m`, `90s`, `0` to fail at once).
+    #[arg(long, env = env::LOCK_WAIT, default_value = "10m", value_parser = parse_wait, global = true)]
+    pub lock_wait: std::time::Duration,
+}
+
+/// A duration such as `10m`, `90s` or `0`, up to a day.
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    let d = if s.trim() == "0" {
+        std::time::Duration::ZERO
+    } else {
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 10m, 90s or 0)"))?
+    };
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err("at most a day (24h)".into());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand, Debug)]

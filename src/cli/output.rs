@@ -105,11 +105,15 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
         };
         let count = |s: Standing| entries.iter().filter(|e| e.standing == s).count();
         println!(
-            "{tenant}: {} applied, {} pending, {} changed, {} missing from files",
+            "{tenant}: {} applied, {} pending, {} changed, {} missing from files{}",
             count(Standing::Applied),
             count(Standing::Pending),
             count(Standing::Changed),
-            count(Standing::Missing)
+            count(Standing::Missing),
+            match count(Standing::Interrupted) {
+                0 => String::new(),
+                n => format!(", {n} interrupted"),
+            }
         );
         for e in entries {
             let (mark, what) = match e.standing {
@@ -124,6 +128,10 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
                 Standing::Changed => ("! changed ", "the file changed after it was applied".into()),
                 Standing::Missing => ("? missing ", "applied here, but no file has this id (drift)".into()),
                 Standing::Skipped => ("  skipped ", "not active under the current profiles".into()),
+                Standing::Interrupted => (
+                    "! interrupted",
+                    "a runner stopped in the middle of it; the next up or down undoes that first".into(),
+                ),
             };
             let ooo = if e.out_of_order { " [older than an applied migration]" } else { "" };
             println!("  {mark} {}  {}{ooo}", e.id, what);

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, KeyToPath,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sha2::{Digest, Sha256};
@@ -32,6 +32,8 @@ pub const URI_DIR: &str = "/var/run/dbshift/connection";
 pub const BACKUP_DIR: &str = "/var/run/dbshift/backups";
 /// Where the init container of an image source copies the files to.
 const COPY_DIR: &str = "/var/run/dbshift/migrations";
+/// Seconds a stopped runner has to undo and record the migration in progress.
+pub const DEFAULT_GRACE_SECONDS: i64 = 300;
 /// The unprivileged user of the runner image.
 pub const RUNNER_UID: i64 = 65532;
 
@@ -125,6 +127,8 @@ pub fn build_job(
         containers: vec![container],
         init_containers: (!files.init_containers.is_empty()).then_some(files.init_containers),
         restart_policy: Some("Never".into()),
+        // Time to undo the migration in progress when the pod is stopped (see job::run).
+        termination_grace_period_seconds: Some(t.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
         // The runner talks to MongoDB only; it gets no Kubernetes credentials.
         automount_service_account_token: Some(false),
         service_account_name: t.service_account_name.clone(),
@@ -188,7 +192,17 @@ fn job_labels(run_id: &str, resource: &str, tenant: &str, action: Action) -> BTr
 fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
     let spec = &plan.spec;
     let var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
+    // The lock owner names the pod (two pods on one node share the hostname).
+    let pod_name = EnvVar {
+        name: env::POD_NAME.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let mut env = vec![
+        pod_name,
         var(env::TENANT, tenant),
         var(env::RUN_ID, &plan.run_id),
         var(env::DIR, MIGRATIONS_DIR),

@@ -1,10 +1,20 @@
 //! One lock per tenant database: a lease document with an owner and an expiry, renewed while
 //! its holder runs. A holder that dies stops renewing, and the lease expires by itself.
+//!
+//! - The owner is unique per runner process: host, pid and a random token (two pods on one
+//!   node with host networking share the hostname, and each container's dbshift is PID 1).
+//! - Expiry is judged on the server's clock (`$$NOW`), never the client's.
+//! - A holder knows its lease is valid until `ttl` after the last renewal it *sent* that the
+//!   server accepted; past that (the server may consider it expired) it counts the lease as
+//!   lost and stops before its next write ([`Lease::valid`]).
+//! - A runner that finds the tenant locked waits (`--lock-wait`), then takes the lock and plans
+//!   again under it.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, Document};
 use mongodb::Database;
 use tokio::sync::watch;
 
@@ -16,11 +26,20 @@ const LOCK_ID: &str = "migrations";
 pub enum LockError {
     #[error(
         "the database is locked by {owner} (run {run}) until {expires}; another dbshift is migrating it. \
-             The lock expires by itself if that runner died"
+         It expires by itself if that runner died (waited {waited}s; --lock-wait sets how long to wait)"
     )]
-    Held { owner: String, run: String, expires: String },
+    Held { owner: String, run: String, expires: String, waited: u64 },
     #[error("could not take the lock: {}", crate::mongo::describe(.0))]
     Mongo(#[from] mongodb::error::Error),
+}
+
+/// A unique owner for this process: `<host>/<pid>/<random>` (`name`, e.g. a pod name, in
+/// place of the host when given).
+pub fn owner(name: Option<&str>) -> String {
+    let host = name.map(str::to_string).unwrap_or_else(|| {
+        hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+    });
+    format!("{host}/{}/{:016x}", std::process::id(), rand::random::<u64>())
 }
 
 /// A held lock. Renewed in the background until [`Lease::release`] (or drop, which stops renewing).
@@ -28,40 +47,63 @@ pub struct Lease {
     db: Database,
     owner: String,
     stop: watch::Sender<bool>,
-    lost: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<AtomicBool>,
+    valid_until: Arc<Mutex<Instant>>,
 }
 
 impl Lease {
-    /// Take the lock of `db` for `owner`, or fail at once if someone else holds an unexpired lease.
-    pub async fn acquire(db: &Database, owner: &str, run_id: &str, ttl: Duration) -> Result<Lease, LockError> {
-        let coll = db.collection::<Document>(LOCK);
-        let now = DateTime::now();
-        let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
-        let res = coll
-            .find_one_and_update(
-                doc! {"_id": LOCK_ID, "$or": [{"expiresAt": {"$lt": now}}, {"owner": owner}]},
-                doc! {"$set": {"owner": owner, "run": run_id, "acquiredAt": now, "expiresAt": expires}},
-            )
-            .upsert(true)
-            .await;
-        match res {
-            Ok(_) => {}
-            Err(e) if crate::mongo::is_duplicate_key(&e) => {
-                let held = coll.find_one(doc! {"_id": LOCK_ID}).await?.unwrap_or_default();
-                return Err(LockError::Held {
-                    owner: held.get_str("owner").unwrap_or("?").to_string(),
-                    run: held.get_str("run").unwrap_or("?").to_string(),
-                    expires: held
-                        .get_datetime("expiresAt")
-                        .map(|d| d.try_to_rfc3339_string().unwrap_or_default())
-                        .unwrap_or_default(),
-                });
+    /// Take the lock of `db` for `owner`. If someone else holds an unexpired lease, wait up to
+    /// `wait` for it to go (polling every second or so), then fail with [`LockError::Held`].
+    pub async fn acquire(
+        db: &Database,
+        owner: &str,
+        run_id: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, LockError> {
+        Lease::acquire_unless(db, owner, run_id, ttl, wait, None).await
+    }
+
+    /// [`Lease::acquire`], giving up the wait when `stop` is set.
+    pub async fn acquire_unless(
+        db: &Database,
+        owner: &str,
+        run_id: &str,
+        ttl: Duration,
+        wait: Duration,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Lease, LockError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let sent = Instant::now();
+            match try_take(db, owner, run_id, ttl).await? {
+                None => return Ok(Lease::hold(db, owner, ttl, sent)),
+                Some(mut held) => {
+                    let waited = started.elapsed();
+                    if waited >= wait || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                        if let LockError::Held { waited: w, .. } = &mut held {
+                            *w = waited.as_secs();
+                        }
+                        return Err(held);
+                    }
+                    if waited.is_zero() || pause >= Duration::from_secs(1) {
+                        tracing::info!(error = %held, "the tenant is locked; waiting");
+                    }
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+                    tokio::time::sleep((pause + jitter).min(wait.saturating_sub(waited) + Duration::from_millis(10)))
+                        .await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
-            Err(e) => return Err(e.into()),
         }
+    }
+
+    fn hold(db: &Database, owner: &str, ttl: Duration, sent: Instant) -> Lease {
         let (stop, mut stopped) = watch::channel(false);
-        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (db2, owner2, lost2) = (db.clone(), owner.to_string(), lost.clone());
+        let lost = Arc::new(AtomicBool::new(false));
+        let valid_until = Arc::new(Mutex::new(sent + margin(ttl)));
+        let (db2, owner2, lost2, valid2) = (db.clone(), owner.to_string(), lost.clone(), valid_until.clone());
         tokio::spawn(async move {
             let every = ttl / 3;
             loop {
@@ -69,30 +111,36 @@ impl Lease {
                     _ = tokio::time::sleep(every) => {}
                     _ = stopped.changed() => return,
                 }
-                let expires = DateTime::from_millis(DateTime::now().timestamp_millis() + ttl.as_millis() as i64);
+                let sent = Instant::now();
                 let r = db2
                     .collection::<Document>(LOCK)
-                    .update_one(doc! {"_id": LOCK_ID, "owner": &owner2}, doc! {"$set": {"expiresAt": expires}})
+                    .update_one(doc! {"_id": LOCK_ID, "owner": &owner2}, vec![expiring(ttl)])
                     .await;
                 match r {
-                    Ok(r) if r.matched_count == 1 => {}
+                    Ok(r) if r.matched_count == 1 => *valid2.lock().expect("lock") = sent + margin(ttl),
                     Ok(_) => {
                         tracing::error!("lost the migration lock (it expired and was taken by another runner)");
-                        lost2.store(true, std::sync::atomic::Ordering::SeqCst);
+                        lost2.store(true, Ordering::SeqCst);
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not renew the migration lock; retrying")
+                        tracing::warn!(error = %crate::mongo::describe(&e), "could not renew the migration lock; retrying")
                     }
                 }
             }
         });
-        Ok(Lease { db: db.clone(), owner: owner.to_string(), stop, lost })
+        Lease { db: db.clone(), owner: owner.to_string(), stop, lost, valid_until }
     }
 
-    /// Whether another runner took the lock after this one failed to renew it in time.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    /// Whether the lease is still known to be held: not taken by another runner, and renewed
+    /// recently enough that the server cannot have let it expire.
+    pub fn valid(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let (lost, until) = (self.lost.clone(), self.valid_until.clone());
+        Arc::new(move || !lost.load(Ordering::SeqCst) && Instant::now() < *until.lock().expect("lock"))
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     pub async fn release(self) -> mongodb::error::Result<()> {
@@ -104,5 +152,49 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// How long after a renewal was sent the lease is surely still held (a tenth of the TTL less,
+/// for the round trip and the two clocks' rates).
+fn margin(ttl: Duration) -> Duration {
+    ttl - ttl / 10
+}
+
+/// `expiresAt`: `ttl` from now on the server's clock.
+fn expiring(ttl: Duration) -> Document {
+    doc! {"$set": {"expiresAt": {"$add": ["$$NOW", ttl.as_millis() as i64]}}}
+}
+
+/// One attempt: `None` when taken (or already ours), or who holds it.
+async fn try_take(db: &Database, owner: &str, run_id: &str, ttl: Duration) -> Result<Option<LockError>, LockError> {
+    let coll = db.collection::<Document>(LOCK);
+    // Expired on the server's clock; dates are compared as numbers (portable across servers).
+    let expired = doc! {"$expr": {"$lt": [{"$toLong": "$expiresAt"}, {"$toLong": "$$NOW"}]}};
+    let mut set = expiring(ttl);
+    if let Ok(s) = set.get_document_mut("$set") {
+        s.insert("owner", doc! {"$literal": owner});
+        s.insert("run", doc! {"$literal": run_id});
+        s.insert("acquiredAt", "$$NOW");
+    }
+    let res = coll
+        .find_one_and_update(doc! {"_id": LOCK_ID, "$or": [{"owner": owner}, expired]}, vec![set])
+        .upsert(true)
+        .await;
+    match res {
+        Ok(_) => Ok(None),
+        Err(e) if crate::mongo::is_duplicate_key(&e) => {
+            let held = coll.find_one(doc! {"_id": LOCK_ID}).await?.unwrap_or_default();
+            Ok(Some(LockError::Held {
+                owner: held.get_str("owner").unwrap_or("?").to_string(),
+                run: held.get_str("run").unwrap_or("?").to_string(),
+                expires: held
+                    .get_datetime("expiresAt")
+                    .map(|d| d.try_to_rfc3339_string().unwrap_or_default())
+                    .unwrap_or_default(),
+                waited: 0,
+            }))
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod lock;
 pub mod model;
 pub mod ops;
+pub mod pass;
 pub mod planner;
 pub mod preimages;
 pub mod runner;

@@ -20,6 +20,8 @@ pub enum Standing {
     Missing,
     /// Not applied, and not active under the current profiles.
     Skipped,
+    /// A runner stopped while applying or rolling it back: the next run undoes that first.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,6 +52,16 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
     for m in migrations {
         let rec = records.iter().find(|r| r.id == m.id());
         let entry = match rec {
+            Some(r) if matches!(r.state, State::Applying | State::RollingBack) => Entry {
+                id: m.id(),
+                version: m.version.clone(),
+                standing: Standing::Interrupted,
+                description: Some(m.file.description.clone()).filter(|d| !d.is_empty()),
+                applied_at: None,
+                batch: Some(r.batch),
+                last_error: r.error.clone(),
+                out_of_order: false,
+            },
             Some(r) if r.state == State::Applied => Entry {
                 id: m.id(),
                 version: m.version.clone(),
@@ -287,6 +299,8 @@ mod tests {
             error: None,
             rolled_back_at: None,
             rolled_back_by: None,
+            work: None,
+            conflicts: None,
         }
     }
 

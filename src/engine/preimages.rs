@@ -1,31 +1,41 @@
-//! The pre-image store ("rollback data" in records and docs): pre-images of documents, stored
-//! in the tenant database before a lossy operation changes them, and written back on undo.
+//! The pre-image store ("rollback data" in records and docs): for every document a step
+//! changes, what the fields it changed held before, and a hash of what they held after. Stored
+//! in the tenant database before the change (or, in a transaction, with it).
 //!
-//! Each step's pre-images live in a collection of their own, `_dbshift_rb_<version>_<step>`,
-//! packed into chunk documents `{ _id: <n>, count: <pre-images>, bson: BinData(0, ...) }` of up
-//! to 10,000 pre-images or 8 MiB. `bson` holds the pre-images exactly as the server sent them,
-//! one BSON document after another (the layout of a mongodump `.bson` file). A server stores an
-//! opaque binary value far more cheaply than the same documents as an array (measured on
-//! SecantusDB's Rust build: 0.2 s against 0.7 s for 200,000 documents), the client never
-//! decodes them, and putting them back is byte-exact.
+//! Each step has a collection of its own, `_dbshift_rb_<version>_<step>`. Its chunk documents
+//! `{ _id: <n>, count, bson: BinData(0, ...) }` hold [`Entry`]s one BSON document after another
+//! (the layout of a mongodump `.bson` file): a server stores one opaque binary value far more
+//! cheaply than the same documents as an array, and the client never decodes what it only
+//! puts back. Besides entries a store holds:
+//! - `{ _id: <n>, void: [ids] }`: entries of writes that did not apply (without transactions,
+//!   entries are stored before their writes; the ones whose document changed in between are
+//!   voided);
+//! - `from: <chunk>` on the chunks of a restore: which chunk of the store it restores was
+//!   done, so an interrupted restore resumes where it stopped.
 //!
-//! Documents are written back in batches: inside a transaction (delete, then insert) where the
-//! server has transactions, so readers never see a batch half-done; otherwise one atomic
-//! `replaceOne` per document.
+//! Putting entries back is field by field: the fields a step changed get their old values,
+//! every other field keeps what the application wrote since. A changed field whose value is no
+//! longer what the step wrote was changed again afterwards: a conflict. The pre-image wins
+//! (that is what undo means), and the conflict is counted and its `_id` listed.
 
 use bson::spec::BinarySubtype;
-use bson::{doc, Binary, Bson, Document, RawDocument, RawDocumentBuf};
-use futures::{StreamExt, TryStreamExt};
-use mongodb::{Collection, Database};
+use bson::{doc, Binary, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
+use futures::TryStreamExt;
+use mongodb::{ClientSession, Collection, Database};
+use sha2::{Digest, Sha256};
 
-use super::ops::{mongo, ExecError, RestoreMode, RestorePreimages};
+use super::ops::{mongo, ExecError};
 use super::tracking::ROLLBACK_PREFIX;
 
-/// Pre-images per chunk document, and bytes (a chunk must stay under the 16 MiB BSON limit).
-const CHUNK_DOCS: usize = 10_000;
-const CHUNK_BYTES: usize = 8 << 20;
-/// Documents written back per transaction (or per round of `replaceOne`s).
-const RESTORE_BATCH: usize = 1000;
+/// Entries per chunk, and bytes (a chunk must stay under the 16 MiB BSON limit).
+pub const CHUNK_DOCS: usize = 1000;
+pub const CHUNK_BYTES: usize = 8 << 20;
+
+/// The layout of chunks (`v`); others are refused, never guessed at.
+const FORMAT: i32 = 2;
+
+/// A hash of what a document's changed fields held after the change.
+pub type Hash = [u8; 16];
 
 /// The collection that holds the pre-images of one step (`key` is `<version>_<step>`).
 pub fn collection_name(key: &str) -> String {
@@ -33,107 +43,369 @@ pub fn collection_name(key: &str) -> String {
     format!("{ROLLBACK_PREFIX}{k}")
 }
 
-/// Appends pre-images to a step's rollback collection, a chunk at a time. One chunk is being
-/// stored while the next fills; [`Writer::sync`] waits until everything pushed is stored.
-pub struct Writer {
-    coll: Collection<Document>,
-    bytes: Vec<u8>,
-    docs: usize,
-    next: i64,
-    storing: Option<tokio::task::JoinHandle<Result<(), ExecError>>>,
-    /// Pre-images handed to the server so far.
-    pub count: u64,
+/// One document's change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The document's `_id`.
+    pub id: Bson,
+    /// The top-level fields the change touched; `None`: the whole document.
+    pub fields: Option<Vec<String>>,
+    /// What they held before (only the fields present); `None`: the document did not exist.
+    /// For whole-document entries, the whole document. It may hold more than `fields` (what
+    /// recomputing the change needs); only `fields` are put back.
+    pub pre: Option<RawDocumentBuf>,
+    /// The hash of what they held after; `None` when the server computed the change and it is
+    /// recomputed from `pre` when needed (see [`crate::engine::pass::Recompute`]).
+    pub post: Option<Hash>,
+    /// The document's top-level field names before the change, in order, when the whole
+    /// document was read: putting the entry back restores the order too (fields the
+    /// application added since go at the end), so an untouched document comes back byte for byte.
+    pub order: Option<Vec<String>>,
 }
 
-impl Writer {
-    /// Start the rollback data of `key` afresh (data of an earlier attempt is dropped).
-    pub async fn create(db: &Database, key: &str) -> Result<Writer, ExecError> {
+fn hash_bytes(parts: &[&[u8]]) -> Hash {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let full = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
+/// The hash of a document's `fields` (or the whole document), or of its absence.
+pub fn hash_of(doc: Option<&RawDocument>, fields: Option<&[String]>) -> Hash {
+    match (doc, fields) {
+        (None, _) => hash_bytes(&[b"absent"]),
+        (Some(d), None) => hash_bytes(&[b"doc", d.as_bytes()]),
+        (Some(d), Some(fs)) => {
+            let mut parts: Vec<Vec<u8>> = Vec::with_capacity(fs.len());
+            for f in fs {
+                parts.push(match d.get(f) {
+                    Ok(Some(v)) => element_bytes(f, v),
+                    _ => format!("missing:{f}").into_bytes(),
+                });
+            }
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            hash_bytes(&refs)
+        }
+    }
+}
+
+/// A field's name and value as BSON bytes (a one-field document).
+fn element_bytes(name: &str, v: RawBsonRef<'_>) -> Vec<u8> {
+    let mut one = RawDocumentBuf::new();
+    one.append(name, v.to_raw_bson());
+    one.into_bytes()
+}
+
+/// Only `fields` of `doc` (those present), in the order given, with `_id`.
+pub fn project(doc: &RawDocument, fields: &[String]) -> RawDocumentBuf {
+    let mut out = RawDocumentBuf::new();
+    if let Ok(Some(id)) = doc.get("_id") {
+        out.append("_id", id.to_raw_bson());
+    }
+    for f in fields {
+        if let Ok(Some(v)) = doc.get(f) {
+            out.append(f.as_str(), v.to_raw_bson());
+        }
+    }
+    out
+}
+
+/// The `_id` of a raw document.
+pub fn raw_id(d: &RawDocument) -> Bson {
+    match d.get("_id") {
+        Ok(Some(v)) => v.to_raw_bson().try_into().unwrap_or(Bson::Null),
+        _ => Bson::Null,
+    }
+}
+
+/// The top-level fields that differ between two versions of a document (changed, added or
+/// removed), in the order they appear (old first, then the new ones).
+pub fn changed_fields(old: &RawDocument, new: &RawDocument) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in old.iter().flatten() {
+        if k != "_id" && new.get(k).ok().flatten().map(|n| n.to_raw_bson()) != Some(v.to_raw_bson()) {
+            out.push(k.to_string());
+        }
+    }
+    for (k, _) in new.iter().flatten() {
+        if k != "_id" && !matches!(old.get(k), Ok(Some(_))) {
+            out.push(k.to_string());
+        }
+    }
+    out
+}
+
+impl Entry {
+    pub fn to_raw(&self) -> RawDocumentBuf {
+        let mut d = doc! {"_id": self.id.clone()};
+        if let Some(f) = &self.fields {
+            d.insert("f", f.clone());
+        }
+        if let Some(o) = &self.order {
+            d.insert("o", o.clone());
+        }
+        let mut raw = RawDocumentBuf::from_document(&d).expect("an entry is a document");
+        if let Some(p) = &self.pre {
+            raw.append("pre", p.clone());
+        }
+        if let Some(h) = &self.post {
+            raw.append("h", bson::RawBson::Binary(Binary { subtype: BinarySubtype::Generic, bytes: h.to_vec() }));
+        }
+        raw
+    }
+
+    pub fn from_raw(d: &RawDocument) -> Result<Entry, String> {
+        let id = raw_id(d);
+        let names = |key: &str| -> Result<Option<Vec<String>>, String> {
+            match d.get_array(key) {
+                Ok(a) => a
+                    .into_iter()
+                    .map(|v| v.ok().and_then(|v| v.as_str().map(str::to_string)))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Some)
+                    .ok_or_else(|| "a field name is not text".to_string()),
+                Err(_) => Ok(None),
+            }
+        };
+        let (fields, order) = (names("f")?, names("o")?);
+        let pre = match d.get_document("pre") {
+            Ok(p) => Some(p.to_raw_document_buf()),
+            Err(_) => None,
+        };
+        let post = match d.get_binary("h") {
+            Ok(b) if b.bytes.len() == 16 => {
+                let mut h = [0u8; 16];
+                h.copy_from_slice(b.bytes);
+                Some(h)
+            }
+            Ok(_) => return Err("a hash is not 16 bytes".into()),
+            Err(_) => None,
+        };
+        Ok(Entry { id, fields, pre, post, order })
+    }
+
+    /// The value of a touched field before the change, if it had one.
+    fn pre_field(&self, f: &str) -> Option<bson::RawBson> {
+        self.pre.as_ref().and_then(|p| p.get(f).ok().flatten()).map(|v| v.to_raw_bson())
+    }
+}
+
+/// What putting one entry back does to its document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Restore {
+    /// The document is already as the entry wants it.
+    Unchanged,
+    /// Write this version (replacing the current one, or inserting it if there is none).
+    Write(RawDocumentBuf),
+    /// Delete the document.
+    Delete,
+}
+
+/// Put an entry back onto the current version of its document (`post`: the hash of what the
+/// change wrote, when known). Returns the write and whether it overrode a later change.
+pub fn restore(entry: &Entry, current: Option<&RawDocument>, post: Option<Hash>) -> Result<(Restore, bool), String> {
+    let now = hash_of(current, entry.fields.as_deref());
+    let conflict = post.is_some_and(|p| p != now);
+    match (&entry.fields, current) {
+        // A document the change created: it goes (already gone: nothing to override).
+        (None, _) if entry.pre.is_none() => {
+            Ok(if current.is_some() { (Restore::Delete, conflict) } else { (Restore::Unchanged, false) })
+        }
+        (None, Some(c)) if Some(c.as_bytes()) == entry.pre.as_ref().map(|p| p.as_bytes()) => {
+            Ok((Restore::Unchanged, false))
+        }
+        (None, _) => Ok((Restore::Write(entry.pre.clone().expect("checked above")), conflict)),
+        // Deleted since by the application: it stays deleted (the other fields are gone).
+        (Some(_), None) => Ok((Restore::Unchanged, true)),
+        (Some(fields), Some(c)) => {
+            let mut d = Document::try_from(c).map_err(|e| format!("the current document cannot be read: {e}"))?;
+            for f in fields {
+                match entry.pre_field(f) {
+                    Some(v) => {
+                        let v: Bson = v.try_into().map_err(|e| format!("a pre-image cannot be read: {e}"))?;
+                        d.insert(f.clone(), v);
+                    }
+                    None => {
+                        d.remove(f);
+                    }
+                }
+            }
+            if let Some(order) = &entry.order {
+                d = in_order(d, order);
+            }
+            let raw =
+                RawDocumentBuf::from_document(&d).map_err(|e| format!("a restored document cannot be written: {e}"))?;
+            if raw.as_bytes() == c.as_bytes() {
+                return Ok((Restore::Unchanged, false));
+            }
+            Ok((Restore::Write(raw), conflict))
+        }
+    }
+}
+
+/// `d`'s fields in `order` first, then the others as they are.
+fn in_order(mut d: Document, order: &[String]) -> Document {
+    let mut out = Document::new();
+    if let Some(id) = d.remove("_id") {
+        out.insert("_id", id);
+    }
+    for k in order {
+        if let Some(v) = d.remove(k) {
+            out.insert(k.clone(), v);
+        }
+    }
+    out.extend(d);
+    out
+}
+
+/// The top-level field names of a document, in order (without `_id`).
+pub fn field_order(d: &RawDocument) -> Vec<String> {
+    d.iter().flatten().map(|(k, _)| k.to_string()).filter(|k| k != "_id").collect()
+}
+
+/// One step's store.
+pub struct Store {
+    coll: Collection<Document>,
+    /// The next chunk number.
+    next: i64,
+}
+
+/// A chunk read back.
+pub struct Chunk {
+    pub n: i64,
+    pub entries: Vec<Entry>,
+    /// For a restore's chunks: the chunk of the store it restored.
+    pub from: Option<i64>,
+}
+
+impl Store {
+    /// The store of `key`, emptied (what an earlier attempt left is dropped).
+    pub async fn create(db: &Database, key: &str) -> Result<Store, ExecError> {
         let coll = db.collection::<Document>(&collection_name(key));
         coll.drop().await.map_err(mongo("clearing old rollback data"))?;
-        Ok(Writer { coll, bytes: Vec::new(), docs: 0, next: 0, storing: None, count: 0 })
+        Ok(Store { coll, next: 0 })
     }
 
-    pub async fn push(&mut self, doc: &RawDocument) -> Result<(), ExecError> {
-        if self.docs > 0 && self.bytes.len() + doc.as_bytes().len() > CHUNK_BYTES {
-            self.flush().await?;
-        }
-        self.bytes.extend_from_slice(doc.as_bytes());
-        self.docs += 1;
-        if self.docs >= CHUNK_DOCS {
-            self.flush().await?;
-        }
-        Ok(())
+    /// The store of `key` as it is, to append to or read.
+    pub async fn open(db: &Database, key: &str) -> Result<Store, ExecError> {
+        let coll = db.collection::<Document>(&collection_name(key));
+        let last = coll
+            .find_one(doc! {})
+            .sort(doc! {"_id": -1})
+            .await
+            .map_err(mongo("reading rollback data"))?
+            .and_then(|d| d.get_i64("_id").ok());
+        Ok(Store { coll, next: last.map_or(0, |n| n + 1) })
     }
 
-    /// Wait for the chunk being stored, if any.
-    async fn stored(&mut self) -> Result<(), ExecError> {
-        match self.storing.take() {
-            Some(task) => task.await.map_err(|e| ExecError::Data(format!("storing rollback data stopped: {e}")))?,
-            None => Ok(()),
-        }
+    pub fn name(&self) -> &str {
+        self.coll.name()
     }
 
-    /// Start storing what was pushed since the last chunk.
-    async fn flush(&mut self) -> Result<(), ExecError> {
-        if self.docs == 0 {
-            return Ok(());
+    /// Where the next chunk goes (to [`Store::reset`] to, when a transaction that stored a
+    /// chunk aborts).
+    pub fn mark(&self) -> i64 {
+        self.next
+    }
+
+    pub fn reset(&mut self, mark: i64) {
+        self.next = mark;
+    }
+
+    /// Store entries as one chunk (inside the transaction when given). `from`: for a restore,
+    /// the chunk it restores (stored even with no entries, as progress).
+    pub async fn append(
+        &mut self,
+        entries: &[Entry],
+        from: Option<i64>,
+        session: Option<&mut ClientSession>,
+    ) -> Result<i64, ExecError> {
+        let mut bytes = Vec::new();
+        for e in entries {
+            bytes.extend_from_slice(e.to_raw().as_bytes());
         }
-        self.stored().await?;
-        let bytes = std::mem::take(&mut self.bytes);
-        let chunk = doc! {
-            "_id": self.next,
-            "count": self.docs as i64,
+        let n = self.next;
+        let mut chunk = doc! {
+            "_id": n,
+            "v": FORMAT,
+            "count": entries.len() as i64,
             "bson": Binary { subtype: BinarySubtype::Generic, bytes },
         };
-        let coll = self.coll.clone();
-        self.storing = Some(tokio::spawn(async move {
-            coll.insert_one(chunk).await.map(|_| ()).map_err(mongo("storing rollback data"))
-        }));
-        self.count += self.docs as u64;
-        self.docs = 0;
+        if let Some(f) = from {
+            chunk.insert("from", f);
+        }
+        let insert = self.coll.insert_one(chunk);
+        match session {
+            Some(s) => insert.session(s).await,
+            None => insert.await,
+        }
+        .map_err(mongo("storing rollback data"))?;
+        self.next += 1;
+        Ok(n)
+    }
+
+    /// Void entries whose writes did not apply.
+    pub async fn void(&mut self, ids: Vec<Bson>) -> Result<(), ExecError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let n = self.next;
+        self.coll
+            .insert_one(doc! {"_id": n, "v": FORMAT, "void": ids})
+            .await
+            .map_err(mongo("storing rollback data"))?;
         self.next += 1;
         Ok(())
     }
 
-    /// Store everything pushed, and wait until the server has it.
-    pub async fn sync(&mut self) -> Result<(), ExecError> {
-        self.flush().await?;
-        self.stored().await
-    }
-}
-
-/// Store pre-images of the documents of `coll` matching `query` under `key`: whole
-/// documents, or `_id` plus the given top-level fields.
-pub async fn capture(
-    db: &Database,
-    coll: &str,
-    query: Document,
-    fields: Option<&[String]>,
-    key: &str,
-) -> Result<u64, ExecError> {
-    let mut w = Writer::create(db, key).await?;
-    let source = db.collection::<RawDocumentBuf>(coll);
-    let mut find = source.find(query).batch_size(2000);
-    if let Some(fields) = fields {
-        let mut p = doc! {"_id": 1};
-        for f in fields {
-            p.insert(f.clone(), 1);
+    /// Every chunk of entries, newest first, without the voided entries.
+    pub async fn chunks_newest_first(&self) -> Result<Vec<Chunk>, ExecError> {
+        let reading = || mongo(format!("reading rollback data in {}", self.coll.name()));
+        let all: Vec<Document> = self
+            .coll
+            .find(doc! {})
+            .sort(doc! {"_id": -1})
+            .await
+            .map_err(reading())?
+            .try_collect()
+            .await
+            .map_err(reading())?;
+        let mut voided: Vec<(i64, Bson)> = Vec::new();
+        let mut out = Vec::new();
+        for c in &all {
+            let n = c.get_i64("_id").map_err(|_| self.damaged("a chunk has no number"))?;
+            if c.get_i32("v") != Ok(FORMAT) {
+                return Err(self.damaged(
+                    "it is not in the layout this dbshift writes (it was written by another version, or changed by hand)",
+                ));
+            }
+            if let Ok(ids) = c.get_array("void") {
+                voided.extend(ids.iter().map(|i| (n, i.clone())));
+                continue;
+            }
+            let bytes =
+                c.get_binary_generic("bson").map_err(|e| self.damaged(&format!("no pre-images in the chunk: {e}")))?;
+            let mut entries = Vec::new();
+            for raw in split_documents(bytes).map_err(|e| self.damaged(&e))? {
+                let e = Entry::from_raw(&raw).map_err(|e| self.damaged(&e))?;
+                // A void names entries stored before it.
+                if !voided.iter().any(|(vn, id)| *vn > n && *id == e.id) {
+                    entries.push(e);
+                }
+            }
+            out.push(Chunk { n, entries, from: c.get_i64("from").ok() });
         }
-        find = find.projection(p);
+        Ok(out)
     }
-    let reading = || mongo(format!("reading {coll} to store rollback data"));
-    let mut cursor = find.await.map_err(reading())?;
-    while cursor.advance().await.map_err(reading())? {
-        w.push(cursor.current()).await?;
-    }
-    w.sync().await?;
-    Ok(w.count)
-}
 
-/// The pre-images in one chunk, in the order they were stored.
-fn unpack(chunk: &Document) -> Result<Vec<RawDocumentBuf>, String> {
-    let bytes = chunk.get_binary_generic("bson").map_err(|e| format!("no pre-images in the chunk: {e}"))?;
-    split_documents(bytes)
+    fn damaged(&self, why: &str) -> ExecError {
+        ExecError::Data(format!("the rollback data in {} is damaged: {why}", self.coll.name()))
+    }
 }
 
 /// Split concatenated BSON documents.
@@ -152,141 +424,8 @@ fn split_documents(mut bytes: &[u8]) -> Result<Vec<RawDocumentBuf>, String> {
     Ok(docs)
 }
 
-/// Every chunk of a step's rollback data, in order.
-async fn chunks(db: &Database, key: &str) -> Result<mongodb::Cursor<Document>, ExecError> {
-    db.collection::<Document>(&collection_name(key))
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .map_err(mongo("reading rollback data"))
-}
-
-/// Put pre-images back into their collection. Returns how many documents were written.
-pub async fn restore(db: &Database, r: &RestorePreimages) -> Result<u64, ExecError> {
-    let txn = crate::mongo::supports_transactions(db).await;
-    let target = db.collection::<Document>(&r.collection);
-    let mut cursor = chunks(db, &r.key).await?;
-    let mut written = 0u64;
-    while let Some(chunk) = cursor.try_next().await.map_err(mongo("reading rollback data"))? {
-        let all = unpack(&chunk).map_err(|e| {
-            ExecError::Data(format!("the rollback data in {} is damaged: {e}", collection_name(&r.key)))
-        })?;
-        for pre in all.chunks(RESTORE_BATCH) {
-            let docs = match r.mode {
-                RestoreMode::Replace => pre.to_vec(),
-                RestoreMode::Fields => with_fields_restored(&target, r, pre).await?,
-            };
-            written += docs.len() as u64;
-            replace_documents(db, &target.clone_with_type(), docs, txn, r.mode == RestoreMode::Replace).await?;
-        }
-    }
-    Ok(written)
-}
-
-/// The current versions of the documents of `pre`, with the stored fields put back (and
-/// `unset` fields the pre-image lacks removed).
-async fn with_fields_restored(
-    target: &Collection<Document>,
-    r: &RestorePreimages,
-    pre: &[RawDocumentBuf],
-) -> Result<Vec<RawDocumentBuf>, ExecError> {
-    let pre: Vec<Document> = pre
-        .iter()
-        .map(|p| p.to_document())
-        .collect::<Result<_, _>>()
-        .map_err(|e| ExecError::Data(format!("a pre-image cannot be read: {e}")))?;
-    let ids: Vec<Bson> = pre.iter().filter_map(|d| d.get("_id").cloned()).collect();
-    let current: Vec<Document> = target
-        .find(doc! {"_id": {"$in": ids}})
-        .await
-        .map_err(mongo(format!("reading {}", r.collection)))?
-        .try_collect()
-        .await
-        .map_err(mongo(format!("reading {}", r.collection)))?;
-    let mut by_id: std::collections::HashMap<Vec<u8>, Document> =
-        current.into_iter().map(|d| (id_key(&d), d)).collect();
-    let mut docs = Vec::with_capacity(pre.len());
-    for p in pre {
-        let Some(mut d) = by_id.remove(&id_key(&p)) else {
-            continue; // gone since: nothing to put back
-        };
-        // Fields the pre-image lacks go; the others are put back where they stand (a field
-        // the operation removed comes back at the end).
-        for f in r.unset.iter().filter(|f| !p.contains_key(f.as_str())) {
-            d.remove(f);
-        }
-        for (k, v) in p {
-            d.insert(k, v);
-        }
-        docs.push(
-            RawDocumentBuf::from_document(&d)
-                .map_err(|e| ExecError::Data(format!("a restored document cannot be written: {e}")))?,
-        );
-    }
-    Ok(docs)
-}
-
-fn id_key(d: &Document) -> Vec<u8> {
-    bson::to_vec(&doc! {"_id": d.get("_id").cloned().unwrap_or(Bson::Null)}).unwrap_or_default()
-}
-
-fn raw_id(d: &RawDocument) -> Bson {
-    match d.get("_id") {
-        Ok(Some(v)) => v.to_raw_bson().try_into().unwrap_or(Bson::Null),
-        _ => Bson::Null,
-    }
-}
-
-/// Write whole documents over the ones with the same `_id` (inserting missing ones when
-/// `upsert`). In a transaction per batch where the server has them, else one `replaceOne` each.
-pub async fn replace_documents(
-    db: &Database,
-    target: &Collection<RawDocumentBuf>,
-    docs: Vec<RawDocumentBuf>,
-    txn: bool,
-    upsert: bool,
-) -> Result<(), ExecError> {
-    if docs.is_empty() {
-        return Ok(());
-    }
-    let name = target.name().to_string();
-    if txn {
-        let ids: Vec<Bson> = docs.iter().map(|d| raw_id(d)).collect();
-        let mut session = db.client().start_session().await.map_err(mongo("starting a session"))?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            session.start_transaction().await.map_err(mongo("starting a transaction"))?;
-            let r = async {
-                target.delete_many(doc! {"_id": {"$in": ids.clone()}}).session(&mut session).await?;
-                target.insert_many(&docs).session(&mut session).await?;
-                Ok::<(), mongodb::error::Error>(())
-            }
-            .await;
-            let r = match r {
-                Ok(()) => session.commit_transaction().await,
-                Err(e) => {
-                    let _ = session.abort_transaction().await;
-                    Err(e)
-                }
-            };
-            match r {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < 5 && e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR) => continue,
-                Err(e) => return Err(mongo(format!("writing documents of {name}"))(e)),
-            }
-        }
-    }
-    futures::stream::iter(docs)
-        .map(|d| async move { target.replace_one(doc! {"_id": raw_id(&d)}, &d).upsert(upsert).await.map(|_| ()) })
-        .buffer_unordered(16)
-        .try_collect::<()>()
-        .await
-        .map_err(mongo(format!("writing documents of {name}")))
-}
-
-/// Drop the rollback data of steps whose keys start with `prefix` (e.g. `<version>_` for a
-/// whole migration, `<version>_d` for the steps of its rollback).
+/// Drop the stores of steps whose keys start with `prefix` (e.g. `<version>_` for a whole
+/// migration, `<version>_d` for the steps of its rollback).
 pub async fn forget(db: &Database, prefix: &str) -> Result<(), ExecError> {
     let start = collection_name(prefix);
     for name in db.list_collection_names().await.map_err(mongo("listing rollback data"))? {
@@ -301,6 +440,10 @@ pub async fn forget(db: &Database, prefix: &str) -> Result<(), ExecError> {
 mod tests {
     use super::*;
 
+    fn raw(d: Document) -> RawDocumentBuf {
+        RawDocumentBuf::from_document(&d).unwrap()
+    }
+
     #[test]
     fn chunks_split_back_into_their_documents() {
         let docs = [doc! {"_id": 1, "a": "x"}, doc! {"_id": 2, "b": [1, 2]}];
@@ -311,7 +454,110 @@ mod tests {
         let back: Vec<Document> = split_documents(&bytes).unwrap().iter().map(|d| d.to_document().unwrap()).collect();
         assert_eq!(back, docs);
         assert!(split_documents(&bytes[..bytes.len() - 1]).unwrap_err().contains("cut short"));
-        let other = doc! {"_id": 0i64, "docs": [docs[0].clone(), 5]};
-        assert!(unpack(&other).unwrap_err().contains("no pre-images in the chunk"));
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let e = Entry {
+            id: Bson::Int32(7),
+            fields: Some(vec!["a".into(), "b".into()]),
+            pre: Some(raw(doc! {"a": 1})),
+            post: Some([3; 16]),
+            order: Some(vec!["b".into(), "a".into()]),
+        };
+        assert_eq!(Entry::from_raw(&e.to_raw()).unwrap(), e);
+        let whole = Entry { id: Bson::String("x".into()), fields: None, pre: None, post: None, order: None };
+        assert_eq!(Entry::from_raw(&whole.to_raw()).unwrap(), whole);
+    }
+
+    #[test]
+    fn fields_go_back_and_later_writes_to_other_fields_stay() {
+        // removeField of `a`; since, the application set `n` and the document gained `z`.
+        let pre = raw(doc! {"_id": 1, "a": {"deep": [1, 2]}});
+        let after = raw(doc! {"_id": 1, "n": 1});
+        let fields = vec!["a".to_string()];
+        let e = Entry {
+            id: Bson::Int32(1),
+            fields: Some(fields.clone()),
+            pre: Some(project(&pre, &fields)),
+            post: Some(hash_of(Some(&after), Some(&fields))),
+            order: None,
+        };
+        let now = raw(doc! {"_id": 1, "n": 2, "z": true});
+        let (r, conflict) = restore(&e, Some(&now), e.post).unwrap();
+        assert!(!conflict);
+        assert_eq!(r, Restore::Write(raw(doc! {"_id": 1, "n": 2, "z": true, "a": {"deep": [1, 2]}})));
+        // Restored already: nothing to do, and no conflict.
+        let (again, conflict) = restore(&e, Some(&raw(doc! {"_id": 1, "n": 2, "a": {"deep": [1, 2]}})), None).unwrap();
+        assert_eq!((again, conflict), (Restore::Unchanged, false));
+    }
+
+    #[test]
+    fn a_field_changed_again_is_a_conflict_and_the_pre_image_wins() {
+        let fields = vec!["name".to_string()];
+        let e = Entry {
+            id: Bson::Int32(1),
+            fields: Some(fields.clone()),
+            pre: Some(raw(doc! {"name": "Ada"})),
+            post: Some(hash_of(Some(&raw(doc! {"_id": 1, "name": "ADA"})), Some(&fields))),
+            order: None,
+        };
+        let (r, conflict) = restore(&e, Some(&raw(doc! {"_id": 1, "name": "Grace"})), e.post).unwrap();
+        assert!(conflict);
+        assert_eq!(r, Restore::Write(raw(doc! {"_id": 1, "name": "Ada"})));
+        // Deleted by the application since: it stays deleted, and that is reported.
+        assert_eq!(restore(&e, None, e.post).unwrap(), (Restore::Unchanged, true));
+    }
+
+    #[test]
+    fn whole_documents_are_inserted_deleted_or_replaced() {
+        let gone = Entry {
+            id: Bson::Int32(1),
+            fields: None,
+            pre: Some(raw(doc! {"_id": 1, "a": 1})),
+            post: Some(hash_of(None, None)),
+            order: None,
+        };
+        assert_eq!(restore(&gone, None, gone.post).unwrap(), (Restore::Write(raw(doc! {"_id": 1, "a": 1})), false));
+        // Inserted again by the application meanwhile: the pre-image wins.
+        let (r, conflict) = restore(&gone, Some(&raw(doc! {"_id": 1, "b": 2})), gone.post).unwrap();
+        assert_eq!((r, conflict), (Restore::Write(raw(doc! {"_id": 1, "a": 1})), true));
+        let created = Entry {
+            id: Bson::Int32(2),
+            fields: None,
+            pre: None,
+            post: Some(hash_of(Some(&raw(doc! {"_id": 2})), None)),
+            order: None,
+        };
+        assert_eq!(restore(&created, Some(&raw(doc! {"_id": 2})), created.post).unwrap(), (Restore::Delete, false));
+        assert_eq!(restore(&created, None, created.post).unwrap(), (Restore::Unchanged, false));
+    }
+
+    #[test]
+    fn with_the_field_order_an_untouched_document_comes_back_byte_for_byte() {
+        let old = raw(doc! {"_id": 1, "name": "A B", "score": 2.5, "big": 9_007_199_254_740_993i64});
+        let new = raw(doc! {"_id": 1, "score": 2.5, "big": 9_007_199_254_740_993i64, "first": "A", "last": "B"});
+        let fields = changed_fields(&old, &new);
+        let e = Entry {
+            id: Bson::Int32(1),
+            pre: Some(project(&old, &fields)),
+            post: Some(hash_of(Some(&new), Some(&fields))),
+            order: Some(field_order(&old)),
+            fields: Some(fields),
+        };
+        assert_eq!(restore(&e, Some(&new), e.post).unwrap(), (Restore::Write(old.clone()), false));
+        // A field the application added since stays, at the end.
+        let later = raw(
+            doc! {"_id": 1, "score": 2.5, "big": 9_007_199_254_740_993i64, "first": "A", "last": "B", "seen": true},
+        );
+        let back = raw(doc! {"_id": 1, "name": "A B", "score": 2.5, "big": 9_007_199_254_740_993i64, "seen": true});
+        assert_eq!(restore(&e, Some(&later), e.post).unwrap(), (Restore::Write(back), false));
+    }
+
+    #[test]
+    fn changed_fields_are_found_in_order() {
+        let old = raw(doc! {"_id": 1, "name": "A B", "keep": 1, "gone": true});
+        let new = raw(doc! {"_id": 1, "keep": 1, "first": "A", "name": "A B x"});
+        assert_eq!(changed_fields(&old, &new), ["name", "gone", "first"]);
     }
 }

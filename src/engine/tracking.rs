@@ -1,6 +1,6 @@
 //! The tracking collection: one record per migration that ran on a tenant database.
 
-use bson::{doc, DateTime, Document};
+use bson::{doc, DateTime};
 use futures::TryStreamExt;
 use mongodb::Database;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,58 @@ pub enum State {
     Failed,
     /// Applied, then rolled back.
     RolledBack,
+    /// Being applied, or interrupted while it was (its `work` says how far it got): the next
+    /// runner undoes it before anything else.
+    Applying,
+    /// Being rolled back, or interrupted while it was: the next runner undoes the rollback
+    /// (the migration stays applied) before anything else.
+    RollingBack,
+}
+
+/// Where a step of the work in progress got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Prepared (its undo is known and recorded): it may have started changing data.
+    Prepared,
+    /// It finished.
+    Done,
+}
+
+/// One step of the work in progress, recorded before it changes anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepWork {
+    /// Names the step's pre-image store.
+    pub key: String,
+    /// What runs (with run-time choices made, e.g. generated `_id`s), as JSON.
+    pub op: String,
+    /// The operations that undo it, as JSON; absent when it cannot be undone (`irreversible` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irreversible: Option<String>,
+    pub state: StepState,
+}
+
+/// The work in progress on a migration: what the next runner undoes if this one stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Work {
+    /// The lock owner doing it.
+    pub owner: String,
+    pub run_id: String,
+    pub started_at: DateTime,
+    pub steps: Vec<StepWork>,
+}
+
+/// Fields a rollback found changed again since the migration (the pre-image won).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conflicts {
+    pub count: u64,
+    /// The documents' `_id`s (the first 100), as Extended JSON.
+    pub ids: Vec<String>,
 }
 
 /// Per-operation details of a run.
@@ -81,6 +133,12 @@ pub struct Record {
     pub rolled_back_at: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_by: Option<String>,
+    /// The work in progress (state `applying` or `rolling_back`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<Work>,
+    /// What the last rollback overrode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Conflicts>,
 }
 
 impl Record {
@@ -105,14 +163,4 @@ pub async fn load(db: &Database, collection: &str) -> mongodb::error::Result<Vec
 
 pub async fn save(db: &Database, collection: &str, record: &Record) -> mongodb::error::Result<()> {
     db.collection::<Record>(collection).replace_one(doc! {"_id": &record.id}, record).upsert(true).await.map(|_| ())
-}
-
-pub async fn mark_rolled_back(db: &Database, collection: &str, id: &str, run_id: &str) -> mongodb::error::Result<()> {
-    db.collection::<Document>(collection)
-        .update_one(
-            doc! {"_id": id},
-            doc! {"$set": {"state": "rolled_back", "rolledBackAt": DateTime::now(), "rolledBackBy": run_id}},
-        )
-        .await
-        .map(|_| ())
 }

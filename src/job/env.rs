@@ -27,6 +27,10 @@ pub const BACKUP: &str = "DBSHIFT_BACKUP";
 pub const BACKUP_RETENTION: &str = "DBSHIFT_BACKUP_RETENTION";
 /// Where the runner writes its [`super::JobResult`] (default: the termination message).
 pub const RESULT_FILE: &str = "DBSHIFT_RESULT_FILE";
+/// How long to wait for a tenant another runner holds (`10m`, `30s`, `0`).
+pub const LOCK_WAIT: &str = "DBSHIFT_LOCK_WAIT";
+/// The pod's name (from the downward API): names the lock owner in place of the hostname.
+pub const POD_NAME: &str = "DBSHIFT_POD_NAME";
 /// Log filter (`info`, `debug`, ...) and format (`json` or text).
 pub const LOG: &str = "DBSHIFT_LOG";
 pub const LOG_FORMAT: &str = "DBSHIFT_LOG_FORMAT";

@@ -146,7 +146,7 @@ impl JobResult {
             done: rep
                 .migrations
                 .iter()
-                .filter(|m| m.state != OutcomeState::Failed)
+                .filter(|m| matches!(m.state, OutcomeState::Applied | OutcomeState::RolledBack))
                 .map(|m| (m.id.clone(), m.duration_ms, m.documents_affected))
                 .collect(),
             more: 0,

@@ -21,7 +21,6 @@ use mongodb::Database;
 use super::env;
 use super::result::{BackupInfo, JobResult, RollbackHow};
 use crate::backup::{Destination, Found, RestoreOptions, SnapshotOptions};
-use crate::engine::lock::Lease;
 use crate::engine::runner::{BeforeChange, Outcome, OutcomeState, RunError};
 use crate::engine::tracking::{self, Record, State};
 use crate::engine::{self, planner::Direction, runner, DownRequest, Migration, RunOptions, TenantReport, UpRequest};
@@ -261,17 +260,26 @@ async fn rollback_run(
         let report = down_report(tenant, true, from_version.clone(), from_version, planned);
         return Ok((report, Some(RollbackHow::Snapshot), Some(found.location)));
     }
-    let lease = Lease::acquire(db, &opts.owner, &opts.run_id, opts.lock_ttl).await.map_err(RunError::from)?;
-    let result = restore_snapshot_locked(db, run, opts, dest, &found).await;
-    let released = lease.release().await;
-    let restored = result?;
-    if let Err(e) = released {
-        tracing::warn!(error = %e, "could not release the lock");
-    }
+    let tenant_name = tenant.to_string();
+    let (recovered, restored) = runner::with_lock(db, &tenant_name, opts, || async {
+        Ok(restore_snapshot_locked(db, run, opts, dest, &found).await)
+    })
+    .await?;
+    let restored = match restored {
+        Some(r) => r?,
+        // Interrupted work could not be undone: say so, change nothing else.
+        None => {
+            let mut report = down_report(tenant, false, from_version.clone(), from_version, recovered);
+            report.ok = false;
+            report.error = report.migrations.iter().find_map(|m| m.error.clone());
+            return Ok((report, None, None));
+        }
+    };
     let to_version = latest_applied(&tracking::load(db, &opts.tracking).await.map_err(unreachable)?);
     Ok(match restored {
         Some(ids) => {
-            let outs = ids.iter().map(|id| rolled_back(id, OutcomeState::RolledBack)).collect();
+            let mut outs = recovered;
+            outs.extend(ids.iter().map(|id| rolled_back(id, OutcomeState::RolledBack)));
             (
                 down_report(tenant, false, from_version, to_version, outs),
                 Some(RollbackHow::Snapshot),
@@ -279,7 +287,7 @@ async fn rollback_run(
             )
         }
         // Rolled back by someone else in the meantime: nothing left to do.
-        None => (down_report(tenant, false, to_version.clone(), to_version, vec![]), None, None),
+        None => (down_report(tenant, false, to_version.clone(), to_version, recovered), None, None),
     })
 }
 
@@ -342,18 +350,7 @@ fn down_report(
 }
 
 fn rolled_back(id: &str, state: OutcomeState) -> Outcome {
-    Outcome {
-        id: id.to_string(),
-        direction: Direction::Down,
-        state,
-        duration_ms: 0,
-        documents_affected: 0,
-        steps: vec![],
-        validation: vec![],
-        error: None,
-        needs_attention: false,
-        estimates: vec![],
-    }
+    Outcome::new(id, Direction::Down, state)
 }
 
 /// Write the result where the controller reads it, and print it.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::backup::{self, database, RestoreOptions, RestoreReport};
 use crate::cli::fleet::{self, for_each_tenant, selector, worst};
 use crate::cli::{output, Global, Output};
-use crate::engine::{lock::Lease, runner::RunError};
+use crate::engine::runner;
 use crate::exit::{Exit, Failure};
 
 #[derive(Args, Debug, Clone)]
@@ -119,14 +119,17 @@ async fn from_database(g: &Global, a: &RestoreArgs, store_name: &str) -> Result<
         let ropts = restore_options(g, a);
         let (store, p, o) = (&store, progress.clone(), &opts);
         async move {
-            // A restore changes the tenant: not while a migration runs on it.
-            let lease = Lease::acquire(&db, &o.owner, &o.run_id, o.lock_ttl).await.map_err(RunError::from)?;
-            let r = database::restore_from_database(&db, store, &id, &ropts, p.as_deref()).await;
-            let released = lease.release().await;
-            let report = r?;
-            if let Err(e) = released {
-                tracing::warn!(tenant = %t, error = %e, "could not release the lock");
-            }
+            // A restore changes the tenant: not while a migration runs on it, and not over
+            // work a stopped runner left (it is undone first).
+            let restore = || async { Ok(database::restore_from_database(&db, store, &id, &ropts, p.as_deref()).await) };
+            let (recovered, r) = runner::with_lock(&db, &t, o, restore).await?;
+            let report = match r {
+                Some(r) => r?,
+                None => {
+                    let why = recovered.iter().find_map(|m| m.error.clone()).unwrap_or_default();
+                    return Err(Failure::new(Exit::NeedsAttention, format!("nothing was restored: {why}")));
+                }
+            };
             Ok(Restored { snapshot: database::location(store.name(), &id), report })
         }
     })

@@ -6,10 +6,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, field_problem, filter_problem, in_session, json, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode, UpdateMany};
+use super::{count, data_err, field_problem, filter_problem, restore, Recompute};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::{self, and, filter_doc, top_field};
-use crate::engine::preimages;
+use crate::engine::pass::{self, FieldUpdate};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -31,17 +31,14 @@ impl AddField {
         Ok(and(filter_doc(self.filter.as_ref()).map_err(data_err)?, doc! {&self.field: {"$exists": false}}))
     }
 
-    /// Unset the field where it holds the value, then put back the documents that held the
-    /// value before `up` (it did not touch them).
-    fn undo(&self, value: bson::Bson, key: &str) -> Vec<Operation> {
-        vec![
-            Operation::UpdateMany(UpdateMany {
-                collection: self.collection.clone(),
-                filter: serde_json::json!({ &self.field: json(value) }),
-                update: serde_json::json!({ "$unset": { &self.field: "" } }),
-            }),
-            restore(&self.collection, key, RestoreMode::Fields, vec![top_field(&self.field).to_string()]),
-        ]
+    fn update(&self) -> Result<bson::Document, ExecError> {
+        Ok(doc! {"$set": {&self.field: bsonx::to_bson(&self.value).map_err(data_err)?}})
+    }
+
+    /// Put back the documents it changed: the field goes again, other fields stay.
+    fn undo(&self, key: &str) -> Vec<Operation> {
+        let update = serde_json::json!({ "$set": { &self.field: &self.value } });
+        vec![restore(&self.collection, key, Some(Recompute::new(update, None)))]
     }
 }
 
@@ -64,22 +61,21 @@ impl Op for AddField {
         ]
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        let value = bsonx::to_bson(&self.value).map_err(data_err)?;
-        let top = top_field(&self.field).to_string();
-        // Documents that already hold the value are not touched by `up`, but the undo
-        // (unset where field == value) would reach them: keep them as they are.
-        preimages::capture(db, &self.collection, doc! {&self.field: value.clone()}, Some(&[top]), key).await?;
-        Ok(Prepared::new(Operation::AddField(self.clone()), self.undo(value, key)))
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
+        Ok(Prepared::new(Operation::AddField(self.clone()), self.undo(key)))
     }
 
+    /// Only documents still missing the field when they are written change (one the application
+    /// gave the field meanwhile is left as it is).
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        let value = bsonx::to_bson(&self.value).map_err(data_err)?;
-        let coll = x.db.collection::<bson::Document>(&self.collection);
-        let s = &mut x.session;
-        let r = in_session!(coll.update_many(self.query()?, doc! {"$set": {&self.field: value}}), s)
-            .map_err(mongo(format!("adding {} to {}", self.field, self.collection)))?;
-        Ok(r.modified_count)
+        let mut planner = FieldUpdate {
+            filter: self.query()?,
+            update: self.update()?.into(),
+            fields: vec![top_field(&self.field).to_string()],
+            whole_pre: false,
+        };
+        let (key, query) = (x.key.to_string(), self.query()?);
+        pass::forward(&mut x.pass(&self.collection), &key, query, &mut planner, true).await
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {

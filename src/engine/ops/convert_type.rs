@@ -7,10 +7,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, field_problem, filter_problem, in_session, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode};
+use super::{count, data_err, field_problem, filter_problem, mongo, restore, Recompute};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::{and, filter_doc, top_field};
-use crate::engine::preimages;
+use crate::engine::pass::{self, FieldUpdate};
 use crate::mongo::{code, error_code};
 
 /// Target BSON types for `convertType`.
@@ -86,9 +86,26 @@ impl ConvertType {
         Ok(and(filter_doc(self.filter.as_ref()).map_err(data_err)?, doc! {&self.field: type_cond}))
     }
 
+    /// The conversion, as an update pipeline.
+    fn pipeline(&self) -> Vec<Document> {
+        let input = format!("${}", self.field);
+        let mut convert = doc! {"input": &input, "to": self.to.mongo_name()};
+        match self.on_error {
+            OnConvertError::SetNull => convert.insert("onError", Bson::Null),
+            OnConvertError::Keep => convert.insert("onError", &input),
+            // No onError: the server stops at the first value it cannot convert (and the
+            // step is undone from its pre-images).
+            OnConvertError::Fail => None,
+        };
+        vec![doc! {"$set": {&self.field: {"$convert": convert}}}]
+    }
+
     /// Put the stored values back.
     fn undo(&self, key: &str) -> Vec<Operation> {
-        vec![restore(&self.collection, key, RestoreMode::Fields, vec![top_field(&self.field).to_string()])]
+        let update = serde_json::Value::Array(
+            self.pipeline().into_iter().map(|d| Bson::Document(d).into_canonical_extjson()).collect(),
+        );
+        vec![restore(&self.collection, key, Some(Recompute::new(update, None)))]
     }
 
     /// Which values stopped a conversion (`onError: fail`): how many, and one example. Looked
@@ -141,34 +158,34 @@ impl Op for ConvertType {
         p
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        let top = top_field(&self.field).to_string();
-        preimages::capture(db, &self.collection, self.query()?, Some(&[top]), key).await?;
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
         Ok(Prepared::new(Operation::ConvertType(self.clone()), self.undo(key)))
     }
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
         let q = self.query()?;
-        let input = format!("${}", self.field);
-        let mut convert = doc! {"input": &input, "to": self.to.mongo_name()};
-        match self.on_error {
-            OnConvertError::SetNull => convert.insert("onError", Bson::Null),
-            OnConvertError::Keep => convert.insert("onError", &input),
-            // No onError: the server stops at the first value it cannot convert (and the
-            // step is undone from its pre-images), with no second pass over the collection.
-            OnConvertError::Fail => None,
+        let mut planner = FieldUpdate {
+            filter: q.clone(),
+            update: self.pipeline().into(),
+            fields: vec![top_field(&self.field).to_string()],
+            whole_pre: false,
         };
-        let pipeline = vec![doc! {"$set": {&self.field: {"$convert": convert}}}];
-        let coll = x.db.collection::<Document>(&self.collection);
-        let s = &mut x.session;
-        match in_session!(coll.update_many(q.clone(), pipeline), s) {
-            Ok(r) => Ok(r.modified_count),
-            Err(e) if self.on_error == OnConvertError::Fail && error_code(&e) == Some(code::CONVERSION_FAILURE) => {
-                Err(self.failure(&coll, q).await)
+        // Converted values no longer match: run again for documents that arrived meanwhile
+        // (not with `keep`, whose unconvertible values would match every time).
+        let catch_up = self.on_error != OnConvertError::Keep;
+        let key = x.key.to_string();
+        match pass::forward(&mut x.pass(&self.collection), &key, q.clone(), &mut planner, catch_up).await {
+            Err(ExecError::Mongo { source, .. })
+                if self.on_error == OnConvertError::Fail && error_code(&source) == Some(code::CONVERSION_FAILURE) =>
+            {
+                Err(self.failure(&x.db.collection(&self.collection), q).await)
             }
-            Err(e) => {
-                Err(mongo(format!("converting {} in {} to {}", self.field, self.collection, self.to.mongo_name()))(e))
+            Err(ExecError::Mongo { source, .. }) => {
+                Err(mongo(format!("converting {} in {} to {}", self.field, self.collection, self.to.mongo_name()))(
+                    source,
+                ))
             }
+            r => r,
         }
     }
 

@@ -5,10 +5,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, filter_problem, in_session, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode};
+use super::{count, data_err, filter_problem, restore};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx;
-use crate::engine::preimages;
+use crate::engine::pass::{self, Delete};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -26,7 +26,7 @@ impl DeleteDocuments {
 
     /// Re-insert the stored documents.
     fn undo(&self, key: &str) -> Vec<Operation> {
-        vec![restore(&self.collection, key, RestoreMode::Replace, vec![])]
+        vec![restore(&self.collection, key, None)]
     }
 }
 
@@ -45,17 +45,15 @@ impl Op for DeleteDocuments {
         vec![filter_problem(Some(&self.filter), "filter")]
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        preimages::capture(db, &self.collection, self.query()?, None, key).await?;
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
         Ok(Prepared::new(Operation::DeleteDocuments(self.clone()), self.undo(key)))
     }
 
+    /// A document changed since it was read is read again first; one that no longer matches
+    /// is left alone.
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        let coll = x.db.collection::<bson::Document>(&self.collection);
-        let s = &mut x.session;
-        let r = in_session!(coll.delete_many(self.query()?), s)
-            .map_err(mongo(format!("deleting documents from {}", self.collection)))?;
-        Ok(r.deleted_count)
+        let key = x.key.to_string();
+        pass::forward(&mut x.pass(&self.collection), &key, self.query()?, &mut Delete, true).await
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {

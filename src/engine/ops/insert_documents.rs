@@ -6,8 +6,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{data_err, in_session, json, mongo, DeleteDocuments, Exec, ExecError, Op, Operation, Prepared};
-use crate::engine::bsonx;
+use super::{data_err, json, restore, Exec, ExecError, Op, Operation, Prepared};
+use crate::engine::{bsonx, pass};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -16,14 +16,32 @@ pub struct InsertDocuments {
     pub collection: String,
     /// The documents to insert.
     pub documents: Vec<serde_json::Map<String, Json>>,
+    /// What to do when a document's `_id` exists already: `fail` (default) fails the step
+    /// before anything is written; `skip` leaves that document alone (it is reported, and not
+    /// touched on undo).
+    #[serde(default, skip_serializing_if = "OnConflict::is_fail")]
+    pub on_conflict: OnConflict,
+}
+
+/// What `insertDocuments` does with an `_id` that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnConflict {
+    #[default]
+    Fail,
+    Skip,
+}
+
+impl OnConflict {
+    fn is_fail(&self) -> bool {
+        *self == OnConflict::Fail
+    }
 }
 
 impl InsertDocuments {
-    fn undo(&self, ids: Vec<Bson>) -> Vec<Operation> {
-        vec![Operation::DeleteDocuments(DeleteDocuments {
-            collection: self.collection.clone(),
-            filter: serde_json::json!({ "_id": { "$in": json(Bson::Array(ids)) } }),
-        })]
+    /// Delete exactly the documents it inserted (from its entries).
+    fn undo(&self, key: &str) -> Vec<Operation> {
+        vec![restore(&self.collection, key, None)]
     }
 }
 
@@ -47,9 +65,8 @@ impl Op for InsertDocuments {
     }
 
     /// Every document gets its `_id` now, so the undo knows exactly what to delete.
-    async fn prepare(&self, _db: &Database, _key: &str) -> Result<Prepared, ExecError> {
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
         let mut docs = Vec::new();
-        let mut ids = Vec::new();
         for d in &self.documents {
             let mut d = bsonx::map_to_doc(d).map_err(data_err)?;
             if !d.contains_key("_id") {
@@ -57,24 +74,27 @@ impl Op for InsertDocuments {
                 with_id.extend(d);
                 d = with_id;
             }
-            ids.push(d.get("_id").cloned().unwrap_or(Bson::Null));
             if let serde_json::Value::Object(m) = json(Bson::Document(d)) {
                 docs.push(m);
             }
         }
-        let op = InsertDocuments { collection: self.collection.clone(), documents: docs };
-        let undo = op.undo(ids);
+        let op =
+            InsertDocuments { collection: self.collection.clone(), documents: docs, on_conflict: self.on_conflict };
+        let undo = op.undo(key);
         Ok(Prepared::new(Operation::InsertDocuments(op), undo))
     }
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
         let docs: Vec<Document> =
             self.documents.iter().map(bsonx::map_to_doc).collect::<Result<_, _>>().map_err(data_err)?;
-        let coll = x.db.collection::<Document>(&self.collection);
-        let s = &mut x.session;
-        let r = in_session!(coll.insert_many(docs), s)
-            .map_err(mongo(format!("inserting documents into {}", self.collection)))?;
-        Ok(r.inserted_ids.len() as u64)
+        let key = x.key.to_string();
+        let skip = self.on_conflict == OnConflict::Skip;
+        let (inserted, skipped) = pass::insert(&mut x.pass(&self.collection), &key, docs, skip).await?;
+        if !skipped.is_empty() {
+            let ids: Vec<String> = skipped.iter().map(|i| i.to_string()).collect();
+            tracing::info!(collection = %self.collection, skipped = %ids.join(", "), "documents that existed were left alone");
+        }
+        Ok(inserted)
     }
 
     async fn estimate(&self, _db: &Database) -> Result<Option<u64>, ExecError> {

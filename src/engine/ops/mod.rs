@@ -18,6 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::bsonx;
+use super::pass::{Guard, Pass, Server};
 
 mod add_field;
 mod convert_type;
@@ -46,7 +47,7 @@ pub use insert_documents::InsertDocuments;
 pub use remove_field::RemoveField;
 pub use rename_collection::RenameCollection;
 pub use rename_field::RenameField;
-pub use restore_preimages::{RestoreMode, RestorePreimages};
+pub use restore_preimages::{Recompute, RestorePreimages};
 pub use run_command::RunCommand;
 pub use transform::Transform;
 pub use update_many::UpdateMany;
@@ -59,6 +60,9 @@ pub enum ExecError {
     /// The operation's own input is wrong (found only at run time, e.g. a value that cannot convert).
     #[error("{0}")]
     Data(String),
+    /// Stopped before the next write: the lock was lost, or the process was asked to stop.
+    #[error("{0}")]
+    Stopped(String),
     #[error("{action}: {}", crate::mongo::describe(source))]
     Mongo {
         action: String,
@@ -115,12 +119,41 @@ impl Prepared {
 }
 
 /// Where an operation executes: the tenant database, its step key (which names the step's
-/// pre-image store), the transaction when there is one, and a progress report.
+/// pre-image store), the migration's transaction when it has one, a progress report, what
+/// stops it before its next write, and what the server offers.
 pub struct Exec<'a> {
     pub db: &'a Database,
     pub key: &'a str,
     pub session: Option<&'a mut ClientSession>,
     pub progress: Option<Progress>,
+    pub guard: &'a Guard,
+    pub server: Server,
+    /// Conflicts met by restores: (how many, the first `_id`s).
+    pub conflicts: (u64, Vec<bson::Bson>),
+}
+
+impl Exec<'_> {
+    /// Count conflicts a restore met.
+    pub fn conflicts(&mut self, n: u64, ids: Vec<bson::Bson>) {
+        self.conflicts.0 += n;
+        for id in ids {
+            if self.conflicts.1.len() < 100 {
+                self.conflicts.1.push(id);
+            }
+        }
+    }
+
+    /// A document pass over `coll` (see [`super::pass`]).
+    pub fn pass<'s>(&'s mut self, coll: &'s str) -> Pass<'s> {
+        Pass {
+            db: self.db,
+            coll,
+            guard: self.guard,
+            server: self.server,
+            outer: self.session.as_deref_mut(),
+            progress: self.progress.clone(),
+        }
+    }
 }
 
 /// What every operation provides (see the module documentation).
@@ -265,13 +298,13 @@ pub(crate) fn json(b: bson::Bson) -> serde_json::Value {
     b.into_canonical_extjson()
 }
 
-/// The undo step that puts a step's stored pre-images back.
-pub(crate) fn restore(collection: &str, key: &str, mode: RestoreMode, unset: Vec<String>) -> Operation {
+/// The undo step that puts a step's stored pre-images back (`recompute`: how to tell what the
+/// change wrote, for changes the server computed).
+pub(crate) fn restore(collection: &str, key: &str, recompute: Option<Recompute>) -> Operation {
     Operation::RestorePreimages(RestorePreimages {
         collection: collection.to_string(),
         key: key.to_string(),
-        mode,
-        unset,
+        recompute,
     })
 }
 
@@ -283,14 +316,3 @@ pub(crate) async fn count(db: &Database, coll: &str, q: bson::Document) -> Resul
         .map(Some)
         .map_err(mongo("counting documents for the plan"))
 }
-
-/// Run a session-aware driver action: inside the transaction when there is one.
-macro_rules! in_session {
-    ($action:expr, $session:expr) => {
-        match $session {
-            Some(s) => $action.session(&mut **s).await,
-            None => $action.await,
-        }
-    };
-}
-pub(crate) use in_session;

@@ -6,10 +6,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, field_problem, filter_problem, in_session, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode};
+use super::{count, data_err, field_problem, filter_problem, restore, Recompute};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::{and, filter_doc, top_field};
-use crate::engine::preimages;
+use crate::engine::pass::{self, FieldUpdate};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -30,7 +30,8 @@ impl RemoveField {
 
     /// Put the stored values back.
     fn undo(&self, key: &str) -> Vec<Operation> {
-        vec![restore(&self.collection, key, RestoreMode::Fields, vec![top_field(&self.field).to_string()])]
+        let update = serde_json::json!({ "$unset": { &self.field: "" } });
+        vec![restore(&self.collection, key, Some(Recompute::new(update, None)))]
     }
 }
 
@@ -49,18 +50,19 @@ impl Op for RemoveField {
         vec![field_problem(&self.field, "field"), filter_problem(self.filter.as_ref(), "filter")]
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        let top = top_field(&self.field).to_string();
-        preimages::capture(db, &self.collection, self.query()?, Some(&[top]), key).await?;
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
         Ok(Prepared::new(Operation::RemoveField(self.clone()), self.undo(key)))
     }
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        let coll = x.db.collection::<bson::Document>(&self.collection);
-        let s = &mut x.session;
-        let r = in_session!(coll.update_many(self.query()?, doc! {"$unset": {&self.field: ""}}), s)
-            .map_err(mongo(format!("removing {} from {}", self.field, self.collection)))?;
-        Ok(r.modified_count)
+        let mut planner = FieldUpdate {
+            filter: self.query()?,
+            update: doc! {"$unset": {&self.field: ""}}.into(),
+            fields: vec![top_field(&self.field).to_string()],
+            whole_pre: false,
+        };
+        let (key, query) = (x.key.to_string(), self.query()?);
+        pass::forward(&mut x.pass(&self.collection), &key, query, &mut planner, true).await
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {

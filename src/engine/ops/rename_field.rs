@@ -6,10 +6,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, field_problem, filter_problem, in_session, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode, UpdateMany};
+use super::{count, data_err, field_problem, filter_problem, restore, Recompute};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::{and, filter_doc, top_field};
-use crate::engine::preimages;
+use crate::engine::pass::{self, FieldUpdate};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -40,16 +40,10 @@ impl RenameField {
         }
     }
 
-    /// Rename back, then put back both fields of the documents that already had `to`.
+    /// Put both fields back as they were.
     fn undo(&self, key: &str) -> Vec<Operation> {
-        vec![
-            Operation::UpdateMany(UpdateMany {
-                collection: self.collection.clone(),
-                filter: serde_json::json!({ &self.to: { "$exists": true }, &self.from: { "$exists": false } }),
-                update: serde_json::json!({ "$rename": { &self.to: &self.from } }),
-            }),
-            restore(&self.collection, key, RestoreMode::Fields, self.fields()),
-        ]
+        let update = serde_json::json!({ "$rename": { &self.from: &self.to } });
+        vec![restore(&self.collection, key, Some(Recompute::new(update, None)))]
     }
 }
 
@@ -75,19 +69,19 @@ impl Op for RenameField {
         p
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        // Documents that already have `to`: the rename overwrites it, and the reverse rename
-        // must not move it. Keep both fields of those documents.
-        preimages::capture(db, &self.collection, doc! {&self.to: {"$exists": true}}, Some(&self.fields()), key).await?;
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
         Ok(Prepared::new(Operation::RenameField(self.clone()), self.undo(key)))
     }
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        let coll = x.db.collection::<bson::Document>(&self.collection);
-        let s = &mut x.session;
-        let r = in_session!(coll.update_many(self.query()?, doc! {"$rename": {&self.from: &self.to}}), s)
-            .map_err(mongo(format!("renaming {} to {} in {}", self.from, self.to, self.collection)))?;
-        Ok(r.modified_count)
+        let mut planner = FieldUpdate {
+            filter: self.query()?,
+            update: doc! {"$rename": {&self.from: &self.to}}.into(),
+            fields: self.fields(),
+            whole_pre: false,
+        };
+        let (key, query) = (x.key.to_string(), self.query()?);
+        pass::forward(&mut x.pass(&self.collection), &key, query, &mut planner, true).await
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {

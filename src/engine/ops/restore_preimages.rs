@@ -1,24 +1,43 @@
 //! `_restorePreimages` (internal, never written in a file): put back what a step stored in
-//! its pre-image store. It is how lossy operations are undone.
+//! its pre-image store, field by field. It is how changes to documents are undone.
 
+use mongodb::options::UpdateModifications;
 use mongodb::Database;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 
-use super::{Exec, ExecError, Op, Operation, Prepared};
-use crate::engine::preimages;
+use super::{data_err, restore, Exec, ExecError, Op, Operation, Prepared};
+use crate::engine::{bsonx, pass};
 
-/// How stored pre-images are written back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum RestoreMode {
-    /// Put back the stored top-level fields, leave the others.
-    Fields,
-    /// Replace the whole document (re-inserting it if it is gone).
-    Replace,
+/// How to tell what a change wrote, for changes the server computed: the update and filter it
+/// ran with, applied again to the pre-images in a scratch collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Recompute {
+    /// Update operators, or a pipeline (a list of stages).
+    pub update: Json,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Json>,
 }
 
-/// Internal undo step: documents stored in a step's pre-image store before a lossy operation.
+impl Recompute {
+    pub fn new(update: Json, filter: Option<Json>) -> Self {
+        Recompute { update, filter }
+    }
+
+    fn to_pass(&self) -> Result<pass::Recompute, ExecError> {
+        let update = match &self.update {
+            Json::Array(stages) => UpdateModifications::Pipeline(
+                stages.iter().map(bsonx::to_doc).collect::<Result<_, _>>().map_err(data_err)?,
+            ),
+            u => UpdateModifications::Document(bsonx::to_doc(u).map_err(data_err)?),
+        };
+        Ok(pass::Recompute { update, filter: bsonx::filter_doc(self.filter.as_ref()).map_err(data_err)? })
+    }
+}
+
+/// Internal undo step: put back the documents a step changed, from its pre-image store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestorePreimages {
@@ -26,11 +45,8 @@ pub struct RestorePreimages {
     pub collection: String,
     /// The step key of the pre-image store (`<version>_<step>`).
     pub key: String,
-    /// How to write them back.
-    pub mode: RestoreMode,
-    /// Fields to remove first (fields the operation added that the pre-images do not hold).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub unset: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute: Option<Recompute>,
 }
 
 impl Op for RestorePreimages {
@@ -40,18 +56,29 @@ impl Op for RestorePreimages {
         Some(&self.collection)
     }
 
+    fn is_data_operation(&self) -> bool {
+        true
+    }
+
     fn check(&self) -> Vec<Option<String>> {
         vec![Some("is internal to dbshift and cannot be written in a file".into())]
     }
 
-    async fn prepare(&self, _db: &Database, _key: &str) -> Result<Prepared, ExecError> {
-        Ok(Prepared::irreversible(
-            Operation::RestorePreimages(self.clone()),
-            "putting rollback data back cannot itself be undone",
-        ))
+    /// A restore stores what it overwrites under its own key: undoing it puts that back.
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
+        Ok(Prepared::new(Operation::RestorePreimages(self.clone()), vec![restore(&self.collection, key, None)]))
     }
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        preimages::restore(x.db, self).await
+        let recompute = self.recompute.as_ref().map(Recompute::to_pass).transpose()?;
+        let key = x.key.to_string();
+        let r = pass::restore(&mut x.pass(&self.collection), &key, &self.key, recompute.as_ref()).await?;
+        if r.conflicts > 0 {
+            let ids: Vec<String> = r.conflict_ids.iter().map(|i| i.to_string()).collect();
+            tracing::warn!(collection = %self.collection, conflicts = r.conflicts, ids = %ids.join(", "),
+                "fields changed again since the migration: the pre-image won");
+        }
+        x.conflicts(r.conflicts, r.conflict_ids);
+        Ok(r.written)
     }
 }

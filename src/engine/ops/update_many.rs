@@ -7,10 +7,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{count, data_err, filter_problem, in_session, mongo, restore};
-use super::{Exec, ExecError, Op, Operation, Prepared, RestoreMode};
+use mongodb::options::UpdateModifications;
+
+use super::{count, data_err, filter_problem, restore, Recompute};
+use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::{self, top_field};
-use crate::engine::preimages;
+use crate::engine::pass::{self, FieldUpdate, Pipeline, Rewritten};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -70,12 +72,30 @@ impl UpdateMany {
         bsonx::to_doc(&self.filter).map_err(data_err)
     }
 
-    /// Put back the stored fields (or whole documents).
-    fn undo(&self, key: &str, fields: Option<Vec<String>>) -> Vec<Operation> {
-        match fields {
-            Some(f) => vec![restore(&self.collection, key, RestoreMode::Fields, f)],
-            None => vec![restore(&self.collection, key, RestoreMode::Replace, vec![])],
-        }
+    fn modifications(&self) -> Result<UpdateModifications, ExecError> {
+        Ok(match &self.update {
+            Json::Array(stages) => UpdateModifications::Pipeline(self.stages(stages)?),
+            u => UpdateModifications::Document(bsonx::to_doc(u).map_err(data_err)?),
+        })
+    }
+
+    fn stages(&self, stages: &[Json]) -> Result<Vec<Document>, ExecError> {
+        stages.iter().map(bsonx::to_doc).collect::<Result<_, _>>().map_err(data_err)
+    }
+
+    /// Whether the update reads fields it does not write (a pipeline), or the filter (a
+    /// positional `$` update): then whole documents are kept, to recompute it.
+    fn reads_other_fields(&self) -> bool {
+        self.update.is_array() || self.update.to_string().contains(".$")
+    }
+
+    /// Put back the fields it changed, whatever else changed since.
+    fn undo(&self, key: &str) -> Vec<Operation> {
+        let recompute = touched_fields(&self.update).map(|_| {
+            let positional = self.update.to_string().contains(".$");
+            Recompute::new(self.update.clone(), positional.then(|| self.filter.clone()))
+        });
+        vec![restore(&self.collection, key, recompute)]
     }
 }
 
@@ -115,27 +135,31 @@ impl Op for UpdateMany {
         p
     }
 
-    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
-        // Only the top-level fields the update can touch are kept and put back; when any
-        // field may change, whole pre-images.
-        let fields = touched_fields(&self.update);
-        preimages::capture(db, &self.collection, self.query()?, fields.as_deref(), key).await?;
-        Ok(Prepared::new(Operation::UpdateMany(self.clone()), self.undo(key, fields)))
+    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
+        Ok(Prepared::new(Operation::UpdateMany(self.clone()), self.undo(key)))
     }
 
+    /// Each document changes only while what the update reads is as it was read. An update
+    /// that may change any field is evaluated on the documents as read (`$documents`) and
+    /// written whole, so undoing it knows which fields each document's change touched.
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
-        let q = self.query()?;
-        let coll = x.db.collection::<Document>(&self.collection);
-        let s = &mut x.session;
-        let r = match &self.update {
-            Json::Array(stages) => {
-                let p: Vec<Document> = stages.iter().map(bsonx::to_doc).collect::<Result<_, _>>().map_err(data_err)?;
-                in_session!(coll.update_many(q, p), s)
+        let (key, q) = (x.key.to_string(), self.query()?);
+        match touched_fields(&self.update) {
+            Some(fields) => {
+                let whole_pre = self.reads_other_fields();
+                let mut planner = FieldUpdate { filter: q.clone(), update: self.modifications()?, fields, whole_pre };
+                pass::forward(&mut x.pass(&self.collection), &key, q, &mut planner, false).await
             }
-            u => in_session!(coll.update_many(q, bsonx::to_doc(u).map_err(data_err)?), s),
+            None => {
+                let stages = match &self.update {
+                    Json::Array(stages) => self.stages(stages)?,
+                    _ => return Err(ExecError::Data("an update that may change any field is a pipeline".into())),
+                };
+                let db = x.db.clone();
+                let mut planner = Rewritten { rewrite: Pipeline { db: &db, stages } };
+                pass::forward(&mut x.pass(&self.collection), &key, q, &mut planner, false).await
+            }
         }
-        .map_err(mongo(format!("updating documents of {}", self.collection)))?;
-        Ok(r.modified_count)
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {

@@ -1,0 +1,1083 @@
+//! Document passes: how every operation that changes documents changes them, exactly, while
+//! the application keeps writing.
+//!
+//! A pass reads the documents to change with one cursor in `_id` order, a batch at a time.
+//! For each document it plans a write that applies only if the document is still as it was
+//! read, and an [`Entry`] for the step's pre-image store. Then, per batch:
+//! - with transactions (a replica set): the writes, and the entries of the writes that applied,
+//!   commit together or not at all. A write conflict (another writer, or the open transaction
+//!   of a runner that was killed) retries the batch with backoff, for up to two minutes;
+//! - without (a standalone server): the entries are stored first, then the writes, then the
+//!   entries of the writes that did not apply are voided. A runner killed between the writes
+//!   and the voiding leaves at most one batch whose entries may name writes that did not
+//!   happen: see docs/engine.md.
+//!
+//! A write that did not apply means its document changed since it was read: it is read again
+//! and planned again, up to [`MAX_ROUNDS`] times. No application write is overwritten with a
+//! stale copy, and no document changes without its entry.
+//!
+//! Between batches a pass checks its [`Guard`]: a lost lock or a SIGTERM stops it before its
+//! next write.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, Document, RawDocumentBuf};
+use futures::{StreamExt, TryStreamExt};
+use mongodb::options::{
+    DeleteOneModel, InsertOneModel, ReplaceOneModel, UpdateModifications, UpdateOneModel, WriteModel,
+};
+use mongodb::{ClientSession, Database, Namespace};
+
+use super::ops::{mongo, ExecError, Progress};
+use super::preimages::{self, raw_id, Entry, Store};
+
+/// How many times a document that keeps changing under a pass is read and planned again.
+pub const MAX_ROUNDS: usize = 10;
+/// How long a batch retries write conflicts (longer than MongoDB's default transaction
+/// lifetime, 60 s, so the open transaction of a killed runner has expired by then).
+const CONFLICT_DEADLINE: Duration = Duration::from_secs(120);
+/// Documents per batch.
+pub const BATCH: usize = 1000;
+
+/// Stops a pass before its next write: the lock was lost, or the process was asked to stop.
+#[derive(Clone, Default)]
+pub struct Guard {
+    lost: Option<Arc<AtomicBool>>,
+    lease_valid: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl Guard {
+    /// A guard over a held lock (`valid`: whether its lease is still known to be held) and a
+    /// stop request (e.g. SIGTERM).
+    pub fn new(valid: Option<Arc<dyn Fn() -> bool + Send + Sync>>, stop: Option<Arc<AtomicBool>>) -> Self {
+        Guard { lost: None, lease_valid: valid, stop }
+    }
+
+    pub fn check(&self) -> Result<(), ExecError> {
+        if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return Err(ExecError::Stopped("asked to stop (SIGTERM): stopped at a safe point".into()));
+        }
+        if self.lost.as_ref().is_some_and(|l| l.load(Ordering::SeqCst))
+            || self.lease_valid.as_ref().is_some_and(|v| !v())
+        {
+            return Err(ExecError::Stopped(
+                "the migration lock was lost (not renewed in time); stopped before the next write to avoid two runners"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    /// Multi-document transactions (a replica set or a sharded cluster).
+    pub transactions: bool,
+    /// The `bulkWrite` command with per-write results (MongoDB 8.0, wire version 25).
+    pub bulk: bool,
+}
+
+impl Server {
+    pub async fn detect(db: &Database) -> Server {
+        match db.run_command(doc! {"hello": 1}).await {
+            Ok(h) => Server {
+                transactions: h.contains_key("setName") || h.get_str("msg").ok() == Some("isdbgrid"),
+                bulk: h.get_i32("maxWireVersion").unwrap_or(0) >= 25,
+            },
+            Err(_) => Server { transactions: false, bulk: false },
+        }
+    }
+}
+
+/// One document's planned change: its entry, the document as the plan read it, and the write
+/// that makes it. The write applies only while the document is still as read: in a
+/// transaction the batch reads it again first; without one, the write's filter says so.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub entry: Entry,
+    /// The document as read (projected as the planner reads); `None`: it did not exist.
+    pub read: Option<RawDocumentBuf>,
+    pub write: Write,
+}
+
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Run `update` on the document while it still matches the operation's `filter` (and,
+    /// without a transaction, while its `fields` still hold what was read).
+    Update {
+        filter: Document,
+        update: UpdateModifications,
+        fields: Vec<String>,
+    },
+    /// Replace it with `doc`.
+    Replace {
+        doc: Document,
+    },
+    Delete,
+    /// Insert `doc` (it must not exist).
+    Insert {
+        doc: Document,
+    },
+    /// Nothing to write.
+    None,
+}
+
+/// `{_id: id}` with the operation's filter beside it. Top-level keys, not `$and`, where they
+/// do not collide: servers find a document by `_id` fastest that way.
+fn by_id(id: &Bson, filter: &Document) -> Document {
+    let mut q = doc! {"_id": id.clone()};
+    if filter.keys().any(|k| k == "_id") {
+        q.insert("$and", vec![Bson::Document(filter.clone())]);
+    } else {
+        q.extend(filter.clone());
+    }
+    q
+}
+
+/// `$expr` that holds while a document is exactly `doc` (field order included).
+fn unchanged(doc: &Document) -> Document {
+    doc! {"_id": doc.get("_id").cloned().unwrap_or(Bson::Null), "$expr": {"$eq": ["$$ROOT", {"$literal": doc}]}}
+}
+
+/// Conditions that hold while the given top-level fields hold what `read` has (absent fields
+/// absent), by type and value; arrays by length too (a query's `$eq` on an array also matches
+/// an array holding it). Merged into `q` beside the keys already there (`$and` on a collision).
+fn fields_unchanged(mut q: Document, fields: &[String], read: &Document) -> Document {
+    let mut extra = Vec::new();
+    for f in fields {
+        let cond = match read.get(f) {
+            Some(v) => {
+                let mut c = doc! {"$eq": v.clone(), "$type": crate::engine::bsonx::type_name_mongo(v)};
+                if let Bson::Array(a) = v {
+                    c.insert("$size", a.len() as i64);
+                }
+                c
+            }
+            None => doc! {"$exists": false},
+        };
+        if q.contains_key(f) {
+            extra.push(Bson::Document(doc! {f.clone(): cond}));
+        } else {
+            q.insert(f.clone(), cond);
+        }
+    }
+    if !extra.is_empty() {
+        q.insert("$and", extra);
+    }
+    q
+}
+
+/// Where a pass writes, and what it may rely on.
+pub struct Pass<'a> {
+    pub db: &'a Database,
+    pub coll: &'a str,
+    pub guard: &'a Guard,
+    pub server: Server,
+    /// The transaction of a `transaction: true` migration: everything runs in it, no batch commits.
+    pub outer: Option<&'a mut ClientSession>,
+    pub progress: Option<Progress>,
+}
+
+/// What a batch's commit did.
+struct Committed {
+    /// Per planned write: it applied.
+    applied: Vec<bool>,
+}
+
+impl<'a> Pass<'a> {
+    fn ns(&self) -> Namespace {
+        Namespace { db: self.db.name().to_string(), coll: self.coll.to_string() }
+    }
+
+    /// The write of `p` as a bulk-write model: its filter by `_id` (and, without a
+    /// transaction, the conditions that it is unchanged since read).
+    fn model(&self, p: &Planned, checked: bool) -> Option<WriteModel> {
+        let namespace = self.ns();
+        let read = || p.read.as_ref().and_then(|r| Document::try_from(r.as_ref()).ok()).unwrap_or_default();
+        let whole = |checked: bool| {
+            if checked {
+                doc! {"_id": p.entry.id.clone()}
+            } else {
+                unchanged(&read())
+            }
+        };
+        Some(match &p.write {
+            Write::Update { filter, update, fields } => {
+                let q = by_id(&p.entry.id, filter);
+                let q = if checked { q } else { fields_unchanged(q, fields, &read()) };
+                UpdateOneModel::builder().namespace(namespace).filter(q).update(update.clone()).build().into()
+            }
+            Write::Replace { doc } => ReplaceOneModel::builder()
+                .namespace(namespace)
+                .filter(whole(checked))
+                .replacement(doc.clone())
+                .build()
+                .into(),
+            Write::Delete => DeleteOneModel::builder().namespace(namespace).filter(whole(checked)).build().into(),
+            Write::Insert { doc } => {
+                InsertOneModel::builder().namespace(namespace).document(doc.clone()).build().into()
+            }
+            Write::None => return None,
+        })
+    }
+
+    /// Run the writes of `planned` where `go` says; per write, whether it applied. Inside
+    /// `session` when given; `checked`: the documents were read again in it and are as the
+    /// plans read them.
+    async fn write_all(
+        &self,
+        planned: &[Planned],
+        go: &[bool],
+        checked: bool,
+        mut session: Option<&mut ClientSession>,
+    ) -> Result<Vec<bool>, mongodb::error::Error> {
+        let models: Vec<(usize, WriteModel)> = planned
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| go[*i])
+            .filter_map(|(i, p)| self.model(p, checked).map(|m| (i, m)))
+            .collect();
+        let mut applied = vec![false; planned.len()];
+        for (i, p) in planned.iter().enumerate() {
+            applied[i] = go[i] && matches!(p.write, Write::None);
+        }
+        if models.is_empty() {
+            return Ok(applied);
+        }
+        if self.server.bulk {
+            let index: Vec<usize> = models.iter().map(|(i, _)| *i).collect();
+            let action =
+                self.db.client().bulk_write(models.into_iter().map(|(_, m)| m)).ordered(false).verbose_results();
+            let r = match session.as_deref_mut() {
+                Some(s) => action.session(s).await?,
+                None => action.await?,
+            };
+            for (k, &i) in index.iter().enumerate() {
+                applied[i] = match &planned[i].write {
+                    Write::Update { .. } | Write::Replace { .. } => {
+                        r.update_results.get(&k).is_some_and(|u| u.matched_count == 1)
+                    }
+                    Write::Delete => r.delete_results.get(&k).is_some_and(|d| d.deleted_count == 1),
+                    Write::Insert { .. } => r.insert_results.contains_key(&k),
+                    Write::None => true,
+                };
+            }
+            return Ok(applied);
+        }
+        // Servers before 8.0: one write at a time in a transaction, a few at once without.
+        match session {
+            Some(s) => {
+                for (i, m) in &models {
+                    applied[*i] = self.write_one(&planned[*i].write, m, Some(&mut *s)).await?;
+                }
+            }
+            None => {
+                // A few at once (no closure over the borrowed writes: see rust-lang/rust#110338).
+                let mut queue: Vec<&(usize, WriteModel)> = models.iter().rev().collect();
+                let mut running = futures::stream::FuturesUnordered::new();
+                loop {
+                    while running.len() < 16 {
+                        let Some((i, m)) = queue.pop() else { break };
+                        let (i, w) = (*i, &planned[*i].write);
+                        running.push(async move { (i, self.write_one(w, m, None).await) });
+                    }
+                    match running.next().await {
+                        Some((i, r)) => applied[i] = r?,
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// One write (servers before 8.0), its filter taken from its bulk-write model.
+    async fn write_one(
+        &self,
+        w: &Write,
+        m: &WriteModel,
+        session: Option<&mut ClientSession>,
+    ) -> Result<bool, mongodb::error::Error> {
+        let coll = self.db.collection::<Document>(self.coll);
+        macro_rules! run {
+            ($a:expr) => {
+                match session {
+                    Some(s) => $a.session(s).await,
+                    None => $a.await,
+                }
+            };
+        }
+        Ok(match (w, m) {
+            (Write::Update { update, .. }, WriteModel::UpdateOne(u)) => {
+                run!(coll.update_one(u.filter.clone(), update.clone()))?.matched_count == 1
+            }
+            (Write::Replace { doc }, WriteModel::ReplaceOne(r)) => {
+                run!(coll.replace_one(r.filter.clone(), doc.clone()))?.matched_count == 1
+            }
+            (Write::Delete, WriteModel::DeleteOne(d)) => run!(coll.delete_one(d.filter.clone()))?.deleted_count == 1,
+            (Write::Insert { doc }, _) => match run!(coll.insert_one(doc.clone())) {
+                Ok(_) => true,
+                Err(e) if crate::mongo::is_duplicate_key(&e) => false,
+                Err(e) => return Err(e),
+            },
+            _ => true,
+        })
+    }
+
+    /// Commit one batch: writes and entries, atomically where transactions exist.
+    /// `projection`: how the plans read their documents (to read them again the same way).
+    async fn commit(
+        &mut self,
+        store: &mut Store,
+        planned: &[Planned],
+        projection: Option<&Document>,
+    ) -> Result<Committed, ExecError> {
+        self.guard.check()?;
+        let writing = |coll: &str| mongo(format!("writing documents of {coll}"));
+        if let Some(outer) = self.outer.take() {
+            let r = async {
+                let go = self.still_as_read(planned, projection, &mut *outer).await?;
+                let applied = self.write_all(planned, &go, true, Some(&mut *outer)).await?;
+                Ok::<_, mongodb::error::Error>(applied)
+            }
+            .await;
+            let applied = match r {
+                Ok(a) => a,
+                Err(e) => {
+                    self.outer = Some(outer);
+                    return Err(writing(self.coll)(e));
+                }
+            };
+            let stored = store.append(&applied_entries(planned, &applied), None, Some(&mut *outer)).await;
+            self.outer = Some(outer);
+            stored?;
+            return Ok(Committed { applied });
+        }
+        if self.server.transactions {
+            return self.commit_in_transaction(store, planned, projection).await;
+        }
+        // No transactions: entries first, then the writes (each conditional on its document
+        // being as read), then void what did not apply. On a write error the writes that
+        // applied are known from the partial result; the others are voided before the error
+        // is returned.
+        let all: Vec<Entry> =
+            planned.iter().filter(|p| !matches!(p.write, Write::None)).map(|p| p.entry.clone()).collect();
+        store.append(&all, None, None).await?;
+        let go = vec![true; planned.len()];
+        let applied = match self.write_all(planned, &go, false, None).await {
+            Ok(a) => a,
+            Err(e) => {
+                let partial = partially_applied(&e, planned);
+                let missed: Vec<Bson> =
+                    planned.iter().zip(&partial).filter(|(_, a)| !**a).map(|(p, _)| p.entry.id.clone()).collect();
+                store.void(missed).await?;
+                return Err(writing(self.coll)(e));
+            }
+        };
+        let missed: Vec<Bson> =
+            planned.iter().zip(&applied).filter(|(_, a)| !**a).map(|(p, _)| p.entry.id.clone()).collect();
+        store.void(missed).await?;
+        Ok(Committed { applied })
+    }
+
+    /// Read the batch's documents again in the transaction: which are still as the plans read
+    /// them (the others changed since, and are planned again).
+    async fn still_as_read(
+        &self,
+        planned: &[Planned],
+        projection: Option<&Document>,
+        s: &mut ClientSession,
+    ) -> Result<Vec<bool>, mongodb::error::Error> {
+        let ids: Vec<Bson> = planned.iter().map(|p| p.entry.id.clone()).collect();
+        let coll = self.db.collection::<RawDocumentBuf>(self.coll);
+        let mut find = coll.find(doc! {"_id": {"$in": ids}});
+        if let Some(p) = projection {
+            find = find.projection(p.clone());
+        }
+        let mut cursor = find.session(&mut *s).await?;
+        let mut now: Vec<RawDocumentBuf> = Vec::with_capacity(planned.len());
+        while let Some(d) = cursor.next(&mut *s).await {
+            now.push(d?);
+        }
+        Ok(planned
+            .iter()
+            .map(|p| {
+                let current = now.iter().find(|d| raw_id(d) == p.entry.id).map(|d| d.as_bytes());
+                current == p.read.as_ref().map(|r| r.as_bytes())
+            })
+            .collect())
+    }
+
+    async fn commit_in_transaction(
+        &self,
+        store: &mut Store,
+        planned: &[Planned],
+        projection: Option<&Document>,
+    ) -> Result<Committed, ExecError> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        let mut session = self.db.client().start_session().await.map_err(mongo("starting a session"))?;
+        let mark = store.mark();
+        loop {
+            let attempt = async {
+                session.start_transaction().await?;
+                let go = self.still_as_read(planned, projection, &mut session).await?;
+                let applied = self.write_all(planned, &go, true, Some(&mut session)).await?;
+                let entries = applied_entries(planned, &applied);
+                store.append(&entries, None, Some(&mut session)).await.map_err(|e| match e {
+                    ExecError::Mongo { source, .. } => source,
+                    other => mongodb::error::Error::custom(other.to_string()),
+                })?;
+                session.commit_transaction().await?;
+                Ok::<_, mongodb::error::Error>(applied)
+            }
+            .await;
+            match attempt {
+                Ok(applied) => return Ok(Committed { applied }),
+                Err(e) => {
+                    let _ = session.abort_transaction().await;
+                    // The chunk number was not used: the transaction aborted.
+                    store.reset(mark);
+                    if !conflict(&e) || started.elapsed() > CONFLICT_DEADLINE {
+                        return Err(mongo(format!("writing documents of {}", self.coll))(e));
+                    }
+                    tracing::debug!(error = %crate::mongo::describe(&e), "write conflict; retrying the batch");
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+                    tokio::time::sleep(wait + jitter).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                    self.guard.check()?;
+                }
+            }
+        }
+    }
+
+    /// Plan, commit, and plan again what did not apply, until every document is changed or
+    /// [`MAX_ROUNDS`] is reached. `from`: the chunk a restore finishes with this batch (its
+    /// progress is stored once the batch settled). Returns how many writes applied.
+    async fn settle<R: Replanner>(
+        &mut self,
+        store: &mut Store,
+        mut planned: Vec<Planned>,
+        projection: Option<&Document>,
+        from: Option<i64>,
+        replanner: &mut R,
+    ) -> Result<u64, ExecError> {
+        let mut applied_total = 0u64;
+        for round in 1..=MAX_ROUNDS {
+            let c = self.commit(store, &planned, projection).await?;
+            applied_total +=
+                planned.iter().zip(&c.applied).filter(|(p, a)| **a && !matches!(p.write, Write::None)).count() as u64;
+            let missed: Vec<Bson> =
+                planned.iter().zip(&c.applied).filter(|(_, a)| !**a).map(|(p, _)| p.entry.id.clone()).collect();
+            if missed.is_empty() {
+                if let Some(n) = from {
+                    let session = self.outer.as_deref_mut();
+                    store.append(&[], Some(n), session).await?;
+                }
+                return Ok(applied_total);
+            }
+            if round == MAX_ROUNDS {
+                let shown: Vec<String> = missed.iter().take(10).map(|i| i.to_string()).collect();
+                return Err(ExecError::Data(format!(
+                    "{} document(s) of {} changed every time they were read ({MAX_ROUNDS} times), so this step never \
+                     changed them: _id {}",
+                    missed.len(),
+                    self.coll,
+                    shown.join(", ")
+                )));
+            }
+            tracing::debug!(
+                documents = missed.len(),
+                round,
+                "documents changed since they were read; reading them again"
+            );
+            planned = replanner.replan(self.db, self.coll, missed).await?;
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+/// Plans again the documents whose writes did not apply (they changed since they were read).
+#[allow(async_fn_in_trait)]
+trait Replanner {
+    async fn replan(&mut self, db: &Database, coll: &str, ids: Vec<Bson>) -> Result<Vec<Planned>, ExecError>;
+}
+
+/// A forward pass reads them again (those that no longer match are left alone) and plans.
+struct ReadAgain<'p, P> {
+    filter: Document,
+    planner: &'p mut P,
+}
+
+impl<P: Planner> Replanner for ReadAgain<'_, P> {
+    async fn replan(&mut self, db: &Database, coll: &str, ids: Vec<Bson>) -> Result<Vec<Planned>, ExecError> {
+        let q = doc! {"$and": [self.filter.clone(), {"_id": {"$in": ids}}]};
+        let c = db.collection::<RawDocumentBuf>(coll);
+        let mut find = c.find(q).sort(doc! {"_id": 1});
+        if let Some(p) = self.planner.projection() {
+            find = find.projection(p);
+        }
+        let reading = || mongo("reading changed documents again");
+        let again: Vec<RawDocumentBuf> = find.await.map_err(reading())?.try_collect().await.map_err(reading())?;
+        self.planner.plan(again).await
+    }
+}
+
+/// A restore plans putting back the same entries onto their current versions.
+struct RestoreAgain<'e> {
+    entries: &'e [Entry],
+    posts: &'e [Option<preimages::Hash>],
+}
+
+impl Replanner for RestoreAgain<'_> {
+    async fn replan(&mut self, db: &Database, coll: &str, ids: Vec<Bson>) -> Result<Vec<Planned>, ExecError> {
+        let (mut es, mut ps) = (Vec::new(), Vec::new());
+        for (e, p) in self.entries.iter().zip(self.posts) {
+            if ids.contains(&e.id) {
+                es.push(e.clone());
+                ps.push(*p);
+            }
+        }
+        // Conflicts were counted when the entries were first planned.
+        plan_restore(db, coll, &es, &ps, &mut Restored::default()).await
+    }
+}
+
+/// A write conflict: the batch may succeed if tried again.
+fn conflict(e: &mongodb::error::Error) -> bool {
+    e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+        || e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT)
+        || crate::mongo::error_code(e) == Some(crate::mongo::code::WRITE_CONFLICT)
+}
+
+/// Which writes of a bulk write that failed applied anyway (none when it tells nothing).
+fn partially_applied(e: &mongodb::error::Error, planned: &[Planned]) -> Vec<bool> {
+    use mongodb::error::{ErrorKind, PartialBulkWriteResult};
+    let mut out = vec![false; planned.len()];
+    if let ErrorKind::BulkWrite(b) = e.kind.as_ref() {
+        if let Some(PartialBulkWriteResult::Verbose(r)) = &b.partial_result {
+            // Indexes count the writes that were sent (those with a write).
+            let sent: Vec<usize> = (0..planned.len()).filter(|i| !matches!(planned[*i].write, Write::None)).collect();
+            for (k, &i) in sent.iter().enumerate() {
+                out[i] = r.update_results.get(&k).is_some_and(|u| u.matched_count == 1)
+                    || r.delete_results.get(&k).is_some_and(|d| d.deleted_count == 1)
+                    || r.insert_results.contains_key(&k);
+            }
+        }
+    }
+    out
+}
+
+/// Entries of the writes that applied (a planned `Write::None` changes nothing: no entry).
+fn applied_entries(planned: &[Planned], applied: &[bool]) -> Vec<Entry> {
+    planned
+        .iter()
+        .zip(applied)
+        .filter(|(p, a)| **a && !matches!(p.write, Write::None))
+        .map(|(p, _)| p.entry.clone())
+        .collect()
+}
+
+/// How an operation turns the documents it read into writes.
+#[allow(async_fn_in_trait)]
+pub trait Planner {
+    /// The fields to read (`None`: whole documents).
+    fn projection(&self) -> Option<Document>;
+    /// Plan the writes of a batch. Documents that need no change get no write.
+    async fn plan(&mut self, docs: Vec<RawDocumentBuf>) -> Result<Vec<Planned>, ExecError>;
+}
+
+/// A forward pass: change every document of `pass.coll` matching `filter` as `planner` says,
+/// storing entries under `key`. `catch_up`: a changed document no longer matches the filter,
+/// so after the pass the filter is run again (up to 3 times) for documents that arrived behind
+/// the cursor while it ran. Returns how many documents changed.
+pub async fn forward<P: Planner>(
+    pass: &mut Pass<'_>,
+    key: &str,
+    filter: Document,
+    planner: &mut P,
+    catch_up: bool,
+) -> Result<u64, ExecError> {
+    let mut store = Store::create(pass.db, key).await?;
+    let mut changed = 0u64;
+    for _ in 0..if catch_up { 4 } else { 1 } {
+        let (seen, n) = match pass.outer.is_some() {
+            true => forward_in_transaction(pass, &mut store, &filter, planner).await?,
+            false => forward_with_cursor(pass, &mut store, &filter, planner).await?,
+        };
+        changed += n;
+        if seen == 0 {
+            break;
+        }
+    }
+    Ok(changed)
+}
+
+/// One scan with a cursor, a batch at a time. Returns (documents read, changed).
+async fn forward_with_cursor<P: Planner>(
+    pass: &mut Pass<'_>,
+    store: &mut Store,
+    filter: &Document,
+    planner: &mut P,
+) -> Result<(u64, u64), ExecError> {
+    let name = pass.coll.to_string();
+    let reading = || mongo(format!("reading {name}"));
+    let coll = pass.db.collection::<RawDocumentBuf>(pass.coll);
+    let mut find = coll.find(filter.clone()).sort(doc! {"_id": 1}).batch_size(BATCH as u32);
+    if let Some(p) = planner.projection() {
+        find = find.projection(p);
+    }
+    let mut cursor = find.await.map_err(reading())?;
+    let (mut seen, mut changed) = (0u64, 0u64);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let next = cursor.try_next().await.map_err(reading())?;
+        let end = next.is_none();
+        if let Some(d) = next {
+            batch.push(d);
+        }
+        if batch.len() < BATCH && !end {
+            continue;
+        }
+        if batch.is_empty() {
+            break;
+        }
+        seen += batch.len() as u64;
+        changed += forward_batch(pass, store, filter, planner, std::mem::take(&mut batch)).await?;
+        if let Some(p) = &pass.progress {
+            p(seen, None);
+        }
+        if end {
+            break;
+        }
+    }
+    Ok((seen, changed))
+}
+
+/// Inside a migration's own transaction (`transaction: true`): read in it, then change.
+async fn forward_in_transaction<P: Planner>(
+    pass: &mut Pass<'_>,
+    store: &mut Store,
+    filter: &Document,
+    planner: &mut P,
+) -> Result<(u64, u64), ExecError> {
+    let coll = pass.db.collection::<RawDocumentBuf>(pass.coll);
+    let mut find = coll.find(filter.clone()).sort(doc! {"_id": 1});
+    if let Some(p) = planner.projection() {
+        find = find.projection(p);
+    }
+    let name = pass.coll.to_string();
+    let reading = || mongo(format!("reading {name}"));
+    let s = pass.outer.as_deref_mut().expect("in a transaction");
+    let mut cursor = find.session(&mut *s).await.map_err(reading())?;
+    let mut docs = Vec::new();
+    while let Some(d) = cursor.next(&mut *s).await {
+        docs.push(d.map_err(reading())?);
+    }
+    drop(cursor);
+    let seen = docs.len() as u64;
+    let mut changed = 0;
+    for batch in docs.chunks(BATCH) {
+        changed += forward_batch(pass, store, filter, planner, batch.to_vec()).await?;
+    }
+    Ok((seen, changed))
+}
+
+/// Plan and settle one batch of a forward pass.
+async fn forward_batch<P: Planner>(
+    pass: &mut Pass<'_>,
+    store: &mut Store,
+    filter: &Document,
+    planner: &mut P,
+    docs: Vec<RawDocumentBuf>,
+) -> Result<u64, ExecError> {
+    let planned: Vec<Planned> = planner.plan(docs).await?;
+    if planned.is_empty() {
+        return Ok(0);
+    }
+    let projection = planner.projection();
+    pass.settle(store, planned, projection.as_ref(), None, &mut ReadAgain { filter: filter.clone(), planner }).await
+}
+
+/// Insert documents that must not exist yet. `skip_existing`: those whose `_id` exists are
+/// left alone and returned; otherwise an existing `_id` fails the step before anything is
+/// written. Returns (inserted, skipped `_id`s).
+pub async fn insert(
+    pass: &mut Pass<'_>,
+    key: &str,
+    docs: Vec<Document>,
+    skip_existing: bool,
+) -> Result<(u64, Vec<Bson>), ExecError> {
+    let mut store = Store::create(pass.db, key).await?;
+    let coll = pass.db.collection::<Document>(pass.coll);
+    let mut todo = docs;
+    let mut skipped = Vec::new();
+    let mut inserted = 0u64;
+    for _ in 0..MAX_ROUNDS {
+        let ids: Vec<Bson> = todo.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
+        let existing: Vec<Bson> = coll
+            .find(doc! {"_id": {"$in": ids}})
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(mongo("looking for existing documents"))?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(mongo("looking for existing documents"))?
+            .into_iter()
+            .filter_map(|d| d.get("_id").cloned())
+            .collect();
+        if !existing.is_empty() && !skip_existing {
+            let shown: Vec<String> = existing.iter().take(10).map(|i| i.to_string()).collect();
+            return Err(ExecError::Precondition(format!(
+                "{} document(s) to insert into {} already exist (_id {}); nothing was inserted. Give them other `_id`s, \
+                 or set `onConflict: skip` to leave existing documents alone",
+                existing.len(),
+                pass.coll,
+                shown.join(", ")
+            )));
+        }
+        todo.retain(|d| {
+            let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+            if existing.contains(&id) {
+                skipped.push(id);
+                false
+            } else {
+                true
+            }
+        });
+        let planned: Vec<Planned> = todo
+            .iter()
+            .map(|d| {
+                let raw = RawDocumentBuf::from_document(d).expect("a document");
+                Planned {
+                    entry: Entry {
+                        id: d.get("_id").cloned().unwrap_or(Bson::Null),
+                        fields: None,
+                        pre: None,
+                        post: Some(preimages::hash_of(Some(&raw), None)),
+                        order: None,
+                    },
+                    read: None,
+                    write: Write::Insert { doc: d.clone() },
+                }
+            })
+            .collect();
+        if planned.is_empty() {
+            break;
+        }
+        let c = pass.commit(&mut store, &planned, Some(&doc! {"_id": 1})).await?;
+        inserted += c.applied.iter().filter(|a| **a).count() as u64;
+        // Not inserted: an `_id` that appeared in the meantime. Look again.
+        let done: Vec<Bson> =
+            planned.iter().zip(&c.applied).filter(|(_, a)| **a).map(|(p, _)| p.entry.id.clone()).collect();
+        todo.retain(|d| !done.contains(d.get("_id").unwrap_or(&Bson::Null)));
+        if todo.is_empty() {
+            break;
+        }
+    }
+    Ok((inserted, skipped))
+}
+
+/// How a restore learns what a change wrote, when the entries do not say (the server computed
+/// it): the change is applied again to the pre-images, in a scratch collection.
+#[derive(Debug, Clone)]
+pub struct Recompute {
+    pub update: UpdateModifications,
+    /// The filter the change ran with (for positional `$` updates).
+    pub filter: Document,
+}
+
+/// What a restore did.
+#[derive(Debug, Default, Clone)]
+pub struct Restored {
+    pub written: u64,
+    /// Documents whose changed fields were changed again since (the pre-image won).
+    pub conflicts: u64,
+    /// Their `_id`s (the first 100).
+    pub conflict_ids: Vec<Bson>,
+}
+
+const LISTED_CONFLICTS: usize = 100;
+
+/// Put back the entries stored under `from_key`, newest first, into `pass.coll`, storing what
+/// it overwrites under `key` (so the restore itself can be undone) and its progress (so an
+/// interrupted restore resumes where it stopped).
+pub async fn restore(
+    pass: &mut Pass<'_>,
+    key: &str,
+    from_key: &str,
+    recompute: Option<&Recompute>,
+) -> Result<Restored, ExecError> {
+    let source = Store::open(pass.db, from_key).await?;
+    let mut own = Store::open(pass.db, key).await?;
+    // Progress: the chunks of `from_key` done by an earlier, interrupted attempt.
+    let done: Vec<i64> = own.chunks_newest_first().await?.iter().filter_map(|c| c.from).collect();
+    let mut out = Restored::default();
+    for chunk in source.chunks_newest_first().await? {
+        if done.contains(&chunk.n) {
+            continue;
+        }
+        let mut entries = chunk.entries;
+        entries.reverse();
+        let posts = match recompute {
+            Some(r) if entries.iter().any(|e| e.post.is_none()) => recompute_posts(pass, key, &entries, r).await?,
+            _ => entries.iter().map(|e| e.post).collect(),
+        };
+        let planned = plan_restore(pass.db, pass.coll, &entries, &posts, &mut out).await?;
+        let mut again = RestoreAgain { entries: &entries, posts: &posts };
+        out.written += pass.settle(&mut own, planned, None, Some(chunk.n), &mut again).await?;
+    }
+    Ok(out)
+}
+
+/// Read the current versions of the entries' documents and plan putting the entries back.
+async fn plan_restore(
+    db: &Database,
+    coll: &str,
+    entries: &[Entry],
+    posts: &[Option<preimages::Hash>],
+    out: &mut Restored,
+) -> Result<Vec<Planned>, ExecError> {
+    let ids: Vec<Bson> = entries.iter().map(|e| e.id.clone()).collect();
+    let current: Vec<RawDocumentBuf> = db
+        .collection::<RawDocumentBuf>(coll)
+        .find(doc! {"_id": {"$in": ids}})
+        .await
+        .map_err(mongo(format!("reading {coll}")))?
+        .try_collect()
+        .await
+        .map_err(mongo(format!("reading {coll}")))?;
+    let find = |id: &Bson| current.iter().find(|d| raw_id(d) == *id);
+    let mut planned = Vec::with_capacity(entries.len());
+    for (e, post) in entries.iter().zip(posts) {
+        let now = find(&e.id);
+        let (r, conflict) = preimages::restore(e, now.map(|d| d.as_ref()), *post).map_err(ExecError::Data)?;
+        if conflict {
+            out.conflicts += 1;
+            if out.conflict_ids.len() < LISTED_CONFLICTS {
+                out.conflict_ids.push(e.id.clone());
+            }
+        }
+        // The restore's own entry: what it overwrites, to undo it.
+        let own_pre = match (&e.fields, now) {
+            (_, None) => None,
+            (Some(f), Some(d)) => Some(preimages::project(d, f)),
+            (None, Some(d)) => Some(d.clone()),
+        };
+        let write = match (&r, now) {
+            (preimages::Restore::Unchanged, _) => Write::None,
+            (preimages::Restore::Delete, Some(_)) => Write::Delete,
+            (preimages::Restore::Delete, None) => Write::None,
+            (preimages::Restore::Write(new), Some(_)) => Write::Replace { doc: to_doc(new)? },
+            (preimages::Restore::Write(new), None) => Write::Insert { doc: to_doc(new)? },
+        };
+        let after = match &r {
+            preimages::Restore::Unchanged => now.map(|d| d.to_raw_document_buf()),
+            preimages::Restore::Delete => None,
+            preimages::Restore::Write(new) => Some(new.clone()),
+        };
+        let entry = Entry {
+            id: e.id.clone(),
+            fields: e.fields.clone(),
+            pre: own_pre,
+            post: Some(preimages::hash_of(after.as_deref(), e.fields.as_deref())),
+            order: now.map(|d| preimages::field_order(d)),
+        };
+        planned.push(Planned { entry, read: now.map(|d| d.to_raw_document_buf()), write });
+    }
+    Ok(planned)
+}
+
+fn to_doc(d: &bson::RawDocument) -> Result<Document, ExecError> {
+    Document::try_from(d).map_err(|e| ExecError::Data(format!("a document cannot be read: {e}")))
+}
+
+/// What the change wrote, for entries that do not say: apply it again to their pre-images in
+/// a scratch collection of the tenant database.
+async fn recompute_posts(
+    pass: &Pass<'_>,
+    key: &str,
+    entries: &[Entry],
+    r: &Recompute,
+) -> Result<Vec<Option<preimages::Hash>>, ExecError> {
+    let name = format!("{}_scratch", preimages::collection_name(key));
+    let scratch = pass.db.collection::<RawDocumentBuf>(&name);
+    let fail = || mongo("recomputing what a change wrote");
+    scratch.drop().await.map_err(fail())?;
+    let pres: Vec<RawDocumentBuf> = entries.iter().filter_map(|e| e.pre.clone()).collect();
+    if !pres.is_empty() {
+        scratch.insert_many(&pres).await.map_err(fail())?;
+        scratch.clone_with_type::<Document>().update_many(r.filter.clone(), r.update.clone()).await.map_err(fail())?;
+    }
+    let after: Vec<RawDocumentBuf> = scratch.find(doc! {}).await.map_err(fail())?.try_collect().await.map_err(fail())?;
+    scratch.drop().await.map_err(fail())?;
+    Ok(entries
+        .iter()
+        .map(|e| {
+            e.post.or_else(|| {
+                let now = after.iter().find(|d| raw_id(d) == e.id);
+                Some(preimages::hash_of(now.map(|d| d.as_ref()), e.fields.as_deref()))
+            })
+        })
+        .collect())
+}
+
+/// Planner of the operations the server computes, that touch known top-level fields
+/// (addField, removeField, renameField, convertType, updateMany with operators or `$set` /
+/// `$unset` stages): each document is updated only while those fields, and the operation's
+/// filter, still hold what was read.
+pub struct FieldUpdate {
+    pub filter: Document,
+    pub update: UpdateModifications,
+    pub fields: Vec<String>,
+    /// Read (and keep as the pre-image) whole documents: what recomputing the change needs when
+    /// it reads other fields (pipelines, positional `$` updates).
+    pub whole_pre: bool,
+}
+
+impl Planner for FieldUpdate {
+    fn projection(&self) -> Option<Document> {
+        if self.whole_pre {
+            return None;
+        }
+        let mut p = doc! {"_id": 1};
+        for f in &self.fields {
+            p.insert(f.clone(), 1);
+        }
+        Some(p)
+    }
+
+    async fn plan(&mut self, docs: Vec<RawDocumentBuf>) -> Result<Vec<Planned>, ExecError> {
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                let only = if self.whole_pre { d.clone() } else { preimages::project(&d, &self.fields) };
+                Planned {
+                    entry: Entry {
+                        id: raw_id(&d),
+                        fields: Some(self.fields.clone()),
+                        pre: Some(only),
+                        post: None,
+                        order: None,
+                    },
+                    read: Some(d),
+                    write: Write::Update {
+                        filter: self.filter.clone(),
+                        update: self.update.clone(),
+                        fields: self.fields.clone(),
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+/// Planner of whole-document deletes: each document is deleted only while it is exactly as
+/// read; its entry is the whole document.
+pub struct Delete;
+
+impl Planner for Delete {
+    fn projection(&self) -> Option<Document> {
+        None
+    }
+
+    async fn plan(&mut self, docs: Vec<RawDocumentBuf>) -> Result<Vec<Planned>, ExecError> {
+        Ok(docs
+            .into_iter()
+            .map(|d| Planned {
+                entry: Entry {
+                    id: raw_id(&d),
+                    fields: None,
+                    pre: Some(d.clone()),
+                    post: Some(preimages::hash_of(None, None)),
+                    order: None,
+                },
+                read: Some(d),
+                write: Write::Delete,
+            })
+            .collect())
+    }
+}
+
+/// Computes new versions of whole documents (`None`: leave it as it is).
+#[allow(async_fn_in_trait)]
+pub trait Rewrite {
+    async fn rewrite(&mut self, docs: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, ExecError>;
+}
+
+/// Planner of changes computed whole (transform, updateMany pipelines that may change any
+/// field): each changed document is replaced only while it is exactly as read; its entry holds
+/// the top-level fields that differ, so undoing it leaves every other field as it is then.
+pub struct Rewritten<W> {
+    pub rewrite: W,
+}
+
+impl<W: Rewrite> Planner for Rewritten<W> {
+    fn projection(&self) -> Option<Document> {
+        None
+    }
+
+    async fn plan(&mut self, docs: Vec<RawDocumentBuf>) -> Result<Vec<Planned>, ExecError> {
+        let new = self.rewrite.rewrite(&docs).await?;
+        let mut out = Vec::new();
+        for (old, new) in docs.into_iter().zip(new) {
+            let Some(new) = new else { continue };
+            let fields = preimages::changed_fields(&old, &new);
+            if fields.is_empty() {
+                continue;
+            }
+            out.push(Planned {
+                entry: Entry {
+                    id: raw_id(&old),
+                    pre: Some(preimages::project(&old, &fields)),
+                    post: Some(preimages::hash_of(Some(&new), Some(&fields))),
+                    order: Some(preimages::field_order(&old)),
+                    fields: Some(fields),
+                },
+                write: Write::Replace { doc: to_doc(&new)? },
+                read: Some(old),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// An update pipeline evaluated by the server on the documents as read (`$documents`), without
+/// writing: what the update would make of them.
+pub struct Pipeline<'a> {
+    pub db: &'a Database,
+    pub stages: Vec<Document>,
+}
+
+impl Rewrite for Pipeline<'_> {
+    async fn rewrite(&mut self, docs: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, ExecError> {
+        let input: Vec<Document> = docs.iter().map(|d| to_doc(d)).collect::<Result<_, _>>()?;
+        let mut pipeline = vec![doc! {"$documents": input}];
+        pipeline.extend(self.stages.iter().cloned());
+        let fail = || mongo("evaluating the update pipeline");
+        let out: Vec<Document> =
+            self.db.aggregate(pipeline).await.map_err(fail())?.try_collect().await.map_err(fail())?;
+        if out.len() != docs.len() {
+            return Err(ExecError::Data(format!(
+                "the update pipeline made {} document(s) of {}: only stages that keep one document each \
+                 ($set, $unset, $project, $replaceWith, ...) can update",
+                out.len(),
+                docs.len()
+            )));
+        }
+        out.iter()
+            .zip(docs)
+            .map(|(n, old)| {
+                if n.get("_id") != old.get("_id").ok().flatten().and_then(|v| v.to_raw_bson().try_into().ok()).as_ref()
+                {
+                    return Err(ExecError::Data("the update pipeline changed a document's _id".into()));
+                }
+                RawDocumentBuf::from_document(n).map(Some).map_err(|e| ExecError::Data(e.to_string()))
+            })
+            .collect()
+    }
+}

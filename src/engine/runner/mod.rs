@@ -1,0 +1,470 @@
+//! Everything that happens to one tenant database: plan, lock, recover interrupted work, apply
+//! or undo, validate, record.
+//!
+//! Under the tenant's lock a run first finds work a stopped runner left ([`recover`]: records
+//! in state `applying` or `rolling_back`) and undoes it exactly; only then does it read the
+//! records again and plan. Each migration is recorded as in progress, with every step and its
+//! undo, before the step changes anything ([`steps`]), so a runner killed at any instant
+//! leaves what the next one needs.
+
+mod recover;
+mod steps;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::DateTime;
+use mongodb::Database;
+use serde::Serialize;
+
+use super::loader::Migration;
+use super::lock::{Lease, LockError};
+use super::model::Operation;
+use super::ops::ExecError;
+use super::pass::{Guard, Server};
+use super::planner::{self, Direction, DownRequest, PlanError, UpRequest};
+use super::tracking::{self, Record, State, StepRecord};
+use super::validate::{self, CheckResult};
+
+use recover::recover;
+
+/// Hooks for progress display. Every method has a no-op default.
+pub trait Observer: Send + Sync {
+    fn migration_started(&self, _tenant: &str, _id: &str, _direction: Direction) {}
+    fn step_started(&self, _tenant: &str, _id: &str, _step: usize, _op: &Operation) {}
+    fn progress(&self, _done: u64, _total: Option<u64>) {}
+    /// Whether [`Observer::progress`] shows anything; when not, long operations skip the
+    /// counts they would make only to report a total.
+    fn shows_progress(&self) -> bool {
+        false
+    }
+    fn migration_finished(&self, _tenant: &str, _outcome: &Outcome) {}
+}
+
+/// An observer that shows nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// Runs under the tenant lock, after the plan and right before a run changes anything, only
+/// when it will change something (e.g. to snapshot the tenant). An error stops the run, with
+/// nothing changed.
+pub type BeforeChange =
+    Arc<dyn Fn(Database) -> futures::future::BoxFuture<'static, Result<(), HookError>> + Send + Sync>;
+
+/// Why a [`BeforeChange`] hook failed (its own error type, boxed).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Tracking collection name.
+    pub tracking: String,
+    pub lock_ttl: Duration,
+    /// How long to wait for a tenant another runner holds.
+    pub lock_wait: Duration,
+    /// Identifies this run in records and locks (a CLI invocation, or an operator run).
+    pub run_id: String,
+    /// Identifies this process in locks: unique per process (see [`super::lock::owner`]).
+    pub owner: String,
+    pub allow_changed: bool,
+    pub dry_run: bool,
+    pub profiles: Vec<String>,
+    pub observer: Arc<dyn Observer>,
+    pub before_change: Option<BeforeChange>,
+    /// Set to stop at the next safe point (SIGTERM): the current migration is undone.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl RunOptions {
+    pub fn new(run_id: impl Into<String>) -> Self {
+        RunOptions {
+            tracking: tracking::TRACKING.to_string(),
+            lock_ttl: Duration::from_secs(60),
+            lock_wait: Duration::ZERO,
+            run_id: run_id.into(),
+            owner: super::lock::owner(None),
+            allow_changed: false,
+            dry_run: false,
+            profiles: Vec::new(),
+            observer: Arc::new(Quiet),
+            before_change: None,
+            stop: None,
+        }
+    }
+
+    fn host(&self) -> String {
+        self.owner.split('/').next().unwrap_or_default().to_string()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{action}: {}", crate::mongo::describe(source))]
+    Mongo {
+        action: &'static str,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// [`RunOptions::before_change`] failed; nothing was changed.
+    #[error("{0}")]
+    BeforeChange(HookError),
+}
+
+fn mongo(action: &'static str) -> impl FnOnce(mongodb::error::Error) -> RunError {
+    move |source| RunError::Mongo { action, source }
+}
+
+/// Where one migration ended on one tenant (`--output json` writes these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeState {
+    Applied,
+    RolledBack,
+    /// It failed; `needs_attention` tells whether its undo was complete.
+    Failed,
+    /// What a dry run would do.
+    Planned,
+    /// Work a stopped runner left on it was found and undone first.
+    Recovered,
+}
+
+/// What happened to one migration on one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    pub id: String,
+    pub direction: Direction,
+    pub state: OutcomeState,
+    pub duration_ms: i64,
+    pub documents_affected: i64,
+    pub steps: Vec<StepRecord>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<CheckResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// A failure whose undo was incomplete: the database may be partly changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_attention: bool,
+    /// For plans: documents each step would touch, where it can be counted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub estimates: Vec<Option<u64>>,
+    /// For rollbacks: fields the application changed again since the migration (the
+    /// pre-image won), and the first of those documents' `_id`s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<tracking::Conflicts>,
+}
+
+impl Outcome {
+    pub fn new(id: &str, direction: Direction, state: OutcomeState) -> Self {
+        Outcome {
+            id: id.to_string(),
+            direction,
+            state,
+            duration_ms: 0,
+            documents_affected: 0,
+            steps: Vec::new(),
+            validation: Vec::new(),
+            error: None,
+            needs_attention: false,
+            estimates: Vec::new(),
+            conflicts: None,
+        }
+    }
+
+    fn planned(id: String, direction: Direction, ops: &[Operation], estimates: Vec<Option<u64>>) -> Self {
+        let mut o = Outcome::new(&id, direction, OutcomeState::Planned);
+        o.steps = ops
+            .iter()
+            .map(|op| StepRecord {
+                op: op.kind().into(),
+                collection: op.collection().map(str::to_string),
+                documents_affected: 0,
+                duration_ms: 0,
+            })
+            .collect();
+        o.estimates = estimates;
+        o
+    }
+}
+
+/// What a run did on one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantReport {
+    pub tenant: String,
+    pub ok: bool,
+    pub direction: Direction,
+    pub dry_run: bool,
+    /// Latest applied version before and after the run.
+    pub from_version: Option<String>,
+    pub to_version: Option<String>,
+    pub migrations: Vec<Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TenantReport {
+    /// A migration failed and its undo was incomplete: the database needs attention.
+    pub fn needs_attention(&self) -> bool {
+        self.migrations.iter().any(|m| m.needs_attention)
+    }
+
+    /// A report of a run that changed nothing (a plan, or nothing to do).
+    fn unchanged(
+        tenant: &str,
+        direction: Direction,
+        dry_run: bool,
+        version: Option<String>,
+        migrations: Vec<Outcome>,
+    ) -> Self {
+        TenantReport {
+            tenant: tenant.into(),
+            ok: true,
+            direction,
+            dry_run,
+            from_version: version.clone(),
+            to_version: version,
+            migrations,
+            error: None,
+        }
+    }
+}
+
+fn current_version(records: &[Record]) -> Option<String> {
+    records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
+}
+
+fn interrupted(records: &[Record]) -> bool {
+    records.iter().any(|r| matches!(r.state, State::Applying | State::RollingBack))
+}
+
+async fn load(db: &Database, opts: &RunOptions) -> Result<Vec<Record>, RunError> {
+    tracking::load(db, &opts.tracking).await.map_err(mongo("reading the tracking collection"))
+}
+
+/// The status of every migration on this tenant.
+pub async fn status(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<Vec<planner::Entry>, RunError> {
+    Ok(planner::status(migrations, &load(db, opts).await?, &opts.profiles))
+}
+
+/// The tenant under its lock: what every step needs to change it.
+struct Locked<'a> {
+    db: &'a Database,
+    tenant: &'a str,
+    opts: &'a RunOptions,
+    guard: Guard,
+    server: Server,
+}
+
+impl<'a> Locked<'a> {
+    async fn new(db: &'a Database, tenant: &'a str, opts: &'a RunOptions, lease: &Lease) -> Locked<'a> {
+        let guard = Guard::new(Some(lease.valid()), opts.stop.clone());
+        Locked { db, tenant, opts, guard, server: Server::detect(db).await }
+    }
+
+    async fn before_change(&self) -> Result<(), RunError> {
+        match &self.opts.before_change {
+            Some(hook) => hook(self.db.clone()).await.map_err(RunError::BeforeChange),
+            None => Ok(()),
+        }
+    }
+
+    /// The report of a run that did something: the version it left, and the first error.
+    async fn finished(
+        &self,
+        direction: Direction,
+        from_version: Option<String>,
+        migrations: Vec<Outcome>,
+    ) -> Result<TenantReport, RunError> {
+        let records = load(self.db, self.opts).await?;
+        let error = migrations.iter().find_map(|o| o.error.clone());
+        Ok(TenantReport {
+            tenant: self.tenant.into(),
+            ok: migrations.iter().all(|o| o.state != OutcomeState::Failed && !o.needs_attention),
+            direction,
+            dry_run: false,
+            from_version,
+            to_version: current_version(&records),
+            migrations,
+            error,
+        })
+    }
+}
+
+/// Take the lock, waiting up to `lock_wait`.
+async fn acquire(db: &Database, opts: &RunOptions) -> Result<Lease, RunError> {
+    let stop = opts.stop.as_deref();
+    Ok(Lease::acquire_unless(db, &opts.owner, &opts.run_id, opts.lock_ttl, opts.lock_wait, stop).await?)
+}
+
+/// Release the lock, then report: the run's own error first, a failed release second.
+async fn release<T>(lease: Lease, result: Result<T, RunError>) -> Result<T, RunError> {
+    let released = lease.release().await;
+    let r = result?;
+    released.map_err(mongo("releasing the lock"))?;
+    Ok(r)
+}
+
+/// Apply pending migrations.
+pub async fn up(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &UpRequest,
+    opts: &RunOptions,
+) -> Result<TenantReport, RunError> {
+    let records = load(db, opts).await?;
+    let from_version = current_version(&records);
+    let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
+    if opts.dry_run {
+        let mut outs = Vec::new();
+        for m in planned {
+            let mut estimates = Vec::new();
+            for op in &m.file.up {
+                estimates.push(op.estimate(db).await?);
+            }
+            outs.push(Outcome::planned(m.id(), Direction::Up, &m.file.up, estimates));
+        }
+        return Ok(TenantReport::unchanged(tenant, Direction::Up, true, from_version, outs));
+    }
+    if planned.is_empty() && !interrupted(&records) {
+        return Ok(TenantReport::unchanged(tenant, Direction::Up, false, from_version, vec![]));
+    }
+    let lease = acquire(db, opts).await?;
+    let result = async {
+        let l = Locked::new(db, tenant, opts, &lease).await;
+        let mut outs = recover(&l).await?;
+        if outs.iter().any(|o| o.needs_attention) {
+            return l.finished(Direction::Up, from_version, outs).await;
+        }
+        // Read again under the lock: another runner may have applied some in the meantime.
+        let records = load(db, opts).await?;
+        let from_version = current_version(&records);
+        let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
+        let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
+        if !planned.is_empty() {
+            l.before_change().await?;
+        }
+        for m in planned {
+            opts.observer.migration_started(tenant, &m.id(), Direction::Up);
+            let out = l.apply(m, batch).await?;
+            opts.observer.migration_finished(tenant, &out);
+            let failed = out.state == OutcomeState::Failed;
+            outs.push(out);
+            if failed {
+                break; // later migrations may depend on this one
+            }
+        }
+        l.finished(Direction::Up, from_version, outs).await
+    }
+    .await;
+    release(lease, result).await
+}
+
+/// Undo applied migrations.
+pub async fn down(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    req: &DownRequest,
+    opts: &RunOptions,
+) -> Result<TenantReport, RunError> {
+    let records = load(db, opts).await?;
+    let from_version = current_version(&records);
+    let chosen = planner::plan_down(migrations, &records, req)?;
+    if opts.dry_run || (chosen.is_empty() && !interrupted(&records)) {
+        let outs = chosen
+            .iter()
+            .map(|r| Outcome::planned(r.id.clone(), Direction::Down, &r.down_ops().unwrap_or_default(), vec![]))
+            .collect();
+        return Ok(TenantReport::unchanged(tenant, Direction::Down, opts.dry_run, from_version, outs));
+    }
+    let lease = acquire(db, opts).await?;
+    let result = async {
+        let l = Locked::new(db, tenant, opts, &lease).await;
+        let mut outs = recover(&l).await?;
+        if outs.iter().any(|o| o.needs_attention) {
+            return l.finished(Direction::Down, from_version, outs).await;
+        }
+        let records = load(db, opts).await?;
+        let from_version = current_version(&records);
+        let chosen: Vec<Record> = planner::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
+        if !chosen.is_empty() {
+            l.before_change().await?;
+        }
+        for r in &chosen {
+            opts.observer.migration_started(tenant, &r.id, Direction::Down);
+            let out = l.roll_back(r).await?;
+            opts.observer.migration_finished(tenant, &out);
+            let failed = out.state == OutcomeState::Failed;
+            outs.push(out);
+            if failed {
+                break;
+            }
+        }
+        l.finished(Direction::Down, from_version, outs).await
+    }
+    .await;
+    release(lease, result).await
+}
+
+/// Run the checks of every applied migration that has checks.
+pub async fn validate(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<Vec<CheckResult>, RunError> {
+    let records = load(db, opts).await?;
+    let mut out = Vec::new();
+    for m in migrations {
+        if records.iter().any(|r| r.id == m.id() && r.state == State::Applied) {
+            for c in &m.file.validate {
+                out.push(validate::run_check(db, &m.id(), c).await);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Run `f` under the tenant's lock after recovering interrupted work (for callers that change
+/// the tenant other ways, e.g. restoring a snapshot). Returns the recovery's outcomes too.
+pub async fn with_lock<T, F, Fut>(
+    db: &Database,
+    tenant: &str,
+    opts: &RunOptions,
+    f: F,
+) -> Result<(Vec<Outcome>, Option<T>), RunError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RunError>>,
+{
+    let lease = acquire(db, opts).await?;
+    let result = async {
+        let l = Locked::new(db, tenant, opts, &lease).await;
+        let outs = recover(&l).await?;
+        if outs.iter().any(|o| o.needs_attention) {
+            return Ok((outs, None));
+        }
+        Ok((outs, Some(f().await?)))
+    }
+    .await;
+    release(lease, result).await
+}
+
+fn ms_since(t: Instant) -> i64 {
+    t.elapsed().as_millis() as i64
+}
+
+fn now() -> DateTime {
+    DateTime::now()
+}
