@@ -371,14 +371,17 @@ async fn snapshots_are_taken_under_the_tenant_lock() {
     let until = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 600_000);
     let lock = c.database(&t).collection::<Document>("_dbshift_lock");
     lock.insert_one(doc! {"_id": "migrations", "owner": "pod-7/1", "run": "r9", "expiresAt": until}).await.unwrap();
-    let (o, r) = job.run(&[("DBSHIFT_RUN_ID", "op-1")]);
+    let (o, r) = job.run(&[("DBSHIFT_RUN_ID", "op-1"), ("DBSHIFT_LOCK_WAIT", "0")]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     assert!(r.get("backup").is_none() && r["error"].as_str().unwrap().contains("pod-7/1"), "{r}");
     assert!(snapshot_docs(&store, &t).await.is_empty(), "no snapshot without the lock");
     // `backup` only reads and goes ahead; a restore is refused while the lock is held.
     let o = cli(&["backup", "--into-database", &store, "--tenant", &t], &[("DBSHIFT_MONGODB_URI", &uri())]);
     assert!(o.status.success(), "a snapshot only reads: {}", text(&o));
-    let o = cli(&["restore", "--from-database", &store, "--tenant", &t], &[("DBSHIFT_MONGODB_URI", &uri())]);
+    let o = cli(
+        &["restore", "--from-database", &store, "--tenant", &t, "--lock-wait", "0"],
+        &[("DBSHIFT_MONGODB_URI", &uri())],
+    );
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     lock.delete_many(doc! {}).await.unwrap();
     let (o, r) = job.run(&[("DBSHIFT_RUN_ID", "op-1")]);

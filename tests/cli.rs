@@ -284,9 +284,15 @@ async fn changed_files_and_held_locks_have_their_own_exit_codes() {
         "up:\n  - addField: { collection: items, field: size, value: 1 }\n",
     )
     .unwrap();
-    let o = cli(&["up", "--dir", d, "--tenant", &names[0], "--allow-changed"], &env);
+    let o = cli(&["up", "--dir", d, "--tenant", &names[0], "--allow-changed", "--lock-wait", "0"], &env);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     assert!(text(&o).contains("pod-7/1"), "{}", text(&o));
+    // Waiting a little gives up just the same once the wait is over, and says who holds it.
+    let t0 = std::time::Instant::now();
+    let o = cli(&["up", "--dir", d, "--tenant", &names[0], "--allow-changed", "--lock-wait", "2s"], &env);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("pod-7/1"), "{}", text(&o));
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(2), "it waited before giving up");
 }
 
 #[tokio::test]
