@@ -235,6 +235,24 @@ async fn insert_documents_with_and_without_ids_and_delete_only_them_on_down() {
     assert!(no_id.get_datetime("at").is_ok());
 }
 
+/// MongoDB creates a collection on the first insert: down drops it again (up_then_down compares
+/// the collection lists), unless the application put something there since.
+#[tokio::test]
+async fn insert_documents_into_a_new_collection_and_down_drops_it_again() {
+    let db = seed("op_insert_new").await;
+    let yaml = "up:\n  - insertDocuments: { collection: settings, documents: [ { _id: cfg, on: true } ] }\n";
+    let after = up_then_down(&db, yaml).await;
+    assert_eq!(coll(&after, "settings").1.len(), 1);
+
+    let dir = migrations(&[("20250101000000_op.yaml", yaml)]);
+    let m = load(dir.path());
+    let opts = RunOptions::new("test-run");
+    assert!(runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap().ok);
+    db.collection::<Document>("settings").insert_one(doc! {"_id": "app", "on": false}).await.unwrap();
+    assert!(runner::down(&db, "t", &m, &DownRequest::Steps(1), &opts).await.unwrap().ok);
+    assert_eq!(dump(&db, "settings").await, vec![doc! {"_id": "app", "on": false}], "the application's document stays");
+}
+
 #[tokio::test]
 async fn delete_documents_are_restored_byte_for_byte() {
     let db = seed("op_delete").await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use common::*;
 use dbshift::engine::lock::{Lease, LockError};
+use dbshift::engine::pass::Guard;
 use dbshift::engine::tracking::{self, State};
 use dbshift::engine::{runner, DownRequest, RunOptions, UpRequest};
 
@@ -177,6 +178,32 @@ async fn a_dead_holders_lock_expires_by_itself() {
     let l = Lease::acquire(&db, "other/2", "run-b", Duration::from_secs(2), Duration::ZERO).await.unwrap();
     l.release().await.unwrap();
     assert_eq!(db.collection::<Document>(tracking::LOCK).count_documents(doc! {}).await.unwrap(), 0);
+}
+
+/// A runner that dies inside a transaction leaves it open on the server. The next holder of the
+/// lock ends it at once (its sessions are noted in the lease), instead of waiting for the
+/// server to expire it: the dead runner's write never lands and blocks nobody.
+#[tokio::test]
+async fn the_next_holder_ends_a_dead_holders_open_transaction() {
+    let db = fresh_db("safe_lock_sessions").await;
+    let coll = db.collection::<Document>("items");
+    coll.insert_one(doc! {"_id": 1, "v": 0}).await.unwrap();
+    let held = Lease::acquire(&db, "crashed/1", "run-a", Duration::from_secs(2), Duration::ZERO).await.unwrap();
+    let mut s = Guard::new(Some(&held), None).session(&db).await.unwrap();
+    s.start_transaction().await.unwrap();
+    coll.update_one(doc! {"_id": 1}, doc! {"$set": {"v": 1}}).session(&mut s).await.unwrap();
+    std::mem::forget(held);
+    db.collection::<Document>(tracking::LOCK)
+        .update_one(doc! {}, doc! {"$set": {"expiresAt": bson::DateTime::from_millis(0), "owner": "crashed/gone"}})
+        .await
+        .unwrap();
+    let next = Lease::acquire(&db, "next/2", "run-b", Duration::from_secs(5), Duration::ZERO).await.unwrap();
+    // Well inside the server's transaction lifetime (60 s), the document is free again.
+    let write = coll.update_one(doc! {"_id": 1}, doc! {"$inc": {"v": 10}});
+    tokio::time::timeout(Duration::from_secs(20), write).await.expect("the dead transaction was ended").unwrap();
+    assert!(s.commit_transaction().await.is_err(), "the dead runner's transaction cannot commit");
+    assert_eq!(coll.find_one(doc! {"_id": 1}).await.unwrap().unwrap().get_i32("v"), Ok(10));
+    next.release().await.unwrap();
 }
 
 #[tokio::test]

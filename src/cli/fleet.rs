@@ -56,6 +56,14 @@ pub async fn start(g: &Global) -> Result<Fleet, Failure> {
     Ok(Fleet { migrations, conn, tenants })
 }
 
+/// On a server without transactions, say what that changes (on stderr: stdout stays the report).
+pub async fn warn_without_transactions(f: &Fleet) {
+    let Some(t) = f.tenants.first() else { return };
+    if !crate::mongo::supports_transactions(&f.conn.client.database(t)).await {
+        eprintln!("warning: {}", engine::pass::WITHOUT_TRANSACTIONS);
+    }
+}
+
 /// The engine's options from the global flags.
 pub fn run_options(g: &Global, observer: Arc<dyn Observer>) -> Result<RunOptions, Failure> {
     if !g.tracking_collection.starts_with(engine::tracking::INTERNAL_PREFIX) {

@@ -9,13 +9,18 @@
 //!   lost and stops before its next write ([`Lease::valid`]).
 //! - A runner that finds the tenant locked waits (`--lock-wait`), then takes the lock and plans
 //!   again under it.
+//! - The holder notes in the lease the sessions its transactions run in ([`Sessions`]). A
+//!   runner taking over an expired lease ends them (`killSessions`): a killed runner's open
+//!   transaction is aborted at once, instead of blocking the next runner's writes until the
+//!   server's transaction lifetime (60 s by default) expires it.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
-use mongodb::Database;
+use mongodb::{ClientSession, Database};
 use tokio::sync::watch;
 
 use super::tracking::LOCK;
@@ -143,6 +148,11 @@ impl Lease {
         &self.owner
     }
 
+    /// Where the holder notes the sessions it runs transactions in.
+    pub fn sessions(&self) -> Sessions {
+        Sessions { db: self.db.clone(), owner: self.owner.clone(), noted: Arc::new(Mutex::new(HashSet::new())) }
+    }
+
     pub async fn release(self) -> mongodb::error::Result<()> {
         let _ = self.stop.send(true);
         self.db.collection::<Document>(LOCK).delete_one(doc! {"_id": LOCK_ID, "owner": &self.owner}).await.map(|_| ())
@@ -152,6 +162,55 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// The sessions a lease holder runs transactions in, noted in the lease document before the
+/// first transaction in each, so the runner that takes over after a crash can end them.
+#[derive(Clone)]
+pub struct Sessions {
+    db: Database,
+    owner: String,
+    noted: Arc<Mutex<HashSet<Vec<u8>>>>,
+}
+
+impl Sessions {
+    /// Note `session` (once per server session: the driver reuses them).
+    pub async fn note(&self, session: &ClientSession) -> mongodb::error::Result<()> {
+        let id = session.id().clone();
+        let key = bson::to_vec(&id).unwrap_or_default();
+        if self.noted.lock().expect("lock").contains(&key) {
+            return Ok(());
+        }
+        self.db
+            .collection::<Document>(LOCK)
+            .update_one(doc! {"_id": LOCK_ID, "owner": &self.owner}, doc! {"$addToSet": {"sessions": id}})
+            .await?;
+        self.noted.lock().expect("lock").insert(key);
+        Ok(())
+    }
+}
+
+/// End the sessions a previous holder noted (its open transactions abort). Best effort: a user
+/// without the right to end another user's sessions only waits longer (the server expires an
+/// open transaction after its lifetime).
+async fn end_sessions(db: &Database, previous: &Document) {
+    let Ok(sessions) = previous.get_array("sessions") else { return };
+    if sessions.is_empty() {
+        return;
+    }
+    let r = db.client().database("admin").run_command(doc! {"killSessions": sessions.clone()}).await;
+    match r {
+        Ok(_) => tracing::info!(
+            sessions = sessions.len(),
+            previous = previous.get_str("owner").unwrap_or("?"),
+            "ended the sessions of the runner whose lock expired (its open transaction is aborted)"
+        ),
+        Err(e) => tracing::warn!(
+            error = %crate::mongo::describe(&e),
+            "could not end the sessions of the runner whose lock expired; its open transaction blocks writes \
+             to what it wrote until the server expires it"
+        ),
     }
 }
 
@@ -173,6 +232,11 @@ async fn try_take(db: &Database, owner: &str, run_id: &str, ttl: Duration) -> Re
     let expired = doc! {"$expr": {"$lt": [{"$toLong": "$expiresAt"}, {"$toLong": "$$NOW"}]}};
     let mut set = expiring(ttl);
     if let Ok(s) = set.get_document_mut("$set") {
+        // A new holder starts with no sessions; the same holder keeps its own.
+        s.insert(
+            "sessions",
+            doc! {"$cond": [{"$eq": ["$owner", {"$literal": owner}]}, {"$ifNull": ["$sessions", []]}, []]},
+        );
         s.insert("owner", doc! {"$literal": owner});
         s.insert("run", doc! {"$literal": run_id});
         s.insert("acquiredAt", "$$NOW");
@@ -182,7 +246,12 @@ async fn try_take(db: &Database, owner: &str, run_id: &str, ttl: Duration) -> Re
         .upsert(true)
         .await;
     match res {
-        Ok(_) => Ok(None),
+        Ok(previous) => {
+            if let Some(p) = previous.filter(|p| p.get_str("owner") != Ok(owner)) {
+                end_sessions(db, &p).await;
+            }
+            Ok(None)
+        }
         Err(e) if crate::mongo::is_duplicate_key(&e) => {
             let held = coll.find_one(doc! {"_id": LOCK_ID}).await?.unwrap_or_default();
             Ok(Some(LockError::Held {

@@ -33,6 +33,14 @@ use mongodb::{ClientSession, Database, Namespace};
 use super::ops::{mongo, ExecError, Progress};
 use super::preimages::{self, raw_id, Entry, Store};
 
+/// What a server without transactions changes, said by `plan`, `up`, `down` and `run`.
+pub const WITHOUT_TRANSACTIONS: &str = "this server runs without transactions (a standalone server; production \
+MongoDB is a replica set). dbshift still stores every pre-image before its change and never overwrites a concurrent \
+write, but a runner killed in the middle of a batch leaves up to one batch (1000 documents) whose writes it cannot \
+tell landed or not: undoing them puts the pre-migration values back even where the application changed those \
+fields after the crash (counted as conflicts when known), and `transaction: true` migrations run step by step. \
+See docs/engine.md, \"Without transactions\".";
+
 /// How many times a document that keeps changing under a pass is read and planned again.
 pub const MAX_ROUNDS: usize = 10;
 /// How long a batch retries write conflicts (longer than MongoDB's default transaction
@@ -42,27 +50,34 @@ const CONFLICT_DEADLINE: Duration = Duration::from_secs(120);
 pub const BATCH: usize = 1000;
 
 /// Stops a pass before its next write: the lock was lost, or the process was asked to stop.
+/// It also notes the sessions transactions run in, in the lease (see [`super::lock::Sessions`]).
 #[derive(Clone, Default)]
 pub struct Guard {
-    lost: Option<Arc<AtomicBool>>,
     lease_valid: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    sessions: Option<super::lock::Sessions>,
     stop: Option<Arc<AtomicBool>>,
 }
 
 impl Guard {
-    /// A guard over a held lock (`valid`: whether its lease is still known to be held) and a
-    /// stop request (e.g. SIGTERM).
-    pub fn new(valid: Option<Arc<dyn Fn() -> bool + Send + Sync>>, stop: Option<Arc<AtomicBool>>) -> Self {
-        Guard { lost: None, lease_valid: valid, stop }
+    /// A guard over a held lock and a stop request (e.g. SIGTERM).
+    pub fn new(lease: Option<&super::lock::Lease>, stop: Option<Arc<AtomicBool>>) -> Self {
+        Guard { lease_valid: lease.map(|l| l.valid()), sessions: lease.map(|l| l.sessions()), stop }
+    }
+
+    /// A session for transactions, noted in the lease before it is used.
+    pub async fn session(&self, db: &Database) -> Result<ClientSession, ExecError> {
+        let session = db.client().start_session().await.map_err(mongo("starting a session"))?;
+        if let Some(s) = &self.sessions {
+            s.note(&session).await.map_err(mongo("noting the session in the lock"))?;
+        }
+        Ok(session)
     }
 
     pub fn check(&self) -> Result<(), ExecError> {
         if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
             return Err(ExecError::Stopped("asked to stop (SIGTERM): stopped at a safe point".into()));
         }
-        if self.lost.as_ref().is_some_and(|l| l.load(Ordering::SeqCst))
-            || self.lease_valid.as_ref().is_some_and(|v| !v())
-        {
+        if self.lease_valid.as_ref().is_some_and(|v| !v()) {
             return Err(ExecError::Stopped(
                 "the migration lock was lost (not renewed in time); stopped before the next write to avoid two runners"
                     .into(),
@@ -412,6 +427,9 @@ impl<'a> Pass<'a> {
             .collect())
     }
 
+    /// One transaction for the batch; retried on a write conflict with backoff. A part that
+    /// keeps conflicting (the application writing its documents all the time) is split in
+    /// halves: smaller transactions are shorter, and conflict less.
     async fn commit_in_transaction(
         &self,
         store: &mut Store,
@@ -419,40 +437,61 @@ impl<'a> Pass<'a> {
         projection: Option<&Document>,
     ) -> Result<Committed, ExecError> {
         let started = Instant::now();
-        let mut wait = Duration::from_millis(50);
-        let mut session = self.db.client().start_session().await.map_err(mongo("starting a session"))?;
-        let mark = store.mark();
-        loop {
-            let attempt = async {
-                session.start_transaction().await?;
-                let go = self.still_as_read(planned, projection, &mut session).await?;
-                let applied = self.write_all(planned, &go, true, Some(&mut session)).await?;
-                let entries = applied_entries(planned, &applied);
-                store.append(&entries, None, Some(&mut session)).await.map_err(|e| match e {
-                    ExecError::Mongo { source, .. } => source,
-                    other => mongodb::error::Error::custom(other.to_string()),
-                })?;
-                session.commit_transaction().await?;
-                Ok::<_, mongodb::error::Error>(applied)
-            }
-            .await;
-            match attempt {
-                Ok(applied) => return Ok(Committed { applied }),
-                Err(e) => {
-                    let _ = session.abort_transaction().await;
-                    // The chunk number was not used: the transaction aborted.
-                    store.reset(mark);
-                    if !conflict(&e) || started.elapsed() > CONFLICT_DEADLINE {
-                        return Err(mongo(format!("writing documents of {}", self.coll))(e));
+        let mut session = self.guard.session(self.db).await?;
+        let mut applied = vec![false; planned.len()];
+        // Parts of the batch still to commit, first one first: (start, end).
+        let mut parts = vec![(0, planned.len())];
+        while let Some((lo, hi)) = parts.pop() {
+            let part = &planned[lo..hi];
+            let mut wait = Duration::from_millis(50);
+            for attempt in 1.. {
+                let mark = store.mark();
+                let e = match self.try_transaction(&mut session, store, part, projection).await {
+                    Ok(a) => {
+                        applied[lo..hi].copy_from_slice(&a);
+                        break;
                     }
-                    tracing::debug!(error = %crate::mongo::describe(&e), "write conflict; retrying the batch");
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 50);
-                    tokio::time::sleep(wait + jitter).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                    self.guard.check()?;
+                    Err(e) => e,
+                };
+                let _ = session.abort_transaction().await;
+                // The chunk number was not used: the transaction aborted.
+                store.reset(mark);
+                if !conflict(&e) || started.elapsed() > CONFLICT_DEADLINE {
+                    return Err(mongo(format!("writing documents of {}", self.coll))(e));
                 }
+                self.guard.check()?;
+                if attempt >= 3 && part.len() > 1 {
+                    let mid = lo + part.len() / 2;
+                    parts.push((mid, hi));
+                    parts.push((lo, mid));
+                    break;
+                }
+                tracing::debug!(error = %crate::mongo::describe(&e), "write conflict; retrying the batch");
+                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+                tokio::time::sleep(wait + jitter).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
+        Ok(Committed { applied })
+    }
+
+    async fn try_transaction(
+        &self,
+        session: &mut ClientSession,
+        store: &mut Store,
+        planned: &[Planned],
+        projection: Option<&Document>,
+    ) -> Result<Vec<bool>, mongodb::error::Error> {
+        session.start_transaction().await?;
+        let go = self.still_as_read(planned, projection, session).await?;
+        let applied = self.write_all(planned, &go, true, Some(&mut *session)).await?;
+        let entries = applied_entries(planned, &applied);
+        store.append(&entries, None, Some(&mut *session)).await.map_err(|e| match e {
+            ExecError::Mongo { source, .. } => source,
+            other => mongodb::error::Error::custom(other.to_string()),
+        })?;
+        session.commit_transaction().await?;
+        Ok(applied)
     }
 
     /// Plan, commit, and plan again what did not apply, until every document is changed or

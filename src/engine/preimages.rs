@@ -220,8 +220,9 @@ pub fn restore(entry: &Entry, current: Option<&RawDocument>, post: Option<Hash>)
             Ok((Restore::Unchanged, false))
         }
         (None, _) => Ok((Restore::Write(entry.pre.clone().expect("checked above")), conflict)),
-        // Deleted since by the application: it stays deleted (the other fields are gone).
-        (Some(_), None) => Ok((Restore::Unchanged, true)),
+        // Deleted since by the application: it stays deleted (its other fields are gone, and
+        // the application's delete is a later write like any other).
+        (Some(_), None) => Ok((Restore::Unchanged, false)),
         (Some(fields), Some(c)) => {
             let mut d = Document::try_from(c).map_err(|e| format!("the current document cannot be read: {e}"))?;
             for f in fields {
@@ -505,8 +506,8 @@ mod tests {
         let (r, conflict) = restore(&e, Some(&raw(doc! {"_id": 1, "name": "Grace"})), e.post).unwrap();
         assert!(conflict);
         assert_eq!(r, Restore::Write(raw(doc! {"_id": 1, "name": "Ada"})));
-        // Deleted by the application since: it stays deleted, and that is reported.
-        assert_eq!(restore(&e, None, e.post).unwrap(), (Restore::Unchanged, true));
+        // Deleted by the application since: it stays deleted (a later write like any other).
+        assert_eq!(restore(&e, None, e.post).unwrap(), (Restore::Unchanged, false));
     }
 
     #[test]

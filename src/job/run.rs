@@ -151,6 +151,9 @@ async fn run_tenant(s: &Settings, a: &RunArgs, tenant: &str, taken: &TakenSnapsh
     })?;
     let conn = crate::mongo::connect(uri, s.connect_timeout).await?;
     let db = conn.client.database(tenant);
+    if !crate::mongo::supports_transactions(&db).await {
+        tracing::warn!("{}", engine::pass::WITHOUT_TRANSACTIONS);
+    }
     let mut opts = s.options.clone();
     if let Some(id) = &a.run_id {
         opts.run_id = id.clone();

@@ -25,37 +25,46 @@ fn secantusd() -> PathBuf {
     PathBuf::from(cache).join("secantus-0.7.0b3/bin/secantusd-py")
 }
 
-/// The URI of the test server (started on first use).
+/// The URI of the test server (started on first use): a one-node replica set, so it has
+/// transactions, like production MongoDB.
 pub fn uri() -> String {
-    URI.get_or_init(|| {
-        if let Ok(u) = std::env::var("DBSHIFT_TEST_MONGODB_URI") {
-            return u;
-        }
-        let bin = secantusd();
-        assert!(
-            bin.exists(),
-            "{} is missing: run tests/support/secantus.sh install (tests/run.sh does)",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        // A watchdog shell stops the server when this test process is gone.
-        let script = format!(
-            "{} --host 127.0.0.1 --port {port} --storage-path :memory: >/dev/null 2>&1 & s=$!; \
-             while kill -0 {} 2>/dev/null; do sleep 1; done; kill $s",
-            bin.display(),
-            std::process::id()
-        );
-        // The watchdog outlives this call on purpose; it is reaped when the test process exits.
-        #[allow(clippy::zombie_processes)]
-        Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("start SecantusDB");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "SecantusDB did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        format!("mongodb://127.0.0.1:{port}")
+    URI.get_or_init(|| match std::env::var("DBSHIFT_TEST_MONGODB_URI") {
+        Ok(u) => u,
+        Err(_) => start_server(&[]),
     })
     .clone()
+}
+
+static STANDALONE: OnceLock<String> = OnceLock::new();
+
+/// A standalone server of this test process (no replica set, so no transactions: what a
+/// laptop often runs).
+pub fn standalone_uri() -> String {
+    STANDALONE.get_or_init(|| start_server(&["--standalone"])).clone()
+}
+
+/// Start SecantusDB from the cached install on a free port; it stops when this process exits.
+fn start_server(extra: &[&str]) -> String {
+    let bin = secantusd();
+    assert!(bin.exists(), "{} is missing: run tests/support/secantus.sh install (tests/run.sh does)", bin.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A watchdog shell stops the server when this test process is gone.
+    let script = format!(
+        "{} --host 127.0.0.1 --port {port} --storage-path :memory: {} >/dev/null 2>&1 & s=$!; \
+         while kill -0 {} 2>/dev/null; do sleep 1; done; kill $s",
+        bin.display(),
+        extra.join(" "),
+        std::process::id()
+    );
+    // The watchdog outlives this call on purpose; it is reaped when the test process exits.
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().expect("start SecantusDB");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "SecantusDB did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    format!("mongodb://127.0.0.1:{port}")
 }
 
 pub async fn client() -> Client {

@@ -46,6 +46,7 @@ impl DownArgs {
 
 pub async fn run(g: &Global, a: &DownArgs) -> Result<Exit, Failure> {
     let f = fleet::start(g).await?;
+    fleet::warn_without_transactions(&f).await;
     let mut opts = fleet::run_options(g, output::observer(g.output, f.tenants.len()))?;
     opts.dry_run = a.dry_run;
     let req = a.request();

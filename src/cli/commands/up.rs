@@ -27,6 +27,7 @@ pub struct UpArgs {
 
 pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
     let f = fleet::start(g).await?;
+    fleet::warn_without_transactions(&f).await;
     let mut opts = fleet::run_options(g, output::observer(g.output, f.tenants.len()))?;
     opts.dry_run = dry;
     opts.allow_changed = a.allow_changed;

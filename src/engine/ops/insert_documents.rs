@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{data_err, json, restore, Exec, ExecError, Op, Operation, Prepared};
+use super::{data_err, json, Exec, ExecError, Op, Operation, Prepared, RestorePreimages};
 use crate::engine::{bsonx, pass};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -39,9 +39,15 @@ impl OnConflict {
 }
 
 impl InsertDocuments {
-    /// Delete exactly the documents it inserted (from its entries).
-    fn undo(&self, key: &str) -> Vec<Operation> {
-        vec![restore(&self.collection, key, None)]
+    /// Delete exactly the documents it inserted (from its entries); drop the collection again
+    /// if the insert created it and the delete leaves it empty.
+    fn undo(&self, key: &str, creates: bool) -> Vec<Operation> {
+        vec![Operation::RestorePreimages(RestorePreimages {
+            collection: self.collection.clone(),
+            key: key.to_string(),
+            recompute: None,
+            drop_if_empty: creates,
+        })]
     }
 }
 
@@ -65,7 +71,10 @@ impl Op for InsertDocuments {
     }
 
     /// Every document gets its `_id` now, so the undo knows exactly what to delete.
-    async fn prepare(&self, _db: &Database, key: &str) -> Result<Prepared, ExecError> {
+    async fn prepare(&self, db: &Database, key: &str) -> Result<Prepared, ExecError> {
+        let creates = !crate::mongo::collection_exists(db, &self.collection)
+            .await
+            .map_err(super::mongo("looking for the collection"))?;
         let mut docs = Vec::new();
         for d in &self.documents {
             let mut d = bsonx::map_to_doc(d).map_err(data_err)?;
@@ -80,7 +89,7 @@ impl Op for InsertDocuments {
         }
         let op =
             InsertDocuments { collection: self.collection.clone(), documents: docs, on_conflict: self.on_conflict };
-        let undo = op.undo(key);
+        let undo = op.undo(key, creates);
         Ok(Prepared::new(Operation::InsertDocuments(op), undo))
     }
 

@@ -305,6 +305,7 @@ pub(crate) fn restore(collection: &str, key: &str, recompute: Option<Recompute>)
         collection: collection.to_string(),
         key: key.to_string(),
         recompute,
+        drop_if_empty: false,
     })
 }
 

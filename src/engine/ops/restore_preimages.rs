@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{data_err, restore, Exec, ExecError, Op, Operation, Prepared};
+use super::{data_err, mongo, restore, Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::{bsonx, pass};
 
 /// How to tell what a change wrote, for changes the server computed: the update and filter it
@@ -47,6 +47,10 @@ pub struct RestorePreimages {
     pub key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recompute: Option<Recompute>,
+    /// The step created the collection (MongoDB creates one on the first insert): drop it
+    /// again when the restore leaves it empty with no index of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_if_empty: bool,
 }
 
 impl Op for RestorePreimages {
@@ -79,6 +83,24 @@ impl Op for RestorePreimages {
                 "fields changed again since the migration: the pre-image won");
         }
         x.conflicts(r.conflicts, r.conflict_ids);
+        if self.drop_if_empty {
+            drop_if_empty(x.db, &self.collection).await?;
+        }
         Ok(r.written)
     }
+}
+
+/// Drop `coll` if nothing is in it and nobody gave it an index: what an insert into a missing
+/// collection created. Anything the application put there since keeps it.
+async fn drop_if_empty(db: &Database, coll: &str) -> Result<(), ExecError> {
+    if !crate::mongo::collection_exists(db, coll).await.map_err(mongo("looking for the collection"))? {
+        return Ok(());
+    }
+    let c = db.collection::<bson::Document>(coll);
+    let empty = c.find_one(bson::doc! {}).await.map_err(mongo("looking into the collection"))?.is_none();
+    let indexes = crate::mongo::list_indexes(db, coll).await.map_err(mongo("listing indexes"))?;
+    if empty && indexes.iter().all(|i| i.get_str("name") == Ok("_id_")) {
+        c.drop().await.map_err(mongo("dropping the collection the step created"))?;
+    }
+    Ok(())
 }

@@ -268,7 +268,7 @@ struct Locked<'a> {
 
 impl<'a> Locked<'a> {
     async fn new(db: &'a Database, tenant: &'a str, opts: &'a RunOptions, lease: &Lease) -> Locked<'a> {
-        let guard = Guard::new(Some(lease.valid()), opts.stop.clone());
+        let guard = Guard::new(Some(lease), opts.stop.clone());
         Locked { db, tenant, opts, guard, server: Server::detect(db).await }
     }
 

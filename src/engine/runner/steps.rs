@@ -121,7 +121,7 @@ impl Locked<'_> {
             }
         }
         self.save(record, "recording the steps before they run").await?;
-        let mut session = self.db.client().start_session().await.map_err(mongo("starting a session"))?;
+        let mut session = self.guard.session(self.db).await.map_err(RunError::Exec)?;
         session.start_transaction().await.map_err(mongo("starting a transaction"))?;
         for (i, (key, p)) in prepared.iter().enumerate() {
             let t = Instant::now();
