@@ -1,0 +1,304 @@
+//! Stopped runners and runners side by side, with the real binary:
+//! - SIGKILL at random moments across a multi-step migration (the CLI's `up`, and `dbshift run`
+//!   as a Job runs it); after each, the next run leaves the tenant exactly after (`up`) or
+//!   exactly before (`down --to 0`), each migration applied at most once;
+//! - SIGTERM: the runner stops at the next safe point, undoes, records and exits;
+//! - two runners sharing hostname and PID (separate PID and UTS namespaces, as two
+//!   hostNetwork pods on one node) and two `dbshift up` started at once: both succeed, every
+//!   migration lands once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::Database;
+
+use common::*;
+
+const PREFS: &str = "up:\n  - addField: { collection: c, field: prefs, value: { news: false } }\n  - createIndex: { collection: c, keys: { code: 1 }, name: by_code }\n";
+const SPLIT: &str = r#"up:
+  - transform:
+      collection: c
+      batchSize: 250
+      script: |
+        (d) => { const [f, ...r] = d.name.split(' '); d.first = f; d.last = r.join(' '); delete d.name; return d; }
+"#;
+const CLEANUP: &str = "up:\n  - removeField: { collection: c, field: legacy }\n  - updateMany: { collection: c, filter: {}, update: { $inc: { v: 1 } } }\n  - insertDocuments: { collection: settings, documents: [ { _id: cfg, on: true } ] }\n";
+const FILES: &[(&str, &str)] = &[
+    ("20250101000000_prefs.yaml", PREFS),
+    ("20250102000000_split.yaml", SPLIT),
+    ("20250103000000_cleanup.yaml", CLEANUP),
+];
+
+const DOCS: i32 = 400;
+
+async fn seed(db: &Database, n: i32) {
+    let docs: Vec<Document> = (0..n)
+        .map(|i| doc! {"_id": i, "name": format!("Ada{i} Lovelace{i}"), "legacy": {"x": i}, "code": format!("c{i}"), "v": 0})
+        .collect();
+    db.collection::<Document>("c").insert_many(docs).await.unwrap();
+}
+
+/// Where two states differ, briefly.
+fn diff(a: &State, b: &State) -> String {
+    let mut out = Vec::new();
+    let names = |s: &State| s.iter().map(|(n, _, i)| format!("{n} {i:?}")).collect::<Vec<_>>();
+    if names(a) != names(b) {
+        out.push(format!("collections/indexes {:?} vs {:?}", names(a), names(b)));
+    }
+    for ((n, da, _), (_, db, _)) in a.iter().zip(b) {
+        if da.len() != db.len() {
+            out.push(format!("{n}: {} vs {} documents", da.len(), db.len()));
+        }
+        if let Some((x, y)) = da.iter().zip(db).find(|(x, y)| x != y) {
+            out.push(format!("{n}: first difference {x:?} vs {y:?}"));
+        }
+    }
+    out.join("; ")
+}
+
+/// Every user collection's documents (as field -> value maps: a field a rollback puts back
+/// may come back at another position) and index names.
+type State = Vec<(String, Vec<BTreeMap<String, Bson>>, Vec<String>)>;
+
+async fn state(db: &Database) -> State {
+    dump_db(db)
+        .await
+        .into_iter()
+        .map(|(n, docs, idx)| {
+            (n, docs.iter().map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).collect(), idx)
+        })
+        .collect()
+}
+
+async fn records(db: &Database) -> Vec<Document> {
+    db.collection::<Document>("_dbshift_migrations").find(doc! {}).await.unwrap().try_collect().await.unwrap()
+}
+
+fn dbshift(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dbshift"));
+    c.args(args).env_remove("DBSHIFT_MONGODB_URI").env_remove("DBSHIFT_TENANT").env("DBSHIFT_LOG", "warn");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// The runner to kill: `up` from the CLI, or `dbshift run` as a Job runs it.
+fn runner(as_job: bool, dir: &str, tenant: &str, result: &str) -> Child {
+    let uri = uri();
+    if as_job {
+        let envs = [
+            ("DBSHIFT_MONGODB_URI", uri.as_str()),
+            ("DBSHIFT_TENANT", tenant),
+            ("DBSHIFT_DIR", dir),
+            ("DBSHIFT_RUN_ID", "job-run"),
+            ("DBSHIFT_RESULT_FILE", result),
+        ];
+        dbshift(&["run", "--lock-ttl", "3"], &envs).spawn().unwrap()
+    } else {
+        dbshift(&["up", "--lock-ttl", "3", "--dir", dir, "--tenant", tenant], &[("DBSHIFT_MONGODB_URI", uri.as_str())])
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Run to the end (at most two minutes: a run that does not finish is a failure, with what
+/// it printed).
+fn finish(args: &[&str]) -> std::process::Output {
+    let uri = uri();
+    let child = dbshift(args, &[("DBSHIFT_MONGODB_URI", uri.as_str()), ("DBSHIFT_LOG", "info")]).spawn().unwrap();
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let o = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(o) => o,
+        Err(_) => {
+            Command::new("kill").args(["-9", &pid]).status().unwrap();
+            let o = rx.recv().unwrap();
+            panic!("{args:?} did not finish in 2 minutes: {}", text(&o));
+        }
+    };
+    assert!(o.status.success(), "{args:?}: {}", text(&o));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_at_random_moments_the_next_run_leaves_it_exactly_before_or_after() {
+    let dir = migrations(FILES);
+    let d = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let result = out.path().join("result.json");
+    let client = client().await;
+
+    // What "before" and "after" are, and how long a whole run takes.
+    let reference = client.database(&unique("kill_ref"));
+    seed(&reference, DOCS).await;
+    let before = state(&reference).await;
+    let t0 = Instant::now();
+    finish(&["up", "--dir", d, "--tenant", reference.name()]);
+    let full = t0.elapsed();
+    let after = state(&reference).await;
+    assert_ne!(before, after);
+
+    let mut found_interrupted = 0;
+    let rounds = 20;
+    for round in 0..rounds {
+        let db = client.database(&unique("kill"));
+        seed(&db, DOCS).await;
+        let as_job = round % 2 == 1;
+        let mut child = runner(as_job, d, db.name(), result.to_str().unwrap());
+        // Anywhere from before it starts to just after it would have finished.
+        let at = Duration::from_millis(rand::random::<u64>() % (full.as_millis() as u64 + 300));
+        tokio::time::sleep(at).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if records(&db).await.iter().any(|r| matches!(r.get_str("state"), Ok("applying" | "rolling_back"))) {
+            found_interrupted += 1;
+        }
+        // The next run waits for the dead runner's lock, undoes what it left, then goes on.
+        let wait = ["--lock-wait", "60s"];
+        let expect_after = round % 4 < 2;
+        if expect_after {
+            finish(&["up", "--dir", d, "--tenant", db.name(), wait[0], wait[1]]);
+            let now = state(&db).await;
+            assert!(
+                now == after,
+                "round {round} (killed after {at:?}, as a Job: {as_job}): not exactly after: {}",
+                diff(&now, &after)
+            );
+            let recs = records(&db).await;
+            assert_eq!(recs.len(), 3, "round {round}: {recs:?}");
+            assert!(recs.iter().all(|r| r.get_str("state") == Ok("applied")), "round {round}: {recs:?}");
+        } else {
+            finish(&["down", "--to", "0", "--dir", d, "--tenant", db.name(), wait[0], wait[1]]);
+            let now = state(&db).await;
+            assert!(
+                now == before,
+                "round {round} (killed after {at:?}, as a Job: {as_job}): not exactly before: {}",
+                diff(&now, &before)
+            );
+            let recs = records(&db).await;
+            assert!(
+                recs.iter().all(|r| matches!(r.get_str("state"), Ok("rolled_back" | "failed"))),
+                "round {round}: {recs:?}"
+            );
+        }
+        let names = db.list_collection_names().await.unwrap();
+        assert!(!names.iter().any(|n| n.contains("scratch")), "round {round}: scratch left: {names:?}");
+        db.drop().await.unwrap();
+        eprintln!(
+            "round {round}: killed after {at:?} (as a Job: {as_job}), then {}",
+            if expect_after { "up" } else { "down" }
+        );
+    }
+    eprintln!("{rounds} runners killed (a run takes {full:?}); {found_interrupted} left interrupted work, undone by the next run");
+    assert!(found_interrupted >= 3, "too few kills landed in the middle of a migration ({found_interrupted})");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_at_a_safe_point_and_undoes_the_migration_in_progress() {
+    let dir = migrations(&[("20250102000000_split.yaml", SPLIT)]);
+    let d = dir.path().to_str().unwrap();
+    let db = fresh_db("sigterm").await;
+    // Enough batches (250 documents each) that the signal lands in the middle.
+    seed(&db, 5000).await;
+    let before = state(&db).await;
+    let uri = uri();
+    let mut child =
+        dbshift(&["up", "--dir", d, "--tenant", db.name()], &[("DBSHIFT_MONGODB_URI", uri.as_str())]).spawn().unwrap();
+    // Once the migration is under way (its first batch stored)...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let names = db.list_collection_names().await.unwrap();
+        if names.iter().any(|n| n.starts_with("_dbshift_rb_")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    let stopped_in = signalled.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(state(&db).await, before, "not undone: {stderr}");
+    let recs = records(&db).await;
+    assert_eq!(recs[0].get_str("state"), Ok("failed"));
+    assert!(recs[0].get_str("error").unwrap().contains("SIGTERM"), "{:?}", recs[0]);
+    let locks = db.collection::<Document>("_dbshift_lock").count_documents(doc! {}).await.unwrap();
+    assert_eq!(locks, 0, "the lock was released");
+    eprintln!("stopped, undone and recorded {stopped_in:?} after SIGTERM");
+}
+
+/// Inside new PID and UTS namespaces with the same hostname: both runners are PID 1 on host
+/// `node-1`, as two hostNetwork pods on one node.
+fn in_namespaces(dir: &str, tenant: &str) -> Child {
+    let uri = uri();
+    let exe = env!("CARGO_BIN_EXE_dbshift");
+    let script = format!("hostname node-1 && echo pid $$ && exec {exe} up --dir {dir} --tenant {tenant}");
+    Command::new("unshare")
+        .args(["--pid", "--uts", "--fork", "--kill-child", "sh", "-c", &script])
+        .env("DBSHIFT_MONGODB_URI", uri)
+        .env("DBSHIFT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux) runs")
+}
+
+async fn both_succeed_and_each_migration_lands_once(children: Vec<Child>, db: &Database) -> Vec<String> {
+    let mut outs = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        outs.push(text(&o));
+    }
+    let recs = records(db).await;
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    assert!(recs.iter().all(|r| r.get_str("state") == Ok("applied")), "{recs:?}");
+    let docs = dump(db, "c").await;
+    assert!(
+        docs.iter().all(|d| d.get_i32("v") == Ok(1)),
+        "a migration applied twice: {:?}",
+        docs.iter().find(|d| d.get_i32("v") != Ok(1))
+    );
+    outs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_runners_with_the_same_hostname_and_pid_never_hold_the_lock_together() {
+    if !Command::new("unshare").args(["--pid", "--uts", "--fork", "true"]).status().is_ok_and(|s| s.success()) {
+        panic!("unshare --pid --uts needs root (tests/run.sh runs as root)");
+    }
+    let dir = migrations(FILES);
+    let db = fresh_db("same_pid").await;
+    seed(&db, DOCS).await;
+    let d = dir.path().to_str().unwrap().to_string();
+    let children = vec![in_namespaces(&d, db.name()), in_namespaces(&d, db.name())];
+    let outs = both_succeed_and_each_migration_lands_once(children, &db).await;
+    for o in &outs {
+        assert!(o.starts_with("pid 1\n"), "not PID 1 in its namespace: {o}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_cli_runs_started_at_once_both_succeed() {
+    let dir = migrations(FILES);
+    let db = fresh_db("two_ci").await;
+    seed(&db, DOCS).await;
+    let d = dir.path().to_str().unwrap();
+    let uri = uri();
+    let start = || {
+        dbshift(&["up", "--dir", d, "--tenant", db.name()], &[("DBSHIFT_MONGODB_URI", uri.as_str())]).spawn().unwrap()
+    };
+    let children = vec![start(), start()];
+    both_succeed_and_each_migration_lands_once(children, &db).await;
+}
