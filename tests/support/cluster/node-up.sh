@@ -16,7 +16,8 @@
 # Environment: K8S_READY_TIMEOUT (default 90 s), DBSHIFT_BRIDGE (cni0), DBSHIFT_NODE_CIDR (10.88.0.1/16).
 #
 # What the node changes outside DIR, all undone by down.sh DIR:
-#   the bridge (ip link), /run/dbshift-test-node.lock, /var/log/pods, /var/log/containers,
+#   the bridge (ip link), the route `unreachable <pod network> metric 4242` (which keeps packets for
+#   pods on this machine once the bridge is gone), /run/dbshift-test-node.lock, /var/log/pods, /var/log/containers,
 #   /var/lib/kubelet/device-plugins, /var/lib/cni/results, /run/containerd/{s,fifo}, the cgroup
 #   parent /sys/fs/cgroup/*/k8s.io, and the kernel
 #   tunables the kubelet insists on (vm.overcommit_memory=1, vm.panic_on_oom=0, kernel.panic=10,
@@ -38,6 +39,7 @@ N=$DIR/node
 PKI=$DIR/pki
 CONTAINERD_SOCK=$N/containerd.sock
 KUBELET_PORT=10250
+GUARD_METRIC=4242   # of the route `unreachable <pod network>` (the bridge's own route has metric 0)
 
 log() { echo "[k8s-node] $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -77,8 +79,14 @@ if [[ -f $LOCK && $(cat "$LOCK") != "$DIR" ]]; then
   done
   log "stale node lock from $other (its processes are gone): cleaning up after it"
   "$HERE/down.sh" --node-only "$other" >&2 || true
-  # Its bridge, if its directory (and so its facts) is gone.
-  if [[ -f $LOCK ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+  # Its bridge, if its directory (and so its facts) is gone, and nothing uses its address any more
+  # (without the address, packets to it would leave by the default route).
+  if [[ -f $LOCK ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then
+    busy=$(ss -Htanp "( src $NODE_IP )" 2>/dev/null | awk '$1 != "TIME-WAIT" && /users:/')
+    [[ -z $busy ]] || die "the stale bridge $BRIDGE is still in use on $NODE_IP: $busy"
+    ip route replace unreachable "$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")" metric "$GUARD_METRIC"
+    ip link del "$BRIDGE"
+  fi
 fi
 echo "$DIR" > "$LOCK"
 echo "LOCK=$LOCK" >> "$N/facts"
@@ -93,12 +101,20 @@ for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops 
 done
 
 # --- bridge: the node's address; pods get 10.88.x.y on it and reach nothing beyond -----------------
+subnet=$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")
+# First a guard: packets for the pod network never leave by the default route, also once the bridge
+# is gone and a connection to a pod that was there still retransmits (down.sh removes it last).
+ip route replace unreachable "$subnet" metric "$GUARD_METRIC"
+printf 'SUBNET=%s\nGUARD_METRIC=%s\n' "$subnet" "$GUARD_METRIC" >> "$N/facts"
 log "bridge $BRIDGE $NODE_CIDR"
-ip link add "$BRIDGE" type bridge
+# A fixed MAC address: a bridge without one takes the lowest of its ports' (the pods' veths), so it
+# changes when such a pod goes, and the running pods' ARP entries for the node's address then point
+# nowhere: their connections to MongoDB or the API server on it stall until the entries expire.
+BRIDGE_MAC=$(printf '02:db:%02x:%02x:%02x:%02x' ${NODE_IP//./ })
+ip link add "$BRIDGE" address "$BRIDGE_MAC" type bridge
 echo "BRIDGE=$BRIDGE" >> "$N/facts"
 ip addr add "$NODE_CIDR" dev "$BRIDGE"
 ip link set "$BRIDGE" up
-subnet=$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")
 cat > "$N/cni/net.d/10-dbshift.conflist" <<CNI
 {
   "cniVersion": "0.4.0",
