@@ -2,11 +2,14 @@
 //! running each tenant's Job in a container (containerd + runc) from the dbshift image, against
 //! a real MongoDB wire server. tests/run.sh brings all of it up and sets:
 //! - `DBSHIFT_TEST_KUBECONFIG`: the cluster;
-//! - `DBSHIFT_TEST_MONGODB_URI`: a server the Job pods reach (host network, 127.0.0.1);
+//! - `DBSHIFT_TEST_MONGODB_URI`: a server the Job pods reach from the pod network (on the node's
+//!   bridge address; no hostNetwork);
 //! - `DBSHIFT_TEST_RUNNER_IMAGE`: the dbshift image imported into the node.
 //!
 //! Each test works in a namespace and tenant databases of its own, with its own controller
-//! process (`dbshift controller --namespace ...`, run from the test binary's build).
+//! process (`dbshift controller --namespace ...`, run from the test binary's build). Every
+//! namespace enforces the `restricted` Pod Security Standard, so on servers with Pod Security
+//! admission (1.23+) the Jobs are admitted only if they meet it (1.20 ignores the label).
 
 #![allow(clippy::needless_range_loop)] // tenants are numbered; indexing by number reads best
 
@@ -94,7 +97,10 @@ impl Env {
         ensure_crd(&client).await;
         let ns = format!("t-{name}-{:06x}", rand::random::<u32>() & 0xffffff);
         let nss: Api<Namespace> = Api::all(client.clone());
-        let n: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } })).unwrap();
+        let n: Namespace = serde_json::from_value(serde_json::json!({ "metadata": {
+            "name": ns, "labels": { "pod-security.kubernetes.io/enforce": "restricted" }
+        } }))
+        .unwrap();
         nss.create(&PostParams::default(), &n).await.expect("namespace");
         let env = Env {
             client,
@@ -220,7 +226,7 @@ spec:
   connection: {{ secretRef: {{ name: mongo }} }}
   tenants: {{ pattern: "^{}_t" }}
   migrations: {{ configMapRef: {{ name: migrations }} }}
-  jobTemplate: {{ hostNetwork: true, imagePullPolicy: Never }}
+  jobTemplate: {{ imagePullPolicy: Never }}
 {extra}
 "#,
             self.prefix
@@ -699,7 +705,7 @@ spec:
   tenants: {{ pattern: "^{prefix}_t" }}
   migrations: {{ configMapRef: {{ name: {prefix}-migrations }} }}
   rollout: {{ maxParallel: 2 }}
-  jobTemplate: {{ hostNetwork: true, imagePullPolicy: Never }}
+  jobTemplate: {{ imagePullPolicy: Never }}
 "#
     ))
     .unwrap();

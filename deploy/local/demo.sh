@@ -6,9 +6,14 @@
 #
 #   sudo deploy/local/demo.sh          # from the repository root; needs root, cargo, python3
 #   deploy/local/demo.sh --keep        # leave the cluster running (prints how to reach it)
+#   DBSHIFT_K8S_BIN=DIR deploy/local/demo.sh   # on other Kubernetes binaries, e.g. v1.32.6 from
+#                                      # $(tests/support/cluster/shared-k8s.sh)
 #
 # The first run installs packages (apt, PyPI) and builds Kubernetes 1.20.2 from Debian's source
 # package (about 12 minutes, cached under ~/.cache/dbshift); later runs take about a minute.
+# The operator and the Jobs run in namespaces that enforce the `restricted` Pod Security
+# Standard (enforced on Kubernetes 1.23+), on the pod network: MongoDB and the API server
+# listen on the node's bridge address (10.88.0.1), which pods reach without hostNetwork.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,9 +25,13 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 
 step "Installing what the demo needs (cached after the first run)"
-tests/support/cluster/install.sh all
+if [[ -n ${DBSHIFT_K8S_BIN:-} ]]; then
+  tests/support/cluster/install.sh node
+else
+  tests/support/cluster/install.sh all
+  tests/support/cluster/build.sh >/dev/null
+fi
 tests/support/secantus.sh install >/dev/null
-tests/support/cluster/build.sh >/dev/null
 py=$(tests/support/chart-venv.sh)
 
 step "Building dbshift (release) and its container image (no Docker needed)"
@@ -40,19 +49,21 @@ cleanup() {
 if (( keep )); then trap 'echo "kept: KUBECONFIG=$work/k8s/kubeconfig; stop with tests/support/cluster/down.sh $work/k8s"' EXIT
 else trap cleanup EXIT; fi
 
-step "Starting a MongoDB wire server (SecantusDB, 127.0.0.1) and a Kubernetes cluster with one node"
-uri=$(tests/support/secantus.sh start "$work/mongo.pid")
-echo "MongoDB at $uri"
+step "Starting a Kubernetes cluster with one node and a MongoDB wire server (SecantusDB) on its bridge"
 tests/support/cluster/up.sh "$work/k8s" >/dev/null
 . "$work/k8s/env"
 export KUBECONFIG
+echo "Kubernetes $K8S_VERSION"
+uri=$(tests/support/secantus.sh start "$work/mongo.pid" "$NODE_IP")
+echo "MongoDB at $uri"
 tests/support/cluster/load-image.sh "$work/k8s" "$image_tar" >/dev/null
 show kubectl get nodes
 
 step "Installing the operator from charts/dbshift"
-# This cluster has no kube-proxy: the controller uses the node's network to reach the API server.
-values=$(printf '{"image":{"tag":"%s","pullPolicy":"Never"},"hostNetwork":true,"extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"127.0.0.1"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$version" "$APISERVER_PORT")
-"$py" deploy/local/render_chart.py dbshift dbshift-system "$values" | kubectl apply --server-side -f - >/dev/null
+# This cluster has no kube-proxy: the controller is told where the API server listens.
+values=$(printf '{"image":{"tag":"%s","pullPolicy":"Never"},"extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"%s"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$version" "$APISERVER_HOST" "$APISERVER_PORT")
+"$py" deploy/local/render_chart.py --label pod-security.kubernetes.io/enforce=restricted dbshift dbshift-system "$values" \
+  | kubectl apply --server-side -f - >/dev/null
 show kubectl -n dbshift-system rollout status deployment/dbshift --timeout=120s
 
 step "Seeding tenant databases"
@@ -64,12 +75,11 @@ step "Applying the migration: the Secret, the migration files, the DatabaseMigra
 kubectl apply -f deploy/examples/namespace.yaml >/dev/null
 kubectl -n shop create secret generic shop-mongo --from-literal=uri="$uri" >/dev/null
 kubectl apply -f deploy/examples/shop-migrations.configmap.yaml >/dev/null
-# The example as published, plus what this cluster needs: pods on the node's network (MongoDB
-# listens on 127.0.0.1) and the locally imported image.
+# The example as published, plus what this cluster needs: the locally imported image.
 "$py" - <<'PY' | kubectl apply -f -
 import yaml
 d = yaml.safe_load(open("deploy/examples/canary-rollout.yaml"))
-d["spec"]["jobTemplate"].update({"hostNetwork": True, "imagePullPolicy": "Never"})
+d["spec"].setdefault("jobTemplate", {})["imagePullPolicy"] = "Never"
 d["spec"]["rollout"]["maxParallel"] = 2
 print(yaml.safe_dump(d))
 PY

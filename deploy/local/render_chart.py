@@ -1,8 +1,10 @@
 """Render charts/dbshift offline (helm-python-sdk) and print the manifests, a Namespace first,
 in Helm's install order, ready for `kubectl apply --server-side -f -`.
 
-    python deploy/local/render_chart.py RELEASE NAMESPACE [VALUES_JSON]
+    python deploy/local/render_chart.py [--label KEY=VALUE]... RELEASE NAMESPACE [VALUES_JSON]
 
+--label puts a label on the Namespace, e.g. pod-security.kubernetes.io/enforce=restricted (the
+controller with the chart's defaults meets the `restricted` Pod Security Standard).
 Used by deploy/local/demo.sh and tests/run.sh (there is no helm binary on these machines; the
 chart is the same one `helm install` would use).
 """
@@ -11,17 +13,30 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "manifests"))
 import render  # noqa: E402  (deploy/manifests/render.py: the one renderer)
 
 
 def main() -> None:
-    if len(sys.argv) not in (3, 4):
+    args = sys.argv[1:]
+    labels = {}
+    while args and args[0] == "--label":
+        if len(args) < 2 or "=" not in args[1]:
+            sys.exit(__doc__)
+        key, value = args[1].split("=", 1)
+        labels[key] = value
+        args = args[2:]
+    if len(args) not in (2, 3):
         sys.exit(__doc__)
-    release, namespace = sys.argv[1], sys.argv[2]
-    values = json.loads(sys.argv[3]) if len(sys.argv) == 4 else None
+    release, namespace = args[0], args[1]
+    values = json.loads(args[2]) if len(args) == 3 else None
     docs = render.documents(render.render_chart(values, name=release, namespace=namespace))
-    ns = f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}"
+    meta = {"name": namespace}
+    if labels:
+        meta["labels"] = labels
+    ns = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}, sort_keys=False).rstrip()
     print("---\n" + "\n---\n".join([ns] + [text for _, text, _ in docs]))
 
 

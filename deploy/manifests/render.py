@@ -99,7 +99,9 @@ def plain_manifests() -> str:
         "metadata:\n"
         f"  name: {NAMESPACE}\n"
         "  labels:\n"
-        "    app.kubernetes.io/part-of: dbshift"
+        "    app.kubernetes.io/part-of: dbshift\n"
+        "    # The controller meets the `restricted` Pod Security Standard (docs/operator.md).\n"
+        "    pod-security.kubernetes.io/enforce: restricted"
     )
     body = [namespace] + [text for _, text, _ in documents(render_chart(PLAIN_VALUES))]
     return header + "---\n" + "\n---\n".join(body) + "\n"

@@ -7,8 +7,9 @@
 #   DBSHIFT_TEST_KUBECONFIG=DIR/kubeconfig tests/chart/run.sh
 #                                         # also apply everything to that cluster (it starts no
 #                                         # pod and removes only what it created)
-#   tests/chart/run.sh --cluster          # start a Kubernetes 1.20.2 control plane (no node) for
-#                                         # the run (tests/support/cluster/up.sh), stop it after
+#   tests/chart/run.sh --cluster          # start a Kubernetes control plane (no node) for the run
+#                                         # (tests/support/cluster/up.sh: 1.20.2, or the binaries
+#                                         # DBSHIFT_K8S_BIN names), stop it after
 # Extra arguments go to pytest (e.g. -k lua). KUBECTL picks the kubectl binary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -9,7 +9,10 @@ ever started. It:
   two-replica hostNetwork release, and applies them with server-side apply;
 - applies every file of deploy/examples and checks the API server kept them, with the CRD's
   defaults filled in, and refuses an invalid DatabaseMigration;
-- asks the API server what each ServiceAccount may do (`kubectl auth can-i --as=...`).
+- asks the API server what each ServiceAccount may do (`kubectl auth can-i --as=...`);
+- creates each Deployment's pod as a server dry run in its namespace, where Pod Security
+  admission (Kubernetes 1.23+) enforces the level the namespace is labelled with: `restricted`
+  everywhere but the hostNetwork release's namespace, which needs `privileged`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ RELEASES = {
                                   "extraEnv": [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                                                {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]}),
 }
+# The Pod Security level each namespace enforces: dbshift-system (deploy/manifests) and shop
+# (deploy/examples/namespace.yaml) carry their labels themselves. hostNetwork needs `privileged`
+# (even `baseline` forbids host namespaces).
+POD_SECURITY = {"dbshift-system": "restricted", "shop": "restricted", "dbshift-shop": "restricted",
+                "dbshift-ha": "privileged"}
+POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
 
 
 def kubectl_bin() -> str:
@@ -135,6 +144,7 @@ def cluster():
     rendered = {}
     for release, (namespace, values) in RELEASES.items():
         kubectl("create", "namespace", namespace, check=False)
+        kubectl("label", "--overwrite", "namespace", namespace, f"{POD_SECURITY_LABEL}={POD_SECURITY[namespace]}")
         out = render.render_chart(values, name=release, namespace=namespace,
                                   kube_version=version, api_versions=groups)
         rendered[release] = out
@@ -282,3 +292,41 @@ def test_default_roles_aggregate(cluster):
     assert not can_i("dbshift-test-viewer", "create", "databasemigrations.dbshift.io", "shop")
     assert can_i("dbshift-test-editor", "create", "databasemigrations.dbshift.io", "shop")
     assert not can_i("dbshift-test-editor", "list", "databasemigrations.dbshift.io", "default")
+
+
+def pod_security_admission(version: str) -> bool:
+    """Whether the server enforces Pod Security labels (beta and on by default since 1.23)."""
+    major, minor = (int(x) for x in version.lstrip("v").split(".")[:2])
+    return (major, minor) >= (1, 23)
+
+
+def pod_of(deployment: dict, namespace: str | None = None) -> dict:
+    """The Pod a Deployment's ReplicaSet would create from its template."""
+    template = deployment["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": deployment["metadata"]["name"] + "-pod-security",
+                         "namespace": namespace or deployment["metadata"]["namespace"],
+                         "labels": template["metadata"].get("labels", {})},
+            "spec": template["spec"]}
+
+
+def create_dry_run(obj: dict) -> subprocess.CompletedProcess:
+    return kubectl("create", "--dry-run=server", "-o", "name", "-f", "-", input=json.dumps(obj), check=False)
+
+
+def test_pods_meet_their_namespaces_pod_security(cluster):
+    for ns, level in POD_SECURITY.items():
+        assert get("namespace", ns)["metadata"]["labels"].get(POD_SECURITY_LABEL) == level, ns
+    deployments = {name: obj for (kind, name), obj in cluster["answered"].items() if kind == "Deployment"}
+    assert {"dbshift", "dbshift-shop", "dbshift-ha", "shop-web"} <= set(deployments)
+    for name, deployment in deployments.items():
+        proc = create_dry_run(pod_of(deployment))
+        assert proc.returncode == 0, f"the pod of {name} is refused in its namespace:\n{proc.stderr}"
+    # The hostNetwork controller in a `restricted` namespace (with that namespace's account).
+    pod = pod_of(deployments["dbshift-ha"], namespace="dbshift-system")
+    pod["spec"]["serviceAccountName"] = deployments["dbshift"]["spec"]["template"]["spec"]["serviceAccountName"]
+    proc = create_dry_run(pod)
+    if pod_security_admission(cluster["version"]):
+        assert proc.returncode != 0 and "hostNetwork" in proc.stderr, proc.stderr or proc.stdout
+    else:  # no Pod Security admission (1.20): the labels are inert
+        assert proc.returncode == 0, proc.stderr

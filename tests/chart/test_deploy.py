@@ -40,7 +40,9 @@ def test_generated_files_are_current():
 def test_plain_manifests_are_the_chart_defaults_in_dbshift_system():
     objs = yaml_docs(render.MANIFESTS)
     assert objs[0] == {"apiVersion": "v1", "kind": "Namespace",
-                       "metadata": {"name": "dbshift-system", "labels": {"app.kubernetes.io/part-of": "dbshift"}}}
+                       "metadata": {"name": "dbshift-system",
+                                    "labels": {"app.kubernetes.io/part-of": "dbshift",
+                                               "pod-security.kubernetes.io/enforce": "restricted"}}}
     kinds = [o["kind"] for o in objs]
     assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
     assert kinds.index("ServiceAccount") < kinds.index("Deployment")

@@ -6,6 +6,9 @@
 # on Debian bookworm.
 # Prints the bin directory on stdout; progress goes to stderr.
 #
+# Usage: build.sh            build (once) and print the bin directory
+#        build.sh --source   only fetch and unpack the source tree (once; what pause-image.sh needs
+#                            when the cluster runs on other binaries) and print its path
 # Environment: DBSHIFT_CACHE (default ~/.cache/dbshift), K8S_BUILD_NICE (default 10).
 set -euo pipefail
 
@@ -22,16 +25,28 @@ BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl"
 
 log() { echo "[k8s-build] $*" >&2; }
 
-if [[ -f $PREFIX/.complete ]]; then
+SOURCE_ONLY=0
+case ${1:-} in
+  --source) SOURCE_ONLY=1 ;;
+  '') ;;
+  *) echo "usage: build.sh [--source]" >&2; exit 2 ;;
+esac
+
+if (( SOURCE_ONLY )) && [[ -f $TREE/.dbshift-unpacked ]]; then
+  echo "$TREE"
+  exit 0
+fi
+if (( ! SOURCE_ONLY )) && [[ -f $PREFIX/.complete ]]; then
   echo "$BIN"
   exit 0
 fi
 
 # 1. Packages (and the deb-src entry `apt-get source` needs): shared with up.sh ----------------------
-"$(cd "$(dirname "$0")" && pwd)/install.sh" build
-
-GOVER=$(go env GOVERSION)
-log "using $GOVER"
+if (( SOURCE_ONLY )); then
+  "$(cd "$(dirname "$0")" && pwd)/install.sh" source
+else
+  "$(cd "$(dirname "$0")" && pwd)/install.sh" build
+fi
 
 # 2. Source ---------------------------------------------------------------------------------------
 mkdir -p "$SRC_PARENT"
@@ -43,6 +58,12 @@ if [[ ! -f $TREE/.dbshift-unpacked ]]; then
   [[ -d $TREE ]] || { log "expected $TREE after apt-get source"; exit 1; }
   touch "$TREE/.dbshift-unpacked"
 fi
+if (( SOURCE_ONLY )); then
+  echo "$TREE"
+  exit 0
+fi
+GOVER=$(go env GOVERSION)
+log "using $GOVER"
 
 # 3. reflect2 fix: vendored 1.0.1 faults under Go >= 1.18 (SIGSEGV in UnsafeMapType.UnsafeIterate
 #    on the first custom-resource create); swap in Debian's 1.0.2 source.

@@ -7,7 +7,11 @@
 #
 # Usage: down.sh [--keep] [--node-only] DIR
 #   --keep       stop everything but leave DIR (logs, certs) for inspection
-#   --node-only  stop and clean up the node only; leave the control plane running and DIR in place
+#   --node-only  stop and clean up the node only; leave DIR in place, and the control plane running
+#                unless its API server listens on the bridge address (up.sh with a node does that)
+# The node's network goes last, after every process of the cluster; the route `unreachable
+# <pod network>` that node-up.sh adds keeps packets for it on this machine until no connection is
+# left there (a FIN to a pod that is gone can be retransmitted for minutes).
 set -uo pipefail
 keep=0 node_only=0
 while [[ ${1:-} == --* ]]; do
@@ -116,7 +120,27 @@ node_down() {
   fi
   # The cgroup parent containerd made for pods (the kubelet runs with cgroupsPerQOS=false), if empty.
   for cg in /sys/fs/cgroup/*/k8s.io; do [[ -d $cg ]] && rmdir "$cg" 2>/dev/null; done
+}
+
+# Sockets (not TIME-WAIT) with an address in SUBNET; with `owned`, only those a process holds
+# (not the orphans the kernel still retransmits a FIN for).
+subnet_sockets() { # subnet [owned]
+  ss -Htanp "( dst $1 or src $1 )" 2>/dev/null | awk -v owned="${2:-}" '$1 != "TIME-WAIT" && (owned == "" || /users:/)'
+}
+
+# The machine-wide part of the node, once every process of the cluster stopped. Packets to the pod
+# network must never leave by the default route once the bridge is gone: node-up.sh adds the
+# route `unreachable SUBNET` (below the bridge's own); it goes last, when no socket is left there.
+node_net_down() {
+  local N=$DIR/node BRIDGE='' LOCK='' SUBNET='' GUARD_METRIC='' left=''
+  [[ -f $N/facts ]] || return 0
+  # shellcheck disable=SC1091
+  source "$N/facts"
   if [[ -n ${BRIDGE:-} ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then
+    if [[ -n $SUBNET ]]; then
+      left=$(subnet_sockets "$SUBNET" owned)
+      [[ -z $left ]] || log "processes still use the pod network $SUBNET (its packets stay on this machine):"$'\n'"$left"
+    fi
     ip link del "$BRIDGE" || log "could not delete $BRIDGE"
   fi
   # Kernel tunables the kubelet changed.
@@ -126,12 +150,23 @@ node_down() {
     done < "$N/sysctl.orig"
   fi
   [[ -n $LOCK && -f $LOCK && $(cat "$LOCK") == "$DIR" ]] && rm -f "$LOCK"
+  if [[ -n $SUBNET && -n $GUARD_METRIC ]]; then
+    for _ in $(seq 1 50); do
+      left=$(subnet_sockets "$SUBNET")
+      [[ -z $left ]] && break
+      sleep 0.1
+    done
+    if [[ -z $left ]]; then
+      ip route del unreachable "$SUBNET" metric "$GUARD_METRIC" 2>/dev/null
+    else
+      log "leaving the route 'unreachable $SUBNET' while connections there drain (harmless; the next up.sh and down.sh reuse and remove it):"$'\n'"$left"
+    fi
+  fi
   rm -f "$N/facts"
 }
 
-node_down
-if (( ! node_only )); then
-  others=()
+control_plane_down() {
+  local others=() f n
   for f in "$DIR"/pids/*.pid; do
     [[ -f $f ]] || continue
     n=$(basename "$f" .pid)
@@ -139,6 +174,24 @@ if (( ! node_only )); then
   done
   (( ${#others[@]} )) && stop "${others[@]}"   # the API server and its clients
   stop etcd                                     # etcd last
+}
+
+# The API server of a cluster with a node listens on the bridge address: it goes with the bridge.
+api_on_bridge() {
+  local host
+  host=$(sed -n 's/^APISERVER_HOST=//p' "$DIR/env" 2>/dev/null)
+  [[ -n $host && $host != 127.0.0.1 && -f $DIR/node/facts ]]
+}
+
+node_down
+if (( ! node_only )); then
+  control_plane_down
+elif api_on_bridge && compgen -G "$DIR/pids/*.pid" >/dev/null; then
+  log "the API server under $DIR listens on the node's bridge address: stopping the control plane too"
+  control_plane_down
+fi
+node_net_down
+if (( ! node_only )); then
   unmount_under "$DIR"
   (( keep )) || rm -rf "$DIR"
 fi

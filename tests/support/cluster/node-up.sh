@@ -5,20 +5,29 @@
 # (use `up.sh DIR`, not this, unless the control plane was started with --no-node); down.sh DIR
 # stops it and cleans up.
 #
-# Usage: node-up.sh DIR NODE_NAME
+# Usage: node-up.sh [--network-only] DIR NODE_NAME
+#   --network-only  only the machine-wide part: take the node lock, create the bridge and the CNI
+#                   configuration (up.sh does this before the API server, which then listens on
+#                   the bridge address); a later node-up.sh DIR NODE_NAME does the rest.
+# The kubelet's version is the control plane's (K8S_BIN, K8S_VERSION in DIR/env): 1.20-1.23 get
+# the flags they need (--container-runtime=remote, ...), newer ones a KubeletConfiguration that
+# holds the runtime endpoint, the pod log directory (under DIR/node) and failCgroupV1: false.
 # Needs root, cgroup v1 (cgroupfs driver) and overlayfs. Only one node per machine.
 # Environment: K8S_READY_TIMEOUT (default 90 s), DBSHIFT_BRIDGE (cni0), DBSHIFT_NODE_CIDR (10.88.0.1/16).
 #
 # What the node changes outside DIR, all undone by down.sh DIR:
-#   the bridge (ip link), /run/dbshift-test-node.lock, /var/log/pods, /var/log/containers,
+#   the bridge (ip link), the route `unreachable <pod network> metric 4242` (which keeps packets for
+#   pods on this machine once the bridge is gone), /run/dbshift-test-node.lock, /var/log/pods, /var/log/containers,
 #   /var/lib/kubelet/device-plugins, /var/lib/cni/results, /run/containerd/{s,fifo}, the cgroup
 #   parent /sys/fs/cgroup/*/k8s.io, and the kernel
 #   tunables the kubelet insists on (vm.overcommit_memory=1, vm.panic_on_oom=0, kernel.panic=10,
 #   kernel.panic_on_oops=1; their previous values are kept in DIR/node/sysctl.orig and restored).
 set -euo pipefail
 
-DIR=${1:?usage: node-up.sh DIR NODE_NAME}
-NODE_NAME=${2:?usage: node-up.sh DIR NODE_NAME}
+NETWORK_ONLY=0
+if [[ ${1:-} == --network-only ]]; then NETWORK_ONLY=1; shift; fi
+DIR=${1:?usage: node-up.sh [--network-only] DIR NODE_NAME}
+NODE_NAME=${2:?usage: node-up.sh [--network-only] DIR NODE_NAME}
 HERE=$(cd "$(dirname "$0")" && pwd)
 DIR=$(cd "$DIR" && pwd)
 READY_TIMEOUT=${K8S_READY_TIMEOUT:-90}
@@ -30,13 +39,16 @@ N=$DIR/node
 PKI=$DIR/pki
 CONTAINERD_SOCK=$N/containerd.sock
 KUBELET_PORT=10250
+GUARD_METRIC=4242   # of the route `unreachable <pod network>` (the bridge's own route has metric 0)
 
 log() { echo "[k8s-node] $*" >&2; }
 die() { log "$*"; exit 1; }
 
-[[ -f $DIR/env ]] || die "no $DIR/env: start the control plane with up.sh first"
-# shellcheck disable=SC1091
-source "$DIR/env"
+if (( ! NETWORK_ONLY )); then
+  [[ -f $DIR/env ]] || die "no $DIR/env: start the control plane with up.sh first"
+  # shellcheck disable=SC1091
+  source "$DIR/env"
+fi
 [[ $(id -u) -eq 0 ]] || die "the node needs root (containerd, runc, the bridge, mounts)"
 for c in containerd containerd-shim-runc-v2 runc ctr ip gcc python3; do
   command -v "$c" >/dev/null || die "$c not found: run $HERE/install.sh node"
@@ -45,6 +57,10 @@ done
   || die "CNI plugins not found in /usr/lib/cni: run $HERE/install.sh node"
 # A unix socket path must fit in sun_path (108 bytes); containerd also adds ".ttrpc".
 (( ${#CONTAINERD_SOCK} + 6 < 108 )) || die "DIR is too long for a unix socket path: $CONTAINERD_SOCK"
+
+# --- the machine-wide part (once per DIR; up.sh runs it first with --network-only) ----------------
+# NETWORK=1, the last line of DIR/node/facts, says it is done.
+if ! grep -qx NETWORK=1 "$N/facts" 2>/dev/null; then
 
 # down.sh DIR reads what to clean from DIR/node/facts, written as things are made.
 mkdir -p "$N"/{containerd/root,containerd/state,containerd/opt,runc,cni/net.d,cni/networks,kubelet/root,kubelet/volume-plugins}
@@ -63,8 +79,14 @@ if [[ -f $LOCK && $(cat "$LOCK") != "$DIR" ]]; then
   done
   log "stale node lock from $other (its processes are gone): cleaning up after it"
   "$HERE/down.sh" --node-only "$other" >&2 || true
-  # Its bridge, if its directory (and so its facts) is gone.
-  if [[ -f $LOCK ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+  # Its bridge, if its directory (and so its facts) is gone, and nothing uses its address any more
+  # (without the address, packets to it would leave by the default route).
+  if [[ -f $LOCK ]] && ip link show "$BRIDGE" >/dev/null 2>&1; then
+    busy=$(ss -Htanp "( src $NODE_IP )" 2>/dev/null | awk '$1 != "TIME-WAIT" && /users:/')
+    [[ -z $busy ]] || die "the stale bridge $BRIDGE is still in use on $NODE_IP: $busy"
+    ip route replace unreachable "$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")" metric "$GUARD_METRIC"
+    ip link del "$BRIDGE"
+  fi
 fi
 echo "$DIR" > "$LOCK"
 echo "LOCK=$LOCK" >> "$N/facts"
@@ -79,12 +101,20 @@ for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops 
 done
 
 # --- bridge: the node's address; pods get 10.88.x.y on it and reach nothing beyond -----------------
+subnet=$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")
+# First a guard: packets for the pod network never leave by the default route, also once the bridge
+# is gone and a connection to a pod that was there still retransmits (down.sh removes it last).
+ip route replace unreachable "$subnet" metric "$GUARD_METRIC"
+printf 'SUBNET=%s\nGUARD_METRIC=%s\n' "$subnet" "$GUARD_METRIC" >> "$N/facts"
 log "bridge $BRIDGE $NODE_CIDR"
-ip link add "$BRIDGE" type bridge
+# A fixed MAC address: a bridge without one takes the lowest of its ports' (the pods' veths), so it
+# changes when such a pod goes, and the running pods' ARP entries for the node's address then point
+# nowhere: their connections to MongoDB or the API server on it stall until the entries expire.
+BRIDGE_MAC=$(printf '02:db:%02x:%02x:%02x:%02x' ${NODE_IP//./ })
+ip link add "$BRIDGE" address "$BRIDGE_MAC" type bridge
 echo "BRIDGE=$BRIDGE" >> "$N/facts"
 ip addr add "$NODE_CIDR" dev "$BRIDGE"
 ip link set "$BRIDGE" up
-subnet=$(python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.argv[1]).network)" "$NODE_CIDR")
 cat > "$N/cni/net.d/10-dbshift.conflist" <<CNI
 {
   "cniVersion": "0.4.0",
@@ -106,6 +136,9 @@ cat > "$N/cni/net.d/10-dbshift.conflist" <<CNI
   ]
 }
 CNI
+echo "NETWORK=1" >> "$N/facts"
+fi
+(( NETWORK_ONLY )) && exit 0
 
 # --- containerd ------------------------------------------------------------------------------------
 PAUSE_TAR=$("$HERE/pause-image.sh")
@@ -177,6 +210,8 @@ chmod 600 "$PKI/kubelet.key"
 # Pods resolve nothing: no cluster DNS, and the machine's resolvers are none of the pods' business.
 echo "nameserver 127.0.0.1" > "$N/resolv.conf"
 HEALTHZ_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+K8S_VERSION=${K8S_VERSION:-$("$K8S_BIN/kube-apiserver" --version | sed -nE 's/^Kubernetes v([0-9.]+).*/\1/p')}
+K8S_MINOR=$(cut -d. -f2 <<<"$K8S_VERSION")
 cat > "$N/kubelet/config.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -213,20 +248,36 @@ runtimeRequestTimeout: 5m
 # Ready sooner after registration (default 10s); status is still only posted when it changes.
 nodeStatusUpdateFrequency: 2s
 YAML
+if (( K8S_MINOR >= 27 )); then
+  # Current kubelets (tested: 1.32) take these from the file (the flags are gone or deprecated):
+  # the runtime endpoint (remote is the only runtime), the pod logs under DIR (no flag; the default
+  # is /var/log/pods), and cgroup v1 allowed (1.31+ refuses it by default; this host has no v2).
+  mkdir -p "$N/pod-logs"
+  cat >> "$N/kubelet/config.yaml" <<YAML
+containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+imageServiceEndpoint: unix://$CONTAINERD_SOCK
+volumePluginDir: $N/kubelet/volume-plugins
+podLogsDir: $N/pod-logs
+failCgroupV1: false
+YAML
+  OLD_FLAGS=()
+else
+  OLD_FLAGS=(--container-runtime=remote
+    --container-runtime-endpoint="unix://$CONTAINERD_SOCK"
+    --image-service-endpoint="unix://$CONTAINERD_SOCK"
+    --volume-plugin-dir="$N/kubelet/volume-plugins")
+fi
 
-log "kubelet $NODE_NAME on $NODE_IP:$KUBELET_PORT"
+log "kubelet $K8S_VERSION $NODE_NAME on $NODE_IP:$KUBELET_PORT"
 start kubelet "$K8S_BIN/kubelet" \
   --config="$N/kubelet/config.yaml" \
   --kubeconfig="$DIR/kubelet.kubeconfig" \
   --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
-  --container-runtime=remote \
-  --container-runtime-endpoint="unix://$CONTAINERD_SOCK" \
-  --image-service-endpoint="unix://$CONTAINERD_SOCK" \
+  "${OLD_FLAGS[@]}" \
   --root-dir="$N/kubelet/root" \
-  --volume-plugin-dir="$N/kubelet/volume-plugins" \
   --v=1
 
-KUBECTL=("$K8S_BIN/kubectl" --kubeconfig "$DIR/kubeconfig")
+KUBECTL=("${KUBECTL:-$K8S_BIN/kubectl}" --kubeconfig "$DIR/kubeconfig")
 until [[ $("${KUBECTL[@]}" get node "$NODE_NAME" \
            -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]; do
   alive containerd

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pod sandbox ("pause") image for the test node without any registry: Kubernetes' own
-# build/pause/linux/pause.c from the 1.20.2 source tree build.sh unpacked, compiled with
+# build/pause/linux/pause.c from the 1.20.2 source tree build.sh unpacks, compiled with
 # `gcc -Os -static` (as its Makefile does) and wrapped by deploy/image/mkimage.py into a
 # docker-archive tarball named localhost/dbshift/pause:3.4 (containerd's sandbox_image in up.sh).
 # Cached in ~/.cache/dbshift/pause-3.4-k8s1.20.2/ (binary and tarball); a no-op once built.
@@ -24,7 +24,9 @@ log() { echo "[pause-image] $*" >&2; }
 if [[ ${1:-} == --ref ]]; then echo "$REF"; exit 0; fi
 if [[ -f $OUT/.complete ]]; then echo "$OUT/pause.tar"; exit 0; fi
 
-[[ -f $SRC ]] || { log "missing $SRC: run $HERE/build.sh first (it unpacks the Kubernetes source)"; exit 1; }
+# The source tree build.sh unpacks; only that part of it when the cluster runs other binaries.
+[[ -f $SRC ]] || "$HERE/build.sh" --source >/dev/null
+[[ -f $SRC ]] || { log "missing $SRC after build.sh --source"; exit 1; }
 mkdir -p "$OUT"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT

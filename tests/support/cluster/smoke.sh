@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# End-to-end proof that the node up.sh DIR started really runs dbshift: in a fresh namespace it
-#   1. runs the 1.20.2 kubectl in a hostNetwork pod (KUBERNETES_SERVICE_HOST=127.0.0.1) with its
-#      mounted service-account token and ca.crt: a token-authenticated, CA-verified request to the
-#      API server from inside a container, answered according to the account's RBAC;
+# End-to-end proof that the node up.sh DIR started really runs dbshift: in a fresh namespace that
+# enforces the `restricted` Pod Security Standard (on 1.23+; 1.20 ignores the label) it
+#   1. runs kubectl (the cluster's, $KUBECTL) in a pod on the pod network
+#      (KUBERNETES_SERVICE_HOST=$APISERVER_HOST, the bridge address the API server listens on) with
+#      its mounted service-account token and ca.crt: a token-authenticated, CA-verified request to
+#      the API server from inside a container, answered according to the account's RBAC;
 #   2. runs `dbshift run` as a Job for one tenant (image from deploy/image/build.sh, migration from a
 #      ConfigMap, URI from a Secret file, locked-down securityContext), checks the Job completes, the
 #      pod's termination message is dbshift's JSON result, and the tenant database really changed;
@@ -13,8 +15,8 @@
 # Usage: smoke.sh DIR [--image IMAGE.tar] [--uri MONGODB_URI] [--keep]
 #   --image  a dbshift image tarball (default: built by deploy/image/build.sh from
 #            target/release/dbshift, which must exist: cargo build --release --locked)
-#   --uri    a MongoDB server reachable on 127.0.0.1 (default: a SecantusDB started by
-#            tests/support/secantus.sh for the duration of the test)
+#   --uri    a MongoDB server on the node's bridge address, which pods reach (default: a
+#            SecantusDB started there by tests/support/secantus.sh for the duration of the test)
 #   --keep   leave the namespace (and its pods) for inspection
 # Prints one line per check on stdout (with timings); exits non-zero on the first failure, after
 # printing the failing pod's description and logs to stderr.
@@ -43,7 +45,8 @@ die() { log "FAILED: $*"; exit 1; }
 # shellcheck disable=SC1091
 source "$DIR/env"
 [[ -n ${NODE_NAME:-} ]] || die "the cluster under $DIR has no node (started with --no-node?)"
-K=("$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG")
+KUBECTL=${KUBECTL:-$K8S_BIN/kubectl}
+K=("$KUBECTL" --kubeconfig "$KUBECONFIG")
 NS=dbshift-smoke-$(date +%s)-$$
 work=$(mktemp -d)
 
@@ -74,15 +77,19 @@ if [[ -z $IMAGE_TAR ]]; then
   IMAGE_TAR=$("$ROOT/deploy/image/build.sh" -b "$bin" -t "dbshift:$version" -o "$work/dbshift.tar")
 fi
 IMAGE=$("$HERE/load-image.sh" "$DIR" "$IMAGE_TAR" | head -n1)
-KUBECTL_TAR=$("$HERE/busybox-image.sh" -t localhost/dbshift-test/kubectl:1.20.2 "$K8S_BIN/kubectl=/usr/local/bin/kubectl")
+# kubectl inside the image must be a static binary (the busybox image has no libc).
+KUBECTL_REAL=$(readlink -f "$KUBECTL")
+! ldd "$KUBECTL_REAL" >/dev/null 2>&1 || die "$KUBECTL_REAL is not statically linked: it cannot run in the busybox image"
+KUBECTL_VERSION=$("$KUBECTL" version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"].lstrip("v").split("-")[0])')
+KUBECTL_TAR=$("$HERE/busybox-image.sh" -t "localhost/dbshift-test/kubectl:$KUBECTL_VERSION" "$KUBECTL_REAL=/usr/local/bin/kubectl")
 KUBECTL_IMAGE=$("$HERE/load-image.sh" "$DIR" "$KUBECTL_TAR" | head -n1)
 log "images: $IMAGE, $KUBECTL_IMAGE"
 
 # --- MongoDB and tenant data -----------------------------------------------------------------------
 "$ROOT/tests/support/secantus.sh" install >/dev/null
 PY=$(dirname "$("$ROOT/tests/support/secantus.sh" bin)")/python   # its venv has pymongo
-if [[ -z $URI ]]; then URI=$("$ROOT/tests/support/secantus.sh" start "$work/mongo.pid"); fi
-case $URI in mongodb://127.0.0.1:*|mongodb://localhost:*) ;; *) die "the URI must point at 127.0.0.1" ;; esac
+if [[ -z $URI ]]; then URI=$("$ROOT/tests/support/secantus.sh" start "$work/mongo.pid" "$NODE_IP"); fi
+case $URI in "mongodb://$NODE_IP:"*) ;; *) die "the URI must point at the node's bridge address $NODE_IP (pods reach nothing else)" ;; esac
 OK_DB=smoke_ok_$$ FAIL_DB=smoke_fail_$$
 "$PY" - "$URI" "$OK_DB" "$FAIL_DB" <<'PY'
 import sys
@@ -95,6 +102,7 @@ c[fail_db].customers.insert_many([{"_id": 1, "email": "same@example.com"}, {"_id
 PY
 
 "${K[@]}" create namespace "$NS" >/dev/null
+"${K[@]}" label namespace "$NS" pod-security.kubernetes.io/enforce=restricted >/dev/null
 "${K[@]}" -n "$NS" create configmap migrations --from-file="$MIGRATION" >/dev/null
 "${K[@]}" -n "$NS" create secret generic mongodb --from-literal=uri="$URI" >/dev/null
 until "${K[@]}" -n "$NS" get serviceaccount default >/dev/null 2>&1; do sleep 0.2; done
@@ -115,7 +123,11 @@ json() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.
 "${K[@]}" -n "$NS" create serviceaccount smoke >/dev/null
 "${K[@]}" -n "$NS" create role pod-reader --verb=get,list --resource=pods >/dev/null
 "${K[@]}" -n "$NS" create rolebinding smoke-pod-reader --role=pod-reader --serviceaccount="$NS:smoke" >/dev/null
-until [[ -n $("${K[@]}" -n "$NS" get serviceaccount smoke -o 'jsonpath={.secrets[0].name}' 2>/dev/null) ]]; do sleep 0.2; done
+# 1.20 mounts the account's token Secret (made by the controller-manager; wait for it); 1.24+
+# mounts a projected token and makes no Secret.
+if (( $(cut -d. -f2 <<<"${K8S_VERSION:-1.20.2}") < 24 )); then
+  until [[ -n $("${K[@]}" -n "$NS" get serviceaccount smoke -o 'jsonpath={.secrets[0].name}' 2>/dev/null) ]]; do sleep 0.2; done
+fi
 t0=$(now)
 "${K[@]}" -n "$NS" apply -f - >/dev/null <<YAML
 apiVersion: v1
@@ -124,13 +136,13 @@ metadata: {name: api-from-pod}
 spec:
   serviceAccountName: smoke
   restartPolicy: Never
-  hostNetwork: true
+  securityContext: {seccompProfile: {type: RuntimeDefault}}
   containers:
   - name: kubectl
     image: $KUBECTL_IMAGE
     imagePullPolicy: Never
     env:
-    - {name: KUBERNETES_SERVICE_HOST, value: "127.0.0.1"}
+    - {name: KUBERNETES_SERVICE_HOST, value: "$APISERVER_HOST"}
     - {name: KUBERNETES_SERVICE_PORT, value: "$APISERVER_PORT"}
     # In-cluster config: the mounted token and ca.crt (the server certificate is verified).
     command: [sh, -c, 'exec >/dev/termination-log 2>&1; kubectl get pods -o name; echo "create pods: \$(kubectl auth can-i create pods)"; kubectl get secrets; echo "done"']
@@ -141,7 +153,7 @@ msg=$(json "$state" "d.get('message', '')")
 grep -qx "pod/api-from-pod" <<<"$msg" || die "api-from-pod did not list itself: $msg"
 grep -qx "create pods: no" <<<"$msg" || die "api-from-pod: RBAC not applied as expected: $msg"
 grep -q "system:serviceaccount:$NS:smoke" <<<"$msg" || die "api-from-pod: not authenticated as the service account: $msg"
-echo "api-from-pod ok in $(since "$t0") s: token-authenticated TLS request from a hostNetwork pod; RBAC of $NS:smoke applied"
+echo "api-from-pod ok in $(since "$t0") s: token-authenticated TLS request from a pod on the pod network to $APISERVER_HOST; RBAC of $NS:smoke applied"
 
 # --- 2./3. dbshift run as a Job ---------------------------------------------------------------------
 job() { # name tenant
@@ -154,10 +166,10 @@ spec:
   template:
     spec:
       restartPolicy: Never
-      hostNetwork: true
       automountServiceAccountToken: false
       # fsGroup: the Secret file (mode 0440) is readable by group 65532.
-      securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532, fsGroup: 65532}
+      securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532, fsGroup: 65532,
+                        seccompProfile: {type: RuntimeDefault}}
       containers:
       - name: dbshift
         image: $IMAGE
@@ -195,8 +207,11 @@ run_job() {
   t0=$(now); deadline=$(( $(date +%s) + TIMEOUT ))
   job "$1" "$2" | "${K[@]}" -n "$NS" create -f - >/dev/null
   while :; do
-    s=$("${K[@]}" -n "$NS" get job "$1" -o 'jsonpath={range .status.conditions[?(@.status=="True")]}{.type}{end}' 2>/dev/null || true)
-    case $s in *Complete*|*Failed*) echo "$s $(since "$t0")"; return 0 ;; esac
+    # 1.31+ first sets SuccessCriteriaMet / FailureTarget, then Complete / Failed.
+    s=$("${K[@]}" -n "$NS" get job "$1" -o 'jsonpath={range .status.conditions[?(@.status=="True")]}{.type}{" "}{end}' 2>/dev/null || true)
+    for c in Complete Failed; do
+      if grep -qw "$c" <<<"$s"; then echo "$c $(since "$t0")"; return 0; fi
+    done
     (( $(date +%s) < deadline )) || die "job $1 neither Complete nor Failed after ${TIMEOUT}s"
     sleep 0.2
   done

@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# Starts a Kubernetes 1.20.2 cluster with all state under DIR: the control plane (etcd,
-# kube-apiserver, kube-controller-manager, kube-scheduler; every server on 127.0.0.1) and, unless
-# --no-node, one real node: containerd (root, state and socket under DIR) -> runc, a CNI bridge
-# (cni0 10.88.0.1/16, no gateway, no masquerade, no routes) and a kubelet on the bridge address.
+# Starts a Kubernetes cluster with all state under DIR: the control plane (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler) and, unless --no-node, one real node:
+# containerd (root, state and socket under DIR) -> runc, a CNI bridge (cni0 10.88.0.1/16, no
+# gateway, no masquerade, no routes) and a kubelet on the bridge address.
 # Prints DIR/kubeconfig's path once the API server is ready and the node is Ready.
-# Stop with down.sh DIR. Binaries come from build.sh (~/.cache/dbshift/k8s-1.20.2/bin, or $K8S_BIN);
-# missing apt packages are installed by install.sh (needs root, like the node itself).
+# Stop with down.sh DIR. Missing apt packages are installed by install.sh (needs root, like the
+# node itself).
 #
 # Usage: up.sh [--no-node] DIR           (or DBSHIFT_NO_NODE=1)
+#
+# Binaries: $DBSHIFT_K8S_BIN (K8S_BIN is an older alias), a directory holding kube-apiserver,
+#   kube-controller-manager, kube-scheduler and kubelet (e.g. v1.32.6 unpacked by
+#   shared-k8s.sh); without it the 1.20.2 build of build.sh (~/.cache/dbshift/k8s-1.20.2/bin).
+#   The version is read from `kube-apiserver --version`; what differs between 1.20 and current
+#   releases (flags removed in 1.24+, the kubelet's configuration) is handled here and in
+#   node-up.sh. kubectl: DIR/kubectl of the binaries if there, else the one on PATH for a
+#   current server, else the 1.20.2 build's (env: KUBECTL).
+# Addresses: etcd, the controller-manager and the scheduler listen on 127.0.0.1. The API server
+#   listens on 127.0.0.1 without a node; with a node it listens on the bridge address instead
+#   (10.88.0.1; the host reaches it too), so pods reach it without hostNetwork: in-cluster
+#   clients set KUBERNETES_SERVICE_HOST=$APISERVER_HOST and KUBERNETES_SERVICE_PORT=$APISERVER_PORT
+#   (there is no kube-proxy). Its serving certificate names 127.0.0.1 and the bridge address.
 # Files under DIR: pids/*.pid, logs/*.log, pki/, etcd-data/, *.kubeconfig, kubeconfig, tokens.csv,
-#   node/ (containerd config, root, state and socket; kubelet config and root; CNI config),
-#   env (shell syntax): APISERVER_URL, APISERVER_PORT, ETCD_URL, ADMIN_TOKEN, KUBECONFIG, K8S_BIN,
-#   CA_CERT, and with a node: NODE_NAME, NODE_IP, CONTAINERD_SOCK, PAUSE_IMAGE, BRIDGE.
+#   node/ (containerd config, root, state and socket; kubelet config and root; CNI config; pod logs),
+#   env (shell syntax): APISERVER_URL, APISERVER_HOST, APISERVER_PORT, ETCD_URL, ADMIN_TOKEN,
+#   KUBECONFIG, K8S_BIN, K8S_VERSION (e.g. 1.32.6), KUBECTL, CA_CERT, and with a node: NODE_NAME,
+#   NODE_IP, CONTAINERD_SOCK, PAUSE_IMAGE, BRIDGE.
 # Only one node per machine (the bridge, port 10250 on it and a few kubelet/containerd paths outside
 # DIR are global): a second up.sh with a node refuses while another one runs.
 # Environment: K8S_READY_TIMEOUT (default 90 s), DBSHIFT_BRIDGE (cni0), DBSHIFT_NODE_CIDR
@@ -23,14 +37,34 @@ NODE=1
 if [[ ${1:-} == --no-node ]]; then NODE=0; shift; fi
 DIR=${1:?usage: up.sh [--no-node] DIR}
 HERE=$(cd "$(dirname "$0")" && pwd)
-BIN=${K8S_BIN:-${DBSHIFT_CACHE:-$HOME/.cache/dbshift}/k8s-1.20.2/bin}
+CACHE=${DBSHIFT_CACHE:-$HOME/.cache/dbshift}
+DEFAULT_BIN=$CACHE/k8s-1.20.2/bin
+BIN=${DBSHIFT_K8S_BIN:-${K8S_BIN:-$DEFAULT_BIN}}
 ETCD=${ETCD_BIN:-$(command -v etcd || echo /usr/bin/etcd)}
 READY_TIMEOUT=${K8S_READY_TIMEOUT:-90}
 
 log() { echo "[k8s-up] $*" >&2; }
 die() { log "$*"; exit 1; }
 
-[[ -f $BIN/../.complete ]] || die "no Kubernetes binaries in $BIN: run $HERE/build.sh first"
+if [[ $BIN == "$DEFAULT_BIN" ]]; then
+  [[ -f $BIN/../.complete ]] || die "no Kubernetes binaries in $BIN: run $HERE/build.sh first"
+fi
+BIN=$(cd "$BIN" 2>/dev/null && pwd) || die "no such directory: ${DBSHIFT_K8S_BIN:-$K8S_BIN}"
+need=(kube-apiserver kube-controller-manager kube-scheduler)
+if (( NODE )); then need+=(kubelet); fi
+for b in "${need[@]}"; do [[ -x $BIN/$b ]] || die "no $b in $BIN"; done
+# "Kubernetes v1.32.6" -> 1.32.6; what the start-up flags depend on.
+K8S_VERSION=$("$BIN/kube-apiserver" --version 2>/dev/null | sed -nE 's/^Kubernetes v([0-9]+\.[0-9]+\.[0-9]+).*/\1/p')
+[[ -n $K8S_VERSION ]] || die "cannot read the version of $BIN/kube-apiserver"
+K8S_MINOR=$(cut -d. -f2 <<<"$K8S_VERSION")
+[[ $(cut -d. -f1 <<<"$K8S_VERSION") == 1 && $K8S_MINOR -ge 20 ]] || die "Kubernetes $K8S_VERSION: only 1.20 and later are supported"
+# kubectl: the binaries' own, else (for a current server) the machine's, else the 1.20.2 build's.
+if [[ -n ${KUBECTL:-} ]]; then :
+elif [[ -x $BIN/kubectl ]]; then KUBECTL=$BIN/kubectl
+elif (( K8S_MINOR > 20 )) && command -v kubectl >/dev/null; then KUBECTL=$(command -v kubectl)
+elif [[ -x $DEFAULT_BIN/kubectl ]]; then KUBECTL=$DEFAULT_BIN/kubectl
+else die "no kubectl (none in $BIN, none on PATH, no 1.20.2 build: run $HERE/build.sh)"
+fi
 if (( NODE )); then "$HERE/install.sh" node; fi
 [[ -x $ETCD ]] || die "etcd not found (apt-get install etcd-server)"
 command -v openssl >/dev/null || die "openssl not found"
@@ -54,6 +88,16 @@ free_port() {
 }
 ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port)
 CM_PORT=$(free_port); SCHED_PORT=$(free_port)
+NODE_CIDR=${DBSHIFT_NODE_CIDR:-10.88.0.1/16}
+NODE_IP=${NODE_CIDR%/*}
+NODE_NAME=${DBSHIFT_NODE_NAME:-dbshift-node}
+
+# With a node, the API server listens on the bridge address, so the bridge comes first.
+API_HOST=127.0.0.1
+if (( NODE )); then
+  "$HERE/node-up.sh" --network-only "$DIR" "$NODE_NAME" || die "the node's network could not be set up"
+  API_HOST=$NODE_IP
+fi
 
 # --- PKI (openssl): CA, apiserver serving cert, service-account key pair -------------------------
 log "certificates"
@@ -65,7 +109,7 @@ cat > "$PKI/apiserver.ext" <<EXT
 basicConstraints=CA:FALSE
 keyUsage=digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:$NODE_IP,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EXT
 openssl req -new -key "$PKI/apiserver.key" -subj "/CN=kube-apiserver" -out "$PKI/apiserver.csr" 2>/dev/null
 openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
@@ -85,7 +129,6 @@ chmod 600 "$PKI"/*.key
 # --- Tokens (static token file) ------------------------------------------------------------------
 tok() { openssl rand -hex 16; }
 ADMIN_TOKEN=$(tok); CM_TOKEN=$(tok); SCHED_TOKEN=$(tok); NODE_TOKEN=$(tok)
-NODE_NAME=${DBSHIFT_NODE_NAME:-dbshift-node}
 cat > "$DIR/tokens.csv" <<TOK
 $ADMIN_TOKEN,admin,admin,system:masters
 $CM_TOKEN,system:kube-controller-manager,system:kube-controller-manager
@@ -94,7 +137,7 @@ $NODE_TOKEN,system:node:$NODE_NAME,system:node:$NODE_NAME,system:nodes
 TOK
 chmod 600 "$DIR/tokens.csv"
 
-APISERVER_URL=https://127.0.0.1:$API_PORT
+APISERVER_URL=https://$API_HOST:$API_PORT
 kubeconfig() { # file user token
   cat > "$1" <<KC
 apiVersion: v1
@@ -143,10 +186,14 @@ done
 curl -fsS "$ETCD_URL/health" 2>/dev/null | grep -q '"health":"true"' || die "etcd not healthy"
 
 # --- kube-apiserver -------------------------------------------------------------------------------
-log "kube-apiserver on $APISERVER_URL"
+# Flags that 1.24 removed: the API server's insecure port and the controllers' plain-HTTP ports
+# (off here) are gone, not just off by default.
+API_OLD=() CTRL_OLD=()
+if (( K8S_MINOR < 24 )); then API_OLD=(--insecure-port=0); CTRL_OLD=(--port=0); fi
+log "kube-apiserver $K8S_VERSION on $APISERVER_URL"
 start kube-apiserver "$BIN/kube-apiserver" \
-  --advertise-address=127.0.0.1 --bind-address=127.0.0.1 --secure-port="$API_PORT" \
-  --insecure-port=0 \
+  --advertise-address="$API_HOST" --bind-address="$API_HOST" --secure-port="$API_PORT" \
+  "${API_OLD[@]}" \
   --etcd-servers="$ETCD_URL" \
   --cert-dir="$PKI" --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
   --client-ca-file="$PKI/ca.crt" \
@@ -183,7 +230,7 @@ start kube-controller-manager "$BIN/kube-controller-manager" \
   --kubeconfig="$DIR/controller-manager.kubeconfig" \
   --authentication-kubeconfig="$DIR/controller-manager.kubeconfig" \
   --authorization-kubeconfig="$DIR/controller-manager.kubeconfig" \
-  --bind-address=127.0.0.1 --secure-port="$CM_PORT" --port=0 \
+  --bind-address=127.0.0.1 --secure-port="$CM_PORT" "${CTRL_OLD[@]}" \
   --leader-elect=false --use-service-account-credentials=true \
   --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
   --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
@@ -193,11 +240,11 @@ start kube-scheduler "$BIN/kube-scheduler" \
   --kubeconfig="$DIR/scheduler.kubeconfig" \
   --authentication-kubeconfig="$DIR/scheduler.kubeconfig" \
   --authorization-kubeconfig="$DIR/scheduler.kubeconfig" \
-  --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" --port=0 \
+  --bind-address=127.0.0.1 --secure-port="$SCHED_PORT" "${CTRL_OLD[@]}" \
   --leader-elect=false --v=1
 
 # The controller-manager must have made the `default` ServiceAccount before pods can be created.
-until "$BIN/kubectl" --kubeconfig "$DIR/kubeconfig" -n default get serviceaccount default >/dev/null 2>&1; do
+until "$KUBECTL" --kubeconfig "$DIR/kubeconfig" -n default get serviceaccount default >/dev/null 2>&1; do
   for n in kube-controller-manager kube-scheduler; do
     kill -0 "$(cat "$DIR/pids/$n.pid")" 2>/dev/null || die "$n exited: $(tail -n 5 "$DIR/logs/$n.log")"
   done
@@ -207,11 +254,14 @@ done
 
 cat > "$DIR/env" <<ENV
 APISERVER_URL=$APISERVER_URL
+APISERVER_HOST=$API_HOST
 APISERVER_PORT=$API_PORT
 ETCD_URL=$ETCD_URL
 ADMIN_TOKEN=$ADMIN_TOKEN
 KUBECONFIG=$DIR/kubeconfig
 K8S_BIN=$BIN
+K8S_VERSION=$K8S_VERSION
+KUBECTL=$KUBECTL
 CA_CERT=$PKI/ca.crt
 ENV
 
