@@ -118,9 +118,29 @@ pub enum ConnectError {
     Unreachable(String),
 }
 
+/// Every `%` in a URI starts a percent-encoded byte (`%` followed by two hex digits). Checked
+/// before the driver parses it: the driver (3.9) panics on a `%` followed by a non-ASCII
+/// character in a password, and the panic message holds part of the password.
+fn check_escapes(uri: &str) -> Result<(), ConnectError> {
+    let b = uri.as_bytes();
+    let bad = b.iter().enumerate().any(|(i, &c)| {
+        c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit) && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad {
+        return Err(ConnectError::Invalid(
+            "the MongoDB URI is not valid: it has a `%` that is not followed by two hex digits; percent-encode the \
+             user name and password (write `%` as `%25`, `@` as `%40`, `:` as `%3A`, `/` as `%2F`)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Connect and check the server answers, with a few attempts for transient outages.
 pub async fn connect(uri: &str, timeout: Duration) -> Result<Connection, ConnectError> {
     let redactor = Redactor::for_uri(uri);
+    check_escapes(uri)?;
     let mut options = ClientOptions::parse(uri).await.map_err(|e| {
         ConnectError::Invalid(format!("the MongoDB URI is not valid: {}", redactor.apply(&describe(&e))))
     })?;

@@ -1,5 +1,14 @@
-//! Keeping secrets out of output: the MongoDB URI and its password never appear in logs,
-//! errors, reports or status.
+//! Keeping secrets out of output: the MongoDB URI, its password and the secrets its options
+//! carry never appear in logs, errors, reports or status.
+//!
+//! A secret is replaced wherever it appears as written, percent-decoded, percent-encoded, or
+//! escaped inside a JSON string, whatever its length (a short password would otherwise slip
+//! through; replacing a few innocent characters with it is the price).
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+
+/// URI options whose values are secrets.
+const SECRET_OPTIONS: &[&str] = &["tlscertificatekeyfilepassword", "authmechanismproperties", "password"];
 
 /// Replaces every secret it was given with `***`.
 #[derive(Debug, Clone, Default)]
@@ -8,20 +17,51 @@ pub struct Redactor {
 }
 
 impl Redactor {
-    /// Secrets of a MongoDB URI: the URI itself, its user-info and its password (raw and
-    /// percent-decoded).
+    /// Secrets of a MongoDB URI (`mongodb://` or `mongodb+srv://`, valid or not): the URI itself,
+    /// its user-info, its password, and the values of secret options.
     pub fn for_uri(uri: &str) -> Self {
-        let mut secrets = vec![uri.to_string()];
+        let mut found = vec![uri.to_string()];
         if let Some((_, rest)) = uri.split_once("://") {
-            if let Some((userinfo, _)) = rest.rsplit_once('@') {
-                secrets.push(userinfo.to_string());
-                if let Some((_, pass)) = userinfo.split_once(':') {
-                    secrets.push(pass.to_string());
-                    secrets.push(percent_decode(pass));
+            // The user-info ends at the last `@` before the options; a password with an
+            // unencoded `?` or `@` is covered by the second reading.
+            let before_options = rest.split('?').next().unwrap_or(rest);
+            for part in [before_options, rest] {
+                if let Some((userinfo, _)) = part.rsplit_once('@') {
+                    found.push(userinfo.to_string());
+                    if let Some((_, pass)) = userinfo.split_once(':') {
+                        found.push(pass.to_string());
+                    }
+                }
+            }
+            if let Some((_, query)) = rest.split_once('?') {
+                for pair in query.split('&') {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        if SECRET_OPTIONS.contains(&k.to_ascii_lowercase().as_str()) {
+                            found.push(v.to_string());
+                            // `authMechanismProperties=AWS_SESSION_TOKEN:abc,SERVICE_NAME:x`
+                            for prop in v.split(',') {
+                                if let Some((_, pv)) = prop.split_once(':').or_else(|| prop.split_once("%3A")) {
+                                    found.push(pv.to_string());
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
-        secrets.retain(|s| s.len() >= 3);
+        let mut secrets = Vec::new();
+        for s in found {
+            let decoded = percent_decode_str(&s).decode_utf8_lossy().into_owned();
+            let encoded = utf8_percent_encode(&decoded, NON_ALPHANUMERIC).to_string();
+            for v in [s, decoded, encoded] {
+                let json = serde_json::to_string(&v).unwrap_or_default();
+                if let Some(inner) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
+                    secrets.push(inner.to_string());
+                }
+                secrets.push(v);
+            }
+        }
+        secrets.retain(|s| !s.is_empty());
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
         Redactor { secrets }
@@ -38,24 +78,6 @@ impl Redactor {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +89,35 @@ mod tests {
         assert_eq!(r.apply("auth p@ssw0rd and p%40ssw0rd"), "auth *** and ***");
         assert_eq!(r.apply("user app:p%40ssw0rd"), "user ***");
         assert_eq!(Redactor::for_uri("mongodb://localhost").apply("host localhost"), "host localhost");
+    }
+
+    #[test]
+    fn any_password_in_any_form_any_uri_shape() {
+        for (uri, pass) in [
+            ("mongodb://app:Sup3r%€pw@db1/shop", "Sup3r%€pw"),
+            ("mongodb://app:Sup3r%25%E2%82%ACpw@db1/shop", "Sup3r%€pw"),
+            ("mongodb+srv://app:a%2Fb%3Ac%22d%5C@cluster0.example.net/?retryWrites=true", "a/b:c\"d\\"),
+            ("mongodb://app:x@db1", "x"),
+            ("mongodb://app:pa@ss?word@db1/?authSource=admin", "pa@ss?word"),
+            ("mongodb://app:%F0%9F%94%91key@db1", "🔑key"),
+        ] {
+            let r = Redactor::for_uri(uri);
+            let encoded = utf8_percent_encode(pass, NON_ALPHANUMERIC).to_string();
+            let json = serde_json::to_string(pass).unwrap();
+            for text in [format!("error: {pass}."), format!("error: {encoded}."), format!("{{\"e\":{json}}}")] {
+                let out = r.apply(&text);
+                assert!(!out.contains(pass) && !out.contains(&encoded), "{uri}: {out}");
+                assert!(out.contains("***"), "{uri}: {out}");
+            }
+        }
+    }
+
+    #[test]
+    fn secret_options_are_removed() {
+        let uri = "mongodb://db1/?tls=true&tlsCertificateKeyFilePassword=k3yp4ss&authMechanism=MONGODB-AWS\
+                   &authMechanismProperties=AWS_SESSION_TOKEN:t0k3nv4lue";
+        let r = Redactor::for_uri(uri);
+        let out = r.apply("options tlsCertificateKeyFilePassword=k3yp4ss token t0k3nv4lue");
+        assert!(!out.contains("k3yp4ss") && !out.contains("t0k3nv4lue"), "{out}");
     }
 }
