@@ -29,6 +29,8 @@ pub enum TenantError {
     List(#[source] mongodb::error::Error),
     #[error("--tenants {0:?} matched no database")]
     NoMatch(String),
+    #[error("{0:?} is never a tenant: admin, config and local are MongoDB's own databases, and {snap} holds snapshots", snap = crate::engine::tracking::SNAPSHOT_DATABASE)]
+    NotATenant(String),
 }
 
 pub fn check_db_name(name: &str) -> Result<(), TenantError> {
@@ -40,11 +42,20 @@ pub fn check_db_name(name: &str) -> Result<(), TenantError> {
     }
 }
 
+/// A name that can be a tenant: a valid database name, and not one of [`SYSTEM`].
+pub fn check_tenant(name: &str) -> Result<(), TenantError> {
+    check_db_name(name)?;
+    if SYSTEM.contains(&name) {
+        return Err(TenantError::NotATenant(name.to_string()));
+    }
+    Ok(())
+}
+
 impl TenantSelector {
     /// Check what can be checked without a server (regex syntax, names).
     pub fn validate(&self) -> Result<Option<regex::Regex>, TenantError> {
         for n in self.names.iter().chain(self.default.iter()) {
-            check_db_name(n)?;
+            check_tenant(n)?;
         }
         self.pattern
             .as_ref()

@@ -109,6 +109,39 @@ pub struct Manifest {
     pub sha256: String,
 }
 
+/// A collection's name as it appears in file names: percent-encoded as mongodump escapes
+/// names (everything but letters, digits and `-._~!$&'()*+,;=:@`), so `/`, `\`, `%` and
+/// control characters never reach the file system and a name can never leave the snapshot
+/// directory. mongorestore decodes it back. Ordinary names are unchanged.
+pub fn file_stem(collection: &str) -> String {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'!')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b'*')
+        .remove(b'+')
+        .remove(b',')
+        .remove(b';')
+        .remove(b'=')
+        .remove(b':')
+        .remove(b'@');
+    let stem = utf8_percent_encode(collection, KEEP).to_string();
+    // `.` and `..` alone are directory names.
+    match stem.as_str() {
+        "." => "%2E".into(),
+        ".." => "%2E%2E".into(),
+        _ => stem,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CollectionManifest {

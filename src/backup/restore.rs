@@ -72,6 +72,21 @@ pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
             m.format
         )));
     }
+    // The manifest is input like any other: its names decide which files are read.
+    crate::tenants::check_db_name(&m.database)
+        .map_err(|e| BackupError::Invalid(format!("{}: database: {e}", path.display())))?;
+    let ext = if m.gzip { ".gz" } else { "" };
+    for c in &m.collections {
+        let expected = format!("{}/{}.bson{ext}", m.database, super::file_stem(&c.name));
+        if c.file != expected {
+            return Err(BackupError::Invalid(format!(
+                "{}: collection {:?} is said to be in {:?}, not {expected:?}: refusing a file outside the snapshot's layout",
+                path.display(),
+                c.name,
+                c.file
+            )));
+        }
+    }
     Ok(m)
 }
 
@@ -380,7 +395,8 @@ impl Source for DirSource {
 
     fn metadata(&self, c: &CollectionManifest) -> Result<Document, BackupError> {
         let ext = if self.manifest.gzip { ".gz" } else { "" };
-        let path = self.from.join(&self.manifest.database).join(format!("{}.metadata.json{ext}", c.name));
+        let stem = super::file_stem(&c.name);
+        let path = self.from.join(&self.manifest.database).join(format!("{stem}.metadata.json{ext}"));
         read_metadata(&path, self.manifest.gzip)
     }
 

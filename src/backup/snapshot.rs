@@ -292,7 +292,8 @@ impl Sink for DirSink {
 
     async fn collection(&self, name: &str, meta: &Document) -> Result<Opened<DirWriter>, BackupError> {
         let ext = if self.gzip { ".gz" } else { "" };
-        let meta_path = self.dir.join(format!("{name}.metadata.json{ext}"));
+        let stem = super::file_stem(name);
+        let meta_path = self.dir.join(format!("{stem}.metadata.json{ext}"));
         let text = serde_json::to_vec(&Bson::Document(meta.clone()).into_canonical_extjson()).expect("serializable");
         let gzip = self.gzip;
         tokio::task::spawn_blocking(move || {
@@ -301,7 +302,7 @@ impl Sink for DirSink {
         })
         .await
         .map_err(|e| BackupError::Invalid(format!("writing the metadata of {name} stopped: {e}")))??;
-        let file = format!("{}/{name}.bson{ext}", self.db);
+        let file = format!("{}/{stem}.bson{ext}", self.db);
         let path = self.out.join(&file);
         let writer = DirWriter { file: Some(FileOut::create(&path, self.gzip)?), path };
         Ok(Opened { writer, file, metadata: None })

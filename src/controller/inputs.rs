@@ -16,7 +16,7 @@ use kube::Client;
 use crate::crd::DatabaseMigration;
 use crate::engine::loader;
 use crate::mongo::ConnectError;
-use crate::tenants::{check_db_name, TenantSelector};
+use crate::tenants::{check_db_name, check_tenant, TenantSelector};
 
 /// Why a run cannot start.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -55,8 +55,17 @@ pub fn check_spec(dbm: &DatabaseMigration) -> Result<(), InputError> {
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));
     }
-    for n in t.names.iter().chain(&t.exclude).chain(&spec.rollout.canaries) {
-        check_db_name(n).map_err(|e| invalid("InvalidSpec", format!("spec.tenants: {e}")))?;
+    for n in &t.exclude {
+        check_db_name(n).map_err(|e| invalid("InvalidSpec", format!("spec.tenants.exclude: {e}")))?;
+    }
+    for n in t.names.iter().chain(&spec.rollout.canaries) {
+        check_tenant(n).map_err(|e| invalid("InvalidSpec", format!("spec.tenants: {e}")))?;
+        if spec.backup.destination.as_ref().and_then(|d| d.database.as_ref()) == Some(n) {
+            return Err(invalid(
+                "InvalidSpec",
+                format!("spec.tenants: {n:?} is spec.backup.destination.database, where snapshots go: never a tenant"),
+            ));
+        }
     }
     if let Some(p) = &t.pattern {
         regex::Regex::new(p).map_err(|e| {
@@ -147,9 +156,14 @@ pub async fn read_files(
     if sources.is_empty() {
         return Err(invalid("InvalidMigrations", "the migration source holds no .yaml files".into()));
     }
-    loader::load_sources(sources).map_err(|e| {
-        invalid("InvalidMigrations", format!("migration files are invalid:\n{}", e.to_string().trim_end()))
-    })?;
+    // Off the async threads: checking a file compiles its scripts, which (bounded in time as
+    // they are) must never hold up the reconciles of other resources.
+    tokio::task::spawn_blocking(move || loader::load_sources(sources))
+        .await
+        .map_err(|e| invalid("InvalidMigrations", format!("checking the migration files failed: {e}")))?
+        .map_err(|e| {
+            invalid("InvalidMigrations", format!("migration files are invalid:\n{}", e.to_string().trim_end()))
+        })?;
     // Only the migration files are handed to the Jobs.
     Ok(Some(files.into_iter().filter(|(k, _)| k.ends_with(".yaml") || k.ends_with(".yml")).collect()))
 }
@@ -217,7 +231,7 @@ pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Durati
                     format!("registry {}.{}: a document has no string field {:?}", r.database, r.collection, r.field),
                 )
             })?;
-            check_db_name(name).map_err(|e| invalid("InvalidRegistry", format!("registry entry: {e}")))?;
+            check_tenant(name).map_err(|e| invalid("InvalidRegistry", format!("registry entry: {e}")))?;
             tenants.push(name.to_string());
         }
     }
@@ -274,6 +288,22 @@ mod tests {
 
         let bad_name = dbm("connection: {secretRef: {name: s}}\ntenants: {names: ['a.b']}\nmigrations: {inline: {}}");
         assert!(check_spec(&bad_name).unwrap_err().message.contains("a.b"));
+
+        for name in ["admin", "config", "local", "dbshift_snapshots"] {
+            for spec in [
+                format!("connection: {{secretRef: {{name: s}}}}\ntenants: {{names: [{name}]}}\nmigrations: {{inline: {{}}}}"),
+                format!(
+                    "connection: {{secretRef: {{name: s}}}}\ntenants: {{pattern: x}}\nrollout: {{canaries: [{name}]}}\nmigrations: {{inline: {{}}}}"
+                ),
+            ] {
+                let e = check_spec(&dbm(&spec)).unwrap_err();
+                assert!(e.permanent && e.message.contains("is never a tenant"), "{spec}: {e}");
+            }
+        }
+        let into_store = dbm(
+            "connection: {secretRef: {name: s}}\ntenants: {names: [snaps]}\nmigrations: {inline: {}}\nbackup: {enabled: true, destination: {database: snaps}}",
+        );
+        assert!(check_spec(&into_store).unwrap_err().message.contains("where snapshots go"));
     }
 
     #[test]

@@ -294,10 +294,32 @@ fn check_check(c: &Check) -> Vec<String> {
         Check::Aggregate(c) => {
             for (i, s) in c.pipeline.iter().enumerate() {
                 p.push(bsonx::to_doc(s).err().map(|e| format!("`pipeline[{i}]`: {e}")));
+                if let Some(stage) = writing_stage(s) {
+                    p.push(Some(format!("`pipeline[{i}]` uses {stage}, which writes: checks only read")));
+                }
             }
         }
     }
     p.into_iter().flatten().collect()
+}
+
+/// A stage that writes (`$out`, `$merge`), anywhere in a pipeline (sub-pipelines included).
+fn writing_stage(v: &serde_json::Value) -> Option<&'static str> {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                if let Some(s) = ["$out", "$merge"].into_iter().find(|s| k == s) {
+                    return Some(s);
+                }
+                if let Some(s) = writing_stage(v) {
+                    return Some(s);
+                }
+            }
+            None
+        }
+        serde_json::Value::Array(a) => a.iter().find_map(writing_stage),
+        _ => None,
+    }
 }
 
 /// The text of a new migration file, for `dbshift new`. It does not pass `lint` until it

@@ -140,7 +140,7 @@ pub fn report_exit(r: &TenantReport) -> Exit {
 }
 
 async fn run_tenant(s: &Settings, a: &RunArgs, tenant: &str, taken: &TakenSnapshot) -> Result<JobResult, Failure> {
-    crate::tenants::check_db_name(tenant)?;
+    crate::tenants::check_tenant(tenant)?;
     let dest = Destination::parse(&a.backup)?;
     if let Some(d) = &dest {
         d.check(tenant)?;

@@ -70,7 +70,7 @@ fn dir_plan(from: &Path, g: &Global) -> Result<Vec<(String, PathBuf)>, Failure> 
             [one] => one.clone(),
             _ => return Err(Failure::invalid("one snapshot can be restored into one tenant: give a single --tenant")),
         };
-        crate::tenants::check_db_name(&target)?;
+        crate::tenants::check_tenant(&target)?;
         return Ok(vec![(target, from.to_path_buf())]);
     }
     let entries = std::fs::read_dir(from).map_err(|e| Failure::invalid(format!("{}: {e}", from.display())))?;
@@ -172,7 +172,7 @@ async fn database_plan(
         None => newest_of_selected(g, store, default_db).await?,
     };
     for (t, _) in &plan {
-        crate::tenants::check_db_name(t)?;
+        crate::tenants::check_tenant(t)?;
         if t == store.name() {
             return Err(Failure::invalid(format!("{t} is the snapshot database: it cannot be restored into")));
         }

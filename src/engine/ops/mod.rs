@@ -279,6 +279,10 @@ pub fn collection_problem(name: &str) -> Option<String> {
 pub(crate) fn field_problem(field: &str, what: &str) -> Option<String> {
     if field.is_empty() {
         Some(format!("`{what}` is empty"))
+    } else if field.contains('\0') {
+        Some(format!("`{what}` contains a NUL character"))
+    } else if field.len() > 1024 {
+        Some(format!("`{what}` is longer than 1024 bytes"))
     } else if field.starts_with('$') || field.split('.').any(|s| s.is_empty()) {
         Some(format!("`{what}` `{field}` is not a valid field path"))
     } else if field == "_id" || field.starts_with("_id.") {

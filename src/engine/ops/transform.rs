@@ -28,10 +28,14 @@ pub struct Transform {
     /// Only documents matching this filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Json>,
-    /// Documents per batch (default 1000).
+    /// Documents per batch (default 1000; 1 to 100000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
     pub batch_size: Option<u32>,
 }
+
+/// The largest `batchSize`: a batch crosses into the script as one string.
+const MAX_BATCH: u32 = 100_000;
 
 impl Transform {
     /// Replace the changed documents with their stored pre-images.
@@ -50,7 +54,9 @@ impl Op for Transform {
     fn check(&self) -> Vec<Option<String>> {
         vec![
             filter_problem(self.filter.as_ref(), "filter"),
-            (self.batch_size == Some(0)).then(|| "`batchSize` must be at least 1".to_string()),
+            self.batch_size
+                .filter(|b| !(1..=MAX_BATCH).contains(b))
+                .map(|b| format!("`batchSize` must be between 1 and {MAX_BATCH} (it is {b})")),
             script::compile_check(&self.script).err().map(|e| format!("`script`: {e}")),
         ]
     }

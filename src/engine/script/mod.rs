@@ -18,6 +18,8 @@ mod to_js;
 const MEMORY_LIMIT: usize = 48 << 20;
 /// The longest one batch may run before it is stopped (an endless loop in a script).
 const BATCH_DEADLINE: Duration = Duration::from_secs(120);
+/// How long evaluating a script may take (defining its function; code outside it runs now).
+const EVAL_DEADLINE: Duration = Duration::from_secs(5);
 
 // Special values are converted only where Rust says they are (no JSON reviver or replacer,
 // which QuickJS would call for every value: that was most of the cost of a transform).
@@ -87,11 +89,21 @@ impl Transformer {
         runtime.set_memory_limit(MEMORY_LIMIT);
         runtime.set_max_stack_size(1 << 20);
         let context = Context::full(&runtime).map_err(|e| e.to_string())?;
-        context.with(|ctx| -> Result<(), String> {
+        // Evaluating the script (code outside its function runs now) has a deadline too.
+        let deadline = Instant::now() + EVAL_DEADLINE;
+        runtime.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
+        let made = context.with(|ctx| -> Result<(), String> {
             ctx.eval::<(), _>(PRELUDE).map_err(|e| js_err(&ctx, e))?;
-            let f: rquickjs::Value = ctx
-                .eval(format!("(\n{}\n)", script.trim().trim_end_matches(';')))
-                .map_err(|e| format!("does not compile: {}", js_err(&ctx, e)))?;
+            let f: rquickjs::Value = ctx.eval(format!("(\n{}\n)", script.trim().trim_end_matches(';'))).map_err(|e| {
+                if Instant::now() > deadline {
+                    format!(
+                        "evaluating it took longer than {} s (code outside the function that never ends?)",
+                        EVAL_DEADLINE.as_secs()
+                    )
+                } else {
+                    format!("does not compile: {}", js_err(&ctx, e))
+                }
+            })?;
             if !f.is_function() {
                 return Err("must be a JavaScript function such as `(doc) => { ...; return doc; }`".into());
             }
@@ -115,7 +127,9 @@ impl Transformer {
                 };"#,
             )
             .map_err(|e| js_err(&ctx, e))
-        })?;
+        });
+        runtime.set_interrupt_handler(None);
+        made?;
         Ok(Transformer { runtime, context })
     }
 
@@ -201,6 +215,16 @@ mod tests {
     fn run(t: &Transformer, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
         let raw: Vec<RawDocumentBuf> = docs.iter().map(|d| RawDocumentBuf::from_document(d).unwrap()).collect();
         Ok(t.run_batch(&raw)?.into_iter().map(|d| d.map(|d| d.to_document().unwrap())).collect())
+    }
+
+    #[test]
+    fn a_script_that_never_finishes_evaluating_is_stopped() {
+        let t0 = Instant::now();
+        let e = Transformer::new("(() => { for (;;) {} })()").unwrap_err();
+        assert!(e.contains("took longer than 5 s"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        let e = Transformer::new("while (true) {}").unwrap_err();
+        assert!(e.contains("longer than") || e.contains("does not compile"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! Hostile and careless input: each case gets a specific error naming what to fix (exit 2),
+//! never a panic or a hang, and no database changes. (URI passwords no parser expects are in
+//! tests/cli.rs, `the_uri_password_never_appears_in_output`.)
+
+mod common;
+
+use bson::{doc, Document};
+use common::*;
+
+const ADD: &str = "up:\n  - addField: { collection: items, field: color, value: red }\n";
+
+/// The databases a command could have written to, and what they hold.
+async fn databases() -> Vec<String> {
+    let mut names = client().await.list_database_names().await.unwrap();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn system_databases_are_never_tenants_whichever_way_they_are_named() {
+    let dir = migrations(&[("20250101000000_add.yaml", ADD)]);
+    let d = dir.path().to_str().unwrap();
+    let port = uri().rsplit(':').next().unwrap().to_string();
+    let before = dump_db(&client().await.database("admin")).await;
+    for name in ["admin", "config", "local", "dbshift_snapshots"] {
+        for cmd in ["up", "status", "down"] {
+            let o = cli(&[cmd, "--dir", d, "--tenant", name], &[("DBSHIFT_MONGODB_URI", &uri())]);
+            assert_eq!(o.status.code(), Some(2), "{cmd} --tenant {name}: {}", text(&o));
+            assert!(text(&o).contains("is never a tenant"), "{cmd} --tenant {name}: {}", text(&o));
+        }
+        // Named by the URI.
+        let by_uri = format!("mongodb://127.0.0.1:{port}/{name}");
+        let o = cli(&["up", "--dir", d], &[("DBSHIFT_MONGODB_URI", &by_uri)]);
+        assert_eq!(o.status.code(), Some(2), "URI naming {name}: {}", text(&o));
+        assert!(text(&o).contains("is never a tenant"), "{}", text(&o));
+        // As a Job would run it.
+        let o = cli(&["run"], &[("DBSHIFT_MONGODB_URI", &uri()), ("DBSHIFT_TENANT", name), ("DBSHIFT_DIR", d)]);
+        assert_eq!(o.status.code(), Some(2), "run {name}: {}", text(&o));
+        assert!(text(&o).contains("is never a tenant"), "{}", text(&o));
+        // And restored into.
+        let out = tempfile::tempdir().unwrap();
+        let o = cli(
+            &["restore", "--from", out.path().to_str().unwrap(), "--tenant", name],
+            &[("DBSHIFT_MONGODB_URI", &uri())],
+        );
+        assert_eq!(o.status.code(), Some(2), "restore into {name}: {}", text(&o));
+    }
+    assert_eq!(dump_db(&client().await.database("admin")).await, before, "admin changed");
+    let c = client().await;
+    for name in ["config", "local", "dbshift_snapshots"] {
+        let colls = c.database(name).list_collection_names().await.unwrap();
+        assert!(!colls.iter().any(|n| n.starts_with("_dbshift")), "{name}: {colls:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_check_that_writes_is_refused_before_anything_runs() {
+    let db = fresh_db("hostile_out").await;
+    db.collection::<Document>("items").insert_one(doc! {"_id": 1}).await.unwrap();
+    let target = unique("hostile_stolen");
+    for stage in [
+        format!("{{ $out: {{ db: {target}, coll: x }} }}"),
+        format!("{{ $merge: {{ into: {{ db: {target}, coll: x }} }} }}"),
+        format!("{{ $facet: {{ a: [ {{ $match: {{}} }} ], b: [ {{ $out: {target} }} ] }} }}"),
+    ] {
+        let file = format!(
+            "up:\n  - addField: {{ collection: items, field: color, value: red }}\nvalidate:\n  - aggregate: {{ collection: items, pipeline: [ {stage} ] }}\n"
+        );
+        let dir = migrations(&[("20250101000000_add.yaml", &file)]);
+        let d = dir.path().to_str().unwrap();
+        let o = cli(&["lint", "--dir", d], &[]);
+        assert_eq!(o.status.code(), Some(2), "{stage}: {}", text(&o));
+        assert!(text(&o).contains("which writes: checks only read"), "{stage}: {}", text(&o));
+        for cmd in ["up", "validate"] {
+            let o = cli(&[cmd, "--dir", d, "--tenant", db.name()], &[("DBSHIFT_MONGODB_URI", &uri())]);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {stage}: {}", text(&o));
+        }
+    }
+    assert!(!databases().await.contains(&target), "a check wrote to {target}");
+    assert_eq!(dump(&db, "items").await, vec![doc! {"_id": 1}], "nothing ran");
+}
+
+#[tokio::test]
+async fn lint_names_each_bad_number_name_and_script() {
+    let db = fresh_db("hostile_lint").await;
+    db.collection::<Document>("items").insert_one(doc! {"_id": 1, "name": "a"}).await.unwrap();
+    for (file, says) in [
+        (
+            "up:\n  - transform: { collection: items, batchSize: 2000000000, script: '(d) => d' }\n",
+            "`batchSize` must be between 1 and 100000 (it is 2000000000)",
+        ),
+        (
+            "up:\n  - transform: { collection: items, batchSize: 0, script: '(d) => d' }\n",
+            "`batchSize` must be between 1",
+        ),
+        ("up:\n  - addField: { collection: items, field: \"a\\0b\", value: 1 }\n", "contains a NUL character"),
+        ("up:\n  - renameField: { collection: items, from: name, to: \"x\\0\" }\n", "contains a NUL character"),
+        ("up:\n  - transform: { collection: items, script: '(() => { for (;;) {} })()' }\n", "took longer than 5 s"),
+    ] {
+        let dir = migrations(&[("20250101000000_bad.yaml", file)]);
+        let d = dir.path().to_str().unwrap();
+        for args in [vec!["lint", "--dir", d], vec!["up", "--dir", d, "--tenant", db.name()]] {
+            let envs = [("DBSHIFT_MONGODB_URI", uri())];
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let o = cli(&args, &envs);
+            assert_eq!(o.status.code(), Some(2), "{file}: {}", text(&o));
+            assert!(text(&o).contains(says), "{file}: {}", text(&o));
+            assert!(text(&o).contains("20250101000000_bad.yaml"), "the file is named: {}", text(&o));
+        }
+    }
+    assert_eq!(dump(&db, "items").await, vec![doc! {"_id": 1, "name": "a"}]);
+    assert!(!db.list_collection_names().await.unwrap().iter().any(|n| n.starts_with("_dbshift")));
+}
+
+/// Collection names are not paths: a snapshot never writes outside its directory, restore reads
+/// them back under their names, and a manifest pointing elsewhere is refused.
+#[tokio::test]
+async fn collection_names_never_leave_the_snapshot_directory() {
+    let db = fresh_db("hostile_paths").await;
+    let escape = format!("/tmp/{}", unique("dbshift_escape"));
+    let names = [escape.clone(), "x/../../../up".to_string(), "a\\b".to_string(), "%41".to_string()];
+    for (i, n) in names.iter().enumerate() {
+        db.collection::<Document>(n).insert_one(doc! {"_id": i as i32}).await.unwrap();
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("inner/snap");
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let o = cli(&["backup", "--out", out.to_str().unwrap(), "--tenant", db.name()], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!std::path::Path::new(&format!("{escape}.metadata.json")).exists(), "wrote outside the directory");
+    let top: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(top, vec![std::ffi::OsString::from("inner")], "only the snapshot directory was written");
+    let files: Vec<String> = std::fs::read_dir(out.join(db.name()).join(db.name()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(files.iter().any(|f| f == "x%2F..%2F..%2F..%2Fup.bson"), "{files:?}");
+    assert!(files.iter().any(|f| f == "%2541.bson"), "{files:?}");
+
+    // Back under their own names, into another tenant.
+    let copy = unique("hostile_paths_copy");
+    let snap = out.join(db.name());
+    let o = cli(&["restore", "--from", snap.to_str().unwrap(), "--tenant", &copy], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let restored = client().await.database(&copy);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(dump(&restored, n).await, vec![doc! {"_id": i as i32}], "{n}");
+    }
+
+    // A manifest that points a collection at another file is refused, and nothing changes.
+    let manifest = snap.join("dbshift-manifest.json");
+    let text_before = std::fs::read_to_string(&manifest).unwrap();
+    let tampered = text_before.replace("x%2F..%2F..%2F..%2Fup.bson", "../../../../etc/passwd");
+    assert_ne!(tampered, text_before);
+    std::fs::write(&manifest, tampered).unwrap();
+    let before = dump_db(&restored).await;
+    let o = cli(&["restore", "--from", snap.to_str().unwrap(), "--tenant", &copy], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("refusing a file outside the snapshot's layout"), "{}", text(&o));
+    assert_eq!(dump_db(&restored).await, before);
+}
