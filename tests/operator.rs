@@ -149,6 +149,13 @@ impl Env {
         db.collection::<Document>("customers").insert_many(docs).await.unwrap();
     }
 
+    /// `n` plain customers.
+    async fn seed_many(&self, i: usize, n: i32) {
+        let db = self.mongo.database(&self.tenant(i));
+        let docs: Vec<Document> = (0..n).map(|n| doc! { "_id": n, "name": format!("customer {n} of {i}") }).collect();
+        db.collection::<Document>("customers").insert_many(docs).await.unwrap();
+    }
+
     async fn customers(&self, i: usize) -> Vec<Vec<u8>> {
         common::dump_bytes(&self.mongo.database(&self.tenant(i)), "customers").await
     }
@@ -438,6 +445,118 @@ async fn a_failure_under_continue_migrates_the_others() {
     assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, TenantPhase::Failed);
     let p = st.progress.unwrap();
     assert_eq!((p.succeeded, p.failed), (3, 1));
+}
+
+/// A transform slow enough on 5,000 documents (50 per batch) that a pod can be evicted in the
+/// middle of it.
+const UPPER: &str = r#"
+up:
+  - transform:
+      collection: customers
+      batchSize: 50
+      script: |
+        (d) => { d.name = d.name.toUpperCase(); return d; }
+"#;
+
+/// Three tenants, one at a time. While tenant 1's migration runs (its record says `applying`),
+/// its pod is evicted through the Eviction API, as a node drain does: the runner gets SIGTERM,
+/// stops at a safe point, undoes the migration, records it and exits. The policy decides the rest.
+///
+/// Kubernetes before 1.26 (no Job tracking finalizers) does not count a deleted pod as a
+/// failure: the Job starts another pod at once, which waits for the tenant's lock while the
+/// first undoes, then migrates it. There the tenant ends migrated exactly once and every
+/// policy sees a success: checked here, and `None` is returned.
+async fn evicted_tenant(policy: &str) -> Option<(Env, DatabaseMigration, Vec<Vec<Vec<u8>>>)> {
+    use k8s_openapi::api::core::v1::Pod;
+    let mut env = Env::new(&format!("evict-{policy}")).await;
+    let mut before = Vec::new();
+    for i in 0..3 {
+        env.seed_many(i, if i == 1 { 5000 } else { 20 }).await;
+        before.push(env.customers(i).await);
+    }
+    env.migrations("migrations", &[("20250101000000_upper.yaml", UPPER)]).await;
+    env.start_controller();
+    env.apply(&env.resource("evict", &format!("  rollout: {{ maxParallel: 1, onFailure: {policy} }}"))).await;
+    let records = env.mongo.database(&env.tenant(1)).collection::<Document>("_dbshift_migrations");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while records.count_documents(doc! {"state": "applying"}).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "tenant 1 never started migrating\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let lp = ListParams::default().labels(&format!("dbshift.io/tenant={}", env.tenant(1)));
+    let pod = pods.list(&lp).await.unwrap().items.into_iter().next().expect("tenant 1's pod");
+    pods.evict(&pod.name_any(), &kube::api::EvictParams::default()).await.expect("evict");
+    let d = env.wait_final("evict", 300).await;
+    let minor = env.client.apiserver_version().await.unwrap().minor;
+    if minor.trim_end_matches('+').parse::<u32>().unwrap() < 26 {
+        let st = d.status.clone().unwrap();
+        assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+        for i in 0..3 {
+            assert!(upper(&env.docs(i).await), "tenant {i} is migrated");
+            assert_eq!(env.records(i).await.len(), 1, "tenant {i}: one record");
+            assert_eq!(env.records(i).await[0].1, "applied");
+        }
+        let t1 = common::dump(&env.mongo.database(&env.tenant(1)), "_dbshift_migrations").await;
+        // The second pod changed every document from the original: the first one's work was undone.
+        assert_eq!(t1[0].get_i64("documentsAffected"), Ok(5000), "{t1:?}");
+        return None;
+    }
+    // The evicted tenant undid its own migration and says why.
+    assert_eq!(env.customers(1).await, before[1], "tenant 1 is not exactly as before\n{}", env.log_tail());
+    let rec = common::dump(&env.mongo.database(&env.tenant(1)), "_dbshift_migrations").await;
+    assert!(rec.iter().all(|r| r.get_str("state") == Ok("failed")), "{rec:?}");
+    assert!(rec[0].get_str("error").unwrap_or_default().contains("SIGTERM"), "{rec:?}");
+    let locks = common::dump(&env.mongo.database(&env.tenant(1)), "_dbshift_lock").await;
+    assert!(locks.is_empty(), "the lock was released: {locks:?}");
+    Some((env, d, before))
+}
+
+fn upper(docs: &[Document]) -> bool {
+    !docs.is_empty() && docs.iter().all(|d| d.get_str("name").is_ok_and(|n| n.starts_with("CUSTOMER")))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn an_evicted_pod_under_halt_leaves_its_tenant_as_before_and_stops() {
+    let Some((env, d, before)) = evicted_tenant("halt").await else { return };
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    assert!(upper(&env.docs(0).await), "tenant 0 keeps its migration");
+    assert_eq!(tenant_entry(&d, &env.tenant(0)).phase, TenantPhase::Succeeded);
+    let t1 = tenant_entry(&d, &env.tenant(1));
+    assert_eq!(t1.phase, TenantPhase::Failed);
+    assert!(t1.error.as_deref().unwrap_or_default().contains("SIGTERM"), "{t1:?}");
+    assert_eq!(env.customers(2).await, before[2], "tenant 2 was not to be touched");
+    assert_eq!(tenant_entry(&d, &env.tenant(2)).phase, TenantPhase::Skipped);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn an_evicted_pod_under_continue_leaves_its_tenant_as_before_and_migrates_the_others() {
+    let Some((env, d, _)) = evicted_tenant("continue").await else { return };
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    for i in [0, 2] {
+        assert!(upper(&env.docs(i).await), "tenant {i}");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).phase, TenantPhase::Succeeded);
+    }
+    assert_eq!(tenant_entry(&d, &env.tenant(1)).phase, TenantPhase::Failed);
+    let p = st.progress.unwrap();
+    assert_eq!((p.succeeded, p.failed), (2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn an_evicted_pod_under_rollback_leaves_every_tenant_as_before() {
+    let Some((env, d, before)) = evicted_tenant("rollback").await else { return };
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::RolledBack), "{:?}\n{}", st.message, env.log_tail());
+    for i in 0..3 {
+        assert_eq!(env.customers(i).await, before[i], "tenant {i} is not exactly as before");
+    }
+    assert_eq!(tenant_entry(&d, &env.tenant(0)).phase, TenantPhase::RolledBack);
+    assert_eq!(tenant_entry(&d, &env.tenant(2)).phase, TenantPhase::Skipped);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -122,19 +122,39 @@ impl ApiServer {
         job
     }
 
-    /// The list of a finished Job's pods, answered with a runner that wrote `result`.
+    /// The list of a finished Job's pods, answered with a runner that wrote `result`; then the
+    /// pod's finalizer is released (a JSON patch that tests it first).
     async fn pods(&mut self, job: &Job, exit_code: i32, result: Value) {
         let c = self.expect("GET", &format!("/api/v1/namespaces/{NS}/pods")).await;
         let name = job.metadata.name.clone().unwrap();
         assert!(c.query.contains(&format!("job-name%3D{name}")), "{}", c.query);
         let pod = json!({
-            "metadata": { "name": format!("{name}-x"), "namespace": NS },
-            "status": { "containerStatuses": [{
+            "metadata": { "name": format!("{name}-x"), "namespace": NS,
+                          "finalizers": ["batch.kubernetes.io/job-tracking", "dbshift.io/runner-result"] },
+            "status": { "phase": if exit_code == 0 { "Succeeded" } else { "Failed" }, "containerStatuses": [{
                 "name": "runner", "image": "dbshift:test", "imageID": "", "ready": false, "restartCount": 0,
                 "state": { "terminated": { "exitCode": exit_code, "message": result.to_string() } }
             }]}
         });
-        c.answer(200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
+        c.answer(200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod.clone()]}));
+        let c = self.expect("PATCH", &format!("/api/v1/namespaces/{NS}/pods/{name}-x")).await;
+        assert_eq!(
+            c.body,
+            json!([
+                { "op": "test", "path": "/metadata/finalizers/1", "value": "dbshift.io/runner-result" },
+                { "op": "remove", "path": "/metadata/finalizers/1" },
+            ])
+        );
+        c.answer(200, pod);
+    }
+
+    /// The lists of runner pods a deleted resource releases (none left).
+    async fn no_pods_left(&mut self, selectors: &[&str]) {
+        for sel in selectors {
+            let c = self.expect("GET", &format!("/api/v1/namespaces/{NS}/pods")).await;
+            assert!(c.query.contains(sel), "{}", c.query);
+            c.answer(200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
+        }
     }
 
     /// Nothing more is asked.
@@ -409,6 +429,7 @@ async fn deletion_lets_running_jobs_finish_starts_nothing_then_releases_the_fina
     assert_eq!(st.phase, Some(Phase::Failed), "deleted before every tenant ran");
     assert_eq!((entry(&st, "rc_t1"), entry(&st, "rc_t2")), (TenantPhase::Skipped, TenantPhase::Skipped));
     api.event("Failed").await;
+    api.no_pods_left(&["dbshift.io%2Fmigration%3Dadd-flag", "dbshift.io%2Frun%3D"]).await;
     let c = api.expect("PATCH", &resource_path()).await;
     assert_eq!(c.body["metadata"]["finalizers"], json!([]));
     c.answer(200, serde_json::to_value(resource(st.clone())).unwrap());

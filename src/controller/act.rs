@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Resource as _, ResourceExt};
 
@@ -60,6 +60,50 @@ pub async fn set_finalizers(
     let patch = serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": r.dbm.resource_version() } });
     r.api.patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(kube(action))?;
     ctx.metrics.write("finalizer");
+    Ok(())
+}
+
+/// Let go of runner pods whose result was read (or that will never have one to read): remove
+/// [`jobs::POD_FINALIZER`] from each that has ended or is being deleted. A JSON patch that
+/// tests the entry first, so another finalizer removed meanwhile is never put back; one that
+/// fails is released at the next look.
+pub async fn release_pods(ctx: &Context, ns: &str, pods: &[Pod]) {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for p in pods {
+        let ended =
+            p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
+        if !ended && p.metadata.deletion_timestamp.is_none() {
+            continue;
+        }
+        let Some(i) = p.finalizers().iter().position(|f| f == jobs::POD_FINALIZER) else { continue };
+        let path = format!("/metadata/finalizers/{i}");
+        let ops = serde_json::json!([
+            { "op": "test", "path": path, "value": jobs::POD_FINALIZER },
+            { "op": "remove", "path": path },
+        ]);
+        let patch: json_patch::Patch = match serde_json::from_value(ops) {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        ctx.metrics.write("pod finalizer");
+        if let Err(e) = api.patch(&p.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+            tracing::warn!(pod = %p.name_any(), error = %e, "could not release a runner pod; retrying later");
+        }
+    }
+}
+
+/// Release every runner pod of the resource (it is being deleted: nothing more is read).
+pub async fn release_all_pods(ctx: &Context, r: &Resource<'_>, run: Option<&str>) -> Result<(), ActError> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
+    let mut selectors = vec![format!("{}={}", jobs::LABEL_MIGRATION, r.name)];
+    selectors.extend(run.map(|id| format!("{}={id}", jobs::LABEL_RUN)));
+    for sel in selectors {
+        let pods = api
+            .list(&kube::api::ListParams::default().labels(&sel))
+            .await
+            .map_err(kube("listing runner pods to release"))?;
+        release_pods(ctx, &r.ns, &pods.items).await;
+    }
     Ok(())
 }
 

@@ -25,6 +25,10 @@ pub const LABEL_RUN: &str = "dbshift.io/run";
 pub const LABEL_ACTION: &str = "dbshift.io/action";
 pub const LABEL_TENANT: &str = "dbshift.io/tenant";
 pub const ANNOTATION_TENANT: &str = "dbshift.io/tenant";
+/// On every runner pod: the pod stays until the controller has read its result (its
+/// termination message). An evicted or deleted pod would otherwise be gone, with the tenant's
+/// report, before the controller sees its Job end.
+pub const POD_FINALIZER: &str = "dbshift.io/runner-result";
 
 /// Where the runner container finds things.
 pub const MIGRATIONS_DIR: &str = "/migrations";
@@ -160,6 +164,7 @@ pub fn build_job(
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
                     annotations: Some(annotations),
+                    finalizers: Some(vec![POD_FINALIZER.into()]),
                     ..Default::default()
                 }),
                 spec: Some(pod),
@@ -554,6 +559,8 @@ spec:
         assert_eq!(labels[LABEL_RUN], "shop-g2-abc123");
         assert_eq!(labels[LABEL_TENANT], "tenant_b");
         assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+        let meta = job.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+        assert_eq!(meta.finalizers, Some(vec![POD_FINALIZER.to_string()]), "a pod stays until its result is read");
     }
 
     #[test]

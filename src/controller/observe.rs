@@ -178,6 +178,8 @@ async fn read_outcomes(ctx: &Context, ns: &str, jobs: Vec<Arc<Job>>) -> Result<V
             .await
             .map_err(|e| ObserveError::Pods { job: jn, source: Box::new(e) })?;
         let o = jobs::outcome(&job, &pods.items);
+        // Read: the pods may go now.
+        super::act::release_pods(ctx, ns, &pods.items).await;
         read.push((job, o));
     }
     Ok(read)

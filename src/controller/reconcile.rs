@@ -102,6 +102,8 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
             }
         }
     }
+    // Nothing more will be read: the runner pods may go with their Jobs.
+    act::release_all_pods(ctx, r, r.active_run().as_deref()).await?;
     let fins: Vec<String> = r.dbm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
     act::set_finalizers(ctx, r, fins, "removing the finalizer").await?;
     ctx.runs.lock().expect("lock").remove(&r.key);

@@ -19,7 +19,7 @@ CONTROLLER_RULES = {
     ("dbshift.io", "databasemigrations/status"): {"patch"},
     ("dbshift.io", "databasemigrations/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "create"},
-    ("", "pods"): {"list"},
+    ("", "pods"): {"list", "patch"},
     ("", "secrets"): {"get"},
     ("", "configmaps"): {"get", "create"},
     ("events.k8s.io", "events"): {"create", "patch"},

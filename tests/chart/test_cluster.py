@@ -232,6 +232,7 @@ def test_invalid_resource_is_refused(cluster):
     ("delete", "jobs.batch", "shop", False),
     ("update", "jobs.batch", "shop", False),
     ("list", "pods", "shop", True),
+    ("patch", "pods", "shop", True),
     ("delete", "pods", "shop", False),
     ("get", "secrets", "shop", True),
     ("list", "secrets", "shop", False),
