@@ -222,7 +222,9 @@ fn margin(ttl: Duration) -> Duration {
 
 /// `expiresAt`: `ttl` from now on the server's clock.
 fn expiring(ttl: Duration) -> Document {
-    doc! {"$set": {"expiresAt": {"$add": ["$$NOW", ttl.as_millis() as i64]}}}
+    // As numbers, then a date: some servers (SecantusDB's Rust build) refuse `$add` of a date.
+    let at = doc! {"$add": [{"$toLong": "$$NOW"}, ttl.as_millis() as i64]};
+    doc! {"$set": {"expiresAt": {"$toDate": at}}}
 }
 
 /// One attempt: `None` when taken (or already ours), or who holds it.
