@@ -208,16 +208,8 @@ fn content(d: &Document) -> BTreeMap<String, Bson> {
     d.iter().filter(|(k, _)| *k != "counter").map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-async fn all(coll: &Collection<Document>) -> BTreeMap<i32, Document> {
-    coll.find(doc! {})
-        .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.get_i32("_id").unwrap(), d))
-        .collect()
+async fn all(db: &Database) -> BTreeMap<i32, Document> {
+    dump(db, COLL).await.into_iter().map(|d| (d.get_i32("_id").unwrap(), d)).collect()
 }
 
 async fn seeded(db: &Database, case: &Case, n: i32) -> Model {
@@ -248,7 +240,7 @@ async fn live(uri: &str, case: &Case, n: i32) {
     let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
     let during_up = app.stop().await;
     assert!(r.ok, "{}: up failed: {:?}", case.name, r.error);
-    let now = all(&coll).await;
+    let now = all(&db).await;
     let known = model.lock().unwrap().clone();
     let (mut migrated_seen, mut writes_checked) = (0, 0);
     for (id, k) in &known {
@@ -288,7 +280,7 @@ async fn live(uri: &str, case: &Case, n: i32) {
     assert!(r.ok, "{}: down failed: {:?}", case.name, r.error);
     assert_eq!(r.migrations[0].state, OutcomeState::RolledBack);
     assert!(r.migrations[0].conflicts.is_none(), "{}: conflicts {:?}", case.name, r.migrations[0].conflicts);
-    let now = all(&coll).await;
+    let now = all(&db).await;
     let known = model.lock().unwrap().clone();
     for (id, k) in &known {
         match (k.deleted, now.get(id)) {
@@ -347,7 +339,7 @@ async fn a_field_changed_again_after_the_migration_is_a_reported_conflict() {
     let mut got = c.ids.clone();
     got.sort();
     assert_eq!(got, ids);
-    let now = all(&coll).await;
+    let now = all(&db).await;
     for (id, d) in &now {
         assert_eq!(content(d), content(&(case.seed)(*id)), "{id}: the pre-image wins");
         assert_eq!(d.get_i64("counter"), Ok(9), "{id}");

@@ -749,6 +749,8 @@ async fn a_dry_run_writes_nothing() {
     }
     let snaps = env.mongo.database("dbshift_snapshots").list_collection_names().await.unwrap();
     assert!(!snaps.iter().any(|n| n.contains(&env.prefix)), "a dry run took a snapshot: {snaps:?}");
+    // An application waiting on it is not released against an unmigrated database.
+    assert_eq!(env.wait_cli("dry"), Some(1));
 }
 
 /// The controller as users run it: installed from the Helm chart (rendered by tests/run.sh into

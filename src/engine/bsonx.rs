@@ -91,7 +91,7 @@ pub fn type_name(b: &Bson) -> &'static str {
 pub fn to_js_json(b: &Bson) -> Json {
     const SAFE: i64 = 1 << 53;
     match b {
-        Bson::Int64(v) if v.abs() > SAFE => serde_json::json!({ "$numberLong": v.to_string() }),
+        Bson::Int64(v) if v.unsigned_abs() > SAFE as u64 => serde_json::json!({ "$numberLong": v.to_string() }),
         Bson::Document(d) => Json::Object(d.iter().map(|(k, v)| (k.clone(), to_js_json(v))).collect()),
         Bson::Array(a) => Json::Array(a.iter().map(to_js_json).collect()),
         other => other.clone().into_relaxed_extjson(),

@@ -120,16 +120,25 @@ impl JobResult {
         let mut r = self.clone();
         r.error = r.error.map(|e| cut(&e, 1500));
         r.failed_checks = r.failed_checks.iter().take(5).map(|c| cut(c, 200)).collect();
+        // Shortened field by field, never cut as text: a result cut inside an escape sequence
+        // would not parse, and the controller would take the tenant for a dead runner.
         loop {
             let s = serde_json::to_string(&r).expect("serializable");
-            if s.len() <= MAX_RESULT || (r.done.is_empty() && r.failed_checks.is_empty()) {
-                return if s.len() <= MAX_RESULT { s } else { cut(&s, MAX_RESULT) };
+            if s.len() <= MAX_RESULT {
+                return s;
             }
             if !r.failed_checks.is_empty() {
                 r.failed_checks.pop();
-            } else {
+            } else if !r.done.is_empty() {
                 r.done.pop();
                 r.more += 1;
+            } else if let Some(e) = r.error.as_ref().filter(|e| e.len() > 16) {
+                // Escapes can make a message six times longer in JSON than in text.
+                r.error = Some(cut(e, e.len() / 2));
+            } else {
+                let mut tiny = JobResult::failed(&cut(&r.tenant, 63), "the result did not fit", Exit::Failed);
+                tiny.code = r.code;
+                return serde_json::to_string(&tiny).expect("serializable");
             }
         }
     }
@@ -191,6 +200,18 @@ mod tests {
         assert_eq!(back.done.len() + back.more, 500);
         assert!(back.more > 0);
         assert_eq!((back.backup, back.rollback, back.restored), (r.backup, r.rollback, r.restored));
+    }
+
+    #[test]
+    fn an_error_of_control_characters_still_gives_valid_json() {
+        for error in ["\u{1}".repeat(5000), "\"\\".repeat(3000), "é\u{7}".repeat(3000)] {
+            let r = JobResult::failed("t", &error, Exit::Failed);
+            let s = r.to_compact_json();
+            assert!(s.len() <= MAX_RESULT, "{}", s.len());
+            let back: JobResult = serde_json::from_str(&s).expect("valid JSON");
+            assert_eq!(back.code, Exit::Failed.code());
+            assert!(!back.error.unwrap().is_empty());
+        }
     }
 
     #[test]

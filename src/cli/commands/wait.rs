@@ -43,6 +43,10 @@ pub fn verdict(dbm: &DatabaseMigration) -> Verdict {
     }
     let stalled = st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True");
     match st.phase {
+        // A dry run migrates nothing: an application waiting on it must not start.
+        Some(Phase::Succeeded) if dbm.spec.dry_run => Verdict::Failed(format!(
+            "it is a dry run (spec.dryRun: true): nothing was migrated ({message}); wait on a resource that migrates"
+        )),
         Some(Phase::Succeeded) => Verdict::Ready,
         Some(Phase::Failed | Phase::RolledBack) => Verdict::Failed(message),
         _ if stalled => Verdict::Failed(message),
@@ -133,5 +137,8 @@ status: {status}
         assert!(matches!(verdict(&dbm("{ observedGeneration: 2, phase: RolledBack }", 2)), Verdict::Failed(_)));
         let stalled = "{ observedGeneration: 2, phase: Pending, conditions: [{type: Stalled, status: 'True', reason: X, message: m, lastTransitionTime: '2026-01-01T00:00:00Z'}] }";
         assert!(matches!(verdict(&dbm(stalled, 2)), Verdict::Failed(_)));
+        let mut dry = dbm("{ observedGeneration: 2, phase: Succeeded }", 2);
+        dry.spec.dry_run = true;
+        assert!(matches!(verdict(&dry), Verdict::Failed(m) if m.contains("dry run")), "a dry run releases nothing");
     }
 }

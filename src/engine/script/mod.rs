@@ -218,6 +218,16 @@ mod tests {
     }
 
     #[test]
+    fn the_extreme_64_bit_integers_stay_64_bit_integers() {
+        let t = Transformer::new("(d) => { d.copy = d.v; d.copy2 = d.w; return d; }").unwrap();
+        let out = run(&t, &[doc! {"_id": 1, "v": i64::MIN, "w": i64::MAX}]).unwrap();
+        let d = out[0].as_ref().unwrap();
+        assert_eq!(d.get_i64("copy"), Ok(i64::MIN), "{d}");
+        assert_eq!(d.get_i64("copy2"), Ok(i64::MAX), "{d}");
+        assert_eq!(d.get_i64("v"), Ok(i64::MIN), "{d}");
+    }
+
+    #[test]
     fn a_script_that_never_finishes_evaluating_is_stopped() {
         let t0 = Instant::now();
         let e = Transformer::new("(() => { for (;;) {} })()").unwrap_err();

@@ -75,7 +75,7 @@ fn write_value<'a>(
         RawBsonRef::Int32(v) => {
             let _ = write!(out, "{v}");
         }
-        RawBsonRef::Int64(v) if v.abs() <= SAFE => {
+        RawBsonRef::Int64(v) if v.unsigned_abs() <= SAFE as u64 => {
             let _ = write!(out, "{v}");
         }
         RawBsonRef::Double(v) if v.is_finite() => {
