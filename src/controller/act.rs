@@ -95,6 +95,8 @@ pub async fn release_pods(ctx: &Context, ns: &str, pods: &[Pod]) {
 /// Release every runner pod of the resource (it is being deleted: nothing more is read).
 pub async fn release_all_pods(ctx: &Context, r: &Resource<'_>, run: Option<&str>) -> Result<(), ActError> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
+    // Pods carry the resource's name as a label only where it is a valid label value; the
+    // active run's label finds them otherwise.
     let mut selectors = vec![format!("{}={}", jobs::LABEL_MIGRATION, r.name)];
     selectors.extend(run.map(|id| format!("{}={id}", jobs::LABEL_RUN)));
     for sel in selectors {
