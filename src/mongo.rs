@@ -16,6 +16,8 @@ pub mod code {
     pub const NAMESPACE_NOT_FOUND: i32 = 26;
     /// `dropIndexes` of an index that does not exist.
     pub const INDEX_NOT_FOUND: i32 = 27;
+    /// `create` of a collection that exists.
+    pub const NAMESPACE_EXISTS: i32 = 48;
     /// A write conflicted with a concurrent transaction (retryable).
     pub const WRITE_CONFLICT: i32 = 112;
     /// `$convert` without `onError` met a value it cannot convert.

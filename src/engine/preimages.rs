@@ -123,6 +123,12 @@ pub fn raw_id(d: &RawDocument) -> Bson {
     }
 }
 
+/// An `_id` as bytes, type included: equal exactly when it is the same stored value (`Bson`'s
+/// `==` holds a NaN `_id` different from itself, and such a document would never be found).
+pub fn id_key(id: &Bson) -> Vec<u8> {
+    bson::to_vec(&doc! {"": id.clone()}).unwrap_or_default()
+}
+
 /// The top-level fields that differ between two versions of a document (changed, added or
 /// removed), in the order they appear (old first, then the new ones).
 pub fn changed_fields(old: &RawDocument, new: &RawDocument) -> Vec<String> {
@@ -376,7 +382,7 @@ impl Store {
             .try_collect()
             .await
             .map_err(reading())?;
-        let mut voided: Vec<(i64, Bson)> = Vec::new();
+        let mut voided: Vec<(i64, Vec<u8>)> = Vec::new();
         let mut out = Vec::new();
         for c in &all {
             let n = c.get_i64("_id").map_err(|_| self.damaged("a chunk has no number"))?;
@@ -386,7 +392,7 @@ impl Store {
                 ));
             }
             if let Ok(ids) = c.get_array("void") {
-                voided.extend(ids.iter().map(|i| (n, i.clone())));
+                voided.extend(ids.iter().map(|i| (n, id_key(i))));
                 continue;
             }
             let bytes =
@@ -395,7 +401,8 @@ impl Store {
             for raw in split_documents(bytes).map_err(|e| self.damaged(&e))? {
                 let e = Entry::from_raw(&raw).map_err(|e| self.damaged(&e))?;
                 // A void names entries stored before it.
-                if !voided.iter().any(|(vn, id)| *vn > n && *id == e.id) {
+                let key = id_key(&e.id);
+                if !voided.iter().any(|(vn, id)| *vn > n && *id == key) {
                     entries.push(e);
                 }
             }
@@ -440,6 +447,14 @@ pub async fn forget(db: &Database, prefix: &str) -> Result<(), ExecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_keys_are_equal_exactly_for_the_same_stored_value() {
+        assert_eq!(id_key(&Bson::Double(f64::NAN)), id_key(&Bson::Double(f64::NAN)), "NaN is one _id");
+        assert_ne!(id_key(&Bson::Int32(1)), id_key(&Bson::Int64(1)));
+        assert_eq!(id_key(&Bson::Document(doc! {"a": 1})), id_key(&Bson::Document(doc! {"a": 1})));
+        assert_ne!(id_key(&Bson::Document(doc! {"a": 1, "b": 2})), id_key(&Bson::Document(doc! {"b": 2, "a": 1})));
+    }
 
     fn raw(d: Document) -> RawDocumentBuf {
         RawDocumentBuf::from_document(&d).unwrap()

@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 use super::{count, data_err, filter_problem, restore};
 use super::{Exec, ExecError, Op, Operation, Prepared};
 use crate::engine::bsonx::filter_doc;
-use crate::engine::pass::{self, Rewrite, Rewritten};
+use crate::engine::pass::{self, NewVersions, Rewrite, Rewritten};
 use crate::engine::script;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -81,7 +81,7 @@ impl Op for Transform {
 /// batches go in, each document's new version (or none) comes out.
 struct Script {
     to_js: Option<tokio::sync::mpsc::Sender<Vec<RawDocumentBuf>>>,
-    from_js: tokio::sync::mpsc::Receiver<Result<Vec<Option<RawDocumentBuf>>, String>>,
+    from_js: tokio::sync::mpsc::Receiver<Result<NewVersions, String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -103,7 +103,7 @@ impl Script {
                 let mut busy = Duration::ZERO;
                 while let Some(docs) = batches.blocking_recv() {
                     let started = Instant::now();
-                    let r = t.run_batch(&docs);
+                    let r = t.run_batch(&docs).map(|new| (docs, new));
                     busy += started.elapsed();
                     let failed = r.is_err();
                     if out.blocking_send(r).is_err() || failed {
@@ -118,9 +118,9 @@ impl Script {
 }
 
 impl Rewrite for Script {
-    async fn rewrite(&mut self, docs: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, ExecError> {
+    async fn rewrite(&mut self, docs: Vec<RawDocumentBuf>) -> Result<NewVersions, ExecError> {
         let stopped = || ExecError::Data("the transform script stopped".into());
-        self.to_js.as_ref().ok_or_else(stopped)?.send(docs.to_vec()).await.map_err(|_| stopped())?;
+        self.to_js.as_ref().ok_or_else(stopped)?.send(docs).await.map_err(|_| stopped())?;
         self.from_js.recv().await.ok_or_else(stopped)?.map_err(ExecError::Data)
     }
 }
