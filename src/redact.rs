@@ -7,6 +7,8 @@
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
+use std::sync::Mutex;
+
 /// URI options whose values are secrets.
 const SECRET_OPTIONS: &[&str] = &["tlscertificatekeyfilepassword", "authmechanismproperties", "password"];
 
@@ -64,6 +66,7 @@ impl Redactor {
         secrets.retain(|s| !s.is_empty());
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
+        remember(&secrets);
         Redactor { secrets }
     }
 
@@ -119,5 +122,58 @@ mod tests {
         let r = Redactor::for_uri(uri);
         let out = r.apply("options tlsCertificateKeyFilePassword=k3yp4ss token t0k3nv4lue");
         assert!(!out.contains("k3yp4ss") && !out.contains("t0k3nv4lue"), "{out}");
+    }
+}
+
+/// Every secret a [`Redactor`] was made for in this process (the newest [`REMEMBERED`]), for
+/// the panic hook.
+static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+const REMEMBERED: usize = 4096;
+
+fn remember(secrets: &[String]) {
+    let Ok(mut seen) = SEEN.lock() else { return };
+    for s in secrets {
+        if !seen.contains(s) {
+            seen.push(s.clone());
+        }
+    }
+    let extra = seen.len().saturating_sub(REMEMBERED);
+    seen.drain(..extra);
+    seen.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every secret seen so far replaced.
+fn redact_seen(text: &str) -> String {
+    let seen = match SEEN.lock() {
+        Ok(s) => s.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    Redactor { secrets: seen }.apply(text)
+}
+
+/// A panic hook that redacts: a panic's message can carry a value that holds a URI. This is a
+/// backstop (errors are redacted where they are made); it prints the message and where, with
+/// every secret any redactor of this process was made for replaced, and no backtrace.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("dbshift panicked, a bug (please report it): {}{at}", redact_seen(&message));
+    }));
+}
+
+#[cfg(test)]
+mod seen_tests {
+    #[test]
+    fn the_panic_hook_redacts_every_secret_seen() {
+        let _ = super::Redactor::for_uri("mongodb://app:Hook%E2%82%ACpw1@db.example:27017/?authSource=admin");
+        let text =
+            super::redact_seen("called `unwrap()` on mongodb://app:Hook%E2%82%ACpw1@db.example:27017 (Hook€pw1)");
+        assert!(!text.contains("Hook"), "{text}");
     }
 }

@@ -95,7 +95,28 @@ async fn lint_names_each_bad_number_name_and_script() {
         ("up:\n  - addField: { collection: items, field: \"a\\0b\", value: 1 }\n", "contains a NUL character"),
         ("up:\n  - renameField: { collection: items, from: name, to: \"x\\0\" }\n", "contains a NUL character"),
         ("up:\n  - transform: { collection: items, script: '(() => { for (;;) {} })()' }\n", "took longer than 5 s"),
-    ] {
+    ]
+    .into_iter()
+    .map(|(f, s)| (f.to_string(), s))
+    .chain([
+        // Nested far deeper than any document can be: refused before the YAML parser sees it.
+        (
+            format!(
+                "up:\n  - addField: {{ collection: items, field: a, value: {}{} }}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            "nested deeper than 108 levels",
+        ),
+        (
+            format!(
+                "up:\n  - addField:\n{}",
+                (0..2000).map(|i| format!("{}k:\n", " ".repeat(4 + i))).collect::<String>()
+            ),
+            "nested deeper than 108 levels",
+        ),
+    ]) {
+        let file = file.as_str();
         let dir = migrations(&[("20250101000000_bad.yaml", file)]);
         let d = dir.path().to_str().unwrap();
         for args in [vec!["lint", "--dir", d], vec!["up", "--dir", d, "--tenant", db.name()]] {
@@ -109,6 +130,31 @@ async fn lint_names_each_bad_number_name_and_script() {
     }
     assert_eq!(dump(&db, "items").await, vec![doc! {"_id": 1, "name": "a"}]);
     assert!(!db.list_collection_names().await.unwrap().iter().any(|n| n.starts_with("_dbshift")));
+}
+
+/// A transform whose result nests deeper than MongoDB allows fails the step with a clear error
+/// (not a stack overflow that aborts the process with the lock held), and nothing changes.
+#[tokio::test]
+async fn a_transform_returning_too_deep_a_document_fails_cleanly() {
+    let db = fresh_db("hostile_deep").await;
+    let docs: Vec<Document> = (0..3).map(|i| doc! {"_id": i, "name": "a"}).collect();
+    db.collection::<Document>("items").insert_many(docs.clone()).await.unwrap();
+    for (levels, says) in [(150, "nested deeper than 100 levels"), (100_000, "step 1 (transform)")] {
+        let script = format!(
+            "(d) => {{ const o = {{}}; let x = o; for (let i = 0; i < {levels}; i++) {{ x.a = {{}}; x = x.a; }} d.deep = o; return d; }}"
+        );
+        let file = format!("up:\n  - transform:\n      collection: items\n      script: \"{script}\"\n");
+        let dir = migrations(&[("20250101000000_deep.yaml", &file)]);
+        let d = dir.path().to_str().unwrap();
+        for _ in 0..2 {
+            // Twice: the first run released its lock.
+            let o =
+                cli(&["up", "--dir", d, "--tenant", db.name(), "--lock-wait", "0"], &[("DBSHIFT_MONGODB_URI", &uri())]);
+            assert_eq!(o.status.code(), Some(1), "{levels} levels: {}", text(&o));
+            assert!(text(&o).contains(says), "{levels} levels: {}", text(&o));
+        }
+        assert_eq!(dump(&db, "items").await, docs, "{levels} levels");
+    }
 }
 
 /// Collection names are not paths: a snapshot never writes outside its directory, restore reads

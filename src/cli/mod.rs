@@ -128,6 +128,7 @@ pub enum Command {
 
 /// Entry point of the binary.
 pub async fn main() -> ExitCode {
+    crate::redact::install_panic_hook();
     let mut cli = Cli::parse();
     init_logging(&cli.command);
     if let (None, Some(file)) = (&cli.global.uri, &cli.global.uri_file) {

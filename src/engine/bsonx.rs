@@ -25,6 +25,11 @@ pub fn filter_doc(value: Option<&Json>) -> Result<Document, String> {
     value.map(to_doc).transpose().map(|d| d.unwrap_or_default())
 }
 
+/// How deep documents and arrays may nest: MongoDB's limit for a BSON document (a top-level
+/// document is level 1). Every recursive conversion stops here with an error instead of
+/// running out of stack.
+pub const MAX_DEPTH: usize = 100;
+
 /// `a AND b`, without nesting when one side is empty.
 pub fn and(a: Document, b: Document) -> Document {
     if a.is_empty() {

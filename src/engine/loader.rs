@@ -149,6 +149,10 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, L
                 continue;
             }
         };
+        if let Err((line, message)) = check_shape(&text) {
+            errors.push(err(line, None, message));
+            continue;
+        }
         let file: MigrationFile = match parse_yaml(&text) {
             Ok(f) => f,
             Err(e) => {
@@ -185,6 +189,95 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Vec<Migration>, L
     } else {
         Err(LoadError { errors })
     }
+}
+
+/// The largest migration file: a Kubernetes ConfigMap holds 1 MiB, and a file's documents end
+/// up in MongoDB documents of at most 16 MiB.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+/// How deep a file may nest: the documents in it nest at most [`bsonx::MAX_DEPTH`] levels, and
+/// the file's own structure (`up`, the list, the operation, its fields) adds a few.
+pub const MAX_FILE_DEPTH: usize = crate::engine::bsonx::MAX_DEPTH + 8;
+
+/// Size and nesting, checked before the YAML parser sees the text (a deeply nested file takes
+/// it seconds to minutes). Counts block indentation levels, `- ` entries and `[` / `{` outside
+/// quotes, comments and block scalars (a script's braces are not nesting). Returns the line
+/// where the limit was passed.
+fn check_shape(text: &str) -> Result<(), (Option<usize>, String)> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err((None, format!("the file is {} bytes; at most {MAX_FILE_BYTES} are read", text.len())));
+    }
+    let too_deep = |line: usize| {
+        Err((
+            Some(line),
+            format!(
+                "nested deeper than {MAX_FILE_DEPTH} levels (documents nest at most {} levels in MongoDB)",
+                crate::engine::bsonx::MAX_DEPTH
+            ),
+        ))
+    };
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // Inside a block scalar (`|`, `>`): lines indented more than this are its text.
+    let mut scalar: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let rest = line.trim_start_matches(' ');
+        if let Some(at) = scalar {
+            if rest.is_empty() || indent > at {
+                continue;
+            }
+            scalar = None;
+        }
+        if rest.is_empty() || rest.starts_with('#') {
+            continue;
+        }
+        if flow == 0 {
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        // `- ` entries on this line nest too (`- - x`).
+        let mut dashes = 0;
+        let b = rest.as_bytes();
+        let mut i = 0;
+        let mut last = b' ';
+        while i < b.len() {
+            match b[i] {
+                b'-' if flow == 0 && last == b' ' && b.get(i + 1).is_none_or(|c| *c == b' ') => dashes += 1,
+                b'#' if last == b' ' => break,
+                b'"' => {
+                    i += 1;
+                    while i < b.len() && b[i] != b'"' {
+                        i += if b[i] == b'\\' { 2 } else { 1 };
+                    }
+                }
+                b'\'' => {
+                    i += 1;
+                    while i < b.len() && b[i] != b'\'' {
+                        i += 1;
+                    }
+                }
+                b'[' | b'{' => flow += 1,
+                b']' | b'}' => flow = flow.saturating_sub(1),
+                b'|' | b'>'
+                    if flow == 0
+                        && last == b' '
+                        && rest[i + 1..].trim_end().bytes().all(|c| c.is_ascii_digit() || c == b'+' || c == b'-') =>
+                {
+                    scalar = Some(indent);
+                    break;
+                }
+                _ => {}
+            }
+            if indents.len() + dashes + flow > MAX_FILE_DEPTH {
+                return too_deep(n + 1);
+            }
+            last = b.get(i).copied().unwrap_or(b' ');
+            i += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Parse a migration file. Operations are written as single-key maps (`- addField: {...}`).

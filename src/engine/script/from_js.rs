@@ -17,7 +17,7 @@ use crate::engine::bsonx;
 
 /// Parse the JSON array of documents (or nulls) the script returned, one per input document.
 pub fn read_documents(json: &str, olds: &[RawDocumentBuf]) -> Result<Vec<Option<RawDocumentBuf>>, String> {
-    let mut p = Parser { s: json, b: json.as_bytes(), i: 0 };
+    let mut p = Parser { s: json, b: json.as_bytes(), i: 0, depth: 0 };
     let mut out = Vec::with_capacity(olds.len());
     let mut more = p.open(b'[', b']')?;
     while more {
@@ -47,6 +47,8 @@ struct Parser<'a> {
     s: &'a str,
     b: &'a [u8],
     i: usize,
+    /// Documents and arrays open around the current position.
+    depth: usize,
 }
 
 /// A parsed value: borrowed from the input where possible.
@@ -119,6 +121,18 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// One level deeper (a document or an array), up to [`bsonx::MAX_DEPTH`].
+    fn enter(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > bsonx::MAX_DEPTH {
+            return Err(format!(
+                "the script returned a document nested deeper than {} levels, MongoDB's limit",
+                bsonx::MAX_DEPTH
+            ));
+        }
+        Ok(())
+    }
+
     /// Move past `open`; for an empty container past `close` too, and say there is nothing in it.
     fn open(&mut self, open: u8, close: u8) -> Result<bool, String> {
         self.expect(open)?;
@@ -143,6 +157,7 @@ impl<'a> Parser<'a> {
 
     /// A document at `{` (a plain one: not Extended JSON).
     fn document(&mut self, old: Option<&RawDocument>) -> Result<RawDocumentBuf, String> {
+        self.enter()?;
         let mut doc = RawDocumentBuf::new();
         let mut more = self.open(b'{', b'}')?;
         let mut olds = OldFields::new(old);
@@ -159,10 +174,12 @@ impl<'a> Parser<'a> {
             }
             more = self.more(b'}')?;
         }
+        self.depth -= 1;
         Ok(doc)
     }
 
     fn array(&mut self, old: Option<&RawArray>) -> Result<RawArrayBuf, String> {
+        self.enter()?;
         let mut arr = RawArrayBuf::new();
         let mut more = self.open(b'[', b']')?;
         let mut olds = old.map(|a| a.into_iter());
@@ -174,6 +191,7 @@ impl<'a> Parser<'a> {
             }
             more = self.more(b']')?;
         }
+        self.depth -= 1;
         Ok(arr)
     }
 
@@ -402,6 +420,16 @@ mod tests {
         assert_eq!(d.get_datetime("at").unwrap().timestamp_millis(), 1_704_164_645_678);
         assert_eq!(d.get("dec").unwrap().to_string(), "1.10");
         assert!(d.get_f64("nan").unwrap().is_nan());
+    }
+
+    #[test]
+    fn nesting_beyond_mongodbs_limit_is_an_error_not_a_stack_overflow() {
+        let deep = |n: usize| format!("[{}{}]", "{\"a\":".repeat(n), "1".to_string() + &"}".repeat(n));
+        assert!(read_documents(&deep(100), &[]).is_ok(), "100 levels is MongoDB's limit");
+        let e = read_documents(&deep(101), &[]).unwrap_err();
+        assert!(e.contains("nested deeper than 100 levels"), "{e}");
+        let arrays = format!("[{{\"a\":{}1{}}}]", "[".repeat(200_000), "]".repeat(200_000));
+        assert!(read_documents(&arrays, &[]).unwrap_err().contains("deeper than 100"));
     }
 
     #[test]

@@ -32,6 +32,9 @@ fn write_fields<'a>(
     path: &mut Vec<Seg<'a>>,
     specials: &mut Vec<serde_json::Value>,
 ) -> Result<(), String> {
+    if path.len() >= bsonx::MAX_DEPTH {
+        return Err(format!("a document is nested deeper than {} levels, MongoDB's limit", bsonx::MAX_DEPTH));
+    }
     out.push('{');
     for (n, el) in d.iter().enumerate() {
         let (k, v) = el.map_err(|e| format!("a document is not valid BSON: {e}"))?;
@@ -59,6 +62,9 @@ fn write_value<'a>(
     match b {
         RawBsonRef::Document(d) => write_fields(d, out, doc, path, specials)?,
         RawBsonRef::Array(a) => {
+            if path.len() >= bsonx::MAX_DEPTH {
+                return Err(format!("a document is nested deeper than {} levels, MongoDB's limit", bsonx::MAX_DEPTH));
+            }
             out.push('[');
             for (n, v) in a.into_iter().enumerate() {
                 let v = v.map_err(|e| format!("a document is not valid BSON: {e}"))?;
