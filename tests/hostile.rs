@@ -205,3 +205,61 @@ async fn collection_names_never_leave_the_snapshot_directory() {
     assert!(text(&o).contains("refusing a file outside the snapshot's layout"), "{}", text(&o));
     assert_eq!(dump_db(&restored).await, before);
 }
+
+/// The `down` stored in a tracking record can be written by anyone who can write the tenant
+/// database: it is checked like a file's, and a `runCommand` in it runs only when the file says
+/// the same (or with --trust-stored-down).
+#[tokio::test]
+async fn a_stored_down_is_checked_and_a_changed_run_command_is_refused() {
+    let db = fresh_db("hostile_down").await;
+    db.collection::<Document>("items").insert_one(doc! {"_id": 1}).await.unwrap();
+    let file =
+        "up:\n  - runCommand: { command: { create: made } }\ndown:\n  - runCommand: { command: { drop: made } }\n";
+    let dir = migrations(&[("20250101000000_cmd.yaml", file)]);
+    let d = dir.path().to_str().unwrap();
+    let envs = [("DBSHIFT_MONGODB_URI", uri())];
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--tenant", db.name()]);
+        cli(&all, &envs)
+    };
+    assert_eq!(run(&["up", "--dir", d]).status.code(), Some(0));
+    let records = db.collection::<Document>("_dbshift_migrations");
+    let tamper = |down: &str| {
+        let records = records.clone();
+        let down = down.to_string();
+        async move {
+            let r = records.update_one(doc! {}, doc! {"$set": {"down": down}}).await.unwrap();
+            assert_eq!(r.matched_count, 1);
+        }
+    };
+    let collections = || async { db.list_collection_names().await.unwrap() };
+    // Another command than the file's.
+    tamper(r#"[{"runCommand":{"command":{"create":"pwned"}}}]"#).await;
+    for args in [vec!["down", "--dir", d], vec!["down", "--dir", d, "--dry-run"]] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("differs from the down in the migration's file"), "{args:?}: {}", text(&o));
+    }
+    assert!(!collections().await.contains(&"pwned".to_string()));
+    // Without the file to compare it with.
+    let empty = migrations(&[]);
+    let o = run(&["down", "--dir", empty.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("the migration's file (with its down) is not here"), "{}", text(&o));
+    // An operation a file could not hold.
+    tamper(r#"[{"transform":{"collection":"items","script":"(d) => d","batchSize":0}}]"#).await;
+    let o = run(&["down", "--dir", d]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("is refused: down[0] (transform): `batchSize` must be between 1"), "{}", text(&o));
+    assert!(collections().await.contains(&"made".to_string()), "nothing was rolled back");
+    // Trusted explicitly, the stored command runs as stored.
+    tamper(r#"[{"runCommand":{"command":{"create":"pwned"}}}]"#).await;
+    assert_eq!(run(&["down", "--dir", d, "--trust-stored-down"]).status.code(), Some(0));
+    assert!(collections().await.contains(&"pwned".to_string()));
+    // And the file's own down, untouched, runs without the flag.
+    assert_eq!(run(&["up", "--dir", d]).status.code(), Some(0));
+    assert_eq!(run(&["down", "--dir", d]).status.code(), Some(0));
+    assert!(!collections().await.contains(&"made".to_string()));
+}

@@ -118,6 +118,41 @@ pub enum PlanError {
     Irreversible(String),
     #[error("{0} is not applied")]
     NotApplied(String),
+    #[error("{0}")]
+    StoredDown(String),
+}
+
+/// A `down` read from a tracking record (anyone who can write the tenant database can write
+/// it) runs only as a file's would: it must parse, every operation must pass the checks a
+/// file's do, and a `runCommand` in it — which can do anything dbshift's credentials allow,
+/// beyond this tenant — only runs when it is exactly what the migration's file says, or when
+/// `trust` is given (`down --trust-stored-down`).
+pub fn check_stored_down(r: &Record, migrations: &[Migration], trust: bool) -> Result<(), PlanError> {
+    let refuse = |why: String| PlanError::StoredDown(format!("the stored down of {} {why}; nothing was changed", r.id));
+    let Some(_) = &r.down else { return Ok(()) };
+    let ops = r.down_ops().map_err(PlanError::Irreversible)?;
+    for (i, op) in ops.iter().enumerate() {
+        let problems: Vec<String> = op.check();
+        if !problems.is_empty() {
+            return Err(refuse(format!("is refused: down[{i}] ({}): {}", op.kind(), problems.join("; "))));
+        }
+    }
+    let commands = ops.iter().any(|op| matches!(op, crate::engine::ops::Operation::RunCommand(_)));
+    if !commands || trust {
+        return Ok(());
+    }
+    let file = migrations.iter().find(|m| m.version == r.version);
+    match file.and_then(|m| m.file.down.as_ref()) {
+        Some(down) if *down == ops => Ok(()),
+        Some(_) => Err(refuse(
+            "runs runCommand and differs from the down in the migration's file: it was changed after the migration              was applied. Check the record; pass --trust-stored-down to run it as stored"
+                .into(),
+        )),
+        None => Err(refuse(
+            "runs runCommand and the migration's file (with its down) is not here to compare it with. Add the file,              or check the record and pass --trust-stored-down to run it as stored"
+                .into(),
+        )),
+    }
 }
 
 /// What `up` should do.

@@ -26,6 +26,10 @@ pub struct DownArgs {
     /// Show what would be rolled back; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run a stored down that uses runCommand even when the migration's file is missing or says
+    /// otherwise (the tracking record can be written by anyone who can write the database).
+    #[arg(long)]
+    pub trust_stored_down: bool,
 }
 
 impl DownArgs {
@@ -49,6 +53,7 @@ pub async fn run(g: &Global, a: &DownArgs) -> Result<Exit, Failure> {
     fleet::warn_without_transactions(&f).await;
     let mut opts = fleet::run_options(g, output::observer(g.output, f.tenants.len()))?;
     opts.dry_run = a.dry_run;
+    opts.trust_stored_down = a.trust_stored_down;
     let req = a.request();
     let results = for_each_tenant(&f.tenants, g.parallel, |t| {
         let (db, m, o, r) = (f.conn.client.database(&t), &f.migrations, &opts, &req);

@@ -67,6 +67,8 @@ pub struct RunOptions {
     /// Identifies this process in locks: unique per process (see [`super::lock::owner`]).
     pub owner: String,
     pub allow_changed: bool,
+    /// Run a stored `down` with `runCommand` that the migration's file does not confirm.
+    pub trust_stored_down: bool,
     pub dry_run: bool,
     pub profiles: Vec<String>,
     pub observer: Arc<dyn Observer>,
@@ -84,6 +86,7 @@ impl RunOptions {
             run_id: run_id.into(),
             owner: super::lock::owner(None),
             allow_changed: false,
+            trust_stored_down: false,
             dry_run: false,
             profiles: Vec::new(),
             observer: Arc::new(Quiet),
@@ -382,6 +385,9 @@ pub async fn down(
     let records = load(db, opts).await?;
     let from_version = current_version(&records);
     let chosen = planner::plan_down(migrations, &records, req)?;
+    for r in &chosen {
+        planner::check_stored_down(r, migrations, opts.trust_stored_down)?;
+    }
     if opts.dry_run || (chosen.is_empty() && !interrupted(&records)) {
         let outs = chosen
             .iter()
@@ -399,6 +405,10 @@ pub async fn down(
         let records = load(db, opts).await?;
         let from_version = current_version(&records);
         let chosen: Vec<Record> = planner::plan_down(migrations, &records, req)?.into_iter().cloned().collect();
+        for r in &chosen {
+            // Read again under the lock: the record may have changed since.
+            planner::check_stored_down(r, migrations, opts.trust_stored_down)?;
+        }
         if !chosen.is_empty() {
             l.before_change().await?;
         }
