@@ -214,6 +214,7 @@ fn context() -> (Arc<Context>, ApiServer, Writer<Job>) {
         recorder: Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some("test".into()) }),
         metrics: Arc::new(Metrics::default()),
         runs: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
         started: Timestamp::now(),
     };
     (Arc::new(ctx), ApiServer { handle, seen: Vec::new() }, writer)
@@ -433,6 +434,46 @@ async fn deletion_lets_running_jobs_finish_starts_nothing_then_releases_the_fina
     let c = api.expect("PATCH", &resource_path()).await;
     assert_eq!(c.body["metadata"]["finalizers"], json!([]));
     c.answer(200, serde_json::to_value(resource(st.clone())).unwrap());
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+}
+
+/// Deleting while the plan cannot be read: an API error keeps the finalizer (the reconcile
+/// fails and is retried); a plan that is gone waits for the run's running Jobs, then lets go.
+#[tokio::test]
+async fn deletion_keeps_the_finalizer_while_the_plan_cannot_be_read() {
+    let (ctx, mut api, _) = context();
+    let (_, st, jobs) = start(&ctx, &mut api, json!({ "maxParallel": 1 })).await;
+    let run_id = st.run_id.clone().unwrap();
+    let mut deleting = resource_with(json!({ "maxParallel": 1 }), st);
+    deleting.metadata.deletion_timestamp = Some(time(Timestamp::now()));
+    // A new process (the plan is not in memory) while the first Job runs.
+    let (ctx, mut api, mut writer) = context();
+    put(&mut writer, &jobs[0]);
+    let plan_path = format!("/api/v1/namespaces/{NS}/configmaps/{run_id}-plan");
+    let run = reconcile_on(&ctx, deleting.clone());
+    api.expect("GET", &plan_path).await.answer(
+        500,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcdserver: request timed out",
+               "reason": "InternalError", "code": 500}),
+    );
+    let r = tokio::time::timeout(Duration::from_secs(10), run.0).await.expect("the reconcile ended");
+    assert!(r.unwrap().is_err(), "a transient error fails the reconcile");
+    api.idle().await;
+    let gone = || {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "not found", "reason": "NotFound",
+               "code": 404})
+    };
+    let run = reconcile_on(&ctx, deleting.clone());
+    api.expect("GET", &plan_path).await.answer(404, gone());
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(10)), "it waits for the running Job");
+    // The Job ends: the finalizer goes.
+    put(&mut writer, &finished(&jobs[0], true));
+    let run = reconcile_on(&ctx, deleting.clone());
+    api.expect("GET", &plan_path).await.answer(404, gone());
+    api.no_pods_left(&["dbshift.io%2Fmigration%3Dadd-flag", "dbshift.io%2Frun%3D"]).await;
+    let c = api.expect("PATCH", &resource_path()).await;
+    assert_eq!(c.body["metadata"]["finalizers"], json!([]));
+    c.answer(200, serde_json::to_value(&deleting).unwrap());
     assert_eq!(run.done(&mut api).await, Requeue::await_change());
 }
 

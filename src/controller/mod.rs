@@ -79,6 +79,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<metrics::Metrics>,
     pub runs: Mutex<HashMap<String, observe::RunMemory>>,
+    /// Failed reconciles in a row, per resource (for the retry's backoff).
+    pub failures: Mutex<HashMap<String, u32>>,
     /// When this process started: Jobs that ended before are not announced again.
     pub started: Timestamp,
 }
@@ -103,11 +105,44 @@ impl Error {
     }
 }
 
+/// A failed reconcile is retried after [`backoff`] of the failures in a row.
 fn error_policy(dbm: Arc<DatabaseMigration>, e: &Error, ctx: Arc<Context>) -> Requeue {
     use kube::ResourceExt;
-    tracing::warn!(resource = %dbm.name_any(), error = %e, "reconcile failed; retrying");
+    let key = reconcile::key(&dbm);
+    let n = {
+        let mut f = ctx.failures.lock().expect("lock");
+        let n = f.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let wait = backoff(n, rand::random::<f64>());
+    tracing::warn!(resource = %dbm.name_any(), error = %e, failures = n, retry_in = ?wait, "reconcile failed; retrying");
     ctx.metrics.reconcile_errors.get_or_create(&metrics::ReasonLabel { reason: e.label().into() }).inc();
-    Requeue::requeue(Duration::from_secs(5))
+    Requeue::requeue(wait)
+}
+
+/// Exponential backoff for the `n`th failure in a row: 5 s, 10 s, 20 s, ... up to 5 minutes,
+/// each within 20% either way (`jitter` in 0..1), so many resources failing at once do not
+/// retry in step.
+pub fn backoff(n: u32, jitter: f64) -> Duration {
+    let base = (5.0 * 2f64.powi(n.saturating_sub(1).min(16) as i32)).min(300.0);
+    Duration::from_secs_f64(base * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_five_minutes() {
+        assert_eq!(backoff(1, 0.5), Duration::from_secs(5));
+        assert_eq!(backoff(2, 0.5), Duration::from_secs(10));
+        assert_eq!(backoff(4, 0.5), Duration::from_secs(40));
+        assert_eq!(backoff(40, 0.5), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX, 1.0), Duration::from_secs(360));
+        assert_eq!(backoff(1, 0.0), Duration::from_secs(4));
+    }
 }
 
 /// Fail fast, with the fix, when the CRD is not installed.
@@ -192,6 +227,7 @@ pub async fn run(args: &Settings) -> Result<(), String> {
         recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),
         metrics,
         runs: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
         started: Timestamp::now(),
     });
     health.ready.store(true, Ordering::Relaxed);

@@ -150,6 +150,11 @@ fn run_jobs(ctx: &Context, r: &Resource<'_>, run_id: &str) -> HashMap<String, Ar
         .collect()
 }
 
+/// How many Jobs of the run have not finished.
+pub fn running_jobs(ctx: &Context, r: &Resource<'_>, run_id: &str) -> usize {
+    run_jobs(ctx, r, run_id).values().filter(|j| jobs::job_phase(j) == jobs::JobPhase::Running).count()
+}
+
 /// Launches the status recorded (they matter after a restart).
 fn recorded_launches(st: &DatabaseMigrationStatus, run_id: &str) -> HashSet<(String, Action)> {
     if st.run_id.as_deref() != Some(run_id) {

@@ -47,7 +47,7 @@ impl<'a> Resource<'a> {
             dbm,
             api: Api::namespaced(ctx.client.clone(), &ns),
             status: dbm.status.clone().unwrap_or_default(),
-            key: format!("{ns}/{name}"),
+            key: key(dbm),
             ns,
             name,
         }
@@ -67,7 +67,21 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
+/// The resource's key in the controller's memory (`namespace/name`).
+pub fn key(dbm: &DatabaseMigration) -> String {
+    format!("{}/{}", dbm.namespace().unwrap_or_default(), dbm.name_any())
+}
+
 pub async fn reconcile(dbm: Arc<DatabaseMigration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let r = reconcile_once(dbm.clone(), &ctx).await;
+    if r.is_ok() {
+        ctx.failures.lock().expect("lock").remove(&key(&dbm));
+    }
+    r
+}
+
+async fn reconcile_once(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
+    let ctx = ctx.clone();
     let r = Resource::new(&dbm, &ctx);
     if dbm.metadata.deletion_timestamp.is_some() {
         return on_delete(&ctx, &r).await;
@@ -95,11 +109,26 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     // A run in progress: start nothing more, let running Jobs finish (stopping one mid-way
     // would skip the engine's own undo), then let go. Snapshots stay, per retention.
     if let Some(run_id) = r.active_run() {
-        if let Ok(plan) = observe::plan(ctx, r, &run_id).await {
-            continue_run(ctx, r, plan, true).await?;
-            if ctx.runs.lock().expect("lock").get(&r.key).is_some_and(|m| m.running > 0) {
-                return Ok(Requeue::requeue(Duration::from_secs(10)));
+        match observe::plan(ctx, r, &run_id).await {
+            Ok(plan) => {
+                continue_run(ctx, r, plan, true).await?;
+                if ctx.runs.lock().expect("lock").get(&r.key).is_some_and(|m| m.running > 0) {
+                    return Ok(Requeue::requeue(Duration::from_secs(10)));
+                }
             }
+            // The plan is gone or unreadable: nothing more can start, but the run's Jobs that
+            // still run must finish before the finalizer goes (garbage collection would kill
+            // them mid-migration).
+            Err(observe::ObserveError::Lost(why)) => {
+                let running = observe::running_jobs(ctx, r, &run_id);
+                if running > 0 {
+                    tracing::warn!(resource = r.key, run = %run_id, running, %why, "deleting: waiting for the run's Jobs");
+                    return Ok(Requeue::requeue(Duration::from_secs(10)));
+                }
+            }
+            // Any other error may pass (the API server did not answer): the finalizer stays
+            // until the plan can be read.
+            Err(e) => return Err(e.into()),
         }
     }
     // Nothing more will be read: the runner pods may go with their Jobs.
