@@ -129,22 +129,6 @@ pub fn backoff(n: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64(base * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::backoff;
-    use std::time::Duration;
-
-    #[test]
-    fn retries_back_off_exponentially_with_jitter_up_to_five_minutes() {
-        assert_eq!(backoff(1, 0.5), Duration::from_secs(5));
-        assert_eq!(backoff(2, 0.5), Duration::from_secs(10));
-        assert_eq!(backoff(4, 0.5), Duration::from_secs(40));
-        assert_eq!(backoff(40, 0.5), Duration::from_secs(300));
-        assert_eq!(backoff(u32::MAX, 1.0), Duration::from_secs(360));
-        assert_eq!(backoff(1, 0.0), Duration::from_secs(4));
-    }
-}
-
 /// Fail fast, with the fix, when the CRD is not installed.
 async fn check_crd(dbms: &Api<DatabaseMigration>) -> Result<(), String> {
     match dbms.list(&ListParams::default().limit(1)).await {
@@ -254,5 +238,21 @@ pub async fn run(args: &Settings) -> Result<(), String> {
             controller.await;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_five_minutes() {
+        assert_eq!(backoff(1, 0.5), Duration::from_secs(5));
+        assert_eq!(backoff(2, 0.5), Duration::from_secs(10));
+        assert_eq!(backoff(4, 0.5), Duration::from_secs(40));
+        assert_eq!(backoff(40, 0.5), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX, 1.0), Duration::from_secs(360));
+        assert_eq!(backoff(1, 0.0), Duration::from_secs(4));
     }
 }
