@@ -124,7 +124,8 @@ pub enum PlanError {
 
 /// A `down` read from a tracking record (anyone who can write the tenant database can write
 /// it) runs only as a file's would: it must parse, every operation must pass the checks a
-/// file's do, and a `runCommand` in it — which can do anything dbshift's credentials allow,
+/// file's do (dbshift's own undo operations, which no file holds, by their shape), and a
+/// `runCommand` in it — which can do anything dbshift's credentials allow,
 /// beyond this tenant — only runs when it is exactly what the migration's file says, or when
 /// `trust` is given (`down --trust-stored-down`).
 pub fn check_stored_down(r: &Record, migrations: &[Migration], trust: bool) -> Result<(), PlanError> {
@@ -164,11 +165,13 @@ pub fn check_stored_down(r: &Record, migrations: &[Migration], trust: bool) -> R
     match file.and_then(|m| m.file.down.as_ref()) {
         Some(down) if *down == ops => Ok(()),
         Some(_) => Err(refuse(
-            "runs runCommand and differs from the down in the migration's file: it was changed after the migration              was applied. Check the record; pass --trust-stored-down to run it as stored"
+            "runs runCommand and differs from the down in the migration's file: it was changed after the migration \
+             was applied. Check the record; pass --trust-stored-down to run it as stored"
                 .into(),
         )),
         None => Err(refuse(
-            "runs runCommand and the migration's file (with its down) is not here to compare it with. Add the file,              or check the record and pass --trust-stored-down to run it as stored"
+            "runs runCommand and the migration's file (with its down) is not here to compare it with. Add the file, \
+             or check the record and pass --trust-stored-down to run it as stored"
                 .into(),
         )),
     }
