@@ -12,6 +12,8 @@ use crate::redact::Redactor;
 
 /// Server error codes dbshift reacts to (MongoDB's `error_codes.yml`).
 pub mod code {
+    /// InternalError (SecantusDB: also a conflict its storage engine found at commit).
+    pub const INTERNAL_ERROR: i32 = 1;
     /// The collection (namespace) does not exist.
     pub const NAMESPACE_NOT_FOUND: i32 = 26;
     /// `dropIndexes` of an index that does not exist.

@@ -831,10 +831,17 @@ impl Replanner for RestoreAgain<'_> {
 /// A write conflict: the batch may succeed if tried again. Not an unknown commit result: the
 /// transaction may have committed, and running it again would apply a non-idempotent change
 /// (`$inc`) twice; [`commit`] asks again for the commit itself instead.
+///
+/// SecantusDB reports a write conflict its storage engine finds at commit as InternalError
+/// (code 1) where MongoDB says WriteConflict; without an unknown-result label the transaction
+/// did not commit, so running it again is as safe as after a conflict.
 fn conflict(e: &mongodb::error::Error) -> bool {
     !e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT)
         && (e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
-            || crate::mongo::error_code(e) == Some(crate::mongo::code::WRITE_CONFLICT))
+            || matches!(
+                crate::mongo::error_code(e),
+                Some(crate::mongo::code::WRITE_CONFLICT | crate::mongo::code::INTERNAL_ERROR)
+            ))
 }
 
 /// Commit the session's transaction. A commit whose result is unknown (the connection dropped,
@@ -1006,12 +1013,6 @@ async fn forward_batchwise<P: Planner>(
     filter: &Document,
     planner: &mut P,
 ) -> Result<(u64, u64), ExecError> {
-    // The store exists before the transactions write to it: two creating it at once conflict.
-    if let Err(e) = pass.db.create_collection(store.name()).await {
-        if crate::mongo::error_code(&e) != Some(crate::mongo::code::NAMESPACE_EXISTS) {
-            return Err(mongo("creating the rollback data collection")(e));
-        }
-    }
     let name = pass.coll.to_string();
     let reading = || mongo(format!("reading {name}"));
     let (tx, mut batches) = tokio::sync::mpsc::channel(IN_FLIGHT);
@@ -1244,6 +1245,7 @@ pub async fn restore(
 ) -> Result<Restored, ExecError> {
     let source = Store::open(pass.db, from_key).await?;
     let mut own = Store::open(pass.db, key).await?;
+    own.ensure(pass.db).await?;
     // Progress: the chunks of `from_key` done by an earlier, interrupted attempt.
     let done: Vec<i64> = own.chunks_newest_first().await?.iter().filter_map(|c| c.from).collect();
     let mut out = Restored::default();
