@@ -1013,6 +1013,7 @@ async fn forward_batchwise<P: Planner>(
     filter: &Document,
     planner: &mut P,
 ) -> Result<(u64, u64), ExecError> {
+    store.ensure(pass.db).await?;
     let name = pass.coll.to_string();
     let reading = || mongo(format!("reading {name}"));
     let (tx, mut batches) = tokio::sync::mpsc::channel(IN_FLIGHT);
@@ -1245,7 +1246,6 @@ pub async fn restore(
 ) -> Result<Restored, ExecError> {
     let source = Store::open(pass.db, from_key).await?;
     let mut own = Store::open(pass.db, key).await?;
-    own.ensure(pass.db).await?;
     // Progress: the chunks of `from_key` done by an earlier, interrupted attempt.
     let done: Vec<i64> = own.chunks_newest_first().await?.iter().filter_map(|c| c.from).collect();
     let mut out = Restored::default();

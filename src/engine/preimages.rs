@@ -295,14 +295,12 @@ impl Store {
     pub async fn create(db: &Database, key: &str) -> Result<Store, ExecError> {
         let coll = db.collection::<Document>(&collection_name(key));
         coll.drop().await.map_err(mongo("clearing old rollback data"))?;
-        let store = Store { coll, next: 0 };
-        store.ensure(db).await?;
-        Ok(store)
+        Ok(Store { coll, next: 0 })
     }
 
-    /// Create the store's collection if it is missing, before any transaction writes to it: a
-    /// collection created implicitly inside a transaction conflicts with other transactions
-    /// creating collections (SecantusDB then fails the commit as an internal error).
+    /// Create the store's collection if it is missing, before transactions of their own write to
+    /// it (two creating it at once conflict). Not for a migration's own transaction: a
+    /// collection created after it started cannot be written in it.
     pub async fn ensure(&self, db: &Database) -> Result<(), ExecError> {
         match db.create_collection(self.coll.name()).await {
             Err(e) if crate::mongo::error_code(&e) != Some(crate::mongo::code::NAMESPACE_EXISTS) => {

@@ -82,6 +82,9 @@ impl Op for Transform {
 struct Script {
     to_js: Option<tokio::sync::mpsc::Sender<Vec<RawDocumentBuf>>>,
     from_js: tokio::sync::mpsc::Receiver<Result<NewVersions, String>>,
+    /// The error that stopped the script: said again to every batch after it (two batches are
+    /// in flight; the other must not report only that the script stopped).
+    failed: Option<String>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -113,15 +116,22 @@ impl Script {
                 tracing::debug!(script_seconds = busy.as_secs_f64(), "transform: time spent in the script");
             })
             .map_err(|e| ExecError::Data(format!("cannot start the transform thread: {e}")))?;
-        Ok(Script { to_js: Some(to_js), from_js, thread: Some(thread) })
+        Ok(Script { to_js: Some(to_js), from_js, thread: Some(thread), failed: None })
     }
 }
 
 impl Rewrite for Script {
     async fn rewrite(&mut self, docs: Vec<RawDocumentBuf>) -> Result<NewVersions, ExecError> {
+        if let Some(e) = &self.failed {
+            return Err(ExecError::Data(e.clone()));
+        }
         let stopped = || ExecError::Data("the transform script stopped".into());
         self.to_js.as_ref().ok_or_else(stopped)?.send(docs).await.map_err(|_| stopped())?;
-        self.from_js.recv().await.ok_or_else(stopped)?.map_err(ExecError::Data)
+        let r = self.from_js.recv().await.ok_or_else(stopped)?;
+        r.map_err(|e| {
+            self.failed = Some(e.clone());
+            ExecError::Data(e)
+        })
     }
 }
 
