@@ -364,25 +364,8 @@ impl<'a> Pass<'a> {
             return Ok(());
         }
         let ids: Vec<Bson> = swap.iter().map(|&i| planned[i].entry.id.clone()).collect();
-        let docs: Vec<&RawDocumentBuf> = swap
-            .iter()
-            .filter_map(|&i| match &planned[i].write {
-                Write::Replace { doc } => Some(doc),
-                _ => None,
-            })
-            .collect();
-        let coll = self.db.collection::<Document>(self.coll);
-        let deleted = coll.delete_many(doc! {"_id": {"$in": ids}}).session(&mut *s).await?.deleted_count;
-        if deleted != swap.len() as u64 {
-            // The transaction read them all a moment ago: a server that disagrees with itself.
-            return Err(mongodb::error::Error::custom(format!(
-                "the server deleted {deleted} of the {} documents it had just read in the same transaction",
-                swap.len()
-            )));
-        }
-        if !docs.is_empty() {
-            coll.clone_with_type::<RawDocumentBuf>().insert_many(docs).session(&mut *s).await?;
-        }
+        let parts: Vec<&Planned> = swap.iter().map(|&i| &planned[i]).collect();
+        self.swap(&parts, doc! {"_id": {"$in": ids}}, s).await?;
         for i in swap {
             go[i] = false;
             applied[i] = true;
@@ -390,16 +373,22 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    /// Delete the documents matching `q`, the documents of `planned` read in this transaction,
-    /// and insert their new versions.
-    async fn swap_range(&self, planned: &[Planned], q: &Document, s: &mut ClientSession) -> Result<(), Failed> {
+    /// Delete the documents matching `q` (exactly those of `planned`, read in this transaction)
+    /// and insert the new versions of the replaced ones.
+    async fn swap(
+        &self,
+        planned: &[&Planned],
+        q: Document,
+        s: &mut ClientSession,
+    ) -> Result<(), mongodb::error::Error> {
         let coll = self.db.collection::<Document>(self.coll);
-        let deleted = coll.delete_many(q.clone()).session(&mut *s).await?.deleted_count;
+        let deleted = coll.delete_many(q).session(&mut *s).await?.deleted_count;
         if deleted != planned.len() as u64 {
-            return Err(Failed::Driver(mongodb::error::Error::custom(format!(
+            // The transaction read them all a moment ago: a server that disagrees with itself.
+            return Err(mongodb::error::Error::custom(format!(
                 "the server deleted {deleted} of the {} documents it had just read in the same transaction",
                 planned.len()
-            ))));
+            )));
         }
         let docs: Vec<&RawDocumentBuf> = planned
             .iter()
@@ -518,11 +507,9 @@ impl<'a> Pass<'a> {
             _ => None,
         };
         let mut now: HashMap<Vec<u8>, RawDocumentBuf> = HashMap::with_capacity(planned.len());
-        let mut found = |docs: Vec<RawDocumentBuf>| {
-            now.extend(docs.into_iter().map(|d| (id_key(&raw_id(&d)), d)));
-        };
         if let Some(q) = range {
-            found(self.read_in(q, reading.projection, s).await?);
+            let docs = self.read_in(q, reading.projection, s).await?;
+            now.extend(docs.into_iter().map(|d| (id_key(&raw_id(&d)), d)));
         }
         let missing: Vec<Bson> = ids.into_iter().filter(|id| !now.contains_key(&id_key(id))).collect();
         if !missing.is_empty() {
@@ -712,7 +699,7 @@ impl<'a> Pass<'a> {
             {
                 // Every document read is replaced or deleted: they go by the range, cheaper than
                 // by their `_id`s on SecantusDB.
-                self.swap_range(&planned, q, session).await?;
+                self.swap(&planned.iter().collect::<Vec<_>>(), q.clone(), session).await?;
             }
             _ => {
                 let applied = self.write_all(&planned, &vec![true; planned.len()], true, Some(&mut *session)).await?;
