@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
@@ -209,6 +209,65 @@ impl Env {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Each pod's phase and what its containers wait on, and every node condition that is not
+    /// as it should be (a node under DiskPressure leaves every Job's pod Pending): what a timed-out
+    /// test needs to say why its Jobs never finished.
+    async fn pods_report(&self) -> String {
+        let mut out = Vec::new();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        match pods.list(&ListParams::default()).await {
+            Ok(list) => {
+                for p in list {
+                    let st = p.status.clone().unwrap_or_default();
+                    let waiting: Vec<String> = st
+                        .init_container_statuses
+                        .iter()
+                        .flatten()
+                        .chain(st.container_statuses.iter().flatten())
+                        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+                        .map(|w| {
+                            format!(
+                                "{} {}",
+                                w.reason.clone().unwrap_or_default(),
+                                w.message.clone().unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    let unscheduled: Vec<String> = st
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .filter(|c| c.status != "True")
+                        .map(|c| format!("{}={} {}", c.type_, c.status, c.message.clone().unwrap_or_default()))
+                        .collect();
+                    out.push(format!(
+                        "pod {}: {} {waiting:?} {unscheduled:?}",
+                        p.name_any(),
+                        st.phase.unwrap_or_default()
+                    ));
+                }
+            }
+            Err(e) => out.push(format!("pods: {e}")),
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        if let Ok(list) = nodes.list(&ListParams::default()).await {
+            for n in list {
+                for c in n.status.and_then(|s| s.conditions).unwrap_or_default() {
+                    if (c.type_ == "Ready") != (c.status == "True") {
+                        out.push(format!(
+                            "node {}: {}={} {}",
+                            n.metadata.name.clone().unwrap_or_default(),
+                            c.type_,
+                            c.status,
+                            c.message.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+        out.join("\n")
+    }
+
     fn dbms(&self) -> Api<DatabaseMigration> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
@@ -250,9 +309,10 @@ spec:
                 }
                 if Instant::now() > deadline {
                     panic!(
-                        "timed out waiting on {}/{name}; status: {}\ncontroller log:\n{}",
+                        "timed out waiting on {}/{name}; status: {}\npods and node:\n{}\ncontroller log:\n{}",
                         self.ns,
                         serde_yaml::to_string(&d.status).unwrap(),
+                        self.pods_report().await,
                         self.log_tail()
                     );
                 }
@@ -467,7 +527,6 @@ up:
 /// first undoes, then migrates it. There the tenant ends migrated exactly once and every
 /// policy sees a success: checked here, and `None` is returned.
 async fn evicted_tenant(policy: &str) -> Option<(Env, DatabaseMigration, Vec<Vec<Vec<u8>>>)> {
-    use k8s_openapi::api::core::v1::Pod;
     let mut env = Env::new(&format!("evict-{policy}")).await;
     let mut before = Vec::new();
     for i in 0..3 {

@@ -87,7 +87,7 @@ suite() { # name command...
   shift
   t=$(date +%s)
   "$@" || { status=1; log "FAILED: $name (Kubernetes $K8S_VERSION)"; }
-  log "$name took $(( $(date +%s) - t )) s (Kubernetes $K8S_VERSION)"
+  log "$name took $(( $(date +%s) - t )) s (Kubernetes $K8S_VERSION); disk free: $(df -h --output=avail "$work" | tail -1 | tr -d ' ')"
 }
 # The cluster suites are #[ignore]d for a plain `cargo test`: here they run.
 if [ $cluster_only = 1 ]; then
