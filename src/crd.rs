@@ -277,7 +277,8 @@ pub struct JobTemplateSpec {
     /// Image pull policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
-    /// Run the Job's pod in the node's network namespace (for a MongoDB reachable only from the node).
+    /// Run the Job's pod in the node's network namespace (for a MongoDB reachable only from the
+    /// node). Refused unless the operator allows `hostNetwork` (Helm value jobPolicy.allow).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub host_network: bool,
     /// Resources of the runner container.
@@ -292,8 +293,11 @@ pub struct JobTemplateSpec {
     /// Tolerations of the Job's pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Security context of the runner container (default: non-root, read-only root
-    /// filesystem, no privilege escalation, all capabilities dropped).
+    /// Security context of the runner container, merged field by field into the defaults
+    /// (non-root, read-only root filesystem, no privilege escalation, all capabilities dropped,
+    /// RuntimeDefault seccomp). privileged, added capabilities, privilege escalation, root and
+    /// unconfined profiles are refused unless the operator allows them (Helm value
+    /// jobPolicy.allow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
     /// Seconds a tenant's Job may run before Kubernetes stops it.

@@ -701,6 +701,22 @@ async fn an_invalid_spec_is_reported_and_touches_nothing() {
     assert!(st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"));
     assert!(env.jobs().await.is_empty());
     assert!(env.records(0).await.is_empty());
+
+    // A jobTemplate asking for a privileged pod: refused, naming the field; no Job, no change.
+    let before = env.customers(0).await;
+    let yaml = env.resource("privileged", "").replace(
+        "jobTemplate: { imagePullPolicy: Never }",
+        "jobTemplate: { imagePullPolicy: Never, securityContext: { runAsUser: 1000, privileged: true } }",
+    );
+    env.apply(&yaml).await;
+    let d = env.wait_final("privileged", 60).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(ready(&d), "False/JobTemplateRefused");
+    let msg = st.message.unwrap();
+    assert!(msg.contains("spec.jobTemplate.securityContext.privileged") && msg.contains("jobPolicy.allow"), "{msg}");
+    assert!(env.jobs().await.is_empty());
+    assert_eq!(env.customers(0).await, before);
 }
 
 #[tokio::test(flavor = "multi_thread")]

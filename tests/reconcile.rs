@@ -209,6 +209,7 @@ fn context() -> (Arc<Context>, ApiServer, Writer<Job>) {
             runner_image: "dbshift:test".into(),
             connect_timeout: Duration::from_secs(5),
             retry: Duration::from_secs(30),
+            job_policy: Default::default(),
         },
         jobs: store,
         recorder: Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some("test".into()) }),

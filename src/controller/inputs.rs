@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::Client;
 
+use super::pod_security::JobPolicy;
 use crate::crd::DatabaseMigration;
 use crate::engine::loader;
 use crate::mongo::ConnectError;
@@ -48,9 +49,11 @@ pub struct Inputs {
     pub tenants: Vec<String>,
 }
 
-/// Check the parts of the spec that need no server: the tenant selector, canaries, sources.
-pub fn check_spec(dbm: &DatabaseMigration) -> Result<(), InputError> {
+/// Check the parts of the spec that need no server: the tenant selector, canaries, sources, and
+/// the privileges the jobTemplate asks for.
+pub fn check_spec(dbm: &DatabaseMigration, policy: &JobPolicy) -> Result<(), InputError> {
     let spec = &dbm.spec;
+    policy.check(&spec.job_template).map_err(|e| invalid("JobTemplateRefused", e))?;
     let t = &spec.tenants;
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));
@@ -254,8 +257,13 @@ pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Durati
 }
 
 /// Everything, in order: spec, Secret, files, target, tenants.
-pub async fn gather(client: &Client, dbm: &DatabaseMigration, timeout: Duration) -> Result<Inputs, InputError> {
-    check_spec(dbm)?;
+pub async fn gather(
+    client: &Client,
+    dbm: &DatabaseMigration,
+    timeout: Duration,
+    policy: &JobPolicy,
+) -> Result<Inputs, InputError> {
+    check_spec(dbm, policy)?;
     let uri = read_uri(client, dbm).await?;
     let files = read_files(client, dbm).await?;
     let target = resolve_target(dbm, files.as_ref())?;
@@ -275,19 +283,19 @@ mod tests {
     fn spec_checks_name_the_field_to_fix() {
         let bad_regex =
             dbm("connection: {secretRef: {name: s}}\ntenants: {pattern: '^t('}\nmigrations: {configMapRef: {name: c}}");
-        let e = check_spec(&bad_regex).unwrap_err();
+        let e = check_spec(&bad_regex, &JobPolicy::default()).unwrap_err();
         assert!(e.permanent && e.message.contains("spec.tenants.pattern"), "{e}");
 
         let two_sources = dbm(
             "connection: {secretRef: {name: s}}\ntenants: {names: [a]}\nmigrations: {configMapRef: {name: c}, image: {image: i}}",
         );
-        assert!(check_spec(&two_sources).unwrap_err().message.contains("exactly one"));
+        assert!(check_spec(&two_sources, &JobPolicy::default()).unwrap_err().message.contains("exactly one"));
 
         let nothing = dbm("connection: {secretRef: {name: s}}\ntenants: {}\nmigrations: {configMapRef: {name: c}}");
-        assert!(check_spec(&nothing).unwrap_err().message.contains("selects nothing"));
+        assert!(check_spec(&nothing, &JobPolicy::default()).unwrap_err().message.contains("selects nothing"));
 
         let bad_name = dbm("connection: {secretRef: {name: s}}\ntenants: {names: ['a.b']}\nmigrations: {inline: {}}");
-        assert!(check_spec(&bad_name).unwrap_err().message.contains("a.b"));
+        assert!(check_spec(&bad_name, &JobPolicy::default()).unwrap_err().message.contains("a.b"));
 
         for name in ["admin", "config", "local", "dbshift_snapshots"] {
             for spec in [
@@ -296,14 +304,14 @@ mod tests {
                     "connection: {{secretRef: {{name: s}}}}\ntenants: {{pattern: x}}\nrollout: {{canaries: [{name}]}}\nmigrations: {{inline: {{}}}}"
                 ),
             ] {
-                let e = check_spec(&dbm(&spec)).unwrap_err();
+                let e = check_spec(&dbm(&spec), &JobPolicy::default()).unwrap_err();
                 assert!(e.permanent && e.message.contains("is never a tenant"), "{spec}: {e}");
             }
         }
         let into_store = dbm(
             "connection: {secretRef: {name: s}}\ntenants: {names: [snaps]}\nmigrations: {inline: {}}\nbackup: {enabled: true, destination: {database: snaps}}",
         );
-        assert!(check_spec(&into_store).unwrap_err().message.contains("where snapshots go"));
+        assert!(check_spec(&into_store, &JobPolicy::default()).unwrap_err().message.contains("where snapshots go"));
     }
 
     #[test]

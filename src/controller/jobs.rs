@@ -6,14 +6,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, SecretVolumeSource, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sha2::{Digest, Sha256};
 
 use super::frozen::{trim_name, FrozenRun};
+use super::pod_security::{merged_context, RUNNER_UID};
 use crate::backup::Destination;
 use crate::crd::PullPolicy;
 use crate::job::{env, JobResult};
@@ -38,8 +39,6 @@ pub const BACKUP_DIR: &str = "/var/run/dbshift/backups";
 const COPY_DIR: &str = "/var/run/dbshift/migrations";
 /// Seconds a stopped runner has to undo and record the migration in progress.
 pub const DEFAULT_GRACE_SECONDS: i64 = 300;
-/// The unprivileged user of the runner image.
-pub const RUNNER_UID: i64 = 65532;
 
 /// What a tenant's Job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,7 +121,7 @@ pub fn build_job(
         env: Some(runner_env(plan, tenant, action)),
         volume_mounts: Some(files.mounts),
         resources: t.resources.clone(),
-        security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
+        security_context: Some(merged_context(t.security_context.as_ref())),
         termination_message_path: Some("/dev/termination-log".into()),
         termination_message_policy: Some("File".into()),
         ..Default::default()
@@ -141,7 +140,9 @@ pub fn build_job(
         node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
         tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
         security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
+            // Unset only where the operator allows runAsRoot and the template asks for it.
+            run_as_non_root: (merged_context(t.security_context.as_ref()).run_as_non_root != Some(false))
+                .then_some(true),
             fs_group: Some(RUNNER_UID),
             ..Default::default()
         }),
@@ -341,7 +342,7 @@ fn copy_files(spec: &crate::crd::DatabaseMigrationSpec, img: &crate::crd::ImageS
         image_pull_policy: t.image_pull_policy.map(pull_policy),
         command: Some(vec!["cp".into(), "-R".into(), format!("{}/.", img.path.trim_end_matches('/')), COPY_DIR.into()]),
         volume_mounts: Some(vec![mount("migrations", COPY_DIR, false)]),
-        security_context: Some(t.security_context.clone().unwrap_or_else(restricted_context)),
+        security_context: Some(merged_context(t.security_context.as_ref())),
         resources: t.resources.clone(),
         ..Default::default()
     }
@@ -354,20 +355,6 @@ fn pull_policy(p: PullPolicy) -> String {
         PullPolicy::Never => "Never",
     }
     .into()
-}
-
-/// Non-root, read-only root filesystem, no privilege escalation, no capabilities.
-pub fn restricted_context() -> SecurityContext {
-    SecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(RUNNER_UID),
-        run_as_group: Some(RUNNER_UID),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
-        ..Default::default()
-    }
 }
 
 /// Where a Job is.

@@ -3,7 +3,8 @@
 //! Reconcile is a pipeline: [`inputs`] checks the spec, the Secret, the files and the tenants;
 //! [`plan`] freezes the run in a ConfigMap; [`rollout`] decides which per-tenant Jobs
 //! ([`jobs`]) run next and applies the failure policy; [`status`] writes the outcome. Only
-//! [`reconcile`] talks to the API server. [`lease`] keeps a single active replica;
+//! [`reconcile`] talks to the API server. [`pod_security`] decides what a jobTemplate may change
+//! about the runner's pod. [`lease`] keeps a single active replica;
 //! [`metrics`] serves `/metrics`, `/healthz` and `/readyz`.
 
 pub mod act;
@@ -13,6 +14,7 @@ pub mod jobs;
 pub mod lease;
 pub mod metrics;
 pub mod observe;
+pub mod pod_security;
 pub mod reconcile;
 pub mod report;
 pub mod rollout;
@@ -59,6 +61,8 @@ pub struct Settings {
     pub lease_duration: Duration,
     /// How long to wait for MongoDB when resolving tenants.
     pub mongodb_timeout: Duration,
+    /// The privileges a resource's jobTemplate may ask for.
+    pub job_policy: pod_security::JobPolicy,
 }
 
 /// Settings the reconciler reads.
@@ -68,6 +72,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Wait before retrying a run blocked by something that may appear (Secret, MongoDB).
     pub retry: Duration,
+    /// The privileges a resource's jobTemplate may ask for.
+    pub job_policy: pod_security::JobPolicy,
 }
 
 /// Shared by every reconcile.
@@ -206,6 +212,7 @@ pub async fn run(args: &Settings) -> Result<(), String> {
             runner_image: args.runner_image.clone(),
             connect_timeout: args.mongodb_timeout,
             retry: Duration::from_secs(30),
+            job_policy: args.job_policy.clone(),
         },
         jobs: job_store(&jobs_api, &selector).await?,
         recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),

@@ -141,7 +141,7 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
 
 /// A new run: check the inputs, freeze the run, then continue it.
 async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
-    let inputs = match inputs::gather(&ctx.client, r.dbm, ctx.config.connect_timeout).await {
+    let inputs = match inputs::gather(&ctx.client, r.dbm, ctx.config.connect_timeout, &ctx.config.job_policy).await {
         Ok(i) => i,
         Err(e) => return blocked(ctx, r, e).await,
     };

@@ -298,6 +298,13 @@ def test_image_overrides():
     assert c["image"] == f"dbshift@{digest}" == env_of(c)["DBSHIFT_RUNNER_IMAGE"]["value"]
 
 
+def test_job_policy_reaches_the_controller():
+    _, c = controller_container(objects(render.render_chart({})))
+    assert "DBSHIFT_JOB_ALLOW" not in env_of(c)
+    _, c = controller_container(objects(render.render_chart({"jobPolicy": {"allow": ["hostNetwork", "runAsRoot"]}})))
+    assert env_of(c)["DBSHIFT_JOB_ALLOW"]["value"] == "hostNetwork,runAsRoot"
+
+
 def test_release_names_follow_the_fullname_rule():
     objs = objects(render.render_chart({}, name="shop-ops"))
     assert one(objs, "Deployment")["metadata"]["name"] == "shop-ops-dbshift"
@@ -310,6 +317,7 @@ def test_release_names_follow_the_fullname_rule():
     ({"logFormat": "xml"}, "logFormat"),
     ({"replicaCount": "two"}, "replicaCount"),
     ({"watchNamespace": "Shop_Prod"}, "watchNamespace"),
+    ({"jobPolicy": {"allow": ["root"]}}, "jobPolicy"),
 ])
 def test_schema_refuses_bad_values(values, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):

@@ -38,8 +38,14 @@ pub struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "DBSHIFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Privileges a resource's jobTemplate may ask for, comma-separated (default: none):
+    /// hostNetwork, privileged, addCapabilities, privilegeEscalation, runAsRoot, unconfined.
+    #[arg(long, env = "DBSHIFT_JOB_ALLOW", default_value = "")]
+    pub job_allow: String,
 }
 pub async fn run(a: &ControllerArgs) -> Result<Exit, Failure> {
+    let job_policy = crate::controller::pod_security::JobPolicy::parse(&a.job_allow)
+        .map_err(|e| Failure::new(Exit::Invalid, format!("--job-allow (DBSHIFT_JOB_ALLOW): {e}")))?;
     let settings = crate::controller::Settings {
         runner_image: a.runner_image.clone(),
         // An empty DBSHIFT_WATCH_NAMESPACE means every namespace, like an absent one.
@@ -50,6 +56,7 @@ pub async fn run(a: &ControllerArgs) -> Result<Exit, Failure> {
         lease_namespace: a.lease_namespace.clone(),
         lease_duration: Duration::from_secs(a.lease_seconds.max(3)),
         mongodb_timeout: Duration::from_secs(a.mongodb_timeout.max(1)),
+        job_policy,
     };
     match crate::controller::run(&settings).await {
         Ok(()) => Ok(Exit::Ok),
