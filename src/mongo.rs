@@ -51,7 +51,48 @@ pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 /// A MongoDB error as one readable sentence: the kind and the server's message, without the
 /// driver's debug fields (labels, the raw server response as hex) that would drown it.
 pub fn describe(e: &mongodb::error::Error) -> String {
-    let text = e.kind.to_string();
+    // Write errors are printed from their parts: the driver's own text is their Debug form, with
+    // the failing document (`details`) in it. Tenant values never leave (redact::tenant_values).
+    let text = match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            format!("write error {} ({}): {}", w.code, w.code_name.as_deref().unwrap_or("?"), w.message)
+        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!("write concern error {} ({}): {}", w.code, w.code_name, w.message)
+        }
+        ErrorKind::InsertMany(im) => {
+            let errors = im.write_errors.as_deref().unwrap_or_default();
+            match errors.first() {
+                Some(w) => format!(
+                    "insert failed at document {} of the batch ({} write error(s)): {} ({}): {}",
+                    w.index,
+                    errors.len(),
+                    w.code,
+                    w.code_name.as_deref().unwrap_or("?"),
+                    w.message
+                ),
+                None => match &im.write_concern_error {
+                    Some(w) => format!("write concern error {} ({}): {}", w.code, w.code_name, w.message),
+                    None => e.kind.to_string(),
+                },
+            }
+        }
+        ErrorKind::BulkWrite(b) => match b.write_errors.iter().min_by_key(|(i, _)| **i) {
+            Some((i, w)) => format!(
+                "write failed at operation {i} of the batch ({} write error(s)): {} ({}): {}",
+                b.write_errors.len(),
+                w.code,
+                w.code_name.as_deref().unwrap_or("?"),
+                w.message
+            ),
+            None => match b.write_concern_errors.first() {
+                Some(w) => format!("write concern error {} ({}): {}", w.code, w.code_name, w.message),
+                None => e.kind.to_string(),
+            },
+        },
+        other => other.to_string(),
+    };
+    let text = crate::redact::tenant_values(&text);
     // Servers repeat themselves in long chains; keep errors to a readable length.
     if text.len() > 500 {
         let mut end = 500;

@@ -81,9 +81,44 @@ impl Redactor {
     }
 }
 
+/// Where MongoDB's errors carry a tenant's values: the key of a duplicate-key error
+/// (`E11000 ... dup key: { email: "..." }`), the failing document of a schema validation
+/// (`details`, `errInfo`), the `keyValue` of a write error. Everything from the first of them on
+/// is cut (the values may hold anything, brackets and quotes included, so nothing after them
+/// can be trusted to be theirs or not).
+const TENANT_VALUE_MARKERS: &[&str] = &["dup key:", "details: Some(", "errInfo", "keyValue", "keyPattern"];
+
+/// `text` with the tenant values a MongoDB error carries removed (see
+/// [`TENANT_VALUE_MARKERS`]): status, Events and results hold `_id`s and counts only.
+pub fn tenant_values(text: &str) -> String {
+    match TENANT_VALUE_MARKERS.iter().filter_map(|m| text.find(m).map(|at| (at, *m))).min() {
+        None => text.to_string(),
+        Some((at, marker)) => {
+            let keep = if marker == "dup key:" { at + marker.len() } else { at };
+            format!("{} (values not shown)", text[..keep].trim_end())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_values_in_errors_are_cut() {
+        let dup = r#"E11000 duplicate key error collection: shop.customers index: email_1 dup key: { email: "ann@example.com" }"#;
+        assert_eq!(
+            tenant_values(dup),
+            "E11000 duplicate key error collection: shop.customers index: email_1 dup key: (values not shown)"
+        );
+        let debug = r#"write: WriteError { code: 121, message: "Document failed validation", details: Some(Document({"failingDocumentId": "x", "ssn": "123"})) }"#;
+        let out = tenant_values(debug);
+        assert!(out.contains("Document failed validation") && !out.contains("123"), "{out}");
+        let tricky = r#"dup key: { a: "}" secret" } and then keyValue: { b: "more" }"#;
+        let out = tenant_values(tricky);
+        assert!(!out.contains("secret") && !out.contains("more"), "{out}");
+        assert_eq!(tenant_values("plain error"), "plain error");
+    }
 
     #[test]
     fn removes_uri_userinfo_and_password() {

@@ -263,3 +263,49 @@ async fn a_stored_down_is_checked_and_a_changed_run_command_is_refused() {
     assert_eq!(run(&["down", "--dir", d]).status.code(), Some(0));
     assert!(!collections().await.contains(&"made".to_string()));
 }
+
+/// A failed check and a duplicate-key error, as a Job reports them: the tenant's values stay in
+/// the tenant (status and Events are readable by anyone who may view the resource); `_id`s do
+/// not, and the database is as before.
+#[tokio::test]
+async fn failed_checks_and_duplicate_keys_report_ids_never_values() {
+    const SSN: &str = "999-12-3456";
+    const EMAIL: &str = "ann.secret@example.com";
+    let db = fresh_db("hostile_values").await;
+    let people = db.collection::<Document>("people");
+    people.insert_one(doc! {"_id": "p-1", "ssn": SSN, "email": EMAIL}).await.unwrap();
+    db.run_command(
+        doc! {"createIndexes": "people", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]},
+    )
+    .await
+    .unwrap();
+    let before = dump_db(&db).await;
+    let check = "up:\n  - addField: { collection: people, field: flag, value: true }\n\
+                 validate:\n  - aggregate: { collection: people, pipeline: [ { $match: { ssn: { $exists: true } } } ] }\n";
+    let dup = format!(
+        "up:\n  - insertDocuments: {{ collection: people, documents: [ {{ _id: p-2, email: \"{EMAIL}\" }} ] }}\n"
+    );
+    for (name, file) in [("check", check.to_string()), ("dup", dup)] {
+        let dir = migrations(&[("20250101000000_m.yaml", &file)]);
+        let out = tempfile::tempdir().unwrap();
+        let result = out.path().join("termination-log");
+        let o = cli(
+            &["run"],
+            &[
+                ("DBSHIFT_MONGODB_URI", &uri()),
+                ("DBSHIFT_TENANT", db.name()),
+                ("DBSHIFT_DIR", dir.path().to_str().unwrap()),
+                ("DBSHIFT_RESULT_FILE", result.to_str().unwrap()),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", text(&o));
+        let r = std::fs::read_to_string(&result).unwrap();
+        assert!(!r.contains(SSN) && !r.contains(EMAIL), "{name}: the result carries tenant values: {r}");
+        if name == "check" {
+            assert!(r.contains("p-1") && r.contains("1 violation"), "{name}: {r}");
+        } else {
+            assert!(r.contains("email_1") || r.contains("uplicate"), "{name}: {r}");
+        }
+        assert_eq!(dump_db(&db).await, before, "{name}: the tenant changed");
+    }
+}

@@ -18,6 +18,7 @@ use super::pod_security::{merged_context, RUNNER_UID};
 use crate::backup::Destination;
 use crate::crd::PullPolicy;
 use crate::job::{env, JobResult};
+use crate::redact::tenant_values;
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "dbshift";
@@ -409,7 +410,12 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
         }
     }
     if let Some((_, code, message, reason)) = best {
-        let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok());
+        // A result is the pod's word: whatever runner wrote it, no tenant values go further.
+        let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok()).map(|mut r| {
+            r.error = r.error.map(|e| tenant_values(&e));
+            r.failed_checks = r.failed_checks.iter().map(|c| tenant_values(c)).collect();
+            r
+        });
         return match parsed {
             Some(r) => Outcome { ok: succeeded && r.ok, ran: true, error: None, result: Some(r) },
             None => Outcome {
@@ -422,7 +428,7 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
                         e.push_str(&format!(" ({r})"));
                     }
                     if let Some(m) = message.filter(|m| !m.trim().is_empty()) {
-                        e.push_str(&format!(": {}", m.trim().chars().take(300).collect::<String>()));
+                        e.push_str(&format!(": {}", tenant_values(&m.trim().chars().take(300).collect::<String>())));
                     }
                     e
                 }),

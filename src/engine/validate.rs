@@ -23,9 +23,21 @@ pub struct CheckResult {
 
 const EXAMPLES: i64 = 3;
 
+/// The `_id`s of example documents, each cut to 64 characters: a check's message is written to
+/// status and Events, readable by anyone who may view the resource, so it names documents by
+/// `_id` only, never by their other values.
 fn ids(docs: &[Document]) -> String {
     docs.iter()
-        .map(|d| d.get("_id").map(|v| v.to_string()).unwrap_or_else(|| d.to_string()))
+        .map(|d| match d.get("_id") {
+            Some(v) => {
+                let s = v.to_string();
+                match s.char_indices().nth(64) {
+                    Some((end, _)) => format!("{}...", &s[..end]),
+                    None => s,
+                }
+            }
+            None => "(a result without _id)".to_string(),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -130,13 +142,7 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
             Ok(if n == 0 {
                 (true, format!("{what}: no violations"))
             } else {
-                (
-                    false,
-                    format!(
-                        "{what}: {n} violation(s), e.g. {}",
-                        found.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
-                    ),
-                )
+                (false, format!("{what}: {n} violation(s), e.g. _id {}", ids(&found)))
             })
         }
     }

@@ -118,8 +118,9 @@ impl JobResult {
     /// Serialize, shortening lists and messages until it fits.
     pub fn to_compact_json(&self) -> String {
         let mut r = self.clone();
-        r.error = r.error.map(|e| cut(&e, 1500));
-        r.failed_checks = r.failed_checks.iter().take(5).map(|c| cut(c, 200)).collect();
+        // Read by anyone who may view the resource: no tenant values, whatever made the text.
+        r.error = r.error.map(|e| cut(&crate::redact::tenant_values(&e), 1500));
+        r.failed_checks = r.failed_checks.iter().take(5).map(|c| cut(&crate::redact::tenant_values(c), 200)).collect();
         // Shortened field by field, never cut as text: a result cut inside an escape sequence
         // would not parse, and the controller would take the tenant for a dead runner.
         loop {
