@@ -937,6 +937,48 @@ spec:
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A leader whose clock is an hour behind keeps renewing its Lease (its renewTime always lies
+/// in the past): a follower must not take it over, because what counts is that the record
+/// changes, seen on the follower's own clock. Once the renewals stop, it takes over within
+/// the Lease's duration (plus one poll).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_leader_with_a_skewed_clock_keeps_its_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let env = Env::new("skew").await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let skewed = || MicroTime(Timestamp::now() - SignedDuration::from_hours(1));
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "skewed" },
+        "spec": { "holderIdentity": "leader-behind", "leaseDurationSeconds": 3, "renewTime": skewed() }
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let renewing = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let mut l = leases.get("skewed").await.unwrap();
+                l.spec.as_mut().unwrap().renew_time = Some(skewed());
+                let _ = leases.replace("skewed", &PostParams::default(), &l).await;
+            }
+        })
+    };
+    let follower =
+        dbshift::controller::lease::Elector::new(leases.clone(), "skewed", "follower", Duration::from_secs(3));
+    let took = tokio::time::timeout(Duration::from_secs(9), follower.acquire()).await;
+    assert!(took.is_err(), "the follower took the Lease of a leader that keeps renewing");
+    assert_eq!(leases.get("skewed").await.unwrap().spec.unwrap().holder_identity.as_deref(), Some("leader-behind"));
+    renewing.abort();
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), follower.acquire()).await.expect("taken over once renewals stop");
+    assert!(t.elapsed() >= Duration::from_secs(2), "taken over before the Lease's duration: {:?}", t.elapsed());
+    assert_eq!(leases.get("skewed").await.unwrap().spec.unwrap().holder_identity.as_deref(), Some("follower"));
+}
+
 /// Two controllers with leader election on one Lease: only the leader acts; when it dies, the
 /// other takes over and finishes the run without applying anything twice.
 #[tokio::test(flavor = "multi_thread")]

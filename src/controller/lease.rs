@@ -4,12 +4,22 @@
 //! before the Lease expires exits (its pod restarts as a follower) rather than risk acting
 //! next to a new leader. Followers take over once the Lease has not been renewed for its
 //! whole duration, or at once when the leader released it on shutdown.
+//!
+//! "Not renewed for its whole duration" is measured on this replica's own monotonic clock,
+//! from the moment it last saw the Lease's record change (as client-go's leader election
+//! does), never by comparing the leader's `renewTime` with the local wall clock: two nodes'
+//! clocks a few seconds apart would otherwise have a follower take a live leader's Lease (or
+//! wait for a dead one far too long). A follower that has just started therefore waits one
+//! whole duration before it takes over a Lease whose holder it has never seen renew.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 pub struct Elector {
@@ -17,11 +27,28 @@ pub struct Elector {
     name: String,
     identity: String,
     duration: Duration,
+    /// The Lease's record as last seen (holder, renewTime, duration) and when, on this clock.
+    observed: Mutex<Option<(Record, Instant)>>,
 }
+
+type Record = (Option<String>, Option<String>, Option<i32>);
 
 impl Elector {
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
-        Elector { api, name: name.into(), identity: identity.into(), duration }
+        Elector { api, name: name.into(), identity: identity.into(), duration, observed: Mutex::new(None) }
+    }
+
+    /// How long ago, on this replica's monotonic clock, the record last changed (zero when it
+    /// differs from the one seen before, or none was).
+    fn unchanged_for(&self, record: Record) -> Duration {
+        let mut seen = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some((r, at)) if *r == record => at.elapsed(),
+            _ => {
+                *seen = Some((record, Instant::now()));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Wait until this replica holds the Lease.
@@ -102,11 +129,14 @@ impl Elector {
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
         let mine = spec.holder_identity.as_deref() == Some(&self.identity);
-        let held_for = spec.lease_duration_seconds.unwrap_or(secs).max(1) as i64;
-        let expired = match (&spec.holder_identity, &spec.renew_time) {
-            (None, _) | (_, None) => true,
-            (Some(_), Some(r)) => r.0 + SignedDuration::from_secs(held_for) < now,
-        };
+        let held_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(secs).max(1) as u64);
+        let record = (
+            spec.holder_identity.clone(),
+            spec.renew_time.as_ref().map(|r| r.0.to_string()),
+            spec.lease_duration_seconds,
+        );
+        let unchanged = self.unchanged_for(record);
+        let expired = spec.holder_identity.is_none() || spec.renew_time.is_none() || unchanged >= held_for;
         if !mine && !expired {
             return Ok(false);
         }

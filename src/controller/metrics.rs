@@ -9,7 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,42 +91,73 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
-/// Serve `/healthz`, `/readyz`, `/metrics` until the process ends.
+/// Serve `/healthz` (and `/livez`), `/readyz`, `/metrics` until the process ends, with axum:
+/// HTTP/1.1 done by hyper, and an accept loop that backs off when the process runs out of file
+/// descriptors (EMFILE) instead of spinning.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (code, ctype, body) = match path {
-                "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if health.ready.load(Ordering::Relaxed) => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
-                "/metrics" => {
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let ok = || async { "ok\n" };
+    let app = axum::Router::new()
+        .route("/healthz", get(ok))
+        .route("/livez", get(ok))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if health.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ok\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    metrics.encode(),
+                )
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the HTTP server stopped");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_probes_and_metrics_answer_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(Health::default());
+        tokio::spawn(serve(listener, Arc::new(Metrics::default()), health.clone()));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        health.ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let m = get(addr, "/metrics").await;
+        assert!(
+            m.starts_with("HTTP/1.1 200") && m.contains("openmetrics-text") && m.contains("dbshift_jobs_running"),
+            "{m}"
+        );
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
 
     #[test]
     fn metrics_are_named_as_documented() {
