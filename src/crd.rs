@@ -300,6 +300,10 @@ pub struct JobTemplateSpec {
     /// jobPolicy.allow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
+    /// The JavaScript heap of each transform whose file sets no `memoryLimit` (`512Mi`, `1Gi`;
+    /// 16Mi to 16Gi; default 256Mi). Leave the runner container's memory limit room for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_memory: Option<String>,
     /// Seconds a tenant's Job may run before Kubernetes stops it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

@@ -309,3 +309,62 @@ async fn failed_checks_and_duplicate_keys_report_ids_never_values() {
         assert_eq!(dump_db(&db).await, before, "{name}: the tenant changed");
     }
 }
+
+/// Documents up to MongoDB's 16 MiB limit transform with the defaults, and come back byte for
+/// byte: a batch ends at 16 MiB of documents as well as at `batchSize`, the script's heap
+/// (256 MiB by default) takes such a batch, and a pre-image too large for one store document
+/// is stored in parts. A heap too small for a batch fails with what to change, and nothing
+/// changes.
+#[tokio::test]
+async fn documents_up_to_16_mib_transform_with_defaults_and_come_back() {
+    let db = fresh_db("hostile_large").await;
+    let coll = db.collection::<Document>("blobs");
+    let big = "x".repeat(15 << 20);
+    coll.insert_one(doc! {"_id": 0, "body": &big}).await.unwrap();
+    let mid = "y".repeat(30 << 10);
+    let small: Vec<Document> = (1..=1000).map(|i| doc! {"_id": i, "body": &mid}).collect();
+    coll.insert_many(small).await.unwrap();
+    coll.insert_one(doc! {"_id": 1001, "body": &big}).await.unwrap();
+    let before = dump_bytes(&db, "blobs").await;
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let file = "up:\n  - transform: { collection: blobs, script: \"(d) => { d.body = d.body.toUpperCase(); d.size = d.body.length; return d; }\" }\n";
+    let dir = migrations(&[("20250101000000_size.yaml", file)]);
+    let d = dir.path().to_str().unwrap();
+    let o = cli(&["up", "--dir", d, "--tenant", db.name()], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let sizes: Vec<(i32, i32)> =
+        dump(&db, "blobs").await.iter().map(|d| (d.get_i32("_id").unwrap(), d.get_i32("size").unwrap())).collect();
+    assert_eq!(sizes.len(), 1002);
+    assert_eq!(sizes[0], (0, 15 << 20));
+    assert_eq!(sizes[500], (500, 30 << 10));
+    assert!(dump(&db, "blobs").await.iter().all(|d| !d.get_str("body").unwrap().contains(['x', 'y'])));
+    // The pre-images of the 15 MiB bodies did not fit in one store document: stored in parts.
+    let store = db.list_collection_names().await.unwrap().into_iter().find(|n| n.starts_with("_dbshift_rb_")).unwrap();
+    let parts = db.collection::<Document>(&store).count_documents(doc! {"cont": {"$exists": true}}).await.unwrap();
+    assert!(parts >= 2, "{parts} continuation part(s) in {store}");
+    let o = cli(&["down", "--dir", d, "--tenant", db.name()], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(dump_bytes(&db, "blobs").await == before, "not put back byte for byte");
+
+    // A heap too small for a batch: the message says what to change; nothing changed.
+    let file = "up:\n  - transform: { collection: blobs, memoryLimit: 16Mi, script: \"(d) => { d.copy = d.body + d.body; return d; }\" }\n";
+    let dir = migrations(&[("20250101000000_copy.yaml", file)]);
+    let o = cli(&["up", "--dir", dir.path().to_str().unwrap(), "--tenant", db.name()], &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("heap") && text(&o).contains("memoryLimit"), "{}", text(&o));
+    assert!(dump_bytes(&db, "blobs").await == before, "a failed transform left changes");
+
+    // Out of bounds: refused by lint, naming the range.
+    for bad in ["10Mi", "512", "1Ti", "-1Gi"] {
+        let file =
+            format!("up:\n  - transform: {{ collection: blobs, memoryLimit: \"{bad}\", script: \"(d) => d\" }}\n");
+        let dir = migrations(&[("20250101000000_bad.yaml", &file)]);
+        let o = cli(&["lint", "--dir", dir.path().to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+        assert!(text(&o).contains("memoryLimit") && text(&o).contains("16Mi to 16Gi"), "{bad}: {}", text(&o));
+    }
+    let o = cli(&["lint", "--dir", d, "--script-memory", "8Mi"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

@@ -76,6 +76,13 @@ pub struct Global {
     /// (`10m`, `90s`, `0` to fail at once).
     #[arg(long, env = env::LOCK_WAIT, default_value = "10m", value_parser = parse_wait, global = true)]
     pub lock_wait: std::time::Duration,
+    /// The JavaScript heap of each transform whose file sets no `memoryLimit` (16Mi to 16Gi).
+    #[arg(long, env = env::SCRIPT_MEMORY, default_value = "256Mi", value_parser = parse_memory, global = true)]
+    pub script_memory: usize,
+}
+
+fn parse_memory(s: &str) -> Result<usize, String> {
+    crate::engine::script::parse_memory(s.trim())
 }
 
 /// A duration such as `10m`, `90s` or `0`, up to a day.
@@ -165,6 +172,7 @@ fn init_logging(command: &Command) {
 async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
     use commands::*;
     let g = &cli.global;
+    crate::engine::script::set_default_memory(g.script_memory);
     match &cli.command {
         Command::New(a) => new::run(g, a),
         Command::Lint => lint::run(g),

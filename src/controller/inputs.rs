@@ -54,6 +54,10 @@ pub struct Inputs {
 pub fn check_spec(dbm: &DatabaseMigration, policy: &JobPolicy) -> Result<(), InputError> {
     let spec = &dbm.spec;
     policy.check(&spec.job_template).map_err(|e| invalid("JobTemplateRefused", e))?;
+    if let Some(m) = &spec.job_template.script_memory {
+        crate::engine::script::parse_memory(m)
+            .map_err(|e| invalid("InvalidSpec", format!("spec.jobTemplate.scriptMemory: {e}")))?;
+    }
     let t = &spec.tenants;
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));

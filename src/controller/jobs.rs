@@ -235,6 +235,9 @@ fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
         env.push(var(env::BACKUP, &dest.to_string()));
         env.push(var(env::BACKUP_RETENTION, &spec.backup.retention.to_string()));
     }
+    if let Some(m) = &spec.job_template.script_memory {
+        env.push(var(env::SCRIPT_MEMORY, m));
+    }
     env
 }
 

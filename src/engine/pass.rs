@@ -47,8 +47,51 @@ pub const MAX_ROUNDS: usize = 10;
 /// How long a batch retries write conflicts (longer than MongoDB's default transaction
 /// lifetime, 60 s, so the open transaction of a killed runner has expired by then).
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(120);
-/// Documents per batch.
+/// Documents per batch (a transform's `batchSize` changes it).
 pub const BATCH: usize = 1000;
+/// Bytes of whole documents per batch: a batch ends at [`BATCH`] documents or once it holds
+/// this much, whichever comes first, so collections of large documents (up to MongoDB's
+/// 16 MiB) pass in small batches, in memory, through a transform's heap and into the pre-image
+/// store alike (a single document larger than this is a batch of its own).
+pub const BATCH_BYTES: usize = 16 << 20;
+
+/// Where a batch ends: after `docs` documents, or `bytes` bytes of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub docs: usize,
+    pub bytes: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching { docs: BATCH, bytes: BATCH_BYTES }
+    }
+}
+
+impl Batching {
+    /// Whether a batch of `n` documents holding `bytes` is full.
+    fn full(&self, n: usize, bytes: usize) -> bool {
+        n >= self.docs || bytes >= self.bytes
+    }
+
+    /// `docs` cut into batches.
+    fn split(&self, docs: Vec<RawDocumentBuf>) -> Vec<Vec<RawDocumentBuf>> {
+        let mut out = Vec::new();
+        let (mut batch, mut bytes) = (Vec::new(), 0usize);
+        for d in docs {
+            bytes += d.as_bytes().len();
+            batch.push(d);
+            if self.full(batch.len(), bytes) {
+                out.push(std::mem::take(&mut batch));
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            out.push(batch);
+        }
+        out
+    }
+}
 
 /// Stops a pass before its next write: the lock was lost, or the process was asked to stop.
 /// It also notes the sessions transactions run in, in the lease (see [`super::lock::Sessions`]).
@@ -196,6 +239,8 @@ pub struct Pass<'a> {
     /// The transaction of a `transaction: true` migration: everything runs in it, no batch commits.
     pub outer: Option<&'a mut ClientSession>,
     pub progress: Option<Progress>,
+    /// Where a forward pass's batches end.
+    pub batching: Batching,
 }
 
 /// How a batch's documents were read, to read them again the same way in its transaction.
@@ -955,22 +1000,25 @@ async fn forward_with_cursor<P: Planner>(
     let name = pass.coll.to_string();
     let reading = || mongo(format!("reading {name}"));
     let coll = pass.db.collection::<RawDocumentBuf>(pass.coll);
-    let mut find = coll.find(filter.clone()).sort(doc! {"_id": 1}).batch_size(BATCH as u32);
+    let batching = pass.batching;
+    let mut find = coll.find(filter.clone()).sort(doc! {"_id": 1}).batch_size(batching.docs.min(BATCH) as u32);
     if let Some(p) = planner.projection() {
         find = find.projection(p);
     }
     let mut cursor = find.await.map_err(reading())?;
     let (mut seen, mut changed) = (0u64, 0u64);
-    let mut batch = Vec::with_capacity(BATCH);
+    let (mut batch, mut bytes) = (Vec::new(), 0usize);
     loop {
         let next = cursor.try_next().await.map_err(reading())?;
         let end = next.is_none();
         if let Some(d) = next {
+            bytes += d.as_bytes().len();
             batch.push(d);
         }
-        if batch.len() < BATCH && !end {
+        if !batching.full(batch.len(), bytes) && !end {
             continue;
         }
+        bytes = 0;
         if batch.is_empty() {
             break;
         }
@@ -1005,20 +1053,33 @@ async fn forward_batchwise<P: Planner>(
     let reading = || mongo(format!("reading {name}"));
     let (tx, mut batches) = tokio::sync::mpsc::channel(IN_FLIGHT);
     let (coll, f) = (pass.db.collection::<RawDocumentBuf>(pass.coll), filter.clone());
+    // Batches read whole documents (no projection) end by bytes too: the cursor asks the server
+    // for each document's size along with its `_id` ($bsonSize, MongoDB 4.4+).
+    let sized = planner.projection().is_none();
+    let batching = pass.batching;
     let reader = AbortOnDrop(tokio::spawn(async move {
-        let find = coll.find(f).sort(doc! {"_id": 1}).projection(doc! {"_id": 1}).batch_size(BATCH as u32);
+        let projection = if sized {
+            doc! {"_id": 1, "s": {"$bsonSize": "$$ROOT"}}
+        } else {
+            doc! {"_id": 1}
+        };
+        let find =
+            coll.find(f).sort(doc! {"_id": 1}).projection(projection).batch_size(batching.docs.min(BATCH) as u32);
         let mut cursor = match find.await {
             Ok(c) => c,
             Err(e) => return drop(tx.send(Err(e)).await),
         };
-        let mut batch = Vec::with_capacity(BATCH);
+        let (mut batch, mut bytes) = (Vec::new(), 0usize);
         loop {
             match cursor.try_next().await {
-                Ok(Some(d)) if batch.len() + 1 < BATCH => batch.push(d),
                 Ok(Some(d)) => {
+                    bytes += d.get("s").ok().flatten().and_then(|s| s.as_i32()).unwrap_or(0).max(0) as usize;
                     batch.push(d);
-                    if tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
-                        return;
+                    if batching.full(batch.len(), bytes) {
+                        bytes = 0;
+                        if tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Ok(None) if batch.is_empty() => return,
@@ -1028,7 +1089,8 @@ async fn forward_batchwise<P: Planner>(
         }
     }));
     let (mut seen, mut changed) = (0u64, 0u64);
-    let mut later: Vec<Bson> = Vec::new();
+    // What the batches' transactions left, batch by batch: each stays within its batch's bounds.
+    let mut later: Vec<Vec<Bson>> = Vec::new();
     {
         let shared = (&*pass, tokio::sync::Mutex::new(&mut *store), tokio::sync::Mutex::new(&mut *planner));
         let mut running = futures::stream::FuturesOrdered::new();
@@ -1047,7 +1109,9 @@ async fn forward_batchwise<P: Planner>(
                 Some(r) = running.next() => {
                     let (n, rest) = r?;
                     changed += n;
-                    later.extend(rest);
+                    if !rest.is_empty() {
+                        later.push(rest);
+                    }
                     if let Some(p) = &shared.0.progress {
                         p(seen, None);
                     }
@@ -1057,9 +1121,8 @@ async fn forward_batchwise<P: Planner>(
         }
     }
     drop(reader);
-    for ids in later.chunks(BATCH) {
-        let docs =
-            ReadAgain { filter: filter.clone(), planner: &mut *planner }.read(pass.db, pass.coll, ids.to_vec()).await?;
+    for ids in later {
+        let docs = ReadAgain { filter: filter.clone(), planner: &mut *planner }.read(pass.db, pass.coll, ids).await?;
         changed += forward_batch(pass, store, filter, planner, docs).await?;
     }
     Ok((seen, changed))
@@ -1097,8 +1160,8 @@ async fn forward_in_transaction<P: Planner>(
     drop(cursor);
     let seen = docs.len() as u64;
     let mut changed = 0;
-    for batch in docs.chunks(BATCH) {
-        changed += forward_batch(pass, store, filter, planner, batch.to_vec()).await?;
+    for batch in pass.batching.split(docs) {
+        changed += forward_batch(pass, store, filter, planner, batch).await?;
     }
     Ok((seen, changed))
 }

@@ -11,7 +11,11 @@
 //!   entries are stored before their writes; the ones whose document changed in between are
 //!   voided);
 //! - `from: <chunk>` on the chunks of a restore: which chunk of the store it restores was
-//!   done, so an interrupted restore resumes where it stopped.
+//!   done, so an interrupted restore resumes where it stopped;
+//! - `{ _id: <n + i>, cont: <n>, bson }`: the i-th part of chunk n, whose entries hold more
+//!   than [`CHUNK_BYTES`] (a pre-image of a document near MongoDB's 16 MiB limit does not fit
+//!   in one document beside anything else). Chunk n says how many parts it has (`parts`); a part
+//!   missing is damage, never a shorter chunk.
 //!
 //! Putting entries back is field by field: the fields a step changed get their old values,
 //! every other field keeps what the application wrote since. A changed field whose value is no
@@ -23,12 +27,13 @@ use bson::{doc, Binary, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf}
 use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 use super::ops::{mongo, ExecError};
 use super::tracking::ROLLBACK_PREFIX;
 
-/// Entries per chunk, and bytes (a chunk must stay under the 16 MiB BSON limit).
-pub const CHUNK_DOCS: usize = 1000;
+/// Bytes of entries per chunk document (a document must stay under the 16 MiB BSON limit): a
+/// chunk holding more is stored in parts of this size.
 pub const CHUNK_BYTES: usize = 8 << 20;
 
 /// The layout of chunks (`v`); others are refused, never guessed at.
@@ -349,22 +354,34 @@ impl Store {
             bytes.extend_from_slice(e.to_raw().as_bytes());
         }
         let n = self.next;
+        let binary = |b: &[u8]| Binary { subtype: BinarySubtype::Generic, bytes: b.to_vec() };
+        let parts: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(CHUNK_BYTES).collect() };
         let mut chunk = doc! {
             "_id": n,
             "v": FORMAT,
             "count": entries.len() as i64,
-            "bson": Binary { subtype: BinarySubtype::Generic, bytes },
+            "bson": binary(parts[0]),
         };
+        if parts.len() > 1 {
+            chunk.insert("parts", parts.len() as i32);
+        }
         if let Some(f) = from {
             chunk.insert("from", f);
         }
-        let insert = self.coll.insert_one(chunk);
-        match session {
-            Some(s) => insert.session(s).await,
-            None => insert.await,
+        let mut docs = vec![chunk];
+        for (i, part) in parts.iter().enumerate().skip(1) {
+            docs.push(doc! {"_id": n + i as i64, "v": FORMAT, "cont": n, "bson": binary(part)});
         }
-        .map_err(mongo("storing rollback data"))?;
-        self.next += 1;
+        let mut session = session;
+        for d in docs {
+            let insert = self.coll.insert_one(d);
+            match session.as_deref_mut() {
+                Some(s) => insert.session(s).await,
+                None => insert.await,
+            }
+            .map_err(mongo("storing rollback data"))?;
+        }
+        self.next += parts.len() as i64;
         Ok(n)
     }
 
@@ -395,6 +412,8 @@ impl Store {
             .await
             .map_err(reading())?;
         let mut voided: Vec<(i64, Vec<u8>)> = Vec::new();
+        // Parts of chunks, by their own number (they come before their chunk: newest first).
+        let mut parts: HashMap<i64, (i64, &Vec<u8>)> = HashMap::new();
         let mut out = Vec::new();
         for c in &all {
             let n = c.get_i64("_id").map_err(|_| self.damaged("a chunk has no number"))?;
@@ -407,8 +426,30 @@ impl Store {
                 voided.extend(ids.iter().map(|i| (n, id_key(i))));
                 continue;
             }
-            let bytes =
+            let own =
                 c.get_binary_generic("bson").map_err(|e| self.damaged(&format!("no pre-images in the chunk: {e}")))?;
+            if let Ok(head) = c.get_i64("cont") {
+                parts.insert(n, (head, own));
+                continue;
+            }
+            let count = c.get_i32("parts").unwrap_or(1);
+            if !(1..=4096).contains(&count) {
+                return Err(self.damaged(&format!("chunk {n} claims {count} parts")));
+            }
+            let joined;
+            let bytes = if count == 1 {
+                own
+            } else {
+                let mut all = own.clone();
+                for i in 1..count as i64 {
+                    match parts.remove(&(n + i)) {
+                        Some((head, b)) if head == n => all.extend_from_slice(b),
+                        _ => return Err(self.damaged(&format!("part {i} of chunk {n} is missing"))),
+                    }
+                }
+                joined = all;
+                &joined
+            };
             let mut entries = Vec::new();
             for raw in split_documents(bytes).map_err(|e| self.damaged(&e))? {
                 let e = Entry::from_raw(&raw).map_err(|e| self.damaged(&e))?;
@@ -419,6 +460,9 @@ impl Store {
                 }
             }
             out.push(Chunk { n, entries, from: c.get_i64("from").ok() });
+        }
+        if let Some(n) = parts.keys().min() {
+            return Err(self.damaged(&format!("part {n} belongs to no chunk")));
         }
         Ok(out)
     }

@@ -29,6 +29,8 @@ pub const BACKUP_RETENTION: &str = "DBSHIFT_BACKUP_RETENTION";
 pub const RESULT_FILE: &str = "DBSHIFT_RESULT_FILE";
 /// How long to wait for a tenant another runner holds (`10m`, `30s`, `0`).
 pub const LOCK_WAIT: &str = "DBSHIFT_LOCK_WAIT";
+/// The JavaScript heap of transforms without a `memoryLimit` (`256Mi`, `1Gi`).
+pub const SCRIPT_MEMORY: &str = "DBSHIFT_SCRIPT_MEMORY";
 /// The pod's name (from the downward API): names the lock owner in place of the hostname.
 pub const POD_NAME: &str = "DBSHIFT_POD_NAME";
 /// Log filter (`info`, `debug`, ...) and format (`json` or text).

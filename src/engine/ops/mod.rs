@@ -152,6 +152,7 @@ impl Exec<'_> {
             server: self.server,
             outer: self.session.as_deref_mut(),
             progress: self.progress.clone(),
+            batching: Default::default(),
         }
     }
 }

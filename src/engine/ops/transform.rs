@@ -28,10 +28,15 @@ pub struct Transform {
     /// Only documents matching this filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Json>,
-    /// Documents per batch (default 1000; 1 to 100000).
+    /// Documents per batch (default 1000; 1 to 100000). A batch also ends once it holds
+    /// 16 MiB of documents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub batch_size: Option<u32>,
+    /// The script's JavaScript heap, as Kubernetes writes memory (`512Mi`, `1Gi`; 16Mi to
+    /// 16Gi). Default: the runner's `--script-memory` (DBSHIFT_SCRIPT_MEMORY), 256Mi unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
 }
 
 /// The largest `batchSize`: a batch crosses into the script as one string.
@@ -57,6 +62,10 @@ impl Op for Transform {
             self.batch_size
                 .filter(|b| !(1..=MAX_BATCH).contains(b))
                 .map(|b| format!("`batchSize` must be between 1 and {MAX_BATCH} (it is {b})")),
+            self.memory_limit
+                .as_deref()
+                .and_then(|m| script::parse_memory(m).err())
+                .map(|e| format!("`memoryLimit`: {e}")),
             script::compile_check(&self.script).err().map(|e| format!("`script`: {e}")),
         ]
     }
@@ -67,9 +76,15 @@ impl Op for Transform {
 
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
         let filter = filter_doc(self.filter.as_ref()).map_err(data_err)?;
-        let mut planner = Rewritten { rewrite: Script::start(&self.script)? };
+        let memory = match &self.memory_limit {
+            Some(m) => script::parse_memory(m).map_err(|e| ExecError::Data(format!("`memoryLimit`: {e}")))?,
+            None => script::default_memory(),
+        };
+        let mut planner = Rewritten { rewrite: Script::start(&self.script, memory)? };
         let key = x.key.to_string();
-        pass::forward(&mut x.pass(&self.collection), &key, filter, &mut planner, false).await
+        let mut pass = x.pass(&self.collection);
+        pass.batching.docs = self.batch_size.map_or(pass::BATCH, |b| b.clamp(1, MAX_BATCH) as usize);
+        pass::forward(&mut pass, &key, filter, &mut planner, false).await
     }
 
     async fn estimate(&self, db: &Database) -> Result<Option<u64>, ExecError> {
@@ -89,14 +104,14 @@ struct Script {
 }
 
 impl Script {
-    fn start(source: &str) -> Result<Script, ExecError> {
+    fn start(source: &str, memory: usize) -> Result<Script, ExecError> {
         let (to_js, mut batches) = tokio::sync::mpsc::channel::<Vec<RawDocumentBuf>>(1);
         let (out, from_js) = tokio::sync::mpsc::channel(1);
         let source = source.to_string();
         let thread = std::thread::Builder::new()
             .name("dbshift-transform".into())
             .spawn(move || {
-                let t = match script::Transformer::new(&source) {
+                let t = match script::Transformer::new(&source, memory) {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = out.blocking_send(Err(e));

@@ -6,6 +6,7 @@
 //! JavaScript number. On the way back, numbers whose value did not change keep their original
 //! BSON type; new integral numbers become int/long, others double.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bson::{Bson, RawDocument, RawDocumentBuf};
@@ -14,8 +15,43 @@ use rquickjs::{Context, Function, Runtime};
 mod from_js;
 mod to_js;
 
-/// The JavaScript heap a transform may use.
-const MEMORY_LIMIT: usize = 48 << 20;
+/// The JavaScript heap of a transform whose `memoryLimit` says nothing, unless the process was
+/// given another default (`--script-memory`, DBSHIFT_SCRIPT_MEMORY). A batch holds at most
+/// 16 MiB of documents (pass::BATCH_BYTES) plus one document, and takes about five times its
+/// size in the heap: 256 MiB takes any batch, a 16 MiB document included.
+pub const DEFAULT_MEMORY: usize = 256 << 20;
+/// The smallest and largest heap a transform may have.
+pub const MIN_MEMORY: usize = 16 << 20;
+pub const MAX_MEMORY: usize = 16 << 30;
+static PROCESS_MEMORY: AtomicUsize = AtomicUsize::new(DEFAULT_MEMORY);
+
+/// The heap of transforms without a `memoryLimit` in this process.
+pub fn default_memory() -> usize {
+    PROCESS_MEMORY.load(Ordering::Relaxed)
+}
+
+/// Set the heap of transforms without a `memoryLimit` (from the command line).
+pub fn set_default_memory(bytes: usize) {
+    PROCESS_MEMORY.store(bytes.clamp(MIN_MEMORY, MAX_MEMORY), Ordering::Relaxed);
+}
+
+/// A heap size as Kubernetes writes memory: `<n>Mi` or `<n>Gi`, from 16Mi to 16Gi.
+pub fn parse_memory(s: &str) -> Result<usize, String> {
+    let bad = || format!("{s:?} is not a memory size such as 256Mi or 1Gi (from 16Mi to 16Gi)");
+    let (n, unit) = if let Some(n) = s.strip_suffix("Mi") {
+        (n, 1usize << 20)
+    } else if let Some(n) = s.strip_suffix("Gi") {
+        (n, 1usize << 30)
+    } else {
+        return Err(bad());
+    };
+    let n: usize = n.parse().map_err(|_| bad())?;
+    let bytes = n.checked_mul(unit).ok_or_else(bad)?;
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
 /// The longest one batch may run before it is stopped (an endless loop in a script).
 const BATCH_DEADLINE: Duration = Duration::from_secs(120);
 /// How long evaluating a script may take (defining its function; code outside it runs now).
@@ -61,6 +97,8 @@ function __dbshiftSpecials(docs, specials) {
 pub struct Transformer {
     runtime: Runtime,
     context: Context,
+    /// Its heap, in bytes.
+    memory: usize,
 }
 
 impl std::fmt::Debug for Transformer {
@@ -83,10 +121,11 @@ fn js_err(ctx: &rquickjs::Ctx<'_>, e: rquickjs::Error) -> String {
 }
 
 impl Transformer {
-    /// Compile `script`, which must evaluate to a function of one document.
-    pub fn new(script: &str) -> Result<Self, String> {
+    /// Compile `script`, which must evaluate to a function of one document, with a heap of
+    /// `memory` bytes.
+    pub fn new(script: &str, memory: usize) -> Result<Self, String> {
         let runtime = Runtime::new().map_err(|e| e.to_string())?;
-        runtime.set_memory_limit(MEMORY_LIMIT);
+        runtime.set_memory_limit(memory);
         runtime.set_max_stack_size(1 << 20);
         let context = Context::full(&runtime).map_err(|e| e.to_string())?;
         // Evaluating the script (code outside its function runs now) has a deadline too.
@@ -130,7 +169,7 @@ impl Transformer {
         });
         runtime.set_interrupt_handler(None);
         made?;
-        Ok(Transformer { runtime, context })
+        Ok(Transformer { runtime, context, memory })
     }
 
     /// Run the script over a batch. Returns, per input document, `Some(new)` when the script
@@ -149,6 +188,20 @@ impl Transformer {
         let specials = serde_json::to_string(&specials).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + BATCH_DEADLINE;
         self.runtime.set_interrupt_handler(Some(Box::new(move || Instant::now() > deadline)));
+        let batch_bytes: usize = docs.iter().map(|d| d.as_bytes().len()).sum();
+        let out_of_memory = |m: &str| {
+            if m.contains("out of memory") {
+                format!(
+                    "the script ran out of its {} MiB heap on a batch of {} document(s), {:.1} MiB: raise the \
+                     transform's memoryLimit (or --script-memory), or lower its batchSize",
+                    self.memory >> 20,
+                    docs.len(),
+                    batch_bytes as f64 / (1 << 20) as f64
+                )
+            } else {
+                m.to_string()
+            }
+        };
         let output: String = self.context.with(|ctx| {
             let f: Function = ctx.globals().get("__dbshiftBatch").map_err(|e| e.to_string())?;
             f.call((input, specials)).map_err(|e| {
@@ -156,7 +209,7 @@ impl Transformer {
                 if Instant::now() > deadline {
                     format!("the script ran longer than {}s on one batch", BATCH_DEADLINE.as_secs())
                 } else {
-                    m
+                    out_of_memory(&m)
                 }
             })
         })?;
@@ -164,10 +217,11 @@ impl Transformer {
         if output.starts_with('{') {
             let failure: serde_json::Value = serde_json::from_str(&output).map_err(|e| e.to_string())?;
             let i = failure.get("index").and_then(|i| i.as_u64()).unwrap_or(0) as usize;
+            let error = failure.get("error").and_then(|e| e.as_str()).unwrap_or_default();
             return Err(format!(
                 "the script failed on the document with _id {}: {}",
                 docs.get(i).map(|d| id_string(d)).unwrap_or_default(),
-                failure.get("error").and_then(|e| e.as_str()).unwrap_or_default()
+                out_of_memory(error)
             ));
         }
         let outs = from_js::read_documents(&output, docs)?;
@@ -203,13 +257,17 @@ fn id_string(d: &RawDocument) -> String {
 
 /// Compile a script without running it (for `lint` and file loading).
 pub fn compile_check(script: &str) -> Result<(), String> {
-    Transformer::new(script).map(|_| ())
+    Transformer::new(script, default_memory()).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use bson::{doc, oid::ObjectId, DateTime, Document};
+
+    fn new(script: &str) -> Result<Transformer, String> {
+        Transformer::new(script, DEFAULT_MEMORY)
+    }
 
     /// `run_batch` on documents.
     fn run(t: &Transformer, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
@@ -219,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_extreme_64_bit_integers_stay_64_bit_integers() {
-        let t = Transformer::new("(d) => { d.copy = d.v; d.copy2 = d.w; return d; }").unwrap();
+        let t = new("(d) => { d.copy = d.v; d.copy2 = d.w; return d; }").unwrap();
         let out = run(&t, &[doc! {"_id": 1, "v": i64::MIN, "w": i64::MAX}]).unwrap();
         let d = out[0].as_ref().unwrap();
         assert_eq!(d.get_i64("copy"), Ok(i64::MIN), "{d}");
@@ -230,16 +288,16 @@ mod tests {
     #[test]
     fn a_script_that_never_finishes_evaluating_is_stopped() {
         let t0 = Instant::now();
-        let e = Transformer::new("(() => { for (;;) {} })()").unwrap_err();
+        let e = new("(() => { for (;;) {} })()").unwrap_err();
         assert!(e.contains("took longer than 5 s"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(30));
-        let e = Transformer::new("while (true) {}").unwrap_err();
+        let e = new("while (true) {}").unwrap_err();
         assert!(e.contains("longer than") || e.contains("does not compile"), "{e}");
     }
 
     #[test]
     fn splits_a_name_and_keeps_types() {
-        let t = Transformer::new(
+        let t = new(
             "(doc) => { if (!doc.name) return null; const [first, ...rest] = doc.name.split(' '); doc.firstName = first; doc.lastName = rest.join(' '); delete doc.name; return doc; }",
         )
         .unwrap();
@@ -261,7 +319,7 @@ mod tests {
 
     #[test]
     fn every_kind_of_string_and_number_survives_the_round_trip() {
-        let t = Transformer::new("(d) => { d.copy = d.s; return d; }").unwrap();
+        let t = new("(d) => { d.copy = d.s; return d; }").unwrap();
         let s = "quote\" backslash\\ newline\n tab\t nul\u{0} bell\u{7} é 😀 \u{2028}\u{2029} </script>";
         let d = doc! {"_id": 1, "s": s, "x": 0.1f64, "y": -0.0f64, "z": 1e300f64, "n": i32::MIN, "l": -(1i64 << 53), "nan": f64::NAN, "arr": [[1, "a"], {"k": null}]};
         let out = run(&t, std::slice::from_ref(&d)).unwrap()[0].clone().unwrap();
@@ -274,21 +332,20 @@ mod tests {
         a.remove("nan");
         b.remove("nan");
         assert_eq!(bson::to_vec(&a).unwrap(), bson::to_vec(&b).unwrap(), "byte-identical apart from the new field");
-        let same = Transformer::new("(d) => d").unwrap();
+        let same = new("(d) => d").unwrap();
         assert_eq!(run(&same, &[d]).unwrap(), vec![None]);
     }
 
     #[test]
     fn unchanged_documents_are_not_rewritten() {
-        let t = Transformer::new("(d) => d").unwrap();
+        let t = new("(d) => d").unwrap();
         let out = run(&t, &[doc! {"_id": 1, "a": 1.5, "b": [1, 2]}]).unwrap();
         assert_eq!(out, vec![None]);
     }
 
     #[test]
     fn dates_and_ids_are_usable_in_javascript() {
-        let t = Transformer::new("(d) => { d.year = d.at.getUTCFullYear(); d.ref = d.owner.toString(); return d; }")
-            .unwrap();
+        let t = new("(d) => { d.year = d.at.getUTCFullYear(); d.ref = d.owner.toString(); return d; }").unwrap();
         let owner = ObjectId::new();
         let out = run(&t, &[doc! {"_id": 1, "at": DateTime::from_millis(1_700_000_000_000), "owner": owner}]).unwrap();
         let d = out[0].clone().unwrap();
@@ -299,14 +356,14 @@ mod tests {
 
     #[test]
     fn errors_are_specific() {
-        assert!(Transformer::new("(d) => {").unwrap_err().contains("does not compile"));
-        assert!(Transformer::new("42").unwrap_err().contains("must be a JavaScript function"));
-        let t = Transformer::new("(d) => { throw new Error('boom') }").unwrap();
+        assert!(new("(d) => {").unwrap_err().contains("does not compile"));
+        assert!(new("42").unwrap_err().contains("must be a JavaScript function"));
+        let t = new("(d) => { throw new Error('boom') }").unwrap();
         let e = run(&t, &[doc! {"_id": 7}]).unwrap_err();
         assert!(e.contains("_id 7") && e.contains("boom"), "{e}");
-        let t = Transformer::new("(d) => { d._id = 1; return d; }").unwrap();
+        let t = new("(d) => { d._id = 1; return d; }").unwrap();
         assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
-        let t = Transformer::new("(d) => new Date(0)").unwrap();
+        let t = new("(d) => new Date(0)").unwrap();
         assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("not a document"), "a Date is not a document");
     }
 }
