@@ -478,6 +478,33 @@ async fn deletion_keeps_the_finalizer_while_the_plan_cannot_be_read() {
     assert_eq!(run.done(&mut api).await, Requeue::await_change());
 }
 
+/// A restarted controller finds the active run's plan ConfigMap gone: retrying cannot bring it
+/// back, so the run ends Failed with reason RunLost in the status and an Event (the last known
+/// tenants kept), nothing is created, and the resource waits for a change.
+#[tokio::test]
+async fn a_lost_plan_ends_the_run_and_says_so() {
+    let (ctx, mut api, _) = context();
+    let (_, st, _jobs) = start(&ctx, &mut api, json!({ "maxParallel": 1 })).await;
+    let run_id = st.run_id.clone().unwrap();
+    let (ctx, mut api, _) = context();
+    let run = reconcile_on(&ctx, resource_with(json!({ "maxParallel": 1 }), st.clone()));
+    api.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{run_id}-plan")).await.answer(
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "not found", "reason": "NotFound",
+               "code": 404}),
+    );
+    let lost = api.status().await;
+    assert_eq!(lost.phase, Some(Phase::Failed));
+    let ready = lost.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "RunLost"));
+    assert!(lost.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"));
+    let message = lost.message.clone().unwrap();
+    assert!(message.contains(&format!("{run_id}-plan")) && message.contains("is gone"), "{message}");
+    assert_eq!(lost.tenants, st.tenants, "what was known of the tenants stays");
+    api.event("RunLost").await;
+    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+}
+
 /// Tenant 0 failed after applying part of the run; tenant 1 succeeded. The reconcile that
 /// sees it reads both pods and announces both ends first; what it does next is the policy's.
 async fn after_a_failure(rollout: &Value) -> (Arc<Context>, ApiServer, Writer<Job>, Running) {

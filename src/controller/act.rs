@@ -28,6 +28,9 @@ pub enum ActError {
     },
     #[error("{0}: timed out")]
     Timeout(&'static str),
+    /// The run's plan or files would not fit in a ConfigMap (nothing was created).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> ActError {
@@ -142,7 +145,26 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         owner_references: Some(vec![owner.clone()]),
         ..Default::default()
     };
-    let files_config_map = match &inputs.files {
+    // The files are frozen in their own ConfigMap: the plan's copy of the spec leaves them out.
+    let mut spec = r.dbm.spec.clone();
+    if spec.migrations.inline.is_some() {
+        spec.migrations.inline = Some(BTreeMap::new());
+    }
+    let mut fresh = FrozenRun {
+        run_id: run_id.clone(),
+        generation,
+        target: inputs.target.clone(),
+        tenants,
+        canaries,
+        files_config_map: inputs.files.as_ref().map(|_| frozen::files_config_map(&run_id)),
+        spec,
+    };
+    // Both checked before either is created.
+    if let Some(files) = &inputs.files {
+        frozen::check_files(files).map_err(ActError::TooLarge)?;
+    }
+    let data = frozen::plan_data(&fresh).map_err(ActError::TooLarge)?;
+    fresh.files_config_map = match &inputs.files {
         Some(files) => {
             let name = frozen::files_config_map(&run_id);
             let cm = ConfigMap { metadata: meta(name.clone()), data: Some(files.clone()), ..Default::default() };
@@ -151,18 +173,9 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         }
         None => None,
     };
-    let fresh = FrozenRun {
-        run_id: run_id.clone(),
-        generation,
-        target: inputs.target.clone(),
-        tenants,
-        canaries,
-        files_config_map,
-        spec: r.dbm.spec.clone(),
-    };
     let cm = ConfigMap {
         metadata: meta(frozen::plan_config_map(&run_id)),
-        data: Some(BTreeMap::from([(PLAN_KEY.to_string(), serde_json::to_string(&fresh).expect("serializable"))])),
+        data: Some(BTreeMap::from([(PLAN_KEY.to_string(), data)])),
         ..Default::default()
     };
     let created = create(ctx, &cms, &cm, "configmap").await?;

@@ -10,6 +10,39 @@ use crate::crd::{DatabaseMigration, DatabaseMigrationSpec};
 
 /// Key of the plan inside its ConfigMap.
 pub const PLAN_KEY: &str = "plan.json";
+/// What a ConfigMap's data may hold (the API server refuses more than 1 MiB), with room for the
+/// rest of the object.
+pub const CONFIG_MAP_BYTES: usize = 1_000_000;
+
+/// The plan as its ConfigMap holds it, or why it cannot be one (checked before anything is
+/// created: a ConfigMap the API server refuses would leave the run unable to start, silently).
+pub fn plan_data(plan: &FrozenRun) -> Result<String, String> {
+    let json = serde_json::to_string(plan).map_err(|e| format!("the plan cannot be written: {e}"))?;
+    if json.len() > CONFIG_MAP_BYTES {
+        let names: usize = plan.tenants.iter().map(|t| t.len() + 3).sum();
+        return Err(format!(
+            "the run's plan takes {} KiB ({} tenants, {} KiB of names), more than a ConfigMap holds (1 MiB): split \
+             the tenants over several DatabaseMigrations (e.g. by pattern)",
+            json.len() >> 10,
+            plan.tenants.len(),
+            names >> 10
+        ));
+    }
+    Ok(json)
+}
+
+/// Whether the migration files fit in the run's files ConfigMap.
+pub fn check_files(files: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    let bytes: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > CONFIG_MAP_BYTES {
+        return Err(format!(
+            "the migration files take {} KiB, more than a ConfigMap holds (1 MiB): ship them in an image \
+             (spec.migrations.image)",
+            bytes >> 10
+        ));
+    }
+    Ok(())
+}
 
 /// Everything a run needs, decided once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +113,28 @@ pub fn trim_name(name: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ten_thousand_tenants_fit_in_a_plan_and_more_are_refused_with_why() {
+        let spec: DatabaseMigrationSpec = serde_yaml::from_str(MINIMAL).unwrap();
+        let mut plan = FrozenRun {
+            run_id: "r".into(),
+            generation: 1,
+            target: None,
+            tenants: (0..10_000).map(|i| format!("tenant_{i:05}_{}", "x".repeat(48))).collect(),
+            canaries: 0,
+            files_config_map: None,
+            spec,
+        };
+        assert!(plan.tenants.iter().all(|t| t.len() == 63));
+        let json = plan_data(&plan).unwrap();
+        assert!(json.len() <= CONFIG_MAP_BYTES, "{}", json.len());
+        plan.tenants.extend((0..10_000).map(|i| format!("more_{i:05}_{}", "y".repeat(50))));
+        let e = plan_data(&plan).unwrap_err();
+        assert!(e.contains("20000 tenants") && e.contains("split the tenants"), "{e}");
+        let files = std::collections::BTreeMap::from([("20250101000000_big.yaml".to_string(), "#".repeat(1 << 20))]);
+        assert!(check_files(&files).unwrap_err().contains("spec.migrations.image"));
+    }
 
     #[test]
     fn canaries_come_first_in_their_order() {

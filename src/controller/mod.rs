@@ -107,6 +107,7 @@ impl Error {
             Error::Observe(observe::ObserveError::Lost(_)) => "RunLost",
             Error::Observe(_) | Error::Act(act::ActError::Kube { .. }) => "KubernetesError",
             Error::Act(act::ActError::Timeout(_)) => "Timeout",
+            Error::Act(act::ActError::TooLarge(_)) => "PlanTooLarge",
         }
     }
 }

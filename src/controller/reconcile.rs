@@ -93,7 +93,19 @@ async fn reconcile_once(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Resu
         return Ok(Requeue::await_change());
     }
     if let Some(run_id) = r.active_run() {
-        let plan = observe::plan(&ctx, &r, &run_id).await?;
+        let plan = match observe::plan(&ctx, &r, &run_id).await {
+            Ok(plan) => plan,
+            // Retrying cannot bring a deleted or mangled plan back: say so, and let a change
+            // of the resource start a new run (its runners wait for any still running).
+            Err(observe::ObserveError::Lost(why)) => {
+                let message = format!(
+                    "{why}: the run cannot continue. Jobs still running finish on their own and each tenant's \
+                     tracking collection records what ran; change the resource to start a new run"
+                );
+                return run_lost(&ctx, &r, message).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         return continue_run(&ctx, &r, plan, false).await;
     }
     if r.status.phase.is_some_and(Phase::is_final) && r.status.observed_generation == Some(r.generation()) {
@@ -145,7 +157,13 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
         Ok(i) => i,
         Err(e) => return blocked(ctx, r, e).await,
     };
-    let (fresh, created) = act::freeze_run(ctx, r, &inputs).await?;
+    let (fresh, created) = match act::freeze_run(ctx, r, &inputs).await {
+        Ok(x) => x,
+        Err(act::ActError::TooLarge(message)) => {
+            return blocked(ctx, r, InputError { reason: "PlanTooLarge", message, permanent: true }).await
+        }
+        Err(e) => return Err(e.into()),
+    };
     // A plan written before a restart wins over a fresh one: the run is the one that started.
     let plan = if created { Arc::new(fresh) } else { observe::plan(ctx, r, &fresh.run_id).await? };
     tracing::info!(resource = r.key, run = %plan.run_id, tenants = plan.tenants.len(), target = ?plan.target, "run starts");
@@ -158,6 +176,17 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     report::publish(ctx, r.dbm, EventType::Normal, "RunStarted", note).await;
     ctx.runs.lock().expect("lock").insert(r.key.clone(), RunMemory::new(plan.clone()));
     continue_run(ctx, r, plan, false).await
+}
+
+/// The active run's plan is lost: the run ends Failed, said in the status and an Event.
+async fn run_lost(ctx: &Context, r: &Resource<'_>, message: String) -> Result<Requeue, Error> {
+    tracing::error!(resource = %r.name, error = %message, "run lost");
+    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: "RunLost".into() }).inc();
+    let new = status::lost_status(&r.status, r.generation(), &message, &now());
+    act::write_status(ctx, r, &new).await?;
+    report::publish(ctx, r.dbm, EventType::Warning, "RunLost", message).await;
+    ctx.runs.lock().expect("lock").remove(&r.key);
+    Ok(Requeue::await_change())
 }
 
 /// The run cannot start: say why in the status, and wait (retry later or for a change).

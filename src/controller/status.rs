@@ -2,9 +2,10 @@
 //! `DatabaseMigrationStatus`.
 //!
 //! Size: the status must stay far below etcd's 1.5 MiB object limit with 10,000 tenants. It
-//! always carries the counts; per-tenant entries are capped at [`MAX_TENANT_ENTRIES`], chosen
-//! by how much they need a reader's attention (running, failed, rolled back, then succeeded,
-//! then pending). The full per-tenant record lives in each tenant's Job (labels, termination
+//! always carries the counts; per-tenant entries are capped at [`MAX_TENANT_ENTRIES`] and at
+//! [`TENANT_ENTRIES_BYTES`] of JSON (each entry's texts cut to [`ENTRY_TEXT`] characters, its
+//! migrations to [`ENTRY_MIGRATIONS`]), chosen by how much they need a reader's attention
+//! (running, failed, rolled back, then succeeded, then pending). The full per-tenant record lives in each tenant's Job (labels, termination
 //! message) and in the tracking collection of each tenant database. See docs/operator.md.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -19,8 +20,24 @@ use super::jobs::{job_name, Action};
 use super::rollout::{Decision, Step, TenantView};
 use crate::job::result::RollbackHow;
 
-/// Per-tenant entries kept in the status (about 400 bytes each at most).
+/// Per-tenant entries kept in the status, at most.
 pub const MAX_TENANT_ENTRIES: usize = 1000;
+/// Bytes of JSON the per-tenant entries may take together (etcd takes objects up to 1.5 MiB;
+/// the rest of the status, conditions and messages, stays far below the remainder).
+pub const TENANT_ENTRIES_BYTES: usize = 512 << 10;
+/// Characters of each free text in an entry (an error, a rollback's outcome, a failed check).
+pub const ENTRY_TEXT: usize = 400;
+/// Migrations listed in an entry's `applied` (the newest; the tenant's tracking collection and
+/// its Job's result have them all).
+pub const ENTRY_MIGRATIONS: usize = 20;
+
+/// `s` cut to `n` characters, marked.
+fn cut(s: String, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((end, _)) => format!("{}...", &s[..end]),
+        None => s,
+    }
+}
 
 /// The phase of one tenant, as shown in `status.tenants[].phase`.
 pub fn tenant_phase(v: &TenantView, stopped: bool) -> TenantPhase {
@@ -64,11 +81,13 @@ pub fn tenant_status(plan: &FrozenRun, resource: &str, tenant: &str, v: &TenantV
                 .iter()
                 .map(|(id, ms, docs)| AppliedMigration { id: id.clone(), duration_ms: *ms, documents_affected: *docs })
                 .collect();
+            let extra = s.applied.len().saturating_sub(ENTRY_MIGRATIONS);
+            s.applied.drain(..extra);
             if r.checks.0 > 0 {
                 s.validation = Some(ValidationStatus {
                     checks: r.checks.0 as u32,
                     passed: r.checks.1 as u32,
-                    failed: r.failed_checks.clone(),
+                    failed: r.failed_checks.iter().take(5).map(|c| cut(c.clone(), ENTRY_TEXT)).collect(),
                 });
             }
             s.backup = r.backup.as_ref().map(|b| BackupStatus {
@@ -97,6 +116,8 @@ pub fn tenant_status(plan: &FrozenRun, resource: &str, tenant: &str, v: &TenantV
             });
         }
     }
+    s.error = s.error.map(|e| cut(e, ENTRY_TEXT));
+    s.rollback = s.rollback.map(|e| cut(e, ENTRY_TEXT));
     s
 }
 
@@ -187,6 +208,15 @@ pub fn run_status(
         .collect();
     entries.sort_by_key(|e| attention(e.phase));
     entries.truncate(MAX_TENANT_ENTRIES);
+    let mut bytes = 0;
+    let fit = entries
+        .iter()
+        .take_while(|e| {
+            bytes += serde_json::to_vec(e).map_or(usize::MAX / 2, |v| v.len() + 1);
+            bytes <= TENANT_ENTRIES_BYTES
+        })
+        .count();
+    entries.truncate(fit);
     // Readers find a tenant faster in plan order.
     let order: std::collections::HashMap<&str, usize> =
         plan.tenants.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
@@ -264,6 +294,25 @@ pub fn blocked_status(
     }
 }
 
+/// The status of a run whose plan is lost: it ends Failed (Stalled, reason `RunLost`), keeping
+/// what was last known of its tenants.
+pub fn lost_status(
+    previous: &DatabaseMigrationStatus,
+    generation: i64,
+    message: &str,
+    now: &Time,
+) -> DatabaseMigrationStatus {
+    let phase = Phase::Failed;
+    DatabaseMigrationStatus {
+        observed_generation: Some(generation),
+        phase: Some(phase),
+        conditions: conditions_for(&previous.conditions, phase, "RunLost", message, true, generation, now),
+        message: Some(message.to_string()),
+        finished_at: Some(now.clone()),
+        ..previous.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,21 +365,46 @@ spec:
     fn ten_thousand_tenants_fit_in_an_object() {
         let p = plan(10_000);
         let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
+        // A thousand failures with the longest errors a result carries, and escapes that grow
+        // in JSON.
         for v in views.iter_mut().skip(9_000) {
-            v.migrate =
-                Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some("e".repeat(300)) }));
+            let error = "\"é\u{1}".repeat(2000);
+            v.migrate = Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some(error) }));
         }
         let d = decide(&p, &views, false);
         let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
         let size = serde_json::to_string(&s).unwrap().len();
         assert!(size < 700_000, "status is {size} bytes");
-        assert_eq!(s.tenants.len(), MAX_TENANT_ENTRIES);
+        let listed = s.tenants.len();
+        assert!((100..MAX_TENANT_ENTRIES).contains(&listed), "{listed} entries");
         // Failures are listed first; the counts cover everyone.
         assert!(s.tenants.iter().all(|t| t.phase == TenantPhase::Failed));
+        assert!(s.tenants.iter().all(|t| t.error.as_ref().unwrap().chars().count() <= ENTRY_TEXT + 3));
         let prog = s.progress.unwrap();
         assert_eq!((prog.total, prog.succeeded, prog.failed), (10_000, 9_000, 1_000));
         assert_eq!(prog.summary, "9000/10000");
-        assert!(s.message.unwrap().contains("1000 of 10000 tenants listed"));
+        assert!(s.message.unwrap().contains(&format!("{listed} of 10000 tenants listed")));
+
+        // Ten thousand successes, each with many migrations: the same bounds.
+        let many: Vec<(String, i64, i64)> =
+            (0..200).map(|i| (format!("2025010100{i:04}_a_long_migration_name"), 1, 2)).collect();
+        let views = vec![
+            TenantView {
+                migrate: Step::Done(Box::new(Outcome {
+                    ok: true,
+                    ran: true,
+                    error: None,
+                    result: Some(JobResult { v: 1, ok: true, done: many, checks: (0, 0), ..Default::default() }),
+                })),
+                rollback: Step::NotStarted,
+            };
+            10_000
+        ];
+        let d = decide(&p, &views, false);
+        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
+        let size = serde_json::to_string(&s).unwrap().len();
+        assert!(size < 700_000, "status is {size} bytes");
+        assert!(s.tenants.iter().all(|t| t.applied.len() == ENTRY_MIGRATIONS));
     }
 
     #[test]
