@@ -121,7 +121,7 @@ mod tests {
             run_id: "r".into(),
             generation: 1,
             target: None,
-            tenants: (0..10_000).map(|i| format!("tenant_{i:05}_{}", "x".repeat(48))).collect(),
+            tenants: (0..10_000).map(|i| format!("tenant_{i:05}_{}", "x".repeat(50))).collect(),
             canaries: 0,
             files_config_map: None,
             spec,
