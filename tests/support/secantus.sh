@@ -36,7 +36,9 @@ start() {
   install
   local port
   port=$(free_port "$host")
-  "$BIN" --host "$host" --port "$port" --storage-path :memory: >"${pidfile%.pid}.log" 2>&1 &
+  # In memory, every suite's data (and the oplog) must fit in WiredTiger's cache: its default
+  # 1G overflowed (WT_CACHE_FULL) once the large-document tests ran beside the rest.
+  "$BIN" --host "$host" --port "$port" --storage-path :memory: --cache-size 4G >"${pidfile%.pid}.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('$host',$port)))" 2>/dev/null; then
