@@ -96,6 +96,8 @@ if [ $cluster_only = 1 ]; then
 else
   suite "cargo test" cargo test --locked --all-targets --no-fail-fast "$@" -- --include-ignored
   if [ $# -eq 0 ]; then
+    # Each fuzz target for 15 s on the debug build (the full 10-minute runs: docs/fuzzing.md).
+    suite "fuzz smoke" cargo bench --locked --profile dev --bench fuzz -- --seconds 15
     suite "chart suite" tests/chart/run.sh
   fi
 fi

@@ -78,6 +78,13 @@ impl<'o> OldFields<'o> {
     }
 }
 
+/// A key JavaScript orders before the others: an array index ("0", or no leading zero, below
+/// 2^32 - 1).
+fn integer_like(k: &str) -> bool {
+    (k == "0" || (!k.starts_with('0') && !k.is_empty() && k.len() <= 10 && k.bytes().all(|b| b.is_ascii_digit())))
+        && k.parse::<u64>().is_ok_and(|n| n < u32::MAX as u64)
+}
+
 fn as_f64(b: &RawBsonRef<'_>) -> Option<f64> {
     match b {
         RawBsonRef::Int32(v) => Some(*v as f64),
@@ -158,7 +165,7 @@ impl<'a> Parser<'a> {
     /// A document at `{` (a plain one: not Extended JSON).
     fn document(&mut self, old: Option<&RawDocument>) -> Result<RawDocumentBuf, String> {
         self.enter()?;
-        let mut doc = RawDocumentBuf::new();
+        let mut fields = Vec::new();
         let mut more = self.open(b'{', b'}')?;
         let mut olds = OldFields::new(old);
         while more {
@@ -168,11 +175,23 @@ impl<'a> Parser<'a> {
             }
             self.expect(b':')?;
             let old = olds.take(&key);
-            match self.value(old)? {
+            fields.push((key, self.value(old)?));
+            more = self.more(b'}')?;
+        }
+        // JavaScript keeps an object's keys in insertion order, except integer-like ones
+        // ("0", "2024"), which it always puts first, ascending: `(d) => d` would reorder
+        // `{_id, "7": x}`. Where such a key is present, each field that was in the original
+        // document goes back where it was, and new fields follow in the script's order.
+        if fields.iter().any(|(k, _)| integer_like(k)) {
+            let at = |k: &str| olds.items.iter().position(|(o, _)| *o == k).unwrap_or(usize::MAX);
+            fields.sort_by_key(|(k, _)| at(k));
+        }
+        let mut doc = RawDocumentBuf::new();
+        for (key, v) in fields {
+            match v {
                 Value::Ref(v) => doc.append_ref(key.as_ref(), v),
                 Value::Owned(v) => doc.append(key.as_ref(), v),
             }
-            more = self.more(b'}')?;
         }
         self.depth -= 1;
         Ok(doc)

@@ -269,6 +269,23 @@ mod tests {
         Transformer::new(script, DEFAULT_MEMORY)
     }
 
+    /// Found by the fuzzer (tests/bench/fuzz.rs): JavaScript moves integer-like keys first, and
+    /// a double inside a `$`-keyed subdocument lost its last bit on the way back.
+    #[test]
+    fn the_identity_script_changes_nothing_with_numeric_keys_or_dollar_subdocuments() {
+        let t = new("(d) => d").unwrap();
+        let docs = [
+            doc! {"_id": 1, "b": 1, "2024": 2, "a": {"10": 1, "x": 2, "9": 3}, "0": 4},
+            doc! {"_id": 2, "": {"$\"odd": 315523232, "V": 7.425028595562724e-146}},
+        ];
+        assert_eq!(run(&t, &docs).unwrap(), vec![None, None]);
+        // A script's own new fields follow the document's.
+        let t = new("(d) => { d.z = 1; d['5'] = 2; return d; }").unwrap();
+        let out = run(&t, &[doc! {"_id": 1, "7": 0, "a": 1}]).unwrap();
+        let keys: Vec<String> = out[0].as_ref().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["_id", "7", "a", "5", "z"]);
+    }
+
     /// `run_batch` on documents.
     fn run(t: &Transformer, docs: &[Document]) -> Result<Vec<Option<Document>>, String> {
         let raw: Vec<RawDocumentBuf> = docs.iter().map(|d| RawDocumentBuf::from_document(d).unwrap()).collect();
