@@ -502,7 +502,37 @@ async fn a_lost_plan_ends_the_run_and_says_so() {
     assert!(message.contains(&format!("{run_id}-plan")) && message.contains("is gone"), "{message}");
     assert_eq!(lost.tenants, st.tenants, "what was known of the tenants stays");
     api.event("RunLost").await;
+    api.no_pods_left(&["dbshift.io%2Fmigration%3Dadd-flag", "dbshift.io%2Frun%3D"]).await;
     assert_eq!(run.done(&mut api).await, Requeue::await_change());
+    assert_eq!(lost.observed_generation, st.observed_generation, "the run's generation, not a later one");
+}
+
+/// The plan's ConfigMap has a predictable name: one that this resource does not own, or whose
+/// jobTemplate asks for a privileged pod, is not followed (no Job is built from it).
+#[tokio::test]
+async fn a_plan_someone_else_wrote_is_not_followed() {
+    let (ctx, mut api, _) = context();
+    let (plan_cm, st, _jobs) = start(&ctx, &mut api, json!({ "maxParallel": 1 })).await;
+    let run_id = st.run_id.clone().unwrap();
+    let mut privileged = plan_cm.clone();
+    let text = privileged["data"]["plan.json"].as_str().unwrap().to_string();
+    let mut plan: Value = serde_json::from_str(&text).unwrap();
+    plan["spec"]["jobTemplate"] = json!({ "securityContext": { "privileged": true } });
+    privileged["data"]["plan.json"] = Value::String(plan.to_string());
+    let mut unowned = plan_cm.clone();
+    unowned["metadata"]["ownerReferences"] = json!([]);
+    for (cm, why) in [(unowned, "is not this resource's"), (privileged, "securityContext.privileged")] {
+        let (ctx, mut api, _) = context();
+        let run = reconcile_on(&ctx, resource_with(json!({ "maxParallel": 1 }), st.clone()));
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{run_id}-plan")).await.answer(200, cm);
+        let lost = api.status().await;
+        let message = lost.message.clone().unwrap();
+        assert_eq!(lost.phase, Some(Phase::Failed));
+        assert!(message.contains(why), "{message}");
+        api.event("RunLost").await;
+        api.no_pods_left(&["dbshift.io%2Fmigration%3Dadd-flag", "dbshift.io%2Frun%3D"]).await;
+        assert_eq!(run.done(&mut api).await, Requeue::await_change(), "and no Job was created");
+    }
 }
 
 /// Tenant 0 failed after applying part of the run; tenant 1 succeeded. The reconcile that

@@ -31,6 +31,9 @@ pub enum ActError {
     /// The run's plan or files would not fit in a ConfigMap (nothing was created).
     #[error("{0}")]
     TooLarge(String),
+    /// A ConfigMap with the name of the run's files is not the run's own (no Job was created).
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> ActError {
@@ -168,7 +171,21 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         Some(files) => {
             let name = frozen::files_config_map(&run_id);
             let cm = ConfigMap { metadata: meta(name.clone()), data: Some(files.clone()), ..Default::default() };
-            create(ctx, &cms, &cm, "configmap").await?;
+            if !create(ctx, &cms, &cm, "configmap").await? {
+                // It exists: made before a restart, or by someone else (its name is predictable).
+                // Only this resource's own copy of these very files is used.
+                let found = cms.get(&name).await.map_err(kube("reading the run's files ConfigMap"))?;
+                let theirs = super::observe::owned_by(&found.metadata, r.dbm).err().or_else(|| {
+                    (found.data.as_ref() != Some(files))
+                        .then(|| "holds other files than the resource names".to_string())
+                });
+                if let Some(why) = theirs {
+                    return Err(ActError::NotOurs(format!(
+                        "ConfigMap {}/{name} {why}: delete it, and the run starts",
+                        r.ns
+                    )));
+                }
+            }
             Some(name)
         }
         None => None,

@@ -108,6 +108,7 @@ impl Error {
             Error::Observe(_) | Error::Act(act::ActError::Kube { .. }) => "KubernetesError",
             Error::Act(act::ActError::Timeout(_)) => "Timeout",
             Error::Act(act::ActError::TooLarge(_)) => "PlanTooLarge",
+            Error::Act(act::ActError::NotOurs(_)) => "ConfigMapConflict",
         }
     }
 }
@@ -207,45 +208,47 @@ pub async fn run(args: &Settings) -> Result<(), String> {
         .unwrap_or_else(|| "dbshift".into());
     let elector = elect(&client, args, &identity, &health).await;
     let selector = format!("{}={}", jobs::MANAGED_BY, jobs::MANAGER);
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        config: Config {
-            runner_image: args.runner_image.clone(),
-            connect_timeout: args.mongodb_timeout,
-            retry: Duration::from_secs(30),
-            job_policy: args.job_policy.clone(),
-        },
-        jobs: job_store(&jobs_api, &selector).await?,
-        recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),
-        metrics,
-        runs: Mutex::new(HashMap::new()),
-        failures: Mutex::new(HashMap::new()),
-        started: Timestamp::now(),
-    });
-    health.ready.store(true, Ordering::Relaxed);
-    tracing::info!(runner_image = %args.runner_image, namespace = ?args.namespace, "controller started");
-
-    let controller = Controller::new(dbms, watcher::Config::default())
-        .owns(jobs_api, watcher::Config::default().labels(&selector))
-        .shutdown_on_signal()
-        .run(reconcile::reconcile, error_policy, ctx)
-        .for_each(|r| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile");
-            }
-            futures::future::ready(())
+    // Everything from here on acts: it runs only while the Lease is held, renewed from the
+    // moment it was won (listing the Jobs may take longer than the Lease lives).
+    let work = async {
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            config: Config {
+                runner_image: args.runner_image.clone(),
+                connect_timeout: args.mongodb_timeout,
+                retry: Duration::from_secs(30),
+                job_policy: args.job_policy.clone(),
+            },
+            jobs: job_store(&jobs_api, &selector).await?,
+            recorder: Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(identity) }),
+            metrics,
+            runs: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            started: Timestamp::now(),
         });
+        health.ready.store(true, Ordering::Relaxed);
+        tracing::info!(runner_image = %args.runner_image, namespace = ?args.namespace, "controller started");
+        Controller::new(dbms, watcher::Config::default())
+            .owns(jobs_api.clone(), watcher::Config::default().labels(&selector))
+            .shutdown_on_signal()
+            .run(reconcile::reconcile, error_policy, ctx)
+            .for_each(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "reconcile");
+                }
+                futures::future::ready(())
+            })
+            .await;
+        Ok::<(), String>(())
+    };
     match &elector {
         Some(e) => {
             tokio::select! {
-                _ = controller => { e.release().await; Ok(()) }
+                r = work => { e.release().await; r }
                 _ = e.hold() => Err("lost the leader Lease; exiting so that only one replica acts".into()),
             }
         }
-        None => {
-            controller.await;
-            Ok(())
-        }
+        None => work.await,
     }
 }
 

@@ -88,11 +88,27 @@ pub async fn plan(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<Arc<F
     })?;
     let lost = |why: String| ObserveError::Lost(format!("the plan of run {run_id} (ConfigMap {}/{name}) {why}", r.ns));
     let cm = cm.ok_or_else(|| lost("is gone".into()))?;
+    // Anyone who may write ConfigMaps in the namespace could have made or changed it (its name
+    // is predictable): only a plan this resource owns is followed, and its jobTemplate is
+    // checked again, as the Jobs are built from it.
+    owned_by(&cm.metadata, r.dbm).map_err(lost)?;
     let text = cm.data.as_ref().and_then(|d| d.get(PLAN_KEY)).cloned().unwrap_or_default();
     let plan: FrozenRun = serde_json::from_str(&text).map_err(|e| lost(format!("is unreadable: {e}")))?;
+    ctx.config.job_policy.check(&plan.spec.job_template).map_err(|e| lost(format!("is refused: {e}")))?;
     let plan = Arc::new(plan);
     ctx.runs.lock().expect("lock").insert(r.key.clone(), RunMemory::new(plan.clone()));
     Ok(plan)
+}
+
+/// Whether `meta` names `dbm` (by uid) as its controlling owner.
+pub fn owned_by(meta: &kube::api::ObjectMeta, dbm: &crate::crd::DatabaseMigration) -> Result<(), String> {
+    let uid = dbm.metadata.uid.as_deref().unwrap_or_default();
+    let ours = meta.owner_references.iter().flatten().any(|o| o.uid == uid && o.controller == Some(true));
+    if ours {
+        Ok(())
+    } else {
+        Err("is not this resource's (made by someone else: its owner is not this DatabaseMigration)".into())
+    }
 }
 
 /// Where every tenant of the run stands.

@@ -61,6 +61,12 @@ impl<'a> Resource<'a> {
     fn active_run(&self) -> Option<String> {
         self.status.phase.filter(|p| p.is_active()).and(self.status.run_id.clone())
     }
+
+    /// The run that ended because its plan was lost (its Jobs may still run).
+    fn lost_run(&self) -> Option<String> {
+        let lost = self.status.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "RunLost");
+        self.status.run_id.clone().filter(|_| lost)
+    }
 }
 
 fn now() -> Time {
@@ -120,7 +126,9 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     }
     // A run in progress: start nothing more, let running Jobs finish (stopping one mid-way
     // would skip the engine's own undo), then let go. Snapshots stay, per retention.
-    if let Some(run_id) = r.active_run() {
+    // A run whose plan was lost ended Failed, but its Jobs may still run.
+    let run = r.active_run().or_else(|| r.lost_run());
+    if let Some(run_id) = run.clone() {
         match observe::plan(ctx, r, &run_id).await {
             Ok(plan) => {
                 continue_run(ctx, r, plan, true).await?;
@@ -144,7 +152,7 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
         }
     }
     // Nothing more will be read: the runner pods may go with their Jobs.
-    act::release_all_pods(ctx, r, r.active_run().as_deref()).await?;
+    act::release_all_pods(ctx, r, run.as_deref()).await?;
     let fins: Vec<String> = r.dbm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
     act::set_finalizers(ctx, r, fins, "removing the finalizer").await?;
     ctx.runs.lock().expect("lock").remove(&r.key);
@@ -162,10 +170,26 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
         Err(act::ActError::TooLarge(message)) => {
             return blocked(ctx, r, InputError { reason: "PlanTooLarge", message, permanent: true }).await
         }
+        Err(act::ActError::NotOurs(message)) => {
+            return blocked(ctx, r, InputError { reason: "ConfigMapConflict", message, permanent: false }).await
+        }
         Err(e) => return Err(e.into()),
     };
     // A plan written before a restart wins over a fresh one: the run is the one that started.
-    let plan = if created { Arc::new(fresh) } else { observe::plan(ctx, r, &fresh.run_id).await? };
+    let plan = if created {
+        Arc::new(fresh)
+    } else {
+        match observe::plan(ctx, r, &fresh.run_id).await {
+            Ok(plan) => plan,
+            // A ConfigMap of the plan's name that is not this resource's own: refused, and
+            // retried (it starts once that ConfigMap is deleted).
+            Err(observe::ObserveError::Lost(why)) => {
+                let message = format!("{why}: delete it, and the run starts");
+                return blocked(ctx, r, InputError { reason: "ConfigMapConflict", message, permanent: false }).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     tracing::info!(resource = r.key, run = %plan.run_id, tenants = plan.tenants.len(), target = ?plan.target, "run starts");
     let note = format!(
         "run {}: {} tenant(s) to {}",
@@ -186,6 +210,8 @@ async fn run_lost(ctx: &Context, r: &Resource<'_>, message: String) -> Result<Re
     act::write_status(ctx, r, &new).await?;
     report::publish(ctx, r.dbm, EventType::Warning, "RunLost", message).await;
     ctx.runs.lock().expect("lock").remove(&r.key);
+    // Nothing will read the run's results any more: its pods may go with their Jobs.
+    act::release_all_pods(ctx, r, new.run_id.as_deref()).await?;
     Ok(Requeue::await_change())
 }
 
@@ -211,7 +237,8 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     let decision = rollout::decide(&plan, &seen.views, deleting);
     let views = with_launches(seen.views, &decision.launch);
     let running = views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
-    let mut new = status::run_status(&r.status, &plan, &r.name, &views, &decision, &now());
+    let budget = status::entries_budget(serde_json::to_vec(&r.dbm.spec).map_or(0, |v| v.len()));
+    let mut new = status::run_status(&r.status, &plan, &r.name, &views, &decision, budget, &now());
     if let Some(m) = status::message_override(&decision, &plan, r.generation(), deleting, running) {
         new.message = Some(m);
     }

@@ -22,9 +22,16 @@ use crate::job::result::RollbackHow;
 
 /// Per-tenant entries kept in the status, at most.
 pub const MAX_TENANT_ENTRIES: usize = 1000;
-/// Bytes of JSON the per-tenant entries may take together (etcd takes objects up to 1.5 MiB;
-/// the rest of the status, conditions and messages, stays far below the remainder).
+/// Bytes of JSON the per-tenant entries may take together, at most (etcd takes objects up to
+/// 1.5 MiB; the rest of the status, conditions and messages, stays far below the remainder).
+/// Less when the resource's own spec is large (inline files): see [`entries_budget`].
 pub const TENANT_ENTRIES_BYTES: usize = 512 << 10;
+
+/// What the tenant entries may take beside a spec of `spec_bytes`: the object stays under
+/// 1.4 MiB, with 100 KiB for metadata, conditions and messages.
+pub fn entries_budget(spec_bytes: usize) -> usize {
+    TENANT_ENTRIES_BYTES.min(((14 << 20) / 10usize).saturating_sub(spec_bytes + (100 << 10)))
+}
 /// Characters of each free text in an entry (an error, a rollback's outcome, a failed check).
 pub const ENTRY_TEXT: usize = 400;
 /// Migrations listed in an entry's `applied` (the newest; the tenant's tracking collection and
@@ -198,6 +205,7 @@ pub fn run_status(
     resource: &str,
     views: &[TenantView],
     decision: &Decision,
+    budget: usize,
     now: &Time,
 ) -> DatabaseMigrationStatus {
     let mut entries: Vec<TenantStatus> = plan
@@ -213,7 +221,7 @@ pub fn run_status(
         .iter()
         .take_while(|e| {
             bytes += serde_json::to_vec(e).map_or(usize::MAX / 2, |v| v.len() + 1);
-            bytes <= TENANT_ENTRIES_BYTES
+            bytes <= budget
         })
         .count();
     entries.truncate(fit);
@@ -303,6 +311,8 @@ pub fn lost_status(
     now: &Time,
 ) -> DatabaseMigrationStatus {
     let phase = Phase::Failed;
+    // The generation the run carried out: a change made during it still starts its own run.
+    let generation = previous.observed_generation.unwrap_or(generation);
     DatabaseMigrationStatus {
         observed_generation: Some(generation),
         phase: Some(phase),
@@ -372,7 +382,15 @@ spec:
             v.migrate = Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some(error) }));
         }
         let d = decide(&p, &views, false);
-        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
+        let s = run_status(
+            &DatabaseMigrationStatus::default(),
+            &p,
+            "add-preferences",
+            &views,
+            &d,
+            TENANT_ENTRIES_BYTES,
+            &now(),
+        );
         let size = serde_json::to_string(&s).unwrap().len();
         assert!(size < 700_000, "status is {size} bytes");
         let listed = s.tenants.len();
@@ -401,10 +419,23 @@ spec:
             10_000
         ];
         let d = decide(&p, &views, false);
-        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, &now());
+        let s = run_status(
+            &DatabaseMigrationStatus::default(),
+            &p,
+            "add-preferences",
+            &views,
+            &d,
+            TENANT_ENTRIES_BYTES,
+            &now(),
+        );
         let size = serde_json::to_string(&s).unwrap().len();
         assert!(size < 700_000, "status is {size} bytes");
         assert!(s.tenants.iter().all(|t| t.applied.len() == ENTRY_MIGRATIONS));
+        // Beside a spec of 1 MB (inline files), the entries give way.
+        let budget = entries_budget(1_000_000);
+        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, budget, &now());
+        let size = serde_json::to_string(&s).unwrap().len();
+        assert!(size + 1_000_000 < 1_400_000, "status is {size} bytes");
     }
 
     #[test]
