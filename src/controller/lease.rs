@@ -72,23 +72,38 @@ impl Elector {
     }
 
     /// Keep renewing; returns only when leadership is lost (the caller must stop acting).
+    ///
+    /// A renewal counts from the moment it was sent, and a leader that has not renewed for two
+    /// thirds of the duration steps down, each request bounded by the time left: a follower
+    /// takes over only after a whole duration without a change it saw, which starts no
+    /// earlier than the request, so the two never act at once (a third of the duration is the
+    /// margin for clocks that run at different rates, and for this process to stop).
     pub async fn hold(&self) {
-        let mut last_renewal = tokio::time::Instant::now();
+        let limit = self.duration * 2 / 3;
+        let mut last_renewal = Instant::now();
+        let mut wait = self.duration / 3;
         loop {
-            tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            tokio::time::sleep(wait.min(limit.saturating_sub(last_renewal.elapsed()))).await;
+            let sent = Instant::now();
+            let left = limit.saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_acquire()).await {
+                Ok(Ok(true)) => {
+                    last_renewal = sent;
+                    wait = self.duration / 3;
+                }
+                Ok(Ok(false)) => {
                     tracing::error!(lease = %self.name, "another replica took the Lease");
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(lease = %self.name, error = %e, "renewing the Lease failed");
-                    if last_renewal.elapsed() >= self.duration {
-                        tracing::error!(lease = %self.name, "could not renew the Lease before it expired");
-                        return;
-                    }
+                    wait = Duration::from_secs(1);
                 }
+                Err(_) => {}
+            }
+            if last_renewal.elapsed() >= limit {
+                tracing::error!(lease = %self.name, "could not renew the Lease in time; stepping down");
+                return;
             }
         }
     }
