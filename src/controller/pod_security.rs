@@ -36,7 +36,8 @@ pub enum Privilege {
     PrivilegeEscalation,
     /// `securityContext.runAsUser: 0` or `runAsNonRoot: false`.
     RunAsRoot,
-    /// `seccompProfile.type: Unconfined`, `procMount: Unmasked`, `seLinuxOptions`.
+    /// `seccompProfile.type: Unconfined`, `appArmorProfile.type: Unconfined`, `procMount:
+    /// Unmasked`, `seLinuxOptions`, `windowsOptions.hostProcess`.
     Unconfined,
 }
 
@@ -135,8 +136,15 @@ fn asked(t: &JobTemplateSpec) -> Vec<(&'static str, Privilege)> {
     if sc.proc_mount.as_deref().is_some_and(|m| m != "Default") {
         out.push(("securityContext.procMount", Privilege::Unconfined));
     }
+    if sc.app_armor_profile.as_ref().is_some_and(|p| p.type_ != "RuntimeDefault" && p.type_ != "Localhost") {
+        out.push(("securityContext.appArmorProfile.type", Privilege::Unconfined));
+    }
     if sc.se_linux_options.is_some() {
         out.push(("securityContext.seLinuxOptions", Privilege::Unconfined));
+    }
+    // A Windows HostProcess container is the node's administrator.
+    if sc.windows_options.as_ref().is_some_and(|w| w.host_process == Some(true)) {
+        out.push(("securityContext.windowsOptions.hostProcess", Privilege::Unconfined));
     }
     out
 }
@@ -177,6 +185,10 @@ pub fn merged_context(over: Option<&SecurityContext>) -> SecurityContext {
         windows_options,
         app_armor_profile
     );
+    // Root asked for (and allowed): the default runAsNonRoot would keep the pod from starting.
+    if o.run_as_user == Some(0) && o.run_as_non_root.is_none() {
+        sc.run_as_non_root = None;
+    }
     if let Some(c) = &o.capabilities {
         let mut drop: Vec<String> = vec!["ALL".into()];
         for d in c.drop.iter().flatten() {
@@ -226,6 +238,8 @@ mod tests {
             ("securityContext: { seccompProfile: { type: Unconfined } }", "seccompProfile.type", Privilege::Unconfined),
             ("securityContext: { procMount: Unmasked }", "procMount", Privilege::Unconfined),
             ("securityContext: { seLinuxOptions: { type: spc_t } }", "seLinuxOptions", Privilege::Unconfined),
+            ("securityContext: { appArmorProfile: { type: Unconfined } }", "appArmorProfile", Privilege::Unconfined),
+            ("securityContext: { windowsOptions: { hostProcess: true } }", "hostProcess", Privilege::Unconfined),
         ];
         for (yaml, field, p) in cases {
             let t = template(yaml);
