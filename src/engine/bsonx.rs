@@ -119,14 +119,22 @@ pub fn restore_number_types(new: Bson, old: Option<&Bson>) -> Bson {
     }
 }
 
-/// [`restore_number_types`] for a whole document, without copying the original.
+/// [`restore_number_types`] for a whole document, without copying the original. JavaScript
+/// puts integer-like keys first: where there is one, the fields of the original keep their
+/// place (as the transform bridge does, src/engine/script/from_js.rs).
 fn restore_document_types(new: Document, old: &Document) -> Document {
-    new.into_iter()
+    let mut fields: Vec<(String, Bson)> = new
+        .into_iter()
         .map(|(k, v)| {
             let o = old.get(&k);
             (k, restore_number_types(v, o))
         })
-        .collect()
+        .collect();
+    if fields.iter().any(|(k, _)| crate::engine::script::integer_like(k)) {
+        let at = |k: &str| old.keys().position(|o| o == k).unwrap_or(usize::MAX);
+        fields.sort_by_key(|(k, _)| at(k));
+    }
+    fields.into_iter().collect()
 }
 
 fn as_f64(b: &Bson) -> Option<f64> {

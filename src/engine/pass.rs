@@ -1053,16 +1053,12 @@ async fn forward_batchwise<P: Planner>(
     let reading = || mongo(format!("reading {name}"));
     let (tx, mut batches) = tokio::sync::mpsc::channel(IN_FLIGHT);
     let (coll, f) = (pass.db.collection::<RawDocumentBuf>(pass.coll), filter.clone());
-    // Batches read whole documents (no projection) end by bytes too: the cursor asks the server
-    // for each document's size along with its `_id` ($bsonSize, MongoDB 4.4+).
-    let sized = planner.projection().is_none();
+    // Batches end by bytes too: the cursor asks the server for each document's size along with
+    // its `_id` ($bsonSize, MongoDB 4.4+). The whole document's, even where the pass reads some
+    // fields only: an overestimate, never an underestimate (those fields may be most of it).
     let batching = pass.batching;
     let reader = AbortOnDrop(tokio::spawn(async move {
-        let projection = if sized {
-            doc! {"_id": 1, "s": {"$bsonSize": "$$ROOT"}}
-        } else {
-            doc! {"_id": 1}
-        };
+        let projection = doc! {"_id": 1, "s": {"$bsonSize": "$$ROOT"}};
         let find =
             coll.find(f).sort(doc! {"_id": 1}).projection(projection).batch_size(batching.docs.min(BATCH) as u32);
         let mut cursor = match find.await {

@@ -14,8 +14,9 @@
 //!   done, so an interrupted restore resumes where it stopped;
 //! - `{ _id: <n + i>, cont: <n>, bson }`: the i-th part of chunk n, whose entries hold more
 //!   than [`CHUNK_BYTES`] (a pre-image of a document near MongoDB's 16 MiB limit does not fit
-//!   in one document beside anything else). Chunk n says how many parts it has (`parts`); a part
-//!   missing is damage, never a shorter chunk.
+//!   in one document beside anything else). Chunk n says how many parts it has (`parts`) and
+//!   is stored after them; a part missing is damage, never a shorter chunk, and parts without
+//!   their chunk (a runner killed while storing it, before its changes) are ignored.
 //!
 //! Putting entries back is field by field: the fields a step changed get their old values,
 //! every other field keeps what the application wrote since. A changed field whose value is no
@@ -368,10 +369,15 @@ impl Store {
         if let Some(f) = from {
             chunk.insert("from", f);
         }
-        let mut docs = vec![chunk];
-        for (i, part) in parts.iter().enumerate().skip(1) {
-            docs.push(doc! {"_id": n + i as i64, "v": FORMAT, "cont": n, "bson": binary(part)});
-        }
+        // The parts first, the chunk last: a runner killed in between (without transactions)
+        // leaves parts of no chunk, which are ignored, never a chunk missing a part.
+        let mut docs: Vec<Document> = parts
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, part)| doc! {"_id": n + i as i64, "v": FORMAT, "cont": n, "bson": binary(part)})
+            .collect();
+        docs.push(chunk);
         let mut session = session;
         for d in docs {
             let insert = self.coll.insert_one(d);
@@ -461,9 +467,8 @@ impl Store {
             }
             out.push(Chunk { n, entries, from: c.get_i64("from").ok() });
         }
-        if let Some(n) = parts.keys().min() {
-            return Err(self.damaged(&format!("part {n} belongs to no chunk")));
-        }
+        // Parts left here belong to a chunk whose storing did not finish (see `append`): its
+        // changes were never made.
         Ok(out)
     }
 

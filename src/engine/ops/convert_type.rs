@@ -124,10 +124,11 @@ impl ConvertType {
         let hint = "(set `onError: keep` or `onError: setNull` to allow this)";
         match found {
             Ok((n, Some(d))) => ExecError::Data(format!(
-                "{n} value(s) of {} in {} cannot be converted to {to}, e.g. {} in the document with _id {} {hint}",
+                "{n} value(s) of {} in {} cannot be converted to {to}, e.g. a {} in the document with _id {} {hint}",
                 self.field,
                 self.collection,
-                d.get(&self.field).map(|v| v.to_string()).unwrap_or_else(|| "(nested)".into()),
+                // Its type, not its value: the message goes to status and Events.
+                d.get(&self.field).map(crate::engine::bsonx::type_name_mongo).unwrap_or("nested value"),
                 d.get("_id").map(|v| v.to_string()).unwrap_or_default()
             )),
             _ => ExecError::Data(format!(

@@ -80,7 +80,7 @@ impl<'o> OldFields<'o> {
 
 /// A key JavaScript orders before the others: an array index ("0", or no leading zero, below
 /// 2^32 - 1).
-fn integer_like(k: &str) -> bool {
+pub fn integer_like(k: &str) -> bool {
     (k == "0" || (!k.starts_with('0') && !k.is_empty() && k.len() <= 10 && k.bytes().all(|b| b.is_ascii_digit())))
         && k.parse::<u64>().is_ok_and(|n| n < u32::MAX as u64)
 }

@@ -15,6 +15,8 @@ use rquickjs::{Context, Function, Runtime};
 mod from_js;
 mod to_js;
 
+pub use from_js::integer_like;
+
 /// The JavaScript heap of a transform whose `memoryLimit` says nothing, unless the process was
 /// given another default (`--script-memory`, DBSHIFT_SCRIPT_MEMORY). A batch holds at most
 /// 16 MiB of documents (pass::BATCH_BYTES) plus one document, and takes about five times its
@@ -277,8 +279,9 @@ mod tests {
         let docs = [
             doc! {"_id": 1, "b": 1, "2024": 2, "a": {"10": 1, "x": 2, "9": 3}, "0": 4},
             doc! {"_id": 2, "": {"$\"odd": 315523232, "V": 7.425028595562724e-146}},
+            doc! {"_id": 3, "": {"$": {"": "", "3": 1i64, "x": ""}}},
         ];
-        assert_eq!(run(&t, &docs).unwrap(), vec![None, None]);
+        assert_eq!(run(&t, &docs).unwrap(), vec![None, None, None]);
         // A script's own new fields follow the document's.
         let t = new("(d) => { d.z = 1; d['5'] = 2; return d; }").unwrap();
         let out = run(&t, &[doc! {"_id": 1, "7": 0, "a": 1}]).unwrap();
