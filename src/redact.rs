@@ -55,7 +55,10 @@ impl Redactor {
         for s in found {
             let decoded = percent_decode_str(&s).decode_utf8_lossy().into_owned();
             let encoded = utf8_percent_encode(&decoded, NON_ALPHANUMERIC).to_string();
-            for v in [s, decoded, encoded] {
+            // A password written with a bare `%` ("p%3x", "%73") may be meant as written: its
+            // own encoding is a secret too (found by the fuzzer).
+            let encoded_as_written = utf8_percent_encode(&s, NON_ALPHANUMERIC).to_string();
+            for v in [s, decoded, encoded, encoded_as_written] {
                 let json = serde_json::to_string(&v).unwrap_or_default();
                 if let Some(inner) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
                     secrets.push(inner.to_string());
@@ -146,6 +149,18 @@ mod tests {
                 let out = r.apply(&text);
                 assert!(!out.contains(pass) && !out.contains(&encoded), "{uri}: {out}");
                 assert!(out.contains("***"), "{uri}: {out}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_with_a_bare_percent_is_removed_as_written_and_encoded() {
+        for pass in ["%73", "2wyV%E8", "@P%dC", "%cB{w"] {
+            let r = Redactor::for_uri(&format!("mongodb://app:{pass}@db1/shop"));
+            let encoded = utf8_percent_encode(pass, NON_ALPHANUMERIC).to_string();
+            for text in [format!("x{pass}y"), format!("x{encoded}y")] {
+                let out = r.apply(&text);
+                assert!(!out.contains(pass) && !out.contains(&encoded), "{pass}: {out}");
             }
         }
     }
