@@ -48,6 +48,11 @@ pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     error_code(e) == Some(code::DUPLICATE_KEY) || e.to_string().contains("E11000")
 }
 
+/// A write concern error, from its parts.
+fn concern(w: &mongodb::error::WriteConcernError) -> String {
+    format!("write concern error {} ({}): {}", w.code, w.code_name, w.message)
+}
+
 /// A MongoDB error as one readable sentence: the kind and the server's message, without the
 /// driver's debug fields (labels, the raw server response as hex) that would drown it.
 pub fn describe(e: &mongodb::error::Error) -> String {
@@ -57,9 +62,7 @@ pub fn describe(e: &mongodb::error::Error) -> String {
         ErrorKind::Write(WriteFailure::WriteError(w)) => {
             format!("write error {} ({}): {}", w.code, w.code_name.as_deref().unwrap_or("?"), w.message)
         }
-        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
-            format!("write concern error {} ({}): {}", w.code, w.code_name, w.message)
-        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => concern(w),
         ErrorKind::InsertMany(im) => {
             let errors = im.write_errors.as_deref().unwrap_or_default();
             match errors.first() {
@@ -72,7 +75,7 @@ pub fn describe(e: &mongodb::error::Error) -> String {
                     w.message
                 ),
                 None => match &im.write_concern_error {
-                    Some(w) => format!("write concern error {} ({}): {}", w.code, w.code_name, w.message),
+                    Some(w) => concern(w),
                     None => e.kind.to_string(),
                 },
             }
@@ -86,7 +89,7 @@ pub fn describe(e: &mongodb::error::Error) -> String {
                 w.message
             ),
             None => match b.write_concern_errors.first() {
-                Some(w) => format!("write concern error {} ({}): {}", w.code, w.code_name, w.message),
+                Some(w) => concern(w),
                 None => e.kind.to_string(),
             },
         },

@@ -374,6 +374,13 @@ spec:
     #[test]
     fn ten_thousand_tenants_fit_in_an_object() {
         let p = plan(10_000);
+        // The status of these views, and its size in JSON.
+        let status_of = |views: &[TenantView], budget: usize| {
+            let d = decide(&p, views, false);
+            let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", views, &d, budget, &now());
+            let size = serde_json::to_string(&s).unwrap().len();
+            (s, size)
+        };
         let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
         // A thousand failures with the longest errors a result carries, and escapes that grow
         // in JSON.
@@ -381,17 +388,7 @@ spec:
             let error = "\"é\u{1}".repeat(2000);
             v.migrate = Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some(error) }));
         }
-        let d = decide(&p, &views, false);
-        let s = run_status(
-            &DatabaseMigrationStatus::default(),
-            &p,
-            "add-preferences",
-            &views,
-            &d,
-            TENANT_ENTRIES_BYTES,
-            &now(),
-        );
-        let size = serde_json::to_string(&s).unwrap().len();
+        let (s, size) = status_of(&views, TENANT_ENTRIES_BYTES);
         assert!(size < 700_000, "status is {size} bytes");
         let listed = s.tenants.len();
         assert!((100..MAX_TENANT_ENTRIES).contains(&listed), "{listed} entries");
@@ -418,23 +415,12 @@ spec:
             };
             10_000
         ];
-        let d = decide(&p, &views, false);
-        let s = run_status(
-            &DatabaseMigrationStatus::default(),
-            &p,
-            "add-preferences",
-            &views,
-            &d,
-            TENANT_ENTRIES_BYTES,
-            &now(),
-        );
-        let size = serde_json::to_string(&s).unwrap().len();
+        let (s, size) = status_of(&views, TENANT_ENTRIES_BYTES);
         assert!(size < 700_000, "status is {size} bytes");
         assert!(s.tenants.iter().all(|t| t.applied.len() == ENTRY_MIGRATIONS));
         // Beside a spec of 1 MB (inline files), the entries give way.
         let budget = entries_budget(1_000_000);
-        let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", &views, &d, budget, &now());
-        let size = serde_json::to_string(&s).unwrap().len();
+        let (_, size) = status_of(&views, budget);
         assert!(size + 1_000_000 < 1_400_000, "status is {size} bytes");
     }
 
