@@ -89,7 +89,11 @@ impl Redactor {
 /// (`details`, `errInfo`), the `keyValue` of a write error. Everything from the first of them on
 /// is cut (the values may hold anything, brackets and quotes included, so nothing after them
 /// can be trusted to be theirs or not).
-const TENANT_VALUE_MARKERS: &[&str] = &["dup key:", "details: Some(", "errInfo", "keyValue", "keyPattern"];
+const TENANT_VALUE_MARKERS: &[&str] =
+    &["dup key:", SCRIPT_MESSAGE, "details: Some(", "errInfo", "keyValue", "keyPattern"];
+
+/// Put before what a user's script threw (its message may quote the document it failed on).
+pub const SCRIPT_MESSAGE: &str = "the script's message:";
 
 /// `text` with the tenant values a MongoDB error carries removed (see
 /// [`TENANT_VALUE_MARKERS`]): status, Events and results hold `_id`s and counts only.
@@ -97,7 +101,7 @@ pub fn tenant_values(text: &str) -> String {
     match TENANT_VALUE_MARKERS.iter().filter_map(|m| text.find(m).map(|at| (at, *m))).min() {
         None => text.to_string(),
         Some((at, marker)) => {
-            let keep = if marker == "dup key:" { at + marker.len() } else { at };
+            let keep = if marker == "dup key:" || marker == SCRIPT_MESSAGE { at + marker.len() } else { at };
             format!("{} (values not shown)", text[..keep].trim_end())
         }
     }
@@ -121,6 +125,12 @@ mod tests {
         let out = tenant_values(tricky);
         assert!(!out.contains("secret") && !out.contains("more"), "{out}");
         assert_eq!(tenant_values("plain error"), "plain error");
+        let thrown =
+            format!("the script failed on the document with _id 7: Error; {SCRIPT_MESSAGE} bad email ann@example.com");
+        assert_eq!(
+            tenant_values(&thrown),
+            format!("the script failed on the document with _id 7: Error; {SCRIPT_MESSAGE} (values not shown)")
+        );
     }
 
     #[test]

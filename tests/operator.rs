@@ -181,11 +181,16 @@ impl Env {
     }
 
     fn start_controller(&mut self) {
+        self.start_controller_with(&[]);
+    }
+
+    fn start_controller_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(env!("CARGO_BIN_EXE_dbshift"))
             .args(["controller", "--namespace", &self.ns, "--no-leader-election"])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--runner-image", &runner_image()])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig())
             .env("DBSHIFT_LOG", "info,kube=warn")
             .env_remove("DBSHIFT_MONGODB_URI")
@@ -717,6 +722,47 @@ async fn an_invalid_spec_is_reported_and_touches_nothing() {
     assert!(msg.contains("spec.jobTemplate.securityContext.privileged") && msg.contains("jobPolicy.allow"), "{msg}");
     assert!(env.jobs().await.is_empty());
     assert_eq!(env.customers(0).await, before);
+}
+
+/// The operator's policy allows hostNetwork, the namespace's Pod Security level does not: the
+/// run is blocked before anything is created, with admission's reason (servers with Pod
+/// Security admission, 1.25+; 1.20 admits the pod).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_namespace_refusing_the_runner_pods_blocks_the_run_before_anything_is_created() {
+    let mut env = Env::new("podrefused").await;
+    let minor = env.client.apiserver_version().await.unwrap().minor;
+    if minor.trim_end_matches('+').parse::<u32>().unwrap() < 25 {
+        eprintln!("no Pod Security admission on 1.{minor}: nothing to refuse");
+        return;
+    }
+    env.seed(0, false).await;
+    let before = env.customers(0).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller_with(&["--job-allow", "hostNetwork"]);
+    let yaml = env.resource("hostnet", "").replace(
+        "jobTemplate: { imagePullPolicy: Never }",
+        "jobTemplate: { imagePullPolicy: Never, hostNetwork: true }",
+    );
+    env.apply(&yaml).await;
+    let d = env
+        .wait_for("hostnet", 60, |d| {
+            d.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "PodRefused"))
+        })
+        .await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(ready(&d), "False/PodRefused");
+    assert_eq!(st.phase, Some(Phase::Pending), "retried: the namespace's labels may change");
+    let msg = st.message.unwrap();
+    assert!(msg.contains("violates PodSecurity") && msg.contains("hostNetwork"), "{msg}");
+    assert!(env.jobs().await.is_empty(), "no Job");
+    let cms = Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns).list(&ListParams::default()).await.unwrap();
+    let names: Vec<String> =
+        cms.items.iter().map(|c| c.name_any()).filter(|n| n.contains("-plan") || n.contains("-files")).collect();
+    assert!(names.is_empty(), "no run ConfigMap: {names:?}");
+    assert!(env.event_reasons().await.contains(&"PodRefused".to_string()));
+    assert_eq!(env.customers(0).await, before);
+    assert!(env.records(0).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -157,6 +157,21 @@ impl ApiServer {
         }
     }
 
+    /// The dry-run create of a runner pod (admission's verdict on the run's pods), answered
+    /// with `code` and `body` (the pod itself when `body` is null).
+    async fn pod_dry_run(&mut self, code: u16, body: Value) -> Value {
+        let c = self.expect("POST", &format!("/api/v1/namespaces/{NS}/pods")).await;
+        assert!(c.query.contains("dryRun=All"), "a dry run only: {}", c.query);
+        let pod = c.body.clone();
+        assert_eq!(pod["spec"]["containers"][0]["name"], "runner", "{pod}");
+        if body.is_null() {
+            c.echo()
+        } else {
+            c.answer(code, body)
+        }
+        pod
+    }
+
     /// Nothing more is asked.
     async fn idle(&mut self) {
         if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await {
@@ -270,6 +285,7 @@ async fn start(ctx: &Arc<Context>, api: &mut ApiServer, rollout: Value) -> (Valu
     let n = rollout["maxParallel"].as_u64().unwrap_or(1).min(3) as usize;
     let run = reconcile_on(ctx, resource_with(rollout, DatabaseMigrationStatus::default()));
     secret(api).await;
+    api.pod_dry_run(200, Value::Null).await;
     let files = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
     assert!(files.body["data"]["20250101000000_add_flag.yaml"].is_string(), "{}", files.body);
     files.echo();
@@ -533,6 +549,45 @@ async fn a_plan_someone_else_wrote_is_not_followed() {
         api.no_pods_left(&["dbshift.io%2Fmigration%3Dadd-flag", "dbshift.io%2Frun%3D"]).await;
         assert_eq!(run.done(&mut api).await, Requeue::await_change(), "and no Job was created");
     }
+}
+
+/// A namespace whose Pod Security level refuses the runner pods: the run is blocked before
+/// anything is created (no ConfigMap, no Job), with the admission's own words in the status and
+/// an Event, and retried (the namespace's labels may change); an RBAC that does not let the
+/// controller create pods skips the check and the run starts.
+#[tokio::test]
+async fn a_namespace_that_refuses_the_runner_pods_blocks_the_run_before_anything_is_created() {
+    let (ctx, mut api, _) = context();
+    let run = reconcile_on(&ctx, resource_with(json!({ "maxParallel": 1 }), DatabaseMigrationStatus::default()));
+    secret(&mut api).await;
+    let psa = "pods \"x\" is forbidden: violates PodSecurity \"restricted:latest\": seccompProfile (pod or container \
+               \"runner\" must set securityContext.seccompProfile.type to \"RuntimeDefault\" or \"Localhost\")";
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": psa,
+                         "reason": "Forbidden", "code": 403});
+    api.pod_dry_run(403, refused).await;
+    let st = api.status().await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodRefused"));
+    let message = st.message.clone().unwrap_or_else(|| ready.message.clone());
+    assert!(message.contains("violates PodSecurity") && message.contains("no Job was created"), "{message}");
+    let event = api.event("PodRefused").await;
+    assert!(event["note"].as_str().unwrap().contains("seccompProfile"), "{event}");
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(ctx.config.retry), "retried, nothing created");
+
+    let (ctx, mut api, _) = context();
+    let run = reconcile_on(&ctx, resource_with(json!({ "maxParallel": 1 }), DatabaseMigrationStatus::default()));
+    secret(&mut api).await;
+    let rbac = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                      "message": "pods is forbidden: User \"system:serviceaccount:dbshift-system:dbshift\" cannot create \
+                                  resource \"pods\" in API group \"\" in the namespace \"shop\""});
+    api.pod_dry_run(403, rbac).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.event("RunStarted").await;
+    api.status().await;
+    api.job().await;
+    api.event("Migrating").await;
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(60)));
 }
 
 /// Tenant 0 failed after applying part of the run; tenant 1 succeeded. The reconcile that

@@ -34,6 +34,10 @@ pub enum ActError {
     /// A ConfigMap with the name of the run's files is not the run's own (no Job was created).
     #[error("{0}")]
     NotOurs(String),
+    /// The namespace would refuse the runner pods (Pod Security, or an invalid pod): nothing
+    /// was created.
+    #[error("{0}")]
+    PodRefused(String),
 }
 
 fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> ActError {
@@ -167,6 +171,7 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         frozen::check_files(files).map_err(ActError::TooLarge)?;
     }
     let data = frozen::plan_data(&fresh).map_err(ActError::TooLarge)?;
+    admit_runner_pod(ctx, r, &fresh).await?;
     fresh.files_config_map = match &inputs.files {
         Some(files) => {
             let name = frozen::files_config_map(&run_id);
@@ -197,6 +202,49 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
     };
     let created = create(ctx, &cms, &cm, "configmap").await?;
     Ok((fresh, created))
+}
+
+/// Ask the API server, in a dry run, whether it would admit the pod of the run's first Job:
+/// Pod Security Admission (and any other admission) judges pods, not Jobs, so a refused pod
+/// would otherwise show only as a Job that never starts (a `FailedCreate` Event on it). The
+/// runner pods of one run differ only in names and environment, so one check answers for all.
+/// Skipped, with a warning, where the controller may not create pods (an older RBAC).
+async fn admit_runner_pod(ctx: &Context, r: &Resource<'_>, plan: &FrozenRun) -> Result<(), ActError> {
+    let Some(tenant) = plan.tenants.first() else { return Ok(()) };
+    let owner = r.dbm.controller_owner_ref(&()).expect("owner reference");
+    let defaults = jobs::JobDefaults { image: ctx.config.runner_image.clone() };
+    let job = jobs::build_job(plan, &r.name, &r.ns, owner, tenant, Action::Migrate, &defaults);
+    let Some(template) = job.spec.map(|s| s.template) else { return Ok(()) };
+    let mut metadata = template.metadata.unwrap_or_default();
+    metadata.name = job.metadata.name.map(|n| format!("{n}-admission"));
+    metadata.namespace = Some(r.ns.clone());
+    let pod = Pod { metadata, spec: template.spec, ..Default::default() };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
+    let pp = PostParams { dry_run: true, field_manager: Some(MANAGER.into()) };
+    ctx.metrics.write("pod-dry-run");
+    match tokio::time::timeout(Duration::from_secs(30), pods.create(&pp, &pod)).await {
+        Err(_) => Err(ActError::Timeout("checking the runner pod (dry run)")),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(e))) if e.code == 403 && e.message.contains("PodSecurity") => {
+            Err(ActError::PodRefused(format!(
+                "namespace {} refuses the runner pods, so no Job was created: {}. Label the namespace \
+                 with a pod-security.kubernetes.io/enforce level that admits them, or change \
+                 spec.jobTemplate (docs/operator.md, \"Pod Security\")",
+                r.ns, e.message
+            )))
+        }
+        Ok(Err(kube::Error::Api(e))) if e.code == 403 => {
+            tracing::warn!(resource = r.key, error = %e.message, "cannot check the runner pod in a dry run (the \
+                controller may not create pods; the chart's RBAC grants it): a refused pod will show only as a Job \
+                that does not start");
+            Ok(())
+        }
+        Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 400 => Err(ActError::PodRefused(format!(
+            "the runner pod would be invalid, so no Job was created: {} (check spec.jobTemplate)",
+            e.message
+        ))),
+        Ok(Err(e)) => Err(ActError::Kube { action: "checking the runner pod (dry run)", source: Box::new(e) }),
+    }
 }
 
 /// Create the tenant Jobs (already recorded in the status), and remember when.

@@ -109,6 +109,7 @@ impl Error {
             Error::Act(act::ActError::Timeout(_)) => "Timeout",
             Error::Act(act::ActError::TooLarge(_)) => "PlanTooLarge",
             Error::Act(act::ActError::NotOurs(_)) => "ConfigMapConflict",
+            Error::Act(act::ActError::PodRefused(_)) => "PodRefused",
         }
     }
 }

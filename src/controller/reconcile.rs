@@ -173,6 +173,10 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
         Err(act::ActError::NotOurs(message)) => {
             return blocked(ctx, r, InputError { reason: "ConfigMapConflict", message, permanent: false }).await
         }
+        // Retried: the namespace's labels (or the operator's policy) may change.
+        Err(act::ActError::PodRefused(message)) => {
+            return blocked(ctx, r, InputError { reason: "PodRefused", message, permanent: false }).await
+        }
         Err(e) => return Err(e.into()),
     };
     // A plan written before a restart wins over a fresh one: the run is the one that started.

@@ -1293,9 +1293,10 @@ pub async fn restore(
     let source = Store::open(pass.db, from_key).await?;
     let mut own = Store::open(pass.db, key).await?;
     // Progress: the chunks of `from_key` done by an earlier, interrupted attempt.
-    let done: Vec<i64> = own.chunks_newest_first().await?.iter().filter_map(|c| c.from).collect();
+    let done = own.restored_from().await?;
     let mut out = Restored::default();
-    for chunk in source.chunks_newest_first().await? {
+    let mut chunks = source.chunks_newest_first();
+    while let Some(chunk) = chunks.next().await? {
         if done.contains(&chunk.n) {
             continue;
         }

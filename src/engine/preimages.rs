@@ -28,7 +28,7 @@ use bson::{doc, Binary, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf}
 use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::ops::{mongo, ExecError};
 use super::tracking::ROLLBACK_PREFIX;
@@ -405,75 +405,116 @@ impl Store {
         Ok(())
     }
 
-    /// Every chunk of entries, newest first, without the voided entries.
-    pub async fn chunks_newest_first(&self) -> Result<Vec<Chunk>, ExecError> {
+    /// Every chunk of entries, newest first, without the voided entries: read one stored
+    /// document at a time, so a store of many gigabytes is never held in memory at once (one
+    /// chunk, with its parts, is; at most [`CHUNK_BYTES`] times its parts).
+    pub fn chunks_newest_first(&self) -> Chunks<'_> {
+        Chunks { store: self, below: None, voided: HashSet::new(), parts: HashMap::new() }
+    }
+
+    /// The chunks of the store it restores that a restore stored in this one (`from`), done.
+    pub async fn restored_from(&self) -> Result<HashSet<i64>, ExecError> {
         let reading = || mongo(format!("reading rollback data in {}", self.coll.name()));
-        let all: Vec<Document> = self
+        let marks: Vec<Document> = self
             .coll
-            .find(doc! {})
-            .sort(doc! {"_id": -1})
+            .find(doc! {"from": {"$exists": true}, "cont": {"$exists": false}})
+            .projection(doc! {"from": 1})
             .await
             .map_err(reading())?
             .try_collect()
             .await
             .map_err(reading())?;
-        let mut voided: Vec<(i64, Vec<u8>)> = Vec::new();
-        // Parts of chunks, by their own number (they come before their chunk: newest first).
-        let mut parts: HashMap<i64, (i64, &Vec<u8>)> = HashMap::new();
-        let mut out = Vec::new();
-        for c in &all {
-            let n = c.get_i64("_id").map_err(|_| self.damaged("a chunk has no number"))?;
-            if c.get_i32("v") != Ok(FORMAT) {
-                return Err(self.damaged(
-                    "it is not in the layout this dbshift writes (it was written by another version, or changed by hand)",
-                ));
-            }
-            if let Ok(ids) = c.get_array("void") {
-                voided.extend(ids.iter().map(|i| (n, id_key(i))));
-                continue;
-            }
-            let own =
-                c.get_binary_generic("bson").map_err(|e| self.damaged(&format!("no pre-images in the chunk: {e}")))?;
-            if let Ok(head) = c.get_i64("cont") {
-                parts.insert(n, (head, own));
-                continue;
-            }
-            let count = c.get_i32("parts").unwrap_or(1);
-            if !(1..=4096).contains(&count) {
-                return Err(self.damaged(&format!("chunk {n} claims {count} parts")));
-            }
-            let joined;
-            let bytes = if count == 1 {
-                own
-            } else {
-                let mut all = own.clone();
-                for i in 1..count as i64 {
-                    match parts.remove(&(n + i)) {
-                        Some((head, b)) if head == n => all.extend_from_slice(b),
-                        _ => return Err(self.damaged(&format!("part {i} of chunk {n} is missing"))),
-                    }
-                }
-                joined = all;
-                &joined
-            };
-            let mut entries = Vec::new();
-            for raw in split_documents(bytes).map_err(|e| self.damaged(&e))? {
-                let e = Entry::from_raw(&raw).map_err(|e| self.damaged(&e))?;
-                // A void names entries stored before it.
-                let key = id_key(&e.id);
-                if !voided.iter().any(|(vn, id)| *vn > n && *id == key) {
-                    entries.push(e);
-                }
-            }
-            out.push(Chunk { n, entries, from: c.get_i64("from").ok() });
-        }
-        // Parts left here belong to a chunk whose storing did not finish (see `append`): its
-        // changes were never made.
-        Ok(out)
+        marks
+            .iter()
+            .map(|m| m.get_i64("from").map_err(|_| self.damaged("a restore's progress mark is not a chunk number")))
+            .collect()
     }
 
     fn damaged(&self, why: &str) -> ExecError {
         ExecError::Data(format!("the rollback data in {} is damaged: {why}", self.coll.name()))
+    }
+}
+
+/// Reads a store's chunks newest first (see [`Store::chunks_newest_first`]). Each step fetches
+/// the next stored document below the last one by `_id` (no cursor is held open while the
+/// caller writes, so none can time out).
+pub struct Chunks<'a> {
+    store: &'a Store,
+    /// The `_id` of the last document read.
+    below: Option<i64>,
+    /// Entries voided by documents read so far (voids name entries stored before them, and
+    /// everything read so far was stored after what comes next).
+    voided: HashSet<Vec<u8>>,
+    /// Parts read so far whose chunk is still to come, by their own number.
+    parts: HashMap<i64, (i64, Vec<u8>)>,
+}
+
+impl Chunks<'_> {
+    pub async fn next(&mut self) -> Result<Option<Chunk>, ExecError> {
+        let store = self.store;
+        loop {
+            let filter = match self.below {
+                Some(b) => doc! {"_id": {"$lt": b}},
+                None => doc! {},
+            };
+            let Some(c) = store
+                .coll
+                .find_one(filter)
+                .sort(doc! {"_id": -1})
+                .await
+                .map_err(mongo(format!("reading rollback data in {}", store.coll.name())))?
+            else {
+                // Parts left here belong to a chunk whose storing did not finish (see
+                // `Store::append`): its changes were never made.
+                return Ok(None);
+            };
+            let n = c.get_i64("_id").map_err(|_| store.damaged("a chunk has no number"))?;
+            self.below = Some(n);
+            if let Some(chunk) = self.read(n, c)? {
+                return Ok(Some(chunk));
+            }
+        }
+    }
+
+    /// One stored document: a chunk, or what a chunk needs (a void, a part).
+    fn read(&mut self, n: i64, mut c: Document) -> Result<Option<Chunk>, ExecError> {
+        let store = self.store;
+        if c.get_i32("v") != Ok(FORMAT) {
+            return Err(store.damaged(
+                "it is not in the layout this dbshift writes (it was written by another version, or changed by hand)",
+            ));
+        }
+        if let Ok(ids) = c.get_array("void") {
+            self.voided.extend(ids.iter().map(id_key));
+            return Ok(None);
+        }
+        let own = match c.remove("bson") {
+            Some(Bson::Binary(Binary { subtype: BinarySubtype::Generic, bytes })) => bytes,
+            _ => return Err(store.damaged("no pre-images in the chunk")),
+        };
+        if let Ok(head) = c.get_i64("cont") {
+            self.parts.insert(n, (head, own));
+            return Ok(None);
+        }
+        let count = c.get_i32("parts").unwrap_or(1);
+        if !(1..=4096).contains(&count) {
+            return Err(store.damaged(&format!("chunk {n} claims {count} parts")));
+        }
+        let mut bytes = own;
+        for i in 1..count as i64 {
+            match self.parts.remove(&(n + i)) {
+                Some((head, b)) if head == n => bytes.extend_from_slice(&b),
+                _ => return Err(store.damaged(&format!("part {i} of chunk {n} is missing"))),
+            }
+        }
+        let mut entries = Vec::new();
+        for raw in split_documents(&bytes).map_err(|e| store.damaged(&e))? {
+            let e = Entry::from_raw(&raw).map_err(|e| store.damaged(&e))?;
+            if !self.voided.contains(&id_key(&e.id)) {
+                entries.push(e);
+            }
+        }
+        Ok(Some(Chunk { n, entries, from: c.get_i64("from").ok() }))
     }
 }
 

@@ -359,6 +359,11 @@ fn rolled_back(id: &str, state: OutcomeState) -> Outcome {
 /// Write the result where the controller reads it, and print it.
 fn finish(a: &RunArgs, r: JobResult) -> Exit {
     let line = r.to_compact_json();
+    // The result leaves out tenant values (what a script threw, a duplicate key); the pod's log
+    // keeps the whole error, for whoever may read logs.
+    if let Some(e) = r.error.as_deref().filter(|e| !line.contains(&serde_json::to_string(e).unwrap_or_default())) {
+        tracing::error!(error = %e, "the run failed (whole error; the result shows it without tenant values)");
+    }
     if a.result_file.parent().is_some_and(|p| p.exists()) {
         if let Err(e) = std::fs::write(&a.result_file, &line) {
             tracing::warn!(file = %a.result_file.display(), error = %e, "could not write the result file");

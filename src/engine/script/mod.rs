@@ -157,7 +157,7 @@ impl Transformer {
                     for (let i = 0; i < docs.length; i++) {
                         let r;
                         try { r = __dbshiftUser(docs[i]); }
-                        catch (e) { return JSON.stringify({ error: String(e && e.message !== undefined ? e.message : e), index: i }); }
+                        catch (e) { return JSON.stringify({ error: String(e && e.message !== undefined ? e.message : e), name: (e instanceof Error) ? String(e.name) : 'a thrown ' + typeof e, thrown: true, index: i }); }
                         if (r === null || r === undefined) { out[i] = null; continue; }
                         if (typeof r !== 'object' || Array.isArray(r)) {
                             return JSON.stringify({ error: 'the script returned ' + (Array.isArray(r) ? 'an array' : typeof r) + ', not a document (or null)', index: i });
@@ -220,11 +220,20 @@ impl Transformer {
             let failure: serde_json::Value = serde_json::from_str(&output).map_err(|e| e.to_string())?;
             let i = failure.get("index").and_then(|i| i.as_u64()).unwrap_or(0) as usize;
             let error = failure.get("error").and_then(|e| e.as_str()).unwrap_or_default();
-            return Err(format!(
-                "the script failed on the document with _id {}: {}",
-                docs.get(i).map(|d| id_string(d)).unwrap_or_default(),
-                out_of_memory(error)
-            ));
+            let id = docs.get(i).map(|d| id_string(d)).unwrap_or_default();
+            let thrown = failure.get("thrown").and_then(|t| t.as_bool()).unwrap_or(false);
+            let name = failure.get("name").and_then(|n| n.as_str()).unwrap_or("an error");
+            return Err(if thrown && !error.contains("out of memory") {
+                // What the script says may quote the document: marked, so that status, Events and
+                // results leave it out (redact::tenant_values); the runner's log keeps it.
+                let name: String = name.chars().take(40).collect();
+                format!(
+                    "the script failed on the document with _id {id}: {name}; {} {error}",
+                    crate::redact::SCRIPT_MESSAGE
+                )
+            } else {
+                format!("the script failed on the document with _id {id}: {}", out_of_memory(error))
+            });
         }
         let outs = from_js::read_documents(&output, docs)?;
         if outs.len() != docs.len() {
@@ -380,7 +389,9 @@ mod tests {
         assert!(new("42").unwrap_err().contains("must be a JavaScript function"));
         let t = new("(d) => { throw new Error('boom') }").unwrap();
         let e = run(&t, &[doc! {"_id": 7}]).unwrap_err();
-        assert!(e.contains("_id 7") && e.contains("boom"), "{e}");
+        assert!(e.contains("_id 7") && e.contains("Error; the script's message: boom"), "{e}");
+        let shown = crate::redact::tenant_values(&e);
+        assert!(!shown.contains("boom") && shown.contains("_id 7: Error;"), "{shown}");
         let t = new("(d) => { d._id = 1; return d; }").unwrap();
         assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
         let t = new("(d) => new Date(0)").unwrap();
