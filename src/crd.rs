@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 /// A migration rolled across the tenant databases of one MongoDB: backed up, run as one
 /// Kubernetes Job per tenant, validated, and rolled back per the failure policy.
@@ -503,10 +504,106 @@ fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// The CRD as YAML, as committed under `crds/`. Enum lists never contain `null`
 /// (Kubernetes 1.20 rejects such a CRD; newer servers accept either).
 pub fn crd_yaml() -> String {
+    serde_yaml::to_string(&crd_json()).expect("serializable")
+}
+
+/// The CRD as JSON, with its admission-time validation rules.
+pub fn crd_json() -> serde_json::Value {
     use kube::CustomResourceExt;
     let mut v = serde_json::to_value(DatabaseMigration::crd()).expect("serializable");
     strip_null_enums(&mut v);
-    serde_yaml::to_string(&v).expect("serializable")
+    add_validations(&mut v);
+    v
+}
+
+/// The CRD for a server of minor version `minor` (1.x): without the CEL rules before 1.25,
+/// which does not know `x-kubernetes-validations` (server-side apply and kubectl's schema
+/// check refuse the field there). The controller checks the same rules itself either way.
+pub fn crd_json_for(minor: u32) -> serde_json::Value {
+    let mut v = crd_json();
+    if minor < FIRST_WITH_CEL {
+        strip_key(&mut v, VALIDATIONS);
+    }
+    v
+}
+
+/// The first Kubernetes minor version whose CRDs take CEL rules by default (1.25, beta).
+pub const FIRST_WITH_CEL: u32 = 25;
+
+const VALIDATIONS: &str = "x-kubernetes-validations";
+
+/// The cross-field rules the API server checks when a resource is written (Kubernetes 1.25+),
+/// as `(path of the schema, rule, message)`: the same rules as the controller's own checks
+/// (controller::inputs::check_spec), which older servers rely on alone. Each message names
+/// the field.
+const RULES: &[(&str, &str, &str)] = &[
+    (
+        "spec.migrations",
+        "(has(self.configMapRef) ? 1 : 0) + (has(self.inline) ? 1 : 0) + (has(self.image) ? 1 : 0) == 1",
+        "spec.migrations must set exactly one of configMapRef, inline, image",
+    ),
+    (
+        "spec.tenants",
+        "(has(self.names) && size(self.names) > 0) || has(self.pattern) || has(self.registry)",
+        "spec.tenants selects nothing: set names, pattern or registry",
+    ),
+    (
+        "spec.tenants",
+        "!has(self.names) || self.names.all(n, !(n in ['admin', 'config', 'local', 'dbshift_snapshots']))",
+        "spec.tenants.names: admin, config, local and dbshift_snapshots are never tenants",
+    ),
+    (
+        "spec",
+        "!has(self.rollout) || !has(self.rollout.canaries) || has(self.tenants.pattern) || has(self.tenants.registry) \
+         || self.rollout.canaries.all(c, has(self.tenants.names) && c in self.tenants.names)",
+        "spec.rollout.canaries must be among spec.tenants.names when names are the only tenant source",
+    ),
+    (
+        "spec.backup.destination",
+        "!(has(self.database) && has(self.persistentVolumeClaim))",
+        "spec.backup.destination: set database or persistentVolumeClaim, not both",
+    ),
+    (
+        "spec.tenants.registry",
+        "size(self.collection) > 0 && (!has(self.field) || size(self.field) > 0)",
+        "spec.tenants.registry needs a collection and a field",
+    ),
+];
+
+/// Most explicit tenant names a resource lists (more: a pattern or a registry), and most
+/// canaries: CEL's cost limit needs lists of known size.
+pub const MAX_NAMES: usize = 10_000;
+pub const MAX_CANARIES: usize = 100;
+
+fn add_validations(crd: &mut serde_json::Value) {
+    let root = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    for (path, rule, message) in RULES {
+        let node = path.split('.').fold(&mut *root, |n, key| &mut n["properties"][key]);
+        assert!(node.get("type").is_some(), "no schema at {path}");
+        let list = node.as_object_mut().expect("an object schema").entry(VALIDATIONS).or_insert_with(|| json!([]));
+        list.as_array_mut().expect("a list").push(json!({ "rule": rule, "message": message }));
+    }
+    // Database names (the rules compare them; their bounds keep the rules' cost known).
+    for (path, max) in [
+        ("spec.tenants.names", MAX_NAMES),
+        ("spec.tenants.exclude", MAX_NAMES),
+        ("spec.rollout.canaries", MAX_CANARIES),
+    ] {
+        let node = path.split('.').fold(&mut *root, |n, key| &mut n["properties"][key]);
+        node["maxItems"] = json!(max);
+        node["items"]["maxLength"] = json!(63);
+    }
+}
+
+fn strip_key(v: &mut serde_json::Value, key: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove(key);
+            m.values_mut().for_each(|x| strip_key(x, key));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip_key(x, key)),
+        _ => {}
+    }
 }
 
 fn strip_null_enums(v: &mut serde_json::Value) {
@@ -535,6 +632,16 @@ mod tests {
             committed == crd_yaml(),
             "crds/databasemigration.yaml is stale: run `cargo run -- crd > crds/databasemigration.yaml`"
         );
+    }
+
+    #[test]
+    fn cel_rules_only_for_servers_that_know_them() {
+        let with = serde_json::to_string(&crd_json_for(32)).unwrap();
+        assert_eq!(with.matches(VALIDATIONS).count(), 5, "one block per schema with rules");
+        assert_eq!(with.matches("\"rule\"").count(), RULES.len());
+        let without = serde_json::to_string(&crd_json_for(20)).unwrap();
+        assert!(!without.contains(VALIDATIONS));
+        assert!(without.contains("\"maxItems\":10000"), "the bounds stay: 1.20 knows them");
     }
 
     #[test]

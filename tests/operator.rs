@@ -78,10 +78,16 @@ up:
   - runCommand: { command: { update: customers, updates: [ { q: {}, u: { $set: { tier: gold } }, multi: true } ] } }
 "#;
 
+/// The server's minor version (1.x).
+async fn server_minor(client: &kube::Client) -> u32 {
+    client.apiserver_version().await.unwrap().minor.trim_end_matches('+').parse().unwrap()
+}
+
 /// Install the CRD as committed (server-side apply) and wait until it is served.
 async fn ensure_crd(client: &kube::Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&dbshift::crd::crd_yaml()).unwrap();
+    let minor = server_minor(client).await;
+    let crd: CustomResourceDefinition = serde_json::from_value(dbshift::crd::crd_json_for(minor)).unwrap();
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     api.patch("databasemigrations.dbshift.io", &PatchParams::apply("dbshift-tests").force(), &Patch::Apply(&crd))
         .await
@@ -477,6 +483,48 @@ async fn a_failure_under_rollback_restores_every_tenant() {
     assert!(env.records(2).await.is_empty());
 }
 
+/// A migration that fails (exit 1: undone) is not retried even where backoffLimit allows it:
+/// the Job's podFailurePolicy fails it at once (1.26+). Kubernetes 1.20 drops the policy and
+/// retries up to backoffLimit; each retry finds the same failure and undoes it, and the tenant
+/// ends the same.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_failed_migration_fails_its_job_at_once_whatever_the_backoff_limit() {
+    let mut env = Env::new("podfailure").await;
+    env.seed(0, true).await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let yaml = env
+        .resource("fail", "  rollout: { onFailure: halt }")
+        .replace("jobTemplate: { imagePullPolicy: Never }", "jobTemplate: { imagePullPolicy: Never, backoffLimit: 2 }");
+    env.apply(&yaml).await;
+    let d = env.wait_final("fail", 300).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    let t0 = env.docs(0).await;
+    assert!(t0.iter().all(|d| d.get_bool("flag") == Ok(true) && !d.contains_key("visits")), "the failed one undone");
+    assert!(tenant_entry(&d, &env.tenant(0)).error.as_deref().unwrap_or_default().contains("code_unique"));
+    let jobs = env.jobs().await;
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    let failed = job.status.as_ref().and_then(|s| s.failed).unwrap_or(0);
+    let reason = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Failed" && c.status == "True"))
+        .and_then(|c| c.reason.clone())
+        .unwrap_or_default();
+    let minor = env.client.apiserver_version().await.unwrap().minor;
+    if minor.trim_end_matches('+').parse::<u32>().unwrap() >= 26 {
+        assert!(job.spec.as_ref().unwrap().pod_failure_policy.is_some(), "the server keeps the policy");
+        assert_eq!((failed, reason.as_str()), (1, "PodFailurePolicy"), "one pod, failed by the policy");
+    } else {
+        assert!(job.spec.as_ref().unwrap().pod_failure_policy.is_none(), "1.{minor} drops the policy");
+        assert_eq!((failed, reason.as_str()), (3, "BackoffLimitExceeded"), "retried up to backoffLimit");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_failure_under_halt_stops_the_rollout() {
@@ -729,7 +777,7 @@ async fn an_invalid_spec_is_reported_and_touches_nothing() {
 /// Security admission, 1.25+; 1.20 admits the pod).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
-async fn a_namespace_refusing_the_runner_pods_blocks_the_run_before_anything_is_created() {
+async fn a_namespace_refusing_the_runner_pods_blocks_the_run_at_once() {
     let mut env = Env::new("podrefused").await;
     let minor = env.client.apiserver_version().await.unwrap().minor;
     if minor.trim_end_matches('+').parse::<u32>().unwrap() < 25 {
@@ -763,6 +811,71 @@ async fn a_namespace_refusing_the_runner_pods_blocks_the_run_before_anything_is_
     assert!(env.event_reasons().await.contains(&"PodRefused".to_string()));
     assert_eq!(env.customers(0).await, before);
     assert!(env.records(0).await.is_empty());
+}
+
+/// The cross-field rules, at admission on 1.25+ (the CRD's CEL rules: `kubectl apply` fails,
+/// naming the field, and nothing is stored) and by the controller on older servers (stored,
+/// then `InvalidSpec` naming the same field, and no Job).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn cross_field_rules_are_checked_at_admission_or_by_the_controller() {
+    let mut env = Env::new("cel").await;
+    env.seed(0, false).await;
+    let before = env.customers(0).await;
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    let t0 = env.tenant(0);
+    let pattern = format!("tenants: {{ pattern: \"^{}_t\" }}", env.prefix);
+    let base = env.resource("x", "");
+    let cases = [
+        (
+            "two-sources",
+            base.replace(
+                "configMapRef: { name: migrations }",
+                "configMapRef: { name: migrations }, inline: { a.yaml: x }",
+            ),
+            "spec.migrations must set exactly one",
+        ),
+        ("no-tenants", base.replace(&pattern, "tenants: { exclude: [x] }"), "spec.tenants selects nothing"),
+        ("admin", base.replace(&pattern, "tenants: { names: [admin] }"), "spec.tenants"),
+        (
+            "canary",
+            base.replace(&pattern, &format!("tenants: {{ names: [{t0}] }}\n  rollout: {{ canaries: [other] }}")),
+            "spec.rollout.canaries",
+        ),
+        (
+            "destinations",
+            base.replace(
+                "jobTemplate:",
+                "backup: { destination: { database: snaps, persistentVolumeClaim: { claimName: c } } }\n  jobTemplate:",
+            ),
+            "spec.backup.destination",
+        ),
+    ];
+    let cel = server_minor(&env.client).await >= dbshift::crd::FIRST_WITH_CEL;
+    for (name, yaml, field) in cases {
+        let yaml = yaml.replace("metadata: { name: x }", &format!("metadata: {{ name: {name} }}"));
+        let dbm: DatabaseMigration = serde_yaml::from_str(&yaml).unwrap();
+        let created = env.dbms().create(&PostParams::default(), &dbm).await;
+        if cel {
+            match created {
+                Err(kube::Error::Api(e)) => {
+                    assert_eq!(e.code, 422, "{name}: {e:?}");
+                    assert!(e.message.contains(field), "{name}: the message names {field}: {}", e.message);
+                }
+                other => panic!("{name}: admitted: {other:?}"),
+            }
+            assert!(env.dbms().get_opt(name).await.unwrap().is_none(), "{name}: nothing stored");
+        } else {
+            created.unwrap_or_else(|e| panic!("{name}: {e}"));
+            let d = env.wait_final(name, 60).await;
+            assert_eq!(ready(&d), "False/InvalidSpec", "{name}");
+            let msg = d.status.unwrap().message.unwrap_or_default();
+            assert!(msg.contains(field), "{name}: the status names {field}: {msg}");
+        }
+    }
+    assert!(env.jobs().await.is_empty());
+    assert_eq!(env.customers(0).await, before);
 }
 
 #[tokio::test(flavor = "multi_thread")]

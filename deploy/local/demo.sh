@@ -85,11 +85,15 @@ print(yaml.safe_dump(d))
 PY
 
 step "Watching it roll out (kubectl get dbm)"
+# A line when the phase or the progress changes (the AGE column changes every second).
 last=""
 for _ in $(seq 1 300); do
-  line=$(kubectl -n shop get dbm orders-typed-totals --no-headers 2>/dev/null || true)
-  if [[ $line != "$last" ]]; then echo "$line"; last=$line; fi
-  phase=$(kubectl -n shop get dbm orders-typed-totals -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  state=$(kubectl -n shop get dbm orders-typed-totals -o jsonpath='{.status.phase} {.status.progress.summary}' 2>/dev/null || true)
+  if [[ $state != "$last" ]]; then
+    kubectl -n shop get dbm orders-typed-totals --no-headers 2>/dev/null || true
+    last=$state
+  fi
+  phase=${state%% *}
   [[ $phase == Succeeded || $phase == Failed || $phase == RolledBack ]] && break
   sleep 1
 done
@@ -98,6 +102,6 @@ step "The result, as a user sees it"
 show kubectl -n shop get dbm -o wide
 show kubectl -n shop get jobs -L dbshift.io/tenant
 kubectl -n shop get dbm orders-typed-totals -o yaml | sed -n '/^status:/,$p'
-show kubectl -n shop get events --field-selector involvedObject.kind=DatabaseMigration --sort-by=.metadata.creationTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note
+show kubectl -n shop get events --field-selector involvedObject.kind=DatabaseMigration --sort-by=.metadata.creationTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message
 show dbshift status --uri "$uri" --tenants '^tenant_' --exclude tenant_internal
 [[ $phase == Succeeded ]]

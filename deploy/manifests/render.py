@@ -86,10 +86,16 @@ def documents(rendered: dict[str, str]) -> list[tuple[str, str, dict]]:
     return sorted(docs, key=rank)
 
 
-def plain_manifests() -> str:
+# The plain manifests are for current Kubernetes (their CRD carries CEL validation rules,
+# which servers before 1.25 refuse); the chart leaves the rules out on older servers.
+PLAIN_KUBE_VERSION = "v1.32.0"
+
+
+def plain_manifests(kube_version: str = PLAIN_KUBE_VERSION) -> str:
     header = (
         "# dbshift: everything to run the operator without Helm, in namespace dbshift-system.\n"
         "#   kubectl apply --server-side -f deploy/manifests/dbshift.yaml\n"
+        "# For Kubernetes 1.25 and later (the CRD's CEL rules); on older servers install the chart.\n"
         "# GENERATED from charts/dbshift with its default values by deploy/manifests/render.sh:\n"
         "# do not edit; change the chart and re-run the script (a test fails when they differ).\n"
     )
@@ -103,7 +109,7 @@ def plain_manifests() -> str:
         "    # The controller meets the `restricted` Pod Security Standard (docs/operator.md).\n"
         "    pod-security.kubernetes.io/enforce: restricted"
     )
-    body = [namespace] + [text for _, text, _ in documents(render_chart(PLAIN_VALUES))]
+    body = [namespace] + [text for _, text, _ in documents(render_chart(PLAIN_VALUES, kube_version=kube_version))]
     return header + "---\n" + "\n---\n".join(body) + "\n"
 
 

@@ -233,6 +233,11 @@ async fn admit_runner_pod(ctx: &Context, r: &Resource<'_>, plan: &FrozenRun) -> 
                 r.ns, e.message
             )))
         }
+        // A new namespace whose service account is not made yet: as for the Job's own pods,
+        // a moment later it is.
+        Ok(Err(kube::Error::Api(e))) if e.code == 403 && e.message.contains("service account") => {
+            Err(ActError::Kube { action: "checking the runner pod (dry run)", source: Box::new(kube::Error::Api(e)) })
+        }
         Ok(Err(kube::Error::Api(e))) if e.code == 403 => {
             tracing::warn!(resource = r.key, error = %e.message, "cannot check the runner pod in a dry run (the \
                 controller may not create pods; the chart's RBAC grants it): a refused pod will show only as a Job \

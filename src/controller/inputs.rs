@@ -62,6 +62,29 @@ pub fn check_spec(dbm: &DatabaseMigration, policy: &JobPolicy) -> Result<(), Inp
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));
     }
+    // The bounds and the rule the CRD's CEL rules check on 1.25+ (crd::RULES), for older servers.
+    if t.names.len() > crate::crd::MAX_NAMES || spec.rollout.canaries.len() > crate::crd::MAX_CANARIES {
+        return Err(invalid(
+            "InvalidSpec",
+            format!(
+                "spec.tenants.names may list at most {} tenants (use a pattern or a registry for more), \
+                 spec.rollout.canaries at most {}",
+                crate::crd::MAX_NAMES,
+                crate::crd::MAX_CANARIES
+            ),
+        ));
+    }
+    if t.pattern.is_none() && t.registry.is_none() {
+        if let Some(c) = spec.rollout.canaries.iter().find(|c| !t.names.contains(c)) {
+            return Err(invalid(
+                "InvalidSpec",
+                format!(
+                    "spec.rollout.canaries must be among spec.tenants.names when names are the only tenant \
+                     source: {c:?} is not"
+                ),
+            ));
+        }
+    }
     for n in &t.exclude {
         check_db_name(n).map_err(|e| invalid("InvalidSpec", format!("spec.tenants.exclude: {e}")))?;
     }
@@ -316,6 +339,21 @@ mod tests {
             "connection: {secretRef: {name: s}}\ntenants: {names: [snaps]}\nmigrations: {inline: {}}\nbackup: {enabled: true, destination: {database: snaps}}",
         );
         assert!(check_spec(&into_store, &JobPolicy::default()).unwrap_err().message.contains("where snapshots go"));
+
+        // The CRD's CEL rule, for servers without CEL: canaries among the names when names are
+        // the only source (with a pattern or registry they may come from there).
+        let canary = |tenants: &str| {
+            dbm(&format!(
+                "connection: {{secretRef: {{name: s}}}}\ntenants: {tenants}\nrollout: {{canaries: [b]}}\nmigrations: {{inline: {{}}}}"
+            ))
+        };
+        let e = check_spec(&canary("{names: [a]}"), &JobPolicy::default()).unwrap_err();
+        assert!(e.message.contains("spec.rollout.canaries") && e.message.contains("\"b\""), "{e}");
+        assert!(check_spec(&canary("{names: [a, b]}"), &JobPolicy::default()).is_ok());
+        assert!(check_spec(&canary("{names: [a], pattern: x}"), &JobPolicy::default()).is_ok());
+        let many: Vec<String> = (0..=crate::crd::MAX_NAMES).map(|i| format!("t{i}")).collect();
+        let e = check_spec(&canary(&format!("{{names: [{}]}}", many.join(", "))), &JobPolicy::default()).unwrap_err();
+        assert!(e.message.contains("at most 10000"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, SecretVolumeSource, Volume,
@@ -161,6 +164,7 @@ pub fn build_job(
         },
         spec: Some(JobSpec {
             backoff_limit: Some(t.backoff_limit.unwrap_or(0)),
+            pod_failure_policy: Some(pod_failure_policy()),
             active_deadline_seconds: t.active_deadline_seconds,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -174,6 +178,39 @@ pub fn build_job(
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// Which failed pods a Job retries (within `backoffLimit`, default 0) and which end it at once
+/// (Kubernetes 1.26+; older servers drop the field and count every failure):
+/// - a pod evicted or preempted (`DisruptionTarget`): counted, so retried where backoffLimit
+///   allows (its runner undid what it started; another pod may succeed);
+/// - the runner exiting 1 (a migration or check failed, undone), 2 (invalid input: files, an
+///   edited applied migration, a refused change) or 5 (an undo was incomplete): the Job fails at
+///   once, as running it again cannot help or must not happen;
+/// - anything else (3: MongoDB unreachable, 4: tenant locked, killed, out of memory): counted.
+pub fn pod_failure_policy() -> PodFailurePolicy {
+    use crate::exit::Exit;
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "Count".into(),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: Some("True".into()),
+                }]),
+                ..Default::default()
+            },
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some("runner".into()),
+                    operator: "In".into(),
+                    values: [Exit::Failed, Exit::Invalid, Exit::NeedsAttention].map(|e| i32::from(e.code())).to_vec(),
+                }),
+                ..Default::default()
+            },
+        ],
     }
 }
 

@@ -26,6 +26,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// One DatabaseMigration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub namespace: String,
+    pub name: String,
+}
+
 /// Everything the controller counts.
 pub struct Metrics {
     registry: Registry,
@@ -36,6 +43,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ReasonLabel, Counter>,
     pub jobs_running: Gauge,
     pub api_writes: Family<ReasonLabel, Counter>,
+    /// Runs going on, by resource: when each started (the series goes when the run ends).
+    pub run_started: Family<ResourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -59,6 +68,12 @@ impl Default for Metrics {
         registry.register("jobs_running", "Tenant Jobs running now", jobs_running.clone());
         let api_writes = Family::<ReasonLabel, Counter>::default();
         registry.register("api_writes", "Writes to the Kubernetes API, by kind", api_writes.clone());
+        let run_started = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "run_started_timestamp_seconds",
+            "When the run going on for a DatabaseMigration started (Unix time; none once it ended)",
+            run_started.clone(),
+        );
         Metrics {
             registry,
             runs,
@@ -68,11 +83,25 @@ impl Default for Metrics {
             reconcile_errors,
             jobs_running,
             api_writes,
+            run_started,
         }
     }
 }
 
 impl Metrics {
+    /// A run going on for `namespace/name` since `started` (Unix seconds), or none (`None`).
+    pub fn run_going_on(&self, namespace: &str, name: &str, started: Option<i64>) {
+        let label = ResourceLabel { namespace: namespace.into(), name: name.into() };
+        match started {
+            Some(t) => {
+                self.run_started.get_or_create(&label).set(t);
+            }
+            None => {
+                self.run_started.remove(&label);
+            }
+        }
+    }
+
     pub fn write(&self, kind: &str) {
         self.api_writes.get_or_create(&ReasonLabel { reason: kind.into() }).inc();
     }

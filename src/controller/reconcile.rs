@@ -156,6 +156,7 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     let fins: Vec<String> = r.dbm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
     act::set_finalizers(ctx, r, fins, "removing the finalizer").await?;
     ctx.runs.lock().expect("lock").remove(&r.key);
+    ctx.metrics.run_going_on(&r.ns, &r.name, None);
     Ok(Requeue::await_change())
 }
 
@@ -214,6 +215,7 @@ async fn run_lost(ctx: &Context, r: &Resource<'_>, message: String) -> Result<Re
     act::write_status(ctx, r, &new).await?;
     report::publish(ctx, r.dbm, EventType::Warning, "RunLost", message).await;
     ctx.runs.lock().expect("lock").remove(&r.key);
+    ctx.metrics.run_going_on(&r.ns, &r.name, None);
     // Nothing will read the run's results any more: its pods may go with their Jobs.
     act::release_all_pods(ctx, r, new.run_id.as_deref()).await?;
     Ok(Requeue::await_change())
@@ -262,6 +264,8 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         report::phase_changed(ctx, r.dbm, new.phase.unwrap_or(Phase::Pending), &decision, &plan.run_id).await;
     }
     remember(ctx, r, running, decision.finished && !deleting);
+    let started = new.started_at.as_ref().map(|t| t.0.as_second());
+    ctx.metrics.run_going_on(&r.ns, &r.name, started.filter(|_| !decision.finished));
     let spec_changed = r.generation() > plan.generation;
     Ok(match (decision.finished, spec_changed) {
         // The spec changed during the run: its own run starts now.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -19,7 +20,7 @@ CONTROLLER_RULES = {
     ("dbshift.io", "databasemigrations/status"): {"patch"},
     ("dbshift.io", "databasemigrations/finalizers"): {"update"},
     ("batch", "jobs"): {"list", "watch", "create"},
-    ("", "pods"): {"list", "patch"},
+    ("", "pods"): {"list", "patch", "create"},  # create: dry runs of a runner pod only
     ("", "secrets"): {"get"},
     ("", "configmaps"): {"get", "create"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -207,8 +208,29 @@ def test_crd_template_is_the_committed_file_byte_for_byte():
     template = (CHART / "templates" / "crd.yaml").read_text()
     body = "".join(line for line in template.splitlines(True) if "{{" not in line)
     assert body == CRD_FILE.read_text(), "run charts/sync-crd.sh"
-    assert sum("{{" in line for line in template.splitlines()) == 4  # comment, if, metadata, end
+    # comment, if, metadata, end, and an if/end pair around each block of CEL rules
+    blocks = CRD_FILE.read_text().count("x-kubernetes-validations:")
+    assert blocks >= 5
+    assert sum("{{" in line for line in template.splitlines()) == 4 + 2 * blocks
     subprocess.run([str(ROOT / "charts" / "sync-crd.sh"), "--check"], check=True)
+
+
+def test_crd_carries_cel_rules_only_for_servers_that_know_them():
+    def crd_of(version: str) -> dict:
+        return one(objects(render.render_chart({}, kube_version=version)), "CustomResourceDefinition")
+    current, old = json.dumps(crd_of("v1.32.6")), json.dumps(crd_of("v1.20.2"))
+    assert current.count("x-kubernetes-validations") == CRD_FILE.read_text().count("x-kubernetes-validations")
+    assert "x-kubernetes-validations" not in old
+    # Without the rules, the CRD is the committed one otherwise.
+    assert json.loads(old) == strip_validations(json.loads(current))
+
+
+def strip_validations(v):
+    if isinstance(v, dict):
+        return {k: strip_validations(x) for k, x in v.items() if k != "x-kubernetes-validations"}
+    if isinstance(v, list):
+        return [strip_validations(x) for x in v]
+    return v
 
 
 def test_defaults_have_no_pdb_and_no_service_monitor(rendered_variants):

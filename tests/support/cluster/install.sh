@@ -11,7 +11,8 @@
 #          plugins, iproute2, openssl, gcc (the pause binary), busybox-static (test images),
 #          binutils (strip, for image builds), python3 (image tarballs, free ports), python3-venv
 #          (SecantusDB, the MongoDB wire server smoke.sh and the tests use), curl, zstd (the v1.32
-#          binaries of ../shared/k8s, unpacked by shared-k8s.sh).
+#          binaries of ../shared/k8s, unpacked by shared-k8s.sh), prometheus (a real Prometheus that
+#          scrapes the controller in the operator suite, and promtool for the chart's alert rules).
 # Needs root (or sudo). Progress goes to stderr; nothing on stdout.
 set -euo pipefail
 
@@ -21,7 +22,7 @@ SRC_LIST=/etc/apt/sources.list.d/dbshift-debsrc.sources
 SOURCE_PKGS="dpkg-dev"
 BUILD_PKGS="golang-go rsync jq gcc libc6-dev make dpkg-dev golang-github-modern-go-reflect2-dev etcd-server openssl curl"
 NODE_PKGS="etcd-server openssl curl python3 python3-venv ca-certificates containerd runc containernetworking-plugins iproute2
-           busybox-static gcc libc6-dev binutils zstd"
+           busybox-static gcc libc6-dev binutils zstd prometheus"
 
 log() { echo "[k8s-install] $*" >&2; }
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
