@@ -49,6 +49,8 @@ struct Env {
     mongo: mongodb::Client,
     prefix: String,
     controller: Option<Child>,
+    /// The controller's /metrics port (127.0.0.1).
+    metrics_port: u16,
     log: std::path::PathBuf,
 }
 
@@ -114,6 +116,7 @@ impl Env {
             mongo: common::client().await,
             prefix: format!("op{:06x}", rand::random::<u32>() & 0xffffff),
             controller: None,
+            metrics_port: 0,
             log: std::env::temp_dir().join(format!("dbshift-controller-{ns}.log")),
         };
         env.secret("mongo", &common::uri()).await;
@@ -193,6 +196,7 @@ impl Env {
     fn start_controller_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        self.metrics_port = port;
         let child = Command::new(env!("CARGO_BIN_EXE_dbshift"))
             .args(["controller", "--namespace", &self.ns, "--no-leader-election"])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--runner-image", &runner_image()])
@@ -523,6 +527,139 @@ async fn a_failed_migration_fails_its_job_at_once_whatever_the_backoff_limit() {
         assert!(job.spec.as_ref().unwrap().pod_failure_policy.is_none(), "1.{minor} drops the policy");
         assert_eq!((failed, reason.as_str()), (3, "BackoffLimitExceeded"), "retried up to backoffLimit");
     }
+}
+
+/// A real Prometheus (Debian's `prometheus`), scraping one controller every second and
+/// evaluating the chart's alert rules (charts/dbshift/files/alerts.yaml, the run deadline set to
+/// 1 s), killed with its test.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target_port: u16, namespace: &str) -> Prometheus {
+        let bin = which("prometheus").expect("prometheus is not installed (tests/support/cluster/install.sh node)");
+        let dir = tempfile::tempdir().unwrap();
+        let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/dbshift/files/alerts.yaml"))
+            .unwrap()
+            .replace("RUN_DEADLINE_SECONDS", "1");
+        std::fs::write(dir.path().join("alerts.yaml"), rules).unwrap();
+        let config = format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [alerts.yaml]\n\
+             scrape_configs:\n  - job_name: dbshift\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n\
+             \x20       labels: {{ namespace: {namespace}, pod: controller }}\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .current_dir(dir.path())
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        Prometheus { child, port, _dir: dir }
+    }
+
+    /// An instant query's result vector (`/api/v1/query`).
+    async fn query(&self, q: &str) -> Vec<serde_json::Value> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let q = percent_encoding::utf8_percent_encode(q, percent_encoding::NON_ALPHANUMERIC);
+        let Ok(mut sock) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return Vec::new() };
+        // HTTP/1.0: a whole body, never chunked.
+        let req = format!("GET /api/v1/query?query={q} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await.unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        assert_ne!(v["status"], "error", "{q}: {v}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The value of a query's single sample, waiting up to `secs` for `ok` to hold.
+    async fn wait_for(&self, q: &str, secs: u64, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let r = self.query(q).await;
+            let v = r.first().and_then(|s| s["value"][1].as_str()).and_then(|v| v.parse::<f64>().ok());
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{q}: {r:?} after {secs} s");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The controller's metrics, scraped by a real Prometheus through a failing run: the series
+/// the alerts and the dashboard read are there with the run's figures, the chart's alerts for a
+/// failed run and for a run past its deadline fire, and every dashboard query answers.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_real_prometheus_scrapes_the_controller_and_the_chart_alerts_fire() {
+    let mut env = Env::new("prometheus").await;
+    for i in 0..2 {
+        env.seed(i, i == 1).await;
+    }
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let prom = Prometheus::start(env.metrics_port, &env.ns);
+    // Scraped before anything happens: the counters start at 0, so the failure is an increase.
+    prom.wait_for(r#"dbshift_runs_total{result="Failed"}"#, 60, |v| v == 0.0).await;
+    env.apply(&env.resource("fail", "  rollout: { maxParallel: 1, onFailure: halt }")).await;
+    let d = env.wait_final("fail", 300).await;
+    assert_eq!(d.status.unwrap().phase, Some(Phase::Failed));
+    prom.wait_for(r#"dbshift_runs_total{result="Failed"}"#, 30, |v| v == 1.0).await;
+    prom.wait_for(r#"dbshift_tenant_runs_total{outcome="Succeeded"}"#, 30, |v| v == 1.0).await;
+    prom.wait_for(r#"dbshift_tenant_runs_total{outcome="Failed"}"#, 30, |v| v == 1.0).await;
+    prom.wait_for("dbshift_tenant_duration_seconds_count", 30, |v| v == 2.0).await;
+    prom.wait_for(r#"sum(dbshift_api_writes_total{reason="job"})"#, 30, |v| v >= 2.0).await;
+    let firing = r#"ALERTS{alertname="DbshiftRunFailed", alertstate="firing"}"#;
+    prom.wait_for(firing, 30, |v| v == 1.0).await;
+    // The run went on for seconds, past the 1 s deadline given to the rule, and its series is
+    // gone now that it ended.
+    let stuck = format!(
+        r#"max_over_time(ALERTS{{alertname="DbshiftRunStuck", resource="fail", resource_namespace="{}"}}[10m])"#,
+        env.ns
+    );
+    prom.wait_for(&stuck, 30, |v| v == 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !prom.query("dbshift_run_started_timestamp_seconds").await.is_empty() {
+        assert!(Instant::now() < deadline, "the run's start series stays after its end");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(prom.query(r#"ALERTS{alertname="DbshiftRollbackFailed"}"#).await.is_empty());
+    // Every dashboard query is one Prometheus answers, and the run's figures are in them.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/dbshift/files/dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut answered = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let q = t["expr"].as_str().unwrap().replace("$__rate_interval", "10m");
+            answered += usize::from(!prom.query(&q).await.is_empty());
+        }
+    }
+    assert!(answered >= 6, "{answered} dashboard queries returned series");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -60,19 +60,6 @@ pub async fn write_status(ctx: &Context, r: &Resource<'_>, status: &DatabaseMigr
     Ok(())
 }
 
-/// Replace the finalizer list, failing on a concurrent change (the resourceVersion guards it).
-pub async fn set_finalizers(
-    ctx: &Context,
-    r: &Resource<'_>,
-    fins: Vec<String>,
-    action: &'static str,
-) -> Result<(), ActError> {
-    let patch = serde_json::json!({ "metadata": { "finalizers": fins, "resourceVersion": r.dbm.resource_version() } });
-    r.api.patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(kube(action))?;
-    ctx.metrics.write("finalizer");
-    Ok(())
-}
-
 /// Let go of runner pods whose result was read (or that will never have one to read): remove
 /// [`jobs::POD_FINALIZER`] from each that has ended or is being deleted. A JSON patch that
 /// tests the entry first, so another finalizer removed meanwhile is never put back; one that

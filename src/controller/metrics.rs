@@ -26,11 +26,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
-/// One DatabaseMigration.
+/// One DatabaseMigration. Not `namespace`: Prometheus gives that name to the namespace of the
+/// scraped pod (and would rename this one `exported_namespace`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabel {
-    pub namespace: String,
-    pub name: String,
+    pub resource_namespace: String,
+    pub resource: String,
 }
 
 /// Everything the controller counts.
@@ -74,6 +75,15 @@ impl Default for Metrics {
             "When the run going on for a DatabaseMigration started (Unix time; none once it ended)",
             run_started.clone(),
         );
+        // Every known label value from the start, at 0: Prometheus sees no increase in a series
+        // whose first sample is already 1, so an alert on the first failure after a restart
+        // would never fire.
+        for result in ["Succeeded", "Failed", "RolledBack"] {
+            let _ = runs.get_or_create(&ResultLabel { result: result.into() });
+        }
+        for outcome in ["Succeeded", "Failed", "RolledBack", "RollbackFailed"] {
+            let _ = tenant_runs.get_or_create(&OutcomeLabel { outcome: outcome.into() });
+        }
         Metrics {
             registry,
             runs,
@@ -91,7 +101,7 @@ impl Default for Metrics {
 impl Metrics {
     /// A run going on for `namespace/name` since `started` (Unix seconds), or none (`None`).
     pub fn run_going_on(&self, namespace: &str, name: &str, started: Option<i64>) {
-        let label = ResourceLabel { namespace: namespace.into(), name: name.into() };
+        let label = ResourceLabel { resource_namespace: namespace.into(), resource: name.into() };
         match started {
             Some(t) => {
                 self.run_started.get_or_create(&label).set(t);

@@ -98,6 +98,12 @@ pub enum Error {
     Observe(#[from] observe::ObserveError),
     #[error(transparent)]
     Act(#[from] act::ActError),
+    /// Not a failure: a deleted resource keeps its finalizer until its running Jobs end.
+    #[error("{0}")]
+    Waiting(String),
+    /// The finalizer helper could not name its patch (an object without a name).
+    #[error("the finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -110,6 +116,8 @@ impl Error {
             Error::Act(act::ActError::TooLarge(_)) => "PlanTooLarge",
             Error::Act(act::ActError::NotOurs(_)) => "ConfigMapConflict",
             Error::Act(act::ActError::PodRefused(_)) => "PodRefused",
+            Error::Waiting(_) => "Waiting",
+            Error::Finalizer(_) => "FinalizerError",
         }
     }
 }

@@ -78,26 +78,55 @@ pub fn key(dbm: &DatabaseMigration) -> String {
     format!("{}/{}", dbm.namespace().unwrap_or_default(), dbm.name_any())
 }
 
+/// How long a resource being deleted waits between looks at its running Jobs.
+const DELETE_WAIT: Duration = Duration::from_secs(10);
+
+/// One reconcile. The finalizer is kube's [`finalizer`] helper: it adds ours before the first
+/// step (and nothing else happens in that reconcile), and removes it only once [`on_delete`]
+/// returns `Ok`. A deletion that must wait for running Jobs returns [`Error::Waiting`], which
+/// keeps the finalizer and is a requeue here, not a failure.
 pub async fn reconcile(dbm: Arc<DatabaseMigration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let r = reconcile_once(dbm.clone(), &ctx).await;
+    use kube::runtime::finalizer::{finalizer, Error as Fin, Event};
+    let api: Api<DatabaseMigration> = Api::namespaced(ctx.client.clone(), &dbm.namespace().unwrap_or_default());
+    let had = dbm.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = dbm.metadata.deletion_timestamp.is_some();
+    let out = finalizer(&api, FINALIZER, dbm.clone(), |event| async {
+        match event {
+            Event::Apply(d) => apply(d, &ctx).await,
+            Event::Cleanup(d) => on_delete(&ctx, &Resource::new(&d, &ctx)).await,
+        }
+    })
+    .await;
+    let kube = |action, source| Error::Act(act::ActError::Kube { action, source: Box::new(source) });
+    let r = match out {
+        Ok(a) => {
+            if had == deleting {
+                // The helper patched the finalizer in (not yet there) or out (deleted, cleaned up).
+                ctx.metrics.write("finalizer");
+            }
+            Ok(a)
+        }
+        Err(Fin::ApplyFailed(e) | Fin::CleanupFailed(e)) => match e {
+            Error::Waiting(why) => {
+                tracing::info!(resource = key(&dbm), %why, "deleting: waiting");
+                Ok(Requeue::requeue(DELETE_WAIT))
+            }
+            e => Err(e),
+        },
+        Err(Fin::AddFinalizer(e)) => Err(kube("adding the finalizer", e)),
+        Err(Fin::RemoveFinalizer(e)) => Err(kube("removing the finalizer", e)),
+        Err(e @ (Fin::UnnamedObject | Fin::InvalidFinalizer)) => Err(Error::Finalizer(e.to_string())),
+    };
     if r.is_ok() {
         ctx.failures.lock().expect("lock").remove(&key(&dbm));
     }
     r
 }
 
-async fn reconcile_once(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
+/// A resource that is not being deleted, with the finalizer in place.
+async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
     let ctx = ctx.clone();
     let r = Resource::new(&dbm, &ctx);
-    if dbm.metadata.deletion_timestamp.is_some() {
-        return on_delete(&ctx, &r).await;
-    }
-    if !dbm.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut fins = dbm.finalizers().to_vec();
-        fins.push(FINALIZER.into());
-        act::set_finalizers(&ctx, &r, fins, "adding the finalizer").await?;
-        return Ok(Requeue::await_change());
-    }
     if let Some(run_id) = r.active_run() {
         let plan = match observe::plan(&ctx, &r, &run_id).await {
             Ok(plan) => plan,
@@ -120,10 +149,9 @@ async fn reconcile_once(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Resu
     start_run(&ctx, &r).await
 }
 
+/// A resource being deleted (the helper calls this only while our finalizer is on it): `Ok`
+/// lets the finalizer go; [`Error::Waiting`] keeps it while the run's Jobs still run.
 async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
-    if !r.dbm.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Requeue::await_change());
-    }
     // A run in progress: start nothing more, let running Jobs finish (stopping one mid-way
     // would skip the engine's own undo), then let go. Snapshots stay, per retention.
     // A run whose plan was lost ended Failed, but its Jobs may still run.
@@ -132,8 +160,9 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
         match observe::plan(ctx, r, &run_id).await {
             Ok(plan) => {
                 continue_run(ctx, r, plan, true).await?;
-                if ctx.runs.lock().expect("lock").get(&r.key).is_some_and(|m| m.running > 0) {
-                    return Ok(Requeue::requeue(Duration::from_secs(10)));
+                let running = ctx.runs.lock().expect("lock").get(&r.key).map_or(0, |m| m.running);
+                if running > 0 {
+                    return Err(Error::Waiting(format!("{running} running Job(s) of run {run_id} finish first")));
                 }
             }
             // The plan is gone or unreadable: nothing more can start, but the run's Jobs that
@@ -142,8 +171,9 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
             Err(observe::ObserveError::Lost(why)) => {
                 let running = observe::running_jobs(ctx, r, &run_id);
                 if running > 0 {
-                    tracing::warn!(resource = r.key, run = %run_id, running, %why, "deleting: waiting for the run's Jobs");
-                    return Ok(Requeue::requeue(Duration::from_secs(10)));
+                    return Err(Error::Waiting(format!(
+                        "{running} running Job(s) of run {run_id} finish first (its plan: {why})"
+                    )));
                 }
             }
             // Any other error may pass (the API server did not answer): the finalizer stays
@@ -153,8 +183,7 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     }
     // Nothing more will be read: the runner pods may go with their Jobs.
     act::release_all_pods(ctx, r, run.as_deref()).await?;
-    let fins: Vec<String> = r.dbm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    act::set_finalizers(ctx, r, fins, "removing the finalizer").await?;
+    // The helper removes the finalizer now.
     ctx.runs.lock().expect("lock").remove(&r.key);
     ctx.metrics.run_going_on(&r.ns, &r.name, None);
     Ok(Requeue::await_change())
