@@ -275,6 +275,20 @@ impl<'a> Parser<'a> {
     /// else through the `bson` crate's Extended JSON parser.
     fn extended<'o>(&mut self, old: Option<RawBsonRef<'o>>) -> Result<Value<'a>, String> {
         let start = self.i;
+        // A document of the input whose own first key starts with `$` (MongoDB allows such
+        // field names), given back unchanged: read as a plain document, so that a nested
+        // `{"$symbol": ...}` or `{"$numberLong": ...}` of the data stays a document (found by
+        // the libFuzzer run of the transform bridge).
+        if let Some(RawBsonRef::Document(o)) = old {
+            let depth = self.depth;
+            match self.document(Some(o)) {
+                Ok(d) if d.as_bytes() == o.as_bytes() => return Ok(Value::Owned(RawBson::Document(d))),
+                _ => {
+                    self.i = start;
+                    self.depth = depth;
+                }
+            }
+        }
         self.i += 1;
         let key = self.string()?;
         if self.next() == Some(b':') && self.peek() == Some(b'"') {
@@ -404,6 +418,21 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unchanged_document_with_dollar_keys_stays_a_document() {
+        let old = RawDocumentBuf::from_document(&bson::doc! {
+            "_id": 0, "a": { "$1": [], "n": { "$symbol": "" }, "l": { "$numberLong": "5" } }
+        })
+        .unwrap();
+        let json = r#"[{"_id":0,"a":{"$1":[],"n":{"$symbol":""},"l":{"$numberLong":"5"}}}]"#;
+        let out = read_documents(json, std::slice::from_ref(&old)).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().as_bytes(), old.as_bytes(), "{:?}", out[0]);
+        // Changed by the script, such an object is Extended JSON, as documented.
+        let json = r#"[{"_id":0,"a":{"$numberLong":"7"}}]"#;
+        let out = read_documents(json, std::slice::from_ref(&old)).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().get("a").unwrap(), Some(bson::RawBsonRef::Int64(7)));
+    }
     use bson::doc;
 
     fn raw(d: bson::Document) -> RawDocumentBuf {
