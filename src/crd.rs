@@ -64,6 +64,15 @@ pub struct DatabaseMigrationSpec {
     /// Overrides for the per-tenant Jobs.
     #[serde(default)]
     pub job_template: JobTemplateSpec,
+    /// Finished runs whose Jobs (and their pods) and ConfigMaps are kept, the newest included;
+    /// an older run's are deleted when a run ends (its snapshots and tracking records stay).
+    #[serde(default = "default_history_limit")]
+    #[schemars(range(min = 1, max = 100))]
+    pub history_limit: u32,
+}
+
+fn default_history_limit() -> u32 {
+    3
 }
 
 /// A MongoDB connection string kept in a Secret.

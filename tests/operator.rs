@@ -1420,6 +1420,61 @@ async fn a_spec_changed_mid_run_waits_for_the_run_to_end() {
     }
 }
 
+/// Three runs of one resource with `historyLimit: 2`: when the third ends, the first run's Jobs,
+/// their pods and its ConfigMaps are gone, the last two runs' are kept, and the tenants'
+/// tracking records of every run stay.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn runs_beyond_the_history_limit_leave_no_jobs_or_config_maps() {
+    let mut env = Env::new("history").await;
+    env.seed(0, false).await;
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let mut run_ids = Vec::new();
+    for (generation, target) in [(1, "20250101000000"), (2, "20250102000000"), (3, "20250101000000")] {
+        if generation == 1 {
+            env.apply(&env.resource("history", &format!("  target: \"{target}\"\n  historyLimit: 2"))).await;
+        } else {
+            let patch = serde_json::json!({ "spec": { "target": target } });
+            env.dbms().patch("history", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        }
+        let d = env
+            .wait_for("history", 240, |d| {
+                d.status
+                    .as_ref()
+                    .is_some_and(|s| s.observed_generation == Some(generation) && s.phase.is_some_and(Phase::is_final))
+            })
+            .await;
+        let st = d.status.unwrap();
+        assert_eq!(st.phase, Some(Phase::Succeeded), "run {generation}: {:?}\n{}", st.message, env.log_tail());
+        run_ids.push(st.run_id.unwrap());
+    }
+    let run_of = |labels: &BTreeMap<String, String>| labels.get("dbshift.io/run").cloned().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs: Vec<String> = env.jobs().await.iter().map(|j| run_of(j.labels())).collect();
+        let pods = Api::<Pod>::namespaced(env.client.clone(), &env.ns).list(&ListParams::default()).await.unwrap();
+        let pods: Vec<String> = pods.items.iter().map(|p| run_of(p.labels())).collect();
+        let cms = Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns).list(&ListParams::default()).await.unwrap();
+        let cms: Vec<String> = cms.items.iter().map(|c| c.name_any()).filter(|n| n.starts_with("history-")).collect();
+        let first_gone = !jobs.contains(&run_ids[0])
+            && !pods.contains(&run_ids[0])
+            && !cms.iter().any(|n| n.starts_with(&run_ids[0]));
+        if first_gone {
+            for kept in &run_ids[1..] {
+                assert!(jobs.contains(kept), "run {kept}'s Job stays: {jobs:?}");
+                assert!(cms.contains(&format!("{kept}-plan")), "run {kept}'s plan stays: {cms:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "run {} left jobs {jobs:?} pods {pods:?} config maps {cms:?}", run_ids[0]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The tenant's records still say which run did what (generation 3 rolled back the second).
+    let recs = common::dump(&env.mongo.database(&env.tenant(0)), "_dbshift_migrations").await;
+    assert!(recs.iter().any(|r| r.get_str("runId").is_ok_and(|id| id == run_ids[0])), "{recs:?}");
+}
+
 /// Snapshots into a PersistentVolumeClaim: written by each Job under `<namespace>/<name>/`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Resource as _, ResourceExt};
 
 use super::frozen::{self, FrozenRun, PLAN_KEY};
@@ -102,6 +102,29 @@ pub async fn release_all_pods(ctx: &Context, r: &Resource<'_>, run: Option<&str>
             .await
             .map_err(kube("listing runner pods to release"))?;
         release_pods(ctx, &r.ns, &pods.items).await;
+    }
+    Ok(())
+}
+
+/// Delete what a finished run left in the cluster: its Jobs (with their pods, released first)
+/// and its ConfigMaps. Snapshots and the tenants' tracking records are not touched.
+pub async fn prune_run(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<(), ActError> {
+    release_all_pods(ctx, r, Some(run_id)).await?;
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &r.ns);
+    let selector = format!("{}={run_id}", jobs::LABEL_RUN);
+    ctx.metrics.write("prune");
+    jobs_api
+        .delete_collection(&DeleteParams::background(), &kube::api::ListParams::default().labels(&selector))
+        .await
+        .map_err(kube("deleting an old run's Jobs"))?;
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.ns);
+    for name in [frozen::plan_config_map(run_id), frozen::files_config_map(run_id)] {
+        ctx.metrics.write("prune");
+        match cms.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(ActError::Kube { action: "deleting an old run's ConfigMaps", source: Box::new(e) }),
+        }
     }
     Ok(())
 }

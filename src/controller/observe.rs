@@ -166,6 +166,29 @@ fn run_jobs(ctx: &Context, r: &Resource<'_>, run_id: &str) -> HashMap<String, Ar
         .collect()
 }
 
+/// This resource's runs other than the newest `keep`, oldest first, whose Jobs have all
+/// finished (a run that still has running Jobs, e.g. one whose plan was lost, is kept), from
+/// the Job store: runs are ordered by their newest Job.
+pub fn old_runs(ctx: &Context, r: &Resource<'_>, keep: usize) -> Vec<String> {
+    let uid = r.dbm.uid().unwrap_or_default();
+    let mut runs: HashMap<String, (Timestamp, bool)> = HashMap::new();
+    for j in ctx.jobs.state() {
+        if j.namespace().as_deref() != Some(r.ns.as_str()) || !j.owner_references().iter().any(|o| o.uid == uid) {
+            continue;
+        }
+        let Some(run) = j.labels().get(jobs::LABEL_RUN) else { continue };
+        let created = j.metadata.creation_timestamp.as_ref().map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+        let e = runs.entry(run.clone()).or_insert((created, false));
+        e.0 = e.0.max(created);
+        e.1 |= job_phase(&j) == JobPhase::Running;
+    }
+    let mut order: Vec<(Timestamp, String, bool)> =
+        runs.into_iter().map(|(id, (t, running))| (t, id, running)).collect();
+    order.sort();
+    let n = order.len().saturating_sub(keep);
+    order.into_iter().take(n).filter(|(_, _, running)| !running).map(|(_, id, _)| id).collect()
+}
+
 /// How many Jobs of the run have not finished.
 pub fn running_jobs(ctx: &Context, r: &Resource<'_>, run_id: &str) -> usize {
     run_jobs(ctx, r, run_id).values().filter(|j| jobs::job_phase(j) == jobs::JobPhase::Running).count()

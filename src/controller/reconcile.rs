@@ -293,6 +293,9 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         report::phase_changed(ctx, r.dbm, new.phase.unwrap_or(Phase::Pending), &decision, &plan.run_id).await;
     }
     remember(ctx, r, running, decision.finished && !deleting);
+    if decision.finished && !deleting {
+        prune(ctx, r).await;
+    }
     let started = new.started_at.as_ref().map(|t| t.0.as_second());
     ctx.metrics.run_going_on(&r.ns, &r.name, started.filter(|_| !decision.finished));
     let spec_changed = r.generation() > plan.generation;
@@ -324,6 +327,20 @@ fn with_launches(mut views: Vec<TenantView>, launch: &[(usize, Action)]) -> Vec<
         }
     }
     views
+}
+
+/// A run ended: delete the Jobs and ConfigMaps of runs beyond `spec.historyLimit`. A failure
+/// is logged and left for the next run's end (nothing of the migration depends on it).
+async fn prune(ctx: &Context, r: &Resource<'_>) {
+    for run in observe::old_runs(ctx, r, r.dbm.spec.history_limit.max(1) as usize) {
+        match act::prune_run(ctx, r, &run).await {
+            Ok(()) => tracing::info!(resource = r.key, run = %run, "deleted an old run's Jobs and ConfigMaps"),
+            Err(e) => {
+                tracing::warn!(resource = r.key, run = %run, error = %e, "could not delete an old run's Jobs");
+                ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: "PruneFailed".into() }).inc();
+            }
+        }
+    }
 }
 
 /// Keep the count of running Jobs (for deletion and the gauge); forget a finished run.

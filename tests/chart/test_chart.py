@@ -19,10 +19,10 @@ CONTROLLER_RULES = {
     ("dbshift.io", "databasemigrations"): {"get", "list", "watch", "patch"},
     ("dbshift.io", "databasemigrations/status"): {"patch"},
     ("dbshift.io", "databasemigrations/finalizers"): {"update"},
-    ("batch", "jobs"): {"list", "watch", "create"},
+    ("batch", "jobs"): {"list", "watch", "create", "deletecollection"},
     ("", "pods"): {"list", "patch", "create"},  # create: dry runs of a runner pod only
     ("", "secrets"): {"get"},
-    ("", "configmaps"): {"get", "create"},
+    ("", "configmaps"): {"get", "create", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
