@@ -76,7 +76,7 @@ export DBSHIFT_TEST_KUBECONFIG=$work/k8s/kubeconfig DBSHIFT_TEST_RUNNER_IMAGE=db
 # with no kube-proxy here, the controller reaches the API server on the bridge address, where
 # it listens (KUBERNETES_SERVICE_HOST/PORT), from the pod network.
 values=$(printf '{"image":{"tag":"test","pullPolicy":"Never"},"watchNamespace":"dbshift-e2e","extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"%s"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$APISERVER_HOST" "$APISERVER_PORT")
-"$(tests/support/chart-venv.sh)" deploy/local/render_chart.py --label pod-security.kubernetes.io/enforce=restricted \
+"$(tests/support/chart-venv.sh)" deploy/local/render_chart.py --label pod-security.kubernetes.io/enforce=restricted --kube-version "$K8S_VERSION" \
   e2e dbshift-e2e "$values" > "$work/chart-e2e.yaml"
 export DBSHIFT_TEST_CHART_MANIFEST=$work/chart-e2e.yaml
 log "cluster ready: Kubernetes $K8S_VERSION, KUBECONFIG=$DBSHIFT_TEST_KUBECONFIG, image dbshift:test"

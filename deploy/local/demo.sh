@@ -62,7 +62,8 @@ show kubectl get nodes
 step "Installing the operator from charts/dbshift"
 # This cluster has no kube-proxy: the controller is told where the API server listens.
 values=$(printf '{"image":{"tag":"%s","pullPolicy":"Never"},"extraEnv":[{"name":"KUBERNETES_SERVICE_HOST","value":"%s"},{"name":"KUBERNETES_SERVICE_PORT","value":"%s"}]}' "$version" "$APISERVER_HOST" "$APISERVER_PORT")
-"$py" deploy/local/render_chart.py --label pod-security.kubernetes.io/enforce=restricted dbshift dbshift-system "$values" \
+"$py" deploy/local/render_chart.py --label pod-security.kubernetes.io/enforce=restricted --kube-version "$K8S_VERSION" \
+  dbshift dbshift-system "$values" \
   | kubectl apply --server-side -f - >/dev/null
 show kubectl -n dbshift-system rollout status deployment/dbshift --timeout=120s
 
