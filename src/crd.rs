@@ -582,7 +582,7 @@ const RULES: &[(&str, &str, &str)] = &[
 /// Most explicit tenant names a resource lists (more: a pattern or a registry), and most
 /// canaries: CEL's cost limit needs lists of known size.
 pub const MAX_NAMES: usize = 10_000;
-pub const MAX_CANARIES: usize = 100;
+pub const MAX_CANARIES: usize = 10;
 
 fn add_validations(crd: &mut serde_json::Value) {
     let root = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];

@@ -235,7 +235,9 @@ async fn admit_runner_pod(ctx: &Context, r: &Resource<'_>, plan: &FrozenRun) -> 
     match tokio::time::timeout(Duration::from_secs(30), pods.create(&pp, &pod)).await {
         Err(_) => Err(ActError::Timeout("checking the runner pod (dry run)")),
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(kube::Error::Api(e))) if e.code == 403 && e.message.contains("PodSecurity") => {
+        // Pod Security admission's own words (PodSecurityPolicy, on servers before 1.25, judges
+        // the requesting user: the controller's refusal there says nothing about the Job's pods).
+        Ok(Err(kube::Error::Api(e))) if e.code == 403 && e.message.contains("violates PodSecurity \"") => {
             Err(ActError::PodRefused(format!(
                 "namespace {} refuses the runner pods, so no Job was created: {}. Label the namespace \
                  with a pod-security.kubernetes.io/enforce level that admits them, or change \
@@ -248,13 +250,15 @@ async fn admit_runner_pod(ctx: &Context, r: &Resource<'_>, plan: &FrozenRun) -> 
         Ok(Err(kube::Error::Api(e))) if e.code == 403 && e.message.contains("service account") => {
             Err(ActError::Kube { action: "checking the runner pod (dry run)", source: Box::new(kube::Error::Api(e)) })
         }
-        Ok(Err(kube::Error::Api(e))) if e.code == 403 => {
+        // Anything else that stops the dry run itself (RBAC, PodSecurityPolicy, a webhook that
+        // cannot take dry runs: 400) is no verdict on the pods.
+        Ok(Err(kube::Error::Api(e))) if e.code == 403 || e.code == 400 => {
             tracing::warn!(resource = r.key, error = %e.message, "cannot check the runner pod in a dry run (the \
                 controller may not create pods; the chart's RBAC grants it): a refused pod will show only as a Job \
                 that does not start");
             Ok(())
         }
-        Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 400 => Err(ActError::PodRefused(format!(
+        Ok(Err(kube::Error::Api(e))) if e.code == 422 => Err(ActError::PodRefused(format!(
             "the runner pod would be invalid, so no Job was created: {} (check spec.jobTemplate)",
             e.message
         ))),

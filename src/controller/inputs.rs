@@ -353,7 +353,7 @@ mod tests {
         assert!(check_spec(&canary("{names: [a], pattern: x}"), &JobPolicy::default()).is_ok());
         let many: Vec<String> = (0..=crate::crd::MAX_NAMES).map(|i| format!("t{i}")).collect();
         let e = check_spec(&canary(&format!("{{names: [{}]}}", many.join(", "))), &JobPolicy::default()).unwrap_err();
-        assert!(e.message.contains("at most 10000"), "{e}");
+        assert!(e.message.contains("at most 10000") && e.message.contains("at most 10"), "{e}");
     }
 
     #[test]

@@ -157,7 +157,7 @@ impl Transformer {
                     for (let i = 0; i < docs.length; i++) {
                         let r;
                         try { r = __dbshiftUser(docs[i]); }
-                        catch (e) { return JSON.stringify({ error: String(e && e.message !== undefined ? e.message : e), name: (e instanceof Error) ? String(e.name) : 'a thrown ' + typeof e, thrown: true, index: i }); }
+                        catch (e) { return JSON.stringify({ error: String(e && e.message !== undefined ? e.message : e), name: (e instanceof Error && ['Error', 'TypeError', 'RangeError', 'SyntaxError', 'ReferenceError', 'EvalError', 'URIError', 'InternalError', 'AggregateError'].includes(e.name)) ? e.name : (e instanceof Error ? 'an error' : 'a thrown ' + typeof e), thrown: true, index: i }); }
                         if (r === null || r === undefined) { out[i] = null; continue; }
                         if (typeof r !== 'object' || Array.isArray(r)) {
                             return JSON.stringify({ error: 'the script returned ' + (Array.isArray(r) ? 'an array' : typeof r) + ', not a document (or null)', index: i });
@@ -210,8 +210,12 @@ impl Transformer {
                 let m = js_err(&ctx, e);
                 if Instant::now() > deadline {
                     format!("the script ran longer than {}s on one batch", BATCH_DEADLINE.as_secs())
-                } else {
+                } else if m.contains("out of memory") {
                     out_of_memory(&m)
+                } else {
+                    // Thrown outside the per-document call (a getter, a `toJSON`): it may
+                    // quote a document too.
+                    format!("the script failed on this batch; {} {m}", crate::redact::SCRIPT_MESSAGE)
                 }
             })
         })?;
@@ -392,6 +396,15 @@ mod tests {
         assert!(e.contains("_id 7") && e.contains("Error; the script's message: boom"), "{e}");
         let shown = crate::redact::tenant_values(&e);
         assert!(!shown.contains("boom") && shown.contains("_id 7: Error;"), "{shown}");
+        // A name the script set, and a throw outside the per-document call, are withheld too.
+        let t = new("(d) => { const e = new Error('x'); e.name = d.secret; throw e }").unwrap();
+        let shown =
+            crate::redact::tenant_values(&run(&t, &[doc! {"_id": 7, "secret": "ann@example.com"}]).unwrap_err());
+        assert!(!shown.contains("ann@") && shown.contains("an error;"), "{shown}");
+        let t = new("(d) => ({ ...d, toJSON() { throw new Error('leak ' + d.secret) } })").unwrap();
+        let shown =
+            crate::redact::tenant_values(&run(&t, &[doc! {"_id": 7, "secret": "ann@example.com"}]).unwrap_err());
+        assert!(!shown.contains("ann@") && shown.contains("values not shown"), "{shown}");
         let t = new("(d) => { d._id = 1; return d; }").unwrap();
         assert!(run(&t, &[doc! {"_id": 7}]).unwrap_err().contains("_id cannot change"));
         let t = new("(d) => new Date(0)").unwrap();
