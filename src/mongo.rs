@@ -186,6 +186,27 @@ fn check_escapes(uri: &str) -> Result<(), ConnectError> {
 }
 
 /// Connect and check the server answers, with a few attempts for transient outages.
+/// Clients of this process's command (see [`connect_for_command`]), shut down before it exits.
+static COMMAND_CLIENTS: std::sync::Mutex<Vec<Client>> = std::sync::Mutex::new(Vec::new());
+
+/// [`connect`], for a command that ends with the process (the CLI, `dbshift run`): the client
+/// is shut down by [`shutdown_command_clients`] before the runtime goes. Without that, a
+/// driver task still ending a session or cursor as the runtime stops could find its pool's
+/// worker gone, and the driver panics (seen once in CI, in `dbshift snapshots`).
+pub async fn connect_for_command(uri: &str, timeout: Duration) -> Result<Connection, ConnectError> {
+    let conn = connect(uri, timeout).await?;
+    COMMAND_CLIENTS.lock().expect("lock").push(conn.client.clone());
+    Ok(conn)
+}
+
+/// Shut down the clients [`connect_for_command`] made, waiting at most 5 s for each.
+pub async fn shutdown_command_clients() {
+    let clients: Vec<Client> = std::mem::take(&mut *COMMAND_CLIENTS.lock().expect("lock"));
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.shutdown()).await;
+    }
+}
+
 pub async fn connect(uri: &str, timeout: Duration) -> Result<Connection, ConnectError> {
     let redactor = Redactor::for_uri(uri);
     check_escapes(uri)?;

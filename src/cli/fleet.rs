@@ -29,7 +29,7 @@ pub async fn connect(g: &Global) -> Result<Connection, Failure> {
     let uri = g.uri.as_deref().ok_or_else(|| {
         Failure::invalid("no MongoDB URI: pass --uri, or set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE")
     })?;
-    Ok(crate::mongo::connect(uri, Duration::from_secs(g.connect_timeout)).await?)
+    Ok(crate::mongo::connect_for_command(uri, Duration::from_secs(g.connect_timeout)).await?)
 }
 
 /// The tenant selection of the command line (`default_db`: the database the URI names).

@@ -148,7 +148,9 @@ pub async fn main() -> ExitCode {
         }
     }
     let redactor = cli.global.uri.as_deref().map(Redactor::for_uri).unwrap_or_default();
-    match dispatch(cli).await {
+    let result = dispatch(cli).await;
+    crate::mongo::shutdown_command_clients().await;
+    match result {
         Ok(code) => code.into(),
         Err(e) => {
             eprintln!("error: {}", redactor.apply(&e.message));

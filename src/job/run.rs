@@ -149,7 +149,7 @@ async fn run_tenant(s: &Settings, a: &RunArgs, tenant: &str, taken: &TakenSnapsh
     let uri = s.uri.as_deref().ok_or_else(|| {
         Failure::invalid("no MongoDB URI: set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE, or pass --uri")
     })?;
-    let conn = crate::mongo::connect(uri, s.connect_timeout).await?;
+    let conn = crate::mongo::connect_for_command(uri, s.connect_timeout).await?;
     let db = conn.client.database(tenant);
     if !crate::mongo::supports_transactions(&db).await {
         tracing::warn!("{}", engine::pass::WITHOUT_TRANSACTIONS);
