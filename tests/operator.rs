@@ -519,8 +519,8 @@ async fn a_failed_migration_fails_its_job_at_once_whatever_the_backoff_limit() {
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Failed" && c.status == "True"))
         .and_then(|c| c.reason.clone())
         .unwrap_or_default();
-    let minor = env.client.apiserver_version().await.unwrap().minor;
-    if minor.trim_end_matches('+').parse::<u32>().unwrap() >= 26 {
+    let minor = server_minor(&env.client).await;
+    if minor >= 26 {
         assert!(job.spec.as_ref().unwrap().pod_failure_policy.is_some(), "the server keeps the policy");
         assert_eq!((failed, reason.as_str()), (1, "PodFailurePolicy"), "one pod, failed by the policy");
     } else {
@@ -737,8 +737,8 @@ async fn evicted_tenant(policy: &str) -> Option<(Env, DatabaseMigration, Vec<Vec
     let pod = pods.list(&lp).await.unwrap().items.into_iter().next().expect("tenant 1's pod");
     pods.evict(&pod.name_any(), &kube::api::EvictParams::default()).await.expect("evict");
     let d = env.wait_final("evict", 300).await;
-    let minor = env.client.apiserver_version().await.unwrap().minor;
-    if minor.trim_end_matches('+').parse::<u32>().unwrap() < 26 {
+    let minor = server_minor(&env.client).await;
+    if minor < 26 {
         let st = d.status.clone().unwrap();
         assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
         for i in 0..3 {
@@ -916,8 +916,8 @@ async fn an_invalid_spec_is_reported_and_touches_nothing() {
 #[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
 async fn a_namespace_refusing_the_runner_pods_blocks_the_run_at_once() {
     let mut env = Env::new("podrefused").await;
-    let minor = env.client.apiserver_version().await.unwrap().minor;
-    if minor.trim_end_matches('+').parse::<u32>().unwrap() < 25 {
+    let minor = server_minor(&env.client).await;
+    if minor < 25 {
         eprintln!("no Pod Security admission on 1.{minor}: nothing to refuse");
         return;
     }
