@@ -69,6 +69,10 @@ pub struct DatabaseMigrationSpec {
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 1, max = 100))]
     pub history_limit: u32,
+    /// Start no new Jobs: running ones finish, then the run waits (phase `Suspended`) until
+    /// this is false again and goes on where it stopped. Changing it never starts a new run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 fn default_history_limit() -> u32 {
@@ -252,11 +256,53 @@ pub struct RolloutSpec {
     /// What happens once more than `maxFailures` tenants failed.
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// Where a run waits for a person to approve it (phase `AwaitingApproval`):
+    /// `beforeStart`, before its first Job; `afterCanaries`, once its canaries succeeded and
+    /// before the other tenants. `dbshift approve NAME` approves the current run (annotation
+    /// `dbshift.io/approve: <run id>`). Changing it never starts a new run.
+    #[serde(default)]
+    pub approval: Approval,
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        RolloutSpec { max_parallel: 1, canaries: Vec::new(), max_failures: 0, on_failure: FailurePolicy::default() }
+        RolloutSpec {
+            max_parallel: 1,
+            canaries: Vec::new(),
+            max_failures: 0,
+            on_failure: FailurePolicy::default(),
+            approval: Approval::default(),
+        }
+    }
+}
+
+/// Where a run waits for approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Approval {
+    /// Never: the run goes on by itself.
+    #[default]
+    None,
+    /// Before the run's first Job.
+    BeforeStart,
+    /// Once the canaries succeeded, before the other tenants (with no canaries: before the
+    /// first Job).
+    AfterCanaries,
+}
+
+/// The annotation that approves a run: its value is the run id (`status.runId`). An approval
+/// naming another run is ignored.
+pub const APPROVE_ANNOTATION: &str = "dbshift.io/approve";
+
+impl DatabaseMigrationSpec {
+    /// The spec without the fields that steer a run in progress (`suspend`,
+    /// `rollout.approval`): two specs equal here describe the same run, so changing only those
+    /// fields never starts a new one.
+    pub fn run_defining(&self) -> DatabaseMigrationSpec {
+        let mut s = self.clone();
+        s.suspend = false;
+        s.rollout.approval = Approval::None;
+        s
     }
 }
 
@@ -386,6 +432,10 @@ pub enum Phase {
     /// The failure policy `rollback` is undoing what the run applied.
     RollingBack,
     RolledBack,
+    /// The run waits for `dbshift approve` (spec.rollout.approval); no Job runs.
+    AwaitingApproval,
+    /// spec.suspend: no new Job starts; running ones finish.
+    Suspended,
 }
 
 impl Phase {
@@ -398,12 +448,19 @@ impl Phase {
             Phase::Failed => "Failed",
             Phase::RollingBack => "RollingBack",
             Phase::RolledBack => "RolledBack",
+            Phase::AwaitingApproval => "AwaitingApproval",
+            Phase::Suspended => "Suspended",
         }
     }
 
-    /// Jobs may be running: the run continues.
+    /// The run is under way (Jobs may be running, or it waits to go on): it continues.
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Migrating | Phase::RollingBack)
+        matches!(self, Phase::Migrating | Phase::RollingBack | Phase::AwaitingApproval | Phase::Suspended)
+    }
+
+    /// The run waits for a person (approval, or the resource to be resumed).
+    pub fn is_held(self) -> bool {
+        matches!(self, Phase::AwaitingApproval | Phase::Suspended)
     }
 
     /// The run is over.

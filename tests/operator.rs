@@ -357,6 +357,28 @@ spec:
         out.status.code()
     }
 
+    /// A `dbshift` command against the cluster (approve, suspend, resume): exit code, stdout,
+    /// stderr.
+    fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_dbshift"))
+            .args(args)
+            .args(["-n", &self.ns])
+            .env("KUBECONFIG", kubeconfig())
+            .output()
+            .unwrap();
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (out.status.code(), text(out.stdout), text(out.stderr))
+    }
+
+    /// Tenants `0..n` carrying the flag ADD_FLAG sets, in order.
+    async fn flagged(&self, n: usize) -> Vec<bool> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(self.docs(i).await.iter().all(|d| d.get_bool("flag") == Ok(true)));
+        }
+        out
+    }
+
     async fn jobs(&self) -> Vec<Job> {
         self.jobs_api().list(&ListParams::default()).await.unwrap().items
     }
@@ -1122,6 +1144,122 @@ async fn a_dry_run_writes_nothing() {
     assert!(!snaps.iter().any(|n| n.contains(&env.prefix)), "a dry run took a snapshot: {snaps:?}");
     // An application waiting on it is not released against an unmigrated database.
     assert_eq!(env.wait_cli("dry"), Some(1));
+}
+
+fn phase(d: &DatabaseMigration) -> Option<Phase> {
+    d.status.as_ref().and_then(|s| s.phase)
+}
+
+/// `spec.rollout.approval: afterCanaries`: the canary migrates, then the run waits for a
+/// person (phase AwaitingApproval, Ready=False naming the run, an Event) with no other Job; an
+/// approval naming another run changes nothing; `dbshift approve` lets the others go.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_run_held_for_approval_goes_on_when_dbshift_approve_names_it() {
+    let mut env = Env::new("approve").await;
+    for i in 0..3 {
+        env.seed(i, false).await;
+    }
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    let canary = env.tenant(0);
+    let rollout = format!("  rollout: {{ maxParallel: 2, canaries: [{canary}], approval: afterCanaries }}");
+    env.apply(&env.resource("gate", &rollout)).await;
+    let d = env.wait_for("gate", 180, |d| phase(d) == Some(Phase::AwaitingApproval)).await;
+    let st = d.status.clone().unwrap();
+    let run = st.run_id.clone().unwrap();
+    assert_eq!(ready(&d), "False/AwaitingApproval");
+    let cond = |t: &str| st.conditions.iter().find(|c| c.type_ == t).unwrap().clone();
+    assert!(cond("Ready").message.contains(&run), "{:?}", cond("Ready"));
+    assert_eq!(cond("Reconciling").status, "False", "a run waiting for a person is not reconciling");
+    assert_eq!(env.flagged(3).await, [true, false, false], "only the canary ran");
+    assert_eq!(env.jobs().await.len(), 1);
+    assert!(env.event_reasons().await.iter().any(|r| r == "AwaitingApproval"));
+
+    // What the approver looked at is what they approve: another run id approves nothing.
+    let (code, _, err) = env.cli(&["approve", "gate", "--run", "gate-g7-other"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("the current run of {}/gate is {run}", env.ns)), "{err}");
+    // An annotation naming another run (a stale approval) is ignored.
+    let stale = serde_json::json!({ "metadata": { "annotations": { "dbshift.io/approve": "gate-g0-stale" } } });
+    env.dbms().patch("gate", &PatchParams::default(), &Patch::Merge(&stale)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let d = env.dbms().get("gate").await.unwrap();
+    assert_eq!(phase(&d), Some(Phase::AwaitingApproval));
+    assert_eq!(env.jobs().await.len(), 1);
+    assert_eq!(env.flagged(3).await, [true, false, false]);
+
+    let (code, out, err) = env.cli(&["approve", "gate"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("approved run {run} of {}/gate (it was AwaitingApproval)", env.ns)), "{out}");
+    let d = env.wait_final("gate", 180).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(st.run_id.as_deref(), Some(run.as_str()), "the approval started no new run");
+    assert_eq!(env.flagged(3).await, [true, true, true]);
+    assert_eq!(env.jobs().await.len(), 3);
+    assert_eq!(d.annotations().get("dbshift.io/approve"), Some(&run));
+    let (code, _, err) = env.cli(&["approve", "gate"]);
+    assert_eq!(code, Some(2), "a finished run has nothing to approve: {err}");
+    assert!(err.contains("is over (Succeeded)"), "{err}");
+}
+
+/// `dbshift suspend` mid-run: the running Job finishes, no other starts (phase Suspended,
+/// tenants not reached untouched); `dbshift resume` goes on in the same run. Suspending and
+/// resuming a finished run starts nothing either.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_run_held_by_suspend_starts_no_job_until_resumed() {
+    let mut env = Env::new("suspend").await;
+    for i in 0..4 {
+        env.seed(i, false).await;
+    }
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    env.apply(&env.resource("pause", "  rollout: { maxParallel: 1 }")).await;
+    let d = env
+        .wait_for("pause", 120, |d| d.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.running == 1))
+        .await;
+    let run = d.status.unwrap().run_id.unwrap();
+    let (code, out, err) = env.cli(&["suspend", "pause"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let d = env
+        .wait_for("pause", 120, |d| {
+            phase(d) == Some(Phase::Suspended)
+                && d.status.as_ref().and_then(|s| s.progress.as_ref()).is_some_and(|p| p.running == 0)
+        })
+        .await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.run_id.as_deref(), Some(run.as_str()));
+    assert_eq!(st.observed_generation, d.metadata.generation, "the suspension is observed, in the same run");
+    assert_eq!(ready(&d), "False/Suspended");
+    // The Job running when it was suspended finished (and at most the one started just before
+    // the suspension was seen); nothing more starts.
+    let started = env.jobs().await.len();
+    assert!((1..=2).contains(&started), "{started} Jobs");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(env.jobs().await.len(), started, "a Job started while suspended");
+    let flags = env.flagged(4).await;
+    assert_eq!(flags.iter().filter(|f| **f).count(), started, "{flags:?}");
+    assert_eq!(env.cli(&["suspend", "pause"]).1.trim(), format!("{}/pause is already suspended", env.ns));
+
+    let (code, out, err) = env.cli(&["resume", "pause"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let d = env.wait_final("pause", 180).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(st.run_id.as_deref(), Some(run.as_str()), "resuming started no new run");
+    assert_eq!(env.flagged(4).await, [true; 4]);
+    assert_eq!(env.jobs().await.len(), 4);
+    assert!(!d.spec.suspend && st.observed_generation == Some(3));
+
+    // A finished run, suspended and resumed: observed, nothing runs again.
+    for verb in ["suspend", "resume"] {
+        assert_eq!(env.cli(&[verb, "pause"]).0, Some(0));
+    }
+    let d = env.wait_for("pause", 60, |d| d.status.as_ref().and_then(|s| s.observed_generation) == Some(5)).await;
+    assert_eq!(d.status.unwrap().run_id.as_deref(), Some(run.as_str()));
+    assert_eq!(env.jobs().await.len(), 4);
 }
 
 /// The controller as users run it: installed from the Helm chart (rendered by tests/run.sh into

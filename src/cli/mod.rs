@@ -3,6 +3,7 @@
 //! The same binary runs inside each Kubernetes Job (`dbshift run`, see [`crate::job`]) and
 //! as the operator (`dbshift controller`).
 
+mod cluster;
 mod commands;
 mod fleet;
 mod output;
@@ -131,6 +132,12 @@ pub enum Command {
     Controller(commands::controller::ControllerArgs),
     /// Wait until a DatabaseMigration succeeded (for an application's init container).
     Wait(commands::wait::WaitArgs),
+    /// Approve the current run of a DatabaseMigration waiting at its approval gate.
+    Approve(commands::approve::ApproveArgs),
+    /// Suspend a DatabaseMigration: no new Job starts, running ones finish.
+    Suspend(commands::suspend::SuspendArgs),
+    /// Resume a suspended DatabaseMigration where its run stopped.
+    Resume(commands::suspend::SuspendArgs),
 }
 
 /// Entry point of the binary.
@@ -191,5 +198,8 @@ async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
         Command::Run(a) => Ok(run::run(g, a).await),
         Command::Controller(a) => controller::run(a).await,
         Command::Wait(a) => Ok(wait::run(a).await),
+        Command::Approve(a) => approve::run(a).await,
+        Command::Suspend(a) => suspend::run(a, true).await,
+        Command::Resume(a) => suspend::run(a, false).await,
     }
 }

@@ -65,6 +65,13 @@ pub struct FrozenRun {
     pub spec: DatabaseMigrationSpec,
 }
 
+/// Whether a resource's spec still describes the run frozen with `frozen` (only what steers a
+/// run in progress, `suspend` and `rollout.approval`, differs): such a change never starts a
+/// new run.
+pub fn same_run(frozen: &DatabaseMigrationSpec, live: &DatabaseMigrationSpec) -> bool {
+    frozen.run_defining() == live.run_defining()
+}
+
 /// The run id of a resource's current generation. Deterministic, so a controller restarted
 /// half-way through starting a run finds the objects it already created.
 pub fn run_id(dbm: &DatabaseMigration) -> String {

@@ -18,14 +18,14 @@ use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
-use super::frozen::FrozenRun;
+use super::frozen::{self, FrozenRun};
 use super::inputs::{self, InputError};
 use super::jobs::{Action, Outcome};
 use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
 use super::{act, report, status, Context, Error, FINALIZER};
-use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Phase};
+use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Phase, APPROVE_ANNOTATION};
 
 /// The resource being reconciled, with what every step needs of it.
 pub struct Resource<'a> {
@@ -143,10 +143,31 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
         };
         return continue_run(&ctx, &r, plan, false).await;
     }
-    if r.status.phase.is_some_and(Phase::is_final) && r.status.observed_generation == Some(r.generation()) {
-        return Ok(Requeue::await_change());
+    if r.status.phase.is_some_and(Phase::is_final) {
+        if r.status.observed_generation == Some(r.generation()) {
+            return Ok(Requeue::await_change());
+        }
+        if only_steering_changed(&ctx, &r).await {
+            // Suspending, resuming or changing the approval of a finished run: nothing to run.
+            let new = status::observed(&r.status, r.generation());
+            act::write_status(&ctx, &r, &new).await?;
+            return Ok(Requeue::await_change());
+        }
     }
     start_run(&ctx, &r).await
+}
+
+/// Whether the finished run's spec differs from the resource's only in what steers a run
+/// (`suspend`, `rollout.approval`). A plan that cannot be read counts as a change.
+async fn only_steering_changed(ctx: &Context, r: &Resource<'_>) -> bool {
+    let Some(run_id) = r.status.run_id.as_deref() else { return false };
+    let same = match observe::plan(ctx, r, run_id).await {
+        Ok(plan) => frozen::same_run(&plan.spec, &r.dbm.spec),
+        Err(_) => false,
+    };
+    // The run is over: keep no memory of it.
+    ctx.runs.lock().expect("lock").remove(&r.key);
+    same
 }
 
 /// A resource being deleted (the helper calls this only while our finalizer is on it): `Ok`
@@ -269,12 +290,22 @@ async fn blocked(ctx: &Context, r: &Resource<'_>, e: InputError) -> Result<Reque
 /// One step of a run: observe the Jobs, decide, write the status, start Jobs, report.
 async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, deleting: bool) -> Result<Requeue, Error> {
     let seen = observe::jobs(ctx, r, &plan).await?;
-    let decision = rollout::decide(&plan, &seen.views, deleting);
+    let gates = rollout::Gates {
+        deleting,
+        suspended: r.dbm.spec.suspend,
+        approval: r.dbm.spec.rollout.approval,
+        approved: r.dbm.annotations().get(APPROVE_ANNOTATION) == Some(&plan.run_id),
+    };
+    let decision = rollout::decide(&plan, &seen.views, gates);
     let views = with_launches(seen.views, &decision.launch);
     let running = views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let budget = status::entries_budget(serde_json::to_vec(&r.dbm.spec).map_or(0, |v| v.len()));
-    let mut new = status::run_status(&r.status, &plan, &r.name, &views, &decision, budget, &now());
-    if let Some(m) = status::message_override(&decision, &plan, r.generation(), deleting, running) {
+    // A change of only what steers a run (suspend, approval) is this run's to follow; any other
+    // change gets a run of its own once this one ends.
+    let spec_changed = !frozen::same_run(&plan.spec, &r.dbm.spec);
+    let observed = if spec_changed { plan.generation } else { r.generation().max(plan.generation) };
+    let mut new = status::run_status(&r.status, &plan, observed, &r.name, &views, &decision, budget, &now());
+    if let Some(m) = status::message_override(&decision, &plan, r.generation(), spec_changed, deleting, running) {
         new.message = Some(m);
     }
     // Tenant outcomes are announced before the status that counts them, so whoever sees the
@@ -284,8 +315,9 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     if r.status != new {
         act::write_status(ctx, r, &new).await?;
     }
-    // A resource being deleted starts nothing, not even a Job lost before a restart.
-    let missing = if deleting { Vec::new() } else { seen.missing };
+    // A resource being deleted or suspended starts nothing, not even a Job lost before a
+    // restart (the status keeps it as launched; it is created once the resource is resumed).
+    let missing = if gates.deleting || gates.suspended { Vec::new() } else { seen.missing };
     let launches: Vec<(usize, Action)> = decision.launch.iter().chain(&missing).copied().collect();
     act::launch(ctx, r, &plan, &launches).await?;
 
@@ -298,7 +330,6 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     }
     let started = new.started_at.as_ref().map(|t| t.0.as_second());
     ctx.metrics.run_going_on(&r.ns, &r.name, started.filter(|_| !decision.finished));
-    let spec_changed = r.generation() > plan.generation;
     Ok(match (decision.finished, spec_changed) {
         // The spec changed during the run: its own run starts now.
         (true, true) => Requeue::requeue(Duration::from_secs(1)),

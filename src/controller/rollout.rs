@@ -3,7 +3,7 @@
 //! A pure function of the plan and of what each tenant's Jobs did, so it is tested from YAML
 //! fixtures without a cluster, and so a restarted controller decides exactly as before.
 
-use crate::crd::{FailurePolicy, Phase};
+use crate::crd::{Approval, FailurePolicy, Phase};
 
 use super::frozen::FrozenRun;
 use super::jobs::{Action, Outcome};
@@ -63,9 +63,31 @@ fn needs_rollback(v: &TenantView) -> bool {
     }
 }
 
+/// What the live resource says about starting Jobs now. Read at every reconcile, never frozen
+/// with the plan: a person steers a run in progress with these.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Gates {
+    /// The resource is being deleted: nothing starts, the run ends once its Jobs did.
+    pub deleting: bool,
+    /// `spec.suspend`: nothing starts (migrations or rollbacks); running Jobs finish.
+    pub suspended: bool,
+    /// `spec.rollout.approval`.
+    pub approval: Approval,
+    /// The approval annotation names this run.
+    pub approved: bool,
+}
+
+impl Gates {
+    /// Nothing at all may start.
+    fn closed(&self) -> bool {
+        self.deleting || self.suspended
+    }
+}
+
 /// What every part of the decision looks at.
 struct Tally<'a> {
     plan: &'a FrozenRun,
+    gates: Gates,
     views: &'a [TenantView],
     canaries: usize,
     max_parallel: usize,
@@ -73,11 +95,12 @@ struct Tally<'a> {
     failures: usize,
 }
 
-/// Decide the next step. `deleting`: the resource is being deleted, start nothing.
-pub fn decide(plan: &FrozenRun, views: &[TenantView], deleting: bool) -> Decision {
+/// Decide the next step.
+pub fn decide(plan: &FrozenRun, views: &[TenantView], gates: Gates) -> Decision {
     let rollout = &plan.spec.rollout;
     let t = Tally {
         plan,
+        gates,
         views,
         canaries: plan.canaries.min(views.len()),
         max_parallel: rollout.max_parallel.max(1) as usize,
@@ -92,17 +115,32 @@ pub fn decide(plan: &FrozenRun, views: &[TenantView], deleting: bool) -> Decisio
         } else {
             format!("{} tenant(s) failed (maxFailures {})", t.failures, rollout.max_failures)
         };
-        return apply_policy(&t, &why, deleting);
+        return apply_policy(&t, &why);
     }
-    migrate(&t, deleting)
+    migrate(&t)
+}
+
+/// Where the approval gate stands: `true` while it keeps the next migrations from starting.
+/// A gate once passed stays passed (a tenant past it started), whatever the annotation
+/// says later.
+fn awaiting_approval(t: &Tally<'_>, canaries_done: bool) -> bool {
+    let started = |v: &TenantView| v.migrate != Step::NotStarted;
+    match t.gates.approval {
+        _ if t.gates.approved => false,
+        Approval::None => false,
+        Approval::BeforeStart => !t.views.iter().any(started),
+        Approval::AfterCanaries => canaries_done && !t.views[t.canaries..].iter().any(started),
+    }
 }
 
 /// No failure policy applies: start what may start, canaries first.
-fn migrate(t: &Tally<'_>, deleting: bool) -> Decision {
+fn migrate(t: &Tally<'_>) -> Decision {
     let (views, canaries, total) = (t.views, t.canaries, t.views.len());
+    let deleting = t.gates.deleting;
     let mut launch = Vec::new();
     let canaries_done = views[..canaries].iter().all(|v| v.migrate.ok());
-    if !deleting {
+    let awaiting = awaiting_approval(t, canaries_done);
+    if !t.gates.closed() && !awaiting {
         if !canaries_done {
             // Canaries go one at a time, in order.
             if !views[..canaries].iter().any(|v| v.migrate == Step::Running) {
@@ -143,12 +181,40 @@ fn migrate(t: &Tally<'_>, deleting: bool) -> Decision {
     if deleting && in_flight == 0 {
         return decision(Phase::Failed, true, true, format!("deleted after {done}/{total} tenant(s)"));
     }
+    if t.gates.suspended && !deleting {
+        let message = format!(
+            "suspended (spec.suspend): {done}/{total} tenant(s) done, {} running Job(s) finish, no new Job starts",
+            t.running
+        );
+        return decision(Phase::Suspended, false, false, message);
+    }
+    if awaiting && !deleting && t.running == 0 {
+        let run = &t.plan.run_id;
+        let message = if done == 0 {
+            format!("run {run} awaits approval before its first Job: {total} tenant(s) wait")
+        } else {
+            format!("run {run} awaits approval: {done} canary tenant(s) succeeded, {} tenant(s) wait", total - done)
+        };
+        return decision(Phase::AwaitingApproval, false, false, message);
+    }
     let stage = if !canaries_done { "canary stage: " } else { "" };
     decision(Phase::Migrating, false, false, format!("{stage}{done}/{total} tenant(s) done, {in_flight} running"))
 }
 
-/// The failure policy applies: no more migrations start; `rollback` undoes what ran.
-fn apply_policy(t: &Tally<'_>, why: &str, deleting: bool) -> Decision {
+/// The failure policy applies: no more migrations start; `rollback` undoes what ran (unless
+/// the resource is suspended: its rollback Jobs wait for it to be resumed).
+fn apply_policy(t: &Tally<'_>, why: &str) -> Decision {
+    let deleting = t.gates.deleting;
+    let d = policy_decision(t, why);
+    if t.gates.suspended && !deleting && !d.finished {
+        let message = format!("suspended (spec.suspend), no new Job starts: {}", d.message);
+        return Decision { launch: Vec::new(), phase: Phase::Suspended, message, ..d };
+    }
+    d
+}
+
+fn policy_decision(t: &Tally<'_>, why: &str) -> Decision {
+    let deleting = t.gates.deleting;
     let policy = t.plan.spec.rollout.on_failure;
     let rolling_back = policy == FailurePolicy::Rollback && !t.plan.spec.dry_run;
     let decision = |launch, phase, finished, message| Decision { launch, phase, finished, stopped: true, message };
@@ -209,6 +275,10 @@ mod tests {
         tenants: Vec<String>,
         #[serde(default)]
         deleting: bool,
+        #[serde(default)]
+        suspended: bool,
+        #[serde(default)]
+        approved: bool,
         launch: Vec<String>,
         phase: Phase,
         finished: bool,
@@ -255,7 +325,13 @@ mod tests {
                     TenantView { migrate: step(m), rollback: step(r) }
                 })
                 .collect();
-            let d = decide(&plan, &views, c.deleting);
+            let gates = Gates {
+                deleting: c.deleting,
+                suspended: c.suspended,
+                approval: plan.spec.rollout.approval,
+                approved: c.approved,
+            };
+            let d = decide(&plan, &views, gates);
             let launch: Vec<String> = d
                 .launch
                 .iter()

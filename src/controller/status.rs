@@ -186,7 +186,8 @@ pub fn conditions_for(
 ) -> Vec<Condition> {
     let mut c = previous.to_vec();
     let ready = phase == Phase::Succeeded;
-    let active = (phase == Phase::Pending || phase.is_active()) && !stalled;
+    // A run held for a person is not being reconciled until they act.
+    let active = (phase == Phase::Pending || phase.is_active()) && !phase.is_held() && !stalled;
     set_condition(&mut c, "Ready", ready, reason, message, generation, now);
     set_condition(&mut c, "Reconciling", active, reason, message, generation, now);
     set_condition(&mut c, "Stalled", stalled, reason, message, generation, now);
@@ -198,10 +199,13 @@ pub fn reason(phase: Phase) -> &'static str {
     phase.as_str()
 }
 
-/// The status of a run in progress or finished.
+/// The status of a run in progress or finished. `generation`: the resource's generation this
+/// run carries out (the plan's, or a later one that changed only what steers a run).
+#[allow(clippy::too_many_arguments)]
 pub fn run_status(
     previous: &DatabaseMigrationStatus,
     plan: &FrozenRun,
+    generation: i64,
     resource: &str,
     views: &[TenantView],
     decision: &Decision,
@@ -248,9 +252,9 @@ pub fn run_status(
     };
     let phase = decision.phase;
     DatabaseMigrationStatus {
-        observed_generation: Some(plan.generation),
+        observed_generation: Some(generation),
         phase: Some(phase),
-        conditions: conditions_for(&previous.conditions, phase, reason(phase), &message, false, plan.generation, now),
+        conditions: conditions_for(&previous.conditions, phase, reason(phase), &message, false, generation, now),
         run_id: Some(plan.run_id.clone()),
         target_version: plan.target.clone(),
         progress: Some(progress(views, decision.stopped || decision.finished)),
@@ -261,18 +265,20 @@ pub fn run_status(
     }
 }
 
-/// `status.message` when the resource is being deleted, or its spec changed during the run.
+/// `status.message` when the resource is being deleted, or its spec changed during the run
+/// (`changed`: a change that makes a new run, to `generation`).
 pub fn message_override(
     decision: &Decision,
     plan: &FrozenRun,
     generation: i64,
+    changed: bool,
     deleting: bool,
     running: usize,
 ) -> Option<String> {
     let m = &decision.message;
     if deleting {
         Some(format!("deleting: {running} running Job(s) finish first; {m}"))
-    } else if generation > plan.generation && !decision.finished {
+    } else if changed && !decision.finished {
         // The run keeps the spec it started with; the change gets a run of its own after it.
         Some(format!(
             "{m} (the spec changed to generation {generation} during run {}: it applies when this run ends)",
@@ -281,6 +287,16 @@ pub fn message_override(
     } else {
         None
     }
+}
+
+/// The status as it is, now describing `generation` too (a change that needs no new run).
+pub fn observed(previous: &DatabaseMigrationStatus, generation: i64) -> DatabaseMigrationStatus {
+    let mut s = previous.clone();
+    s.observed_generation = Some(generation);
+    for c in &mut s.conditions {
+        c.observed_generation = Some(generation);
+    }
+    s
 }
 
 /// The status of a resource whose run cannot start (yet): bad input, or something missing.
@@ -376,8 +392,9 @@ spec:
         let p = plan(10_000);
         // The status of these views, and its size in JSON.
         let status_of = |views: &[TenantView], budget: usize| {
-            let d = decide(&p, views, false);
-            let s = run_status(&DatabaseMigrationStatus::default(), &p, "add-preferences", views, &d, budget, &now());
+            let d = decide(&p, views, Default::default());
+            let s =
+                run_status(&DatabaseMigrationStatus::default(), &p, 4, "add-preferences", views, &d, budget, &now());
             let size = serde_json::to_string(&s).unwrap().len();
             (s, size)
         };

@@ -36,6 +36,21 @@ VARIANTS = {
 }
 
 
+# Built-in kinds that exist only from a Kubernetes version on, with that version: the chart
+# renders them only for servers that have them.
+SINCE = {"ValidatingAdmissionPolicy": "1.30.0", "ValidatingAdmissionPolicyBinding": "1.30.0"}
+# Kinds without a namespace.
+CLUSTER_SCOPED = ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", *SINCE)
+
+
+def schema_version(obj: dict, version: str) -> str:
+    """The Kubernetes version to validate `obj` against, for a check at `version`."""
+    since = SINCE.get(obj["kind"])
+    if since and tuple(map(int, version.split("."))) < tuple(map(int, since.split("."))):
+        return since
+    return version
+
+
 def objects(rendered: dict[str, str]) -> list[dict]:
     return [obj for _, _, obj in render.documents(rendered)]
 

@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import (CHART, CRD_FILE, RELEASE_NAMESPACE, ROOT, VARIANTS, crd, find, objects, one,
-                      render)
+from conftest import (CHART, CLUSTER_SCOPED, CRD_FILE, RELEASE_NAMESPACE, ROOT, VARIANTS, crd, find, objects, one,
+                      render, schema_version)
 
 # Exactly what the controller's contract grants: (apiGroup, resource) -> verbs.
 CONTROLLER_RULES = {
@@ -155,6 +155,11 @@ def test_rbac_verbs_are_exactly_the_contract(rendered_variants, variant):
     assert verbs_by_resource(view) == verbs_by_resource(waiter)
     edit = one(objs, "ClusterRole", "dbshift-edit")
     assert set(verbs_by_resource(edit)) == {("dbshift.io", "databasemigrations")}
+    # The approver reads and patches DatabaseMigrations; `approve` marks who it is for the
+    # admission policy that keeps it to the approval annotation.
+    approver = one(objs, "ClusterRole", "dbshift-approver")
+    assert verbs_by_resource(approver) == {("dbshift.io", "databasemigrations"):
+                                           {"get", "list", "watch", "patch", "approve"}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -173,7 +178,17 @@ def test_builtin_objects_match_kubernetes_schemas(rendered_variants, variant):
         if obj["apiVersion"].startswith("monitoring.coreos.com"):
             continue  # not a Kubernetes API; checked in test_service_monitor
         for version in SCHEMA_VERSIONS:
-            kubernetes_validate.validate(obj, version, strict=True)
+            kubernetes_validate.validate(obj, schema_version(obj, version), strict=True)
+
+
+def test_the_approval_policy_only_where_kubernetes_has_it():
+    def kinds(version):
+        return {o["kind"] for o in objects(render.render_chart({}, kube_version=version))}
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds("v1.30.0")
+    assert "ValidatingAdmissionPolicy" not in kinds("v1.29.4")
+    assert "ClusterRole" in kinds("v1.20.2")
+    off = objects(render.render_chart({"rbac": {"approverRole": False}}, kube_version="v1.32.0"))
+    assert not find(off, "ValidatingAdmissionPolicy") and not find(off, "ClusterRole", "dbshift-approver")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -183,7 +198,7 @@ def test_objects_are_labelled_and_in_the_release_namespace(rendered_variants, va
         meta = obj["metadata"]
         assert meta["labels"]["app.kubernetes.io/instance"] == "dbshift", meta["name"]
         assert meta["labels"]["app.kubernetes.io/part-of"] == "dbshift"
-        if obj["kind"] in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in meta
         else:
             assert meta["namespace"] in (RELEASE_NAMESPACE, ns), (obj["kind"], meta)

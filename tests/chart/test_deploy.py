@@ -7,7 +7,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import (EXAMPLES, ROOT, crd_json_schema, find, one, objects, render, yaml_docs)
+from conftest import (CLUSTER_SCOPED, EXAMPLES, ROOT, crd_json_schema, find, one, objects, render, schema_version,
+                      yaml_docs)
 
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml"))
 SCHEMA_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
@@ -47,11 +48,12 @@ def test_plain_manifests_are_the_chart_defaults_in_dbshift_system():
     assert kinds.index("CustomResourceDefinition") < kinds.index("Deployment")
     assert kinds.index("ServiceAccount") < kinds.index("Deployment")
     assert set(kinds) == {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
-                          "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment"}
+                          "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",
+                          "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     chart = objects(render.render_chart(render.PLAIN_VALUES))
     assert objs[1:] == chart
     for o in objs[1:]:
-        if o["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if o["kind"] not in CLUSTER_SCOPED:
             assert o["metadata"]["namespace"] == "dbshift-system"
     # kubectl users get no Helm keep policy; the RBAC comments survive rendering.
     assert "annotations" not in one(objs, "CustomResourceDefinition")["metadata"]
@@ -61,7 +63,7 @@ def test_plain_manifests_are_the_chart_defaults_in_dbshift_system():
 def test_plain_manifests_match_kubernetes_schemas():
     for obj in yaml_docs(render.MANIFESTS):
         for version in SCHEMA_VERSIONS:
-            kubernetes_validate.validate(obj, version, strict=True)
+            kubernetes_validate.validate(obj, schema_version(obj, version), strict=True)
 
 
 def test_migrations_configmap_holds_the_files():
@@ -87,7 +89,7 @@ def test_example_objects_are_valid(path):
             jsonschema.Draft7Validator(schema).validate(obj)
         else:
             for version in SCHEMA_VERSIONS:
-                kubernetes_validate.validate(obj, version, strict=True)
+                kubernetes_validate.validate(obj, schema_version(obj, version), strict=True)
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "shop", (path.name, obj["metadata"])
 
@@ -132,11 +134,16 @@ def test_example_references_resolve():
     app = one(objs, "Deployment", "shop-web")
     (init,) = app["spec"]["template"]["spec"]["initContainers"]
     assert init["args"][0] == "wait" and ("DatabaseMigration", init["args"][1]) in names
-    binding = one(objs, "RoleBinding")
+    binding = one(objs, "RoleBinding", "shop-web-waits-for-migrations")
     chart_roles = {o["metadata"]["name"] for o in find(yaml_docs(render.MANIFESTS), "ClusterRole")}
     assert binding["roleRef"]["name"] in chart_roles
     assert binding["roleRef"]["name"] == "dbshift-waiter"
     assert binding["subjects"][0]["name"] == app["spec"]["template"]["spec"]["serviceAccountName"]
+    # Whoever approves the gated example holds the chart's approver role.
+    approvers = one(objs, "RoleBinding", "shop-approvers")
+    assert approvers["roleRef"]["name"] == "dbshift-approver" and "dbshift-approver" in chart_roles
+    gated = one(objs, "DatabaseMigration", "orders-approved")
+    assert gated["spec"]["rollout"]["approval"] == "afterCanaries"
 
 
 def test_no_latest_tags_in_deploy():

@@ -80,7 +80,7 @@ def test_the_sandbox_has_no_string_library():
 def test_every_phase_and_outcome_has_a_fixture():
     phases = {load(ARGOCD / c["inputPath"]).get("status", {}).get("phase") for c in ARGO_TESTS}
     assert {"Pending", "Migrating", "Succeeded", "Failed", "RollingBack", "RolledBack"} <= phases
-    assert {c["healthStatus"]["status"] for c in ARGO_TESTS} == {"Healthy", "Progressing", "Degraded"}
+    assert {c["healthStatus"]["status"] for c in ARGO_TESTS} == {"Healthy", "Progressing", "Degraded", "Suspended"}
 
 
 @pytest.mark.parametrize("case", ARGO_TESTS, ids=lambda c: Path(c["inputPath"]).stem)
@@ -135,11 +135,13 @@ def test_flux_health_expressions(case):
 
 
 def test_flux_and_argocd_agree():
-    """Healthy <-> Current, Degraded <-> Failed, Progressing <-> InProgress (or not yet evaluable)."""
+    """Healthy <-> Current, Degraded <-> Failed, Progressing <-> InProgress (or not yet evaluable),
+    Suspended (waits for a person) <-> InProgress."""
     argo = {Path(c["inputPath"]).name: c["healthStatus"]["status"] for c in ARGO_TESTS}
     flux = {Path(c["inputPath"]).name: c["status"] for c in FLUX_TESTS}
     assert argo.keys() == flux.keys()
-    same = {"Healthy": {"Current"}, "Degraded": {"Failed"}, "Progressing": {"InProgress", "Error"}}
+    same = {"Healthy": {"Current"}, "Degraded": {"Failed"}, "Progressing": {"InProgress", "Error"},
+            "Suspended": {"InProgress"}}
     for name in argo:
         assert flux[name] in same[argo[name]], name
 

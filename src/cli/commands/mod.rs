@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+pub mod approve;
 pub mod backup;
 pub mod controller;
 pub mod crd;
@@ -11,6 +12,7 @@ pub mod run;
 pub mod schema;
 pub mod snapshots;
 pub mod status;
+pub mod suspend;
 pub mod up;
 pub mod validate;
 pub mod wait;

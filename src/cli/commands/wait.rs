@@ -5,20 +5,16 @@ use std::time::Duration;
 
 use clap::Args;
 use futures::TryStreamExt;
-use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Client;
 
+use crate::cli::cluster::{self, ResourceArgs};
 use crate::crd::{DatabaseMigration, Phase};
 use crate::exit::Exit;
 
 #[derive(Args, Debug, Clone)]
 pub struct WaitArgs {
-    /// The DatabaseMigration to wait for.
-    pub name: String,
-    /// Its namespace (default: the pod's namespace in a cluster, or the kubeconfig's).
-    #[arg(long, short = 'n')]
-    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub resource: ResourceArgs,
     /// Give up after this many seconds (0: wait forever).
     #[arg(long, default_value_t = 0)]
     pub timeout: u64,
@@ -57,16 +53,15 @@ pub fn verdict(dbm: &DatabaseMigration) -> Verdict {
 
 /// Exit code: 0 ready, 1 failed or timed out, 3 cannot ask the API server.
 pub async fn run(a: &WaitArgs) -> Exit {
-    let client = match Client::try_default().await {
-        Ok(c) => c,
+    let (api, ns) = match cluster::api(&a.resource).await {
+        Ok(x) => x,
         Err(e) => {
-            eprintln!("error: cannot configure a Kubernetes client: {e}");
-            return Exit::Unreachable;
+            eprintln!("error: {}", e.message);
+            return e.exit;
         }
     };
-    let ns = a.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-    let api: Api<DatabaseMigration> = Api::namespaced(client, &ns);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", a.name));
+    let name = &a.resource.name;
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = Box::pin(watcher(api, cfg).default_backoff().applied_objects());
     let mut last = String::new();
     let deadline = (a.timeout > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(a.timeout));
@@ -75,7 +70,7 @@ pub async fn run(a: &WaitArgs) -> Exit {
             Some(d) => match tokio::time::timeout_at(d, stream.try_next()).await {
                 Ok(n) => n,
                 Err(_) => {
-                    eprintln!("timed out after {}s waiting for {ns}/{} ({last})", a.timeout, a.name);
+                    eprintln!("timed out after {}s waiting for {ns}/{} ({last})", a.timeout, name);
                     return Exit::Failed;
                 }
             },
@@ -84,23 +79,23 @@ pub async fn run(a: &WaitArgs) -> Exit {
         match next {
             Ok(Some(dbm)) => match verdict(&dbm) {
                 Verdict::Ready => {
-                    println!("{ns}/{} succeeded", a.name);
+                    println!("{ns}/{} succeeded", name);
                     return Exit::Ok;
                 }
                 Verdict::Failed(m) => {
-                    eprintln!("{ns}/{} did not succeed: {m}", a.name);
+                    eprintln!("{ns}/{} did not succeed: {m}", name);
                     return Exit::Failed;
                 }
                 Verdict::Waiting(m) => {
                     if m != last {
-                        eprintln!("waiting for {ns}/{}: {m}", a.name);
+                        eprintln!("waiting for {ns}/{}: {m}", name);
                         last = m;
                     }
                 }
             },
             Ok(None) => return Exit::Unreachable,
             Err(e) => {
-                eprintln!("error: watching {ns}/{}: {e}", a.name);
+                eprintln!("error: watching {ns}/{}: {e}", name);
                 return Exit::Unreachable;
             }
         }
