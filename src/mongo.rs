@@ -120,6 +120,14 @@ pub async fn collection_exists(db: &Database, name: &str) -> mongodb::error::Res
     Ok(!db.list_collection_names().filter(doc! {"name": name}).await?.is_empty())
 }
 
+/// A collection's `listCollections` entry (name, type, options, ...), exactly as the server
+/// returns it; `None` when there is none of that name.
+pub async fn collection_info(db: &Database, name: &str) -> mongodb::error::Result<Option<Document>> {
+    let reply = db.run_command(doc! {"listCollections": 1, "filter": {"name": name}}).await?;
+    let batch = reply.get_document("cursor").and_then(|c| c.get_array("firstBatch")).cloned().unwrap_or_default();
+    Ok(batch.into_iter().find_map(|b| b.as_document().cloned()))
+}
+
 /// The index specifications of a collection, exactly as `listIndexes` returns them; none when
 /// the collection does not exist. (A collection has at most 64 indexes: one batch holds them.)
 pub async fn list_indexes(db: &Database, coll: &str) -> mongodb::error::Result<Vec<Document>> {

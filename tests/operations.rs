@@ -431,3 +431,145 @@ async fn ids_of_every_kind_in_one_batch_are_changed_once_and_put_back() {
     }
     assert_eq!(STATE.with(|s| s.borrow().clone()).unwrap(), dump_bytes(&db, "customers").await);
 }
+
+/// A collection's validation options as listCollections shows them, with the server's
+/// defaults filled in: (validator, validationLevel, validationAction).
+async fn validation(db: &Database, coll: &str) -> (Document, String, String) {
+    let reply = db.run_command(doc! {"listCollections": 1, "filter": {"name": coll}}).await.unwrap();
+    let batch = reply.get_document("cursor").unwrap().get_array("firstBatch").unwrap();
+    let o = batch[0].as_document().unwrap().get_document("options").cloned().unwrap_or_default();
+    (
+        o.get_document("validator").cloned().unwrap_or_default(),
+        o.get_str("validationLevel").unwrap_or("strict").to_string(),
+        o.get_str("validationAction").unwrap_or("error").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn set_validator_on_a_collection_without_one_is_undone_to_none() {
+    let db = seed("op_setval").await;
+    let yaml = r#"up:
+  - setValidator:
+      collection: customers
+      jsonSchema: { bsonType: object, required: [name] }
+      validationLevel: moderate
+"#;
+    let dir = migrations(&[("20250101000000_v.yaml", yaml)]);
+    let m = load(dir.path());
+    let opts = RunOptions::new("r");
+    let before = dump_db(&db).await;
+    assert_eq!(validation(&db, "customers").await, (doc! {}, "strict".into(), "error".into()));
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    let (v, level, action) = validation(&db, "customers").await;
+    assert_eq!(v, doc! {"$jsonSchema": {"bsonType": "object", "required": ["name"]}});
+    assert_eq!((level.as_str(), action.as_str()), ("moderate", "error"));
+    let refused = db.collection::<Document>("customers").insert_one(doc! {"_id": 9, "x": 1}).await;
+    assert!(refused.is_err(), "a document without a name was accepted");
+    assert_eq!(dump_db(&db).await, before, "setValidator changed documents");
+    let r = runner::down(&db, "t", &m, &DownRequest::Steps(1), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(validation(&db, "customers").await, (doc! {}, "strict".into(), "error".into()));
+    db.collection::<Document>("customers").insert_one(doc! {"_id": 9, "x": 1}).await.unwrap();
+}
+
+/// MongoDB's phased tightening: a validator at `moderate` (existing documents may stay as they
+/// are, new writes must pass), a backfill, then `strict`; rolled back step by step to the
+/// validator the collection had before, exactly.
+#[tokio::test]
+async fn set_validator_phased_tightening_and_down_restores_the_previous_validator() {
+    let db = fresh_db("op_setval2").await;
+    let previous = doc! {"$jsonSchema": {"bsonType": "object", "properties": {"plan": {"bsonType": "string"}}}};
+    db.run_command(doc! {"create": "customers", "validator": previous.clone(), "validationAction": "warn"})
+        .await
+        .unwrap();
+    db.collection::<Document>("customers").insert_many(customers()).await.unwrap();
+    let schema = "{ bsonType: object, required: [name, plan], properties: { plan: { enum: [free, pro] } } }";
+    let files = [
+        (
+            "20250101000000_moderate.yaml",
+            format!("up:\n  - setValidator: {{ collection: customers, jsonSchema: {schema}, validationLevel: moderate, validationAction: error }}\n"),
+        ),
+        (
+            "20250102000000_backfill.yaml",
+            "up:\n  - addField: { collection: customers, field: plan, value: free }\n".to_string(),
+        ),
+        (
+            "20250103000000_strict.yaml",
+            "up:\n  - setValidator: { collection: customers, validationLevel: strict }\n".to_string(),
+        ),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let dir = migrations(&refs);
+    let m = load(dir.path());
+    let opts = RunOptions::new("r");
+    let before = dump_db(&db).await;
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    let (v, level, action) = validation(&db, "customers").await;
+    assert_eq!(v.get_document("$jsonSchema").unwrap().get_array("required").unwrap().len(), 2);
+    assert_eq!((level.as_str(), action.as_str()), ("strict", "error"));
+    assert!(dump(&db, "customers").await.iter().all(|d| d.get_str("plan").is_ok()), "the backfill ran");
+    let bad = db.collection::<Document>("customers").insert_one(doc! {"_id": 9, "name": "x", "plan": "gold"}).await;
+    assert!(bad.is_err(), "strict validator accepted plan gold");
+
+    // Down one: back to moderate with the new validator.
+    assert!(runner::down(&db, "t", &m, &DownRequest::Steps(1), &opts).await.unwrap().ok);
+    let (v2, level, _) = validation(&db, "customers").await;
+    assert_eq!((v2, level.as_str()), (v, "moderate"));
+    // Down all: the validator, level and action the collection had, and the documents.
+    let r = runner::down(&db, "t", &m, &DownRequest::Steps(2), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(validation(&db, "customers").await, (previous, "strict".into(), "warn".into()));
+    assert_eq!(dump_db(&db).await, before);
+}
+
+#[tokio::test]
+async fn set_validator_on_a_missing_collection_fails_and_changes_nothing() {
+    let db = seed("op_setval3").await;
+    let yaml = "up:\n  - addField: { collection: customers, field: f, value: 1 }\n  - setValidator: { collection: orders, validator: { total: { $gte: 0 } } }\n";
+    let dir = migrations(&[("20250101000000_v.yaml", yaml)]);
+    let m = load(dir.path());
+    let before = dump_db(&db).await;
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &RunOptions::new("r")).await.unwrap();
+    assert!(!r.ok);
+    let e = r.error.unwrap();
+    assert!(e.contains("collection orders does not exist"), "{e}");
+    assert_eq!(dump_db(&db).await, before, "the failed migration left changes");
+    assert!(!db.list_collection_names().await.unwrap().contains(&"orders".to_string()));
+}
+
+/// The phased tightening example of docs/engine.md ("Changing a validator"), as written: its
+/// three files apply to customers without a plan, refuse a bad write, and roll back exactly.
+#[tokio::test]
+async fn the_phased_tightening_example_of_the_docs_works_as_written() {
+    let text = include_str!("../docs/engine.md");
+    let section = &text[text.find("## Changing a validator").expect("the section")..];
+    let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let files: Vec<(String, String)> = block
+        .split("---\n")
+        .map(|part| {
+            let (first, rest) = part.split_once('\n').unwrap();
+            let name = first.trim_start_matches("# migrations/").trim().to_string();
+            assert!(name.ends_with(".yaml"), "{first}");
+            (name, rest.to_string())
+        })
+        .collect();
+    assert_eq!(files.len(), 3);
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+    let dir = migrations(&refs);
+    let m = load(dir.path());
+    let db = seed("op_setval_docs").await;
+    let before = dump_db(&db).await;
+    let opts = RunOptions::new("r");
+    let r = runner::up(&db, "t", &m, &UpRequest::default(), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(validation(&db, "customers").await.1, "strict");
+    let bad = db.collection::<Document>("customers").insert_one(doc! {"_id": 9, "name": "x"}).await;
+    assert!(bad.is_err(), "a customer without a plan was accepted");
+    let r = runner::down(&db, "t", &m, &DownRequest::Steps(3), &opts).await.unwrap();
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(dump_db(&db).await, before);
+    assert_eq!(validation(&db, "customers").await, (doc! {}, "strict".into(), "error".into()));
+}

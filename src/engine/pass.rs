@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::options::{
-    DeleteOneModel, InsertOneModel, ReplaceOneModel, UpdateModifications, UpdateOneModel, WriteModel,
+    DeleteOneModel, InsertManyOptions, InsertOneModel, InsertOneOptions, ReplaceOneModel, ReplaceOptions,
+    UpdateModifications, UpdateOneModel, UpdateOptions, WriteModel,
 };
 use mongodb::{ClientSession, Database, Namespace};
 
@@ -241,6 +242,17 @@ pub struct Pass<'a> {
     pub progress: Option<Progress>,
     /// Where a forward pass's batches end.
     pub batching: Batching,
+    /// Write with `bypassDocumentValidation` (a restore into a collection with a validator:
+    /// the state put back may be one the validator set since would refuse).
+    pub bypass_validation: bool,
+}
+
+impl Pass<'_> {
+    /// The `bypassDocumentValidation` option of each write: sent only when set (it needs the
+    /// `bypassDocumentValidation` privilege of dbAdmin or restore).
+    fn bypass(&self) -> Option<bool> {
+        self.bypass_validation.then_some(true)
+    }
 }
 
 /// How a batch's documents were read, to read them again the same way in its transaction.
@@ -346,8 +358,11 @@ impl<'a> Pass<'a> {
         }
         if self.server.bulk {
             let index: Vec<usize> = models.iter().map(|(i, _)| *i).collect();
-            let action =
+            let mut action =
                 self.db.client().bulk_write(models.into_iter().map(|(_, m)| m)).ordered(false).verbose_results();
+            if self.bypass_validation {
+                action = action.bypass_document_validation(true);
+            }
             let r = match session.as_deref_mut() {
                 Some(s) => action.session(s).await?,
                 None => action.await?,
@@ -443,7 +458,9 @@ impl<'a> Pass<'a> {
             })
             .collect();
         if !docs.is_empty() {
-            coll.clone_with_type::<RawDocumentBuf>().insert_many(docs).session(&mut *s).await?;
+            let raw = coll.clone_with_type::<RawDocumentBuf>();
+            let options = InsertManyOptions::builder().bypass_document_validation(self.bypass()).build();
+            raw.insert_many(docs).with_options(options).session(&mut *s).await?;
         }
         Ok(())
     }
@@ -464,15 +481,20 @@ impl<'a> Pass<'a> {
                 }
             };
         }
+        let bypass = self.bypass();
+        let update = UpdateOptions::builder().bypass_document_validation(bypass).build();
+        let replace = ReplaceOptions::builder().bypass_document_validation(bypass).build();
+        let insert = InsertOneOptions::builder().bypass_document_validation(bypass).build();
         Ok(match (w, m) {
-            (Write::Update { update, .. }, WriteModel::UpdateOne(u)) => {
-                run!(coll.update_one(u.filter.clone(), update.clone()))?.matched_count == 1
+            (Write::Update { update: u2, .. }, WriteModel::UpdateOne(u)) => {
+                run!(coll.update_one(u.filter.clone(), u2.clone()).with_options(update))?.matched_count == 1
             }
             (Write::Replace { .. }, WriteModel::ReplaceOne(r)) => {
-                run!(coll.replace_one(r.filter.clone(), r.replacement.clone()))?.matched_count == 1
+                run!(coll.replace_one(r.filter.clone(), r.replacement.clone()).with_options(replace))?.matched_count
+                    == 1
             }
             (Write::Delete, WriteModel::DeleteOne(d)) => run!(coll.delete_one(d.filter.clone()))?.deleted_count == 1,
-            (Write::Insert { doc }, _) => match run!(coll.insert_one(doc.clone())) {
+            (Write::Insert { doc }, _) => match run!(coll.insert_one(doc.clone()).with_options(insert)) {
                 Ok(_) => true,
                 Err(e) if crate::mongo::is_duplicate_key(&e) => false,
                 Err(e) => return Err(e),

@@ -33,6 +33,7 @@ mod rename_collection;
 mod rename_field;
 mod restore_preimages;
 mod run_command;
+mod set_validator;
 mod transform;
 mod update_many;
 
@@ -49,6 +50,7 @@ pub use rename_collection::RenameCollection;
 pub use rename_field::RenameField;
 pub use restore_preimages::{Recompute, RestorePreimages};
 pub use run_command::RunCommand;
+pub use set_validator::SetValidator;
 pub use transform::Transform;
 pub use update_many::UpdateMany;
 
@@ -153,6 +155,7 @@ impl Exec<'_> {
             outer: self.session.as_deref_mut(),
             progress: self.progress.clone(),
             batching: Default::default(),
+            bypass_validation: false,
         }
     }
 }
@@ -241,6 +244,8 @@ operations! {
     DropIndex(DropIndex),
     /// Create a collection, optionally with a `$jsonSchema` validator.
     CreateCollection(CreateCollection),
+    /// Change an existing collection's validator, validationLevel and validationAction (collMod). Undone by putting the previous options back.
+    SetValidator(SetValidator),
     /// Drop a collection. Lossy: the collection is moved aside (renamed) and kept as rollback data.
     DropCollection(CollectionRef),
     /// Rename a collection within the database.

@@ -76,7 +76,10 @@ impl Op for RestorePreimages {
     async fn execute(&self, x: &mut Exec<'_>) -> Result<u64, ExecError> {
         let recompute = self.recompute.as_ref().map(Recompute::to_pass).transpose()?;
         let key = x.key.to_string();
-        let r = pass::restore(&mut x.pass(&self.collection), &key, &self.key, recompute.as_ref()).await?;
+        let bypass = validated(x.db, &self.collection).await?;
+        let mut p = x.pass(&self.collection);
+        p.bypass_validation = bypass;
+        let r = pass::restore(&mut p, &key, &self.key, recompute.as_ref()).await?;
         if r.conflicts > 0 {
             let ids: Vec<String> = r.conflict_ids.iter().map(|i| i.to_string()).collect();
             tracing::warn!(collection = %self.collection, conflicts = r.conflicts, ids = %ids.join(", "),
@@ -88,6 +91,19 @@ impl Op for RestorePreimages {
         }
         Ok(r.written)
     }
+}
+
+/// Whether writes into `coll` are validated (a validator, level not `off`): a restore there
+/// bypasses validation, since the state it puts back may be one a validator set since refuses
+/// (MongoDB's phased tightening: the validator comes before the backfill it requires). That
+/// needs the `bypassDocumentValidation` privilege (roles dbAdmin, restore), as setting the
+/// validator (collMod) needed dbAdmin; a collection without a validator is written as usual.
+async fn validated(db: &Database, coll: &str) -> Result<bool, ExecError> {
+    let info =
+        crate::mongo::collection_info(db, coll).await.map_err(mongo(format!("reading the options of {coll}")))?;
+    let options = info.and_then(|i| i.get_document("options").ok().cloned()).unwrap_or_default();
+    let validator = options.get_document("validator").is_ok_and(|v| !v.is_empty());
+    Ok(validator && options.get_str("validationLevel") != Ok("off"))
 }
 
 /// Drop `coll` if nothing is in it and nobody gave it an index: what an insert into a missing
