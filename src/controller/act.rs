@@ -162,7 +162,9 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         owner_references: Some(vec![owner.clone()]),
         ..Default::default()
     };
-    // The files are frozen in their own ConfigMap: the plan's copy of the spec leaves them out.
+    // The files are frozen in their own ConfigMap: the plan's copy of the spec leaves them out
+    // (its digest covers them).
+    let spec_digest = Some(frozen::spec_digest(&r.dbm.spec));
     let mut spec = r.dbm.spec.clone();
     if spec.migrations.inline.is_some() {
         spec.migrations.inline = Some(BTreeMap::new());
@@ -175,6 +177,7 @@ pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Res
         canaries,
         files_config_map: inputs.files.as_ref().map(|_| frozen::files_config_map(&run_id)),
         spec,
+        spec_digest,
     };
     // Both checked before either is created.
     if let Some(files) = &inputs.files {

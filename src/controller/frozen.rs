@@ -63,13 +63,28 @@ pub struct FrozenRun {
     pub files_config_map: Option<String>,
     /// The spec as it was when the run started.
     pub spec: DatabaseMigrationSpec,
+    /// [`spec_digest`] of the resource's spec when the run started (inline files included,
+    /// which `spec` leaves out). Absent in plans of controllers before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_digest: Option<String>,
 }
 
-/// Whether a resource's spec still describes the run frozen with `frozen` (only what steers a
-/// run in progress, `suspend` and `rollout.approval`, differs): such a change never starts a
-/// new run.
-pub fn same_run(frozen: &DatabaseMigrationSpec, live: &DatabaseMigrationSpec) -> bool {
-    frozen.run_defining() == live.run_defining()
+/// SHA-256 of what defines a run in `spec`: everything but what steers a run in progress
+/// (`suspend`, `rollout.approval`).
+pub fn spec_digest(spec: &DatabaseMigrationSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let json = serde_json::to_vec(&spec.run_defining()).expect("serializable");
+    hex::encode(Sha256::digest(json))
+}
+
+/// Whether the resource (`live` spec at `generation`) still describes the run of `plan`: only
+/// what steers a run in progress changed, so no new run starts. A plan without a digest (an
+/// older controller's) is the resource's run only at its own generation.
+pub fn same_run(plan: &FrozenRun, generation: i64, live: &DatabaseMigrationSpec) -> bool {
+    match &plan.spec_digest {
+        Some(d) => *d == spec_digest(live),
+        None => generation == plan.generation,
+    }
 }
 
 /// The run id of a resource's current generation. Deterministic, so a controller restarted
@@ -122,6 +137,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_change_of_what_steers_a_run_keeps_the_run() {
+        let mut spec: DatabaseMigrationSpec = serde_yaml::from_str(
+            "connection: { secretRef: { name: s } }\ntenants: { names: [a] }\nmigrations: { inline: { 20250101000000_a.yaml: 'up: []' } }\n",
+        )
+        .unwrap();
+        let plan = |spec: &DatabaseMigrationSpec, digest: bool| FrozenRun {
+            run_id: "r".into(),
+            generation: 1,
+            target: None,
+            tenants: vec!["a".into()],
+            canaries: 0,
+            files_config_map: None,
+            spec: spec.clone(),
+            spec_digest: digest.then(|| spec_digest(spec)),
+        };
+        let p = plan(&spec, true);
+        let mut steered = spec.clone();
+        steered.suspend = true;
+        steered.rollout.approval = crate::crd::Approval::AfterCanaries;
+        assert!(same_run(&p, 3, &steered), "suspend and approval steer the same run");
+        spec.migrations.inline.as_mut().unwrap().insert("20250102000000_b.yaml".into(), "up: []".into());
+        assert!(!same_run(&p, 2, &spec), "a new inline file is a new run, though the plan leaves files out");
+        // An older controller's plan: its own generation only.
+        let old = plan(&spec, false);
+        assert!(same_run(&old, 1, &steered) && !same_run(&old, 2, &steered));
+    }
+
+    #[test]
     fn ten_thousand_tenants_fit_in_a_plan_and_more_are_refused_with_why() {
         let spec: DatabaseMigrationSpec = serde_yaml::from_str(MINIMAL).unwrap();
         let mut plan = FrozenRun {
@@ -132,6 +175,7 @@ mod tests {
             canaries: 0,
             files_config_map: None,
             spec,
+            spec_digest: None,
         };
         assert!(plan.tenants.iter().all(|t| t.len() == 63));
         let json = plan_data(&plan).unwrap();

@@ -162,7 +162,7 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
 async fn only_steering_changed(ctx: &Context, r: &Resource<'_>) -> bool {
     let Some(run_id) = r.status.run_id.as_deref() else { return false };
     let same = match observe::plan(ctx, r, run_id).await {
-        Ok(plan) => frozen::same_run(&plan.spec, &r.dbm.spec),
+        Ok(plan) => frozen::same_run(&plan, r.generation(), &r.dbm.spec),
         Err(_) => false,
     };
     // The run is over: keep no memory of it.
@@ -302,7 +302,7 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     let budget = status::entries_budget(serde_json::to_vec(&r.dbm.spec).map_or(0, |v| v.len()));
     // A change of only what steers a run (suspend, approval) is this run's to follow; any other
     // change gets a run of its own once this one ends.
-    let spec_changed = !frozen::same_run(&plan.spec, &r.dbm.spec);
+    let spec_changed = !frozen::same_run(&plan, r.generation(), &r.dbm.spec);
     let observed = if spec_changed { plan.generation } else { r.generation().max(plan.generation) };
     let mut new = status::run_status(&r.status, &plan, observed, &r.name, &views, &decision, budget, &now());
     if let Some(m) = status::message_override(&decision, &plan, r.generation(), spec_changed, deleting, running) {

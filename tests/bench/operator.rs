@@ -101,6 +101,7 @@ async fn baseline(c: &kube::Client, ns: &str, tenants: Vec<String>, parallel: us
         canaries: 0,
         files_config_map: Some("migrations".into()),
         spec: spec("unused", parallel as u32, image),
+        spec_digest: None,
     };
     plan.spec.job_template.image = Some(image.into());
     let jobs: Api<Job> = Api::namespaced(c.clone(), ns);
