@@ -352,3 +352,41 @@ async fn backup_and_restore_from_the_command_line() {
         assert_eq!(dump(&c.database(n), "items").await, b);
     }
 }
+
+/// Risk lint: a risky step warns with its code and what to do (exit 0); `--strict` fails on it
+/// (exit 2); acknowledging it in the file quiets it without changing the migration's checksum.
+#[tokio::test]
+async fn lint_warns_about_risky_steps_and_strict_fails_until_acknowledged() {
+    let risky =
+        "up:\n  - dropCollection: { collection: legacy }\n  - addField: { collection: items, field: f, value: 1 }\n";
+    let dir = migrations(&[("20250101000000_drop_legacy.yaml", risky)]);
+    let d = dir.path().to_str().unwrap();
+    let o = cli(&["lint", "--dir", d], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("warn DS001 step 1 (dropCollection legacy)"), "{t}");
+    assert!(t.contains("acknowledge it: { code: DS001, step: 1, reason: ... }"), "{t}");
+    let checksum = |o: &std::process::Output| json(o)["migrations"][0]["checksum"].as_str().unwrap().to_string();
+    let before = cli(&["lint", "--dir", d, "--output", "json"], &[]);
+    assert_eq!(json(&before)["migrations"][0]["warnings"][0]["code"], "DS001");
+    let o = cli(&["lint", "--dir", d, "--strict"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("1 risk warning(s) not acknowledged (--strict)"), "{}", text(&o));
+
+    let path = dir.path().join("20250101000000_drop_legacy.yaml");
+    let acked =
+        format!("{risky}acknowledge:\n  - {{ code: DS001, step: 1, reason: \"legacy is empty since 2024\" }}\n");
+    std::fs::write(&path, acked).unwrap();
+    let o = cli(&["lint", "--dir", d, "--strict"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("acknowledged DS001 step 1 (dropCollection legacy)"), "{}", text(&o));
+    let after = cli(&["lint", "--dir", d, "--output", "json"], &[]);
+    assert_eq!(checksum(&after), checksum(&before), "acknowledging changed the checksum");
+
+    // An acknowledgement of a step that is not there is invalid input.
+    let wrong = format!("{risky}acknowledge:\n  - {{ code: DS001, step: 7, reason: r }}\n");
+    std::fs::write(&path, wrong).unwrap();
+    let o = cli(&["lint", "--dir", d], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("step 7 is not a step of `up` (1 to 2)"), "{}", text(&o));
+}

@@ -120,8 +120,8 @@ pub enum Command {
     Restore(commands::restore::RestoreArgs),
     /// List the snapshots kept in a database (by `backup --into-database`, or `run` with DBSHIFT_BACKUP).
     Snapshots(commands::snapshots::SnapshotsArgs),
-    /// Check migration files without touching any database.
-    Lint,
+    /// Check migration files without touching any database, and warn about risky steps.
+    Lint(commands::lint::LintArgs),
     /// Print the JSON Schema of migration files.
     Schema,
     /// Print the DatabaseMigration CustomResourceDefinition (YAML), as committed under crds/.
@@ -184,7 +184,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
     crate::engine::script::set_default_memory(g.script_memory);
     match &cli.command {
         Command::New(a) => new::run(g, a),
-        Command::Lint => lint::run(g),
+        Command::Lint(a) => lint::run(g, a),
         Command::Schema => schema::run(),
         Command::Crd => crd::run(),
         Command::Status => status::run(g).await,

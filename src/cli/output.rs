@@ -59,29 +59,48 @@ pub fn print_created(out: Output, path: &Path) {
     }
 }
 
-pub fn print_lint(out: Output, migrations: &[Migration]) {
+pub fn print_lint(out: Output, migrations: &[Migration], reviews: &[crate::engine::risk::Review], strict: bool) {
+    let open: usize = reviews.iter().map(|r| r.warnings.len()).sum();
+    let acked: usize = reviews.iter().map(|r| r.acknowledged.len()).sum();
     match out {
         Output::Json => {
             let list: Vec<_> = migrations
                 .iter()
-                .map(|m| json!({ "id": m.id(), "file": m.path, "checksum": m.checksum, "operations": m.file.up.len() }))
+                .zip(reviews)
+                .map(|(m, r)| {
+                    json!({ "id": m.id(), "file": m.path, "checksum": m.checksum, "operations": m.file.up.len(),
+                            "warnings": r.warnings, "acknowledged": r.acknowledged })
+                })
                 .collect();
+            let ok = !(strict && open > 0);
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({ "command": "lint", "ok": true, "migrations": list }))
-                    .expect("json")
+                serde_json::to_string_pretty(
+                    &json!({ "command": "lint", "ok": ok, "warnings": open, "migrations": list })
+                )
+                .expect("json")
             );
         }
         Output::Human => {
-            for m in migrations {
+            for (m, r) in migrations.iter().zip(reviews) {
                 println!(
                     "ok  {}  ({} operation(s){})",
                     m.id(),
                     m.file.up.len(),
                     if m.file.down.is_some() { ", explicit down" } else { "" }
                 );
+                for w in &r.warnings {
+                    println!("  warn {} step {} ({}): {}", w.code, w.step, w.what, w.message);
+                    println!(
+                        "       what to do: {}; or acknowledge it: {{ code: {}, step: {}, reason: ... }}",
+                        w.fix, w.code, w.step
+                    );
+                }
+                for w in &r.acknowledged {
+                    println!("  acknowledged {} step {} ({})", w.code, w.step, w.what);
+                }
             }
-            println!("{} migration file(s) are valid", migrations.len());
+            println!("{} migration file(s) are valid; {open} risk warning(s), {acked} acknowledged", migrations.len());
         }
     }
 }

@@ -359,6 +359,9 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
             out.push(("profiles", None, "profile names must not be empty".into()));
         }
     }
+    for m in super::risk::acknowledgement_problems(file) {
+        out.push(("acknowledge", None, m));
+    }
     out
 }
 
@@ -423,7 +426,8 @@ pub fn scaffold(slug: &str, author: &str) -> String {
     format!(
         r#"# yaml-language-server: $schema=./migration.schema.json
 # Operations: addField removeField renameField convertType createIndex dropIndex createCollection
-# dropCollection renameCollection insertDocuments deleteDocuments updateMany transform runCommand.
+# setValidator dropCollection renameCollection insertDocuments deleteDocuments updateMany transform
+# runCommand. `dbshift lint` warns about risky steps (codes DS001...; see `acknowledge`).
 # `down` is optional: dbshift inverts `up` and keeps what lossy operations destroy.
 description: {description}
 author: {author}

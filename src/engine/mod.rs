@@ -5,7 +5,8 @@
 //! - [`planner`]: pure decisions (what is applied, pending, changed; what a request runs);
 //! - [`runner`]: a tenant's run under its [`lock`]: apply or undo, check, record in [`tracking`];
 //! - [`preimages`]: the pre-image store, written before a lossy change, read on undo;
-//! - [`script`]: the JavaScript engine behind `transform`; [`validate`]: post-migration checks.
+//! - [`script`]: the JavaScript engine behind `transform`; [`validate`]: post-migration checks;
+//! - [`risk`]: the risk warnings of `lint` (destructive or risky steps), acknowledged per step.
 
 pub mod bsonx;
 pub mod count;
@@ -16,6 +17,7 @@ pub mod ops;
 pub mod pass;
 pub mod planner;
 pub mod preimages;
+pub mod risk;
 pub mod runner;
 pub mod script;
 pub mod tracking;

@@ -40,6 +40,22 @@ pub struct MigrationFile {
     /// Checks that must hold after `up` (run by `up` and by `validate`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub validate: Vec<Check>,
+    /// Risk warnings of `dbshift lint` accepted for a step, each with why (editing this never
+    /// changes the migration's checksum).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acknowledge: Vec<Acknowledgement>,
+}
+
+/// One risk warning accepted for one step of `up`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Acknowledgement {
+    /// The warning's code, e.g. `DS001`.
+    pub code: String,
+    /// The step of `up` it is about, counted from 1.
+    pub step: u32,
+    /// Why the step is fine as it is (for reviewers).
+    pub reason: String,
 }
 
 /// A post-migration check. Exactly one key names the check.
