@@ -262,6 +262,12 @@ pub struct RolloutSpec {
     /// `dbshift.io/approve: <run id>`). Changing it never starts a new run.
     #[serde(default)]
     pub approval: Approval,
+    /// Maintenance windows: migrations start only inside one (running Jobs finish; rollbacks
+    /// are not held). Outside them the phase is `Waiting` and `status.nextWindowStart` says
+    /// when the next opens. None: any time. Changing them never starts a new run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub windows: Vec<MaintenanceWindow>,
 }
 
 impl Default for RolloutSpec {
@@ -272,8 +278,44 @@ impl Default for RolloutSpec {
             max_failures: 0,
             on_failure: FailurePolicy::default(),
             approval: Approval::default(),
+            windows: Vec::new(),
         }
     }
+}
+
+/// A weekly maintenance window, in a time zone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindow {
+    /// The days it opens on (it may close the next day: see `end`).
+    #[schemars(length(min = 1, max = 7))]
+    pub days: Vec<Weekday>,
+    /// When it opens, `HH:MM` (24-hour clock, local time of `timeZone`).
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// When it closes, `HH:MM` or `24:00`; at or before `start`, the next day.
+    #[schemars(regex(pattern = r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"))]
+    pub end: String,
+    /// An IANA time zone, e.g. `Europe/Berlin` (default `UTC`).
+    #[serde(default = "utc")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A day of the week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
 }
 
 /// Where a run waits for approval.
@@ -296,12 +338,13 @@ pub const APPROVE_ANNOTATION: &str = "dbshift.io/approve";
 
 impl DatabaseMigrationSpec {
     /// The spec without the fields that steer a run in progress (`suspend`,
-    /// `rollout.approval`): two specs equal here describe the same run, so changing only those
+    /// `rollout.approval`, `rollout.windows`): two specs equal here describe the same run, so changing only those
     /// fields never starts a new one.
     pub fn run_defining(&self) -> DatabaseMigrationSpec {
         let mut s = self.clone();
         s.suspend = false;
         s.rollout.approval = Approval::None;
+        s.rollout.windows.clear();
         s
     }
 }
@@ -414,6 +457,9 @@ pub struct DatabaseMigrationStatus {
     /// A sentence about the run's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Outside every maintenance window: when the next one opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window_start: Option<Time>,
     /// Per-tenant detail (see docs: capped so the resource stays small with many tenants).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<TenantStatus>,
@@ -436,6 +482,9 @@ pub enum Phase {
     AwaitingApproval,
     /// spec.suspend: no new Job starts; running ones finish.
     Suspended,
+    /// Outside every maintenance window (spec.rollout.windows): no migration starts until the
+    /// next opens (`status.nextWindowStart`).
+    Waiting,
 }
 
 impl Phase {
@@ -450,17 +499,21 @@ impl Phase {
             Phase::RolledBack => "RolledBack",
             Phase::AwaitingApproval => "AwaitingApproval",
             Phase::Suspended => "Suspended",
+            Phase::Waiting => "Waiting",
         }
     }
 
     /// The run is under way (Jobs may be running, or it waits to go on): it continues.
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Migrating | Phase::RollingBack | Phase::AwaitingApproval | Phase::Suspended)
+        matches!(
+            self,
+            Phase::Migrating | Phase::RollingBack | Phase::AwaitingApproval | Phase::Suspended | Phase::Waiting
+        )
     }
 
-    /// The run waits for a person (approval, or the resource to be resumed).
+    /// The run waits: for a person (approval, or the resource to be resumed) or for its window.
     pub fn is_held(self) -> bool {
-        matches!(self, Phase::AwaitingApproval | Phase::Suspended)
+        matches!(self, Phase::AwaitingApproval | Phase::Suspended | Phase::Waiting)
     }
 
     /// The run is over.
@@ -485,7 +538,8 @@ pub enum TenantPhase {
     RolledBack,
     /// The rollback failed: the tenant needs attention.
     RollbackFailed,
-    /// Not started, and will not be: the run stopped first.
+    /// Not migrated, and will not be: the run stopped first, or a pre-check failed under
+    /// `onPrecheckFailure: skip` (the tenant is untouched).
     Skipped,
 }
 
@@ -499,6 +553,10 @@ pub struct Progress {
     pub running: u32,
     pub pending: u32,
     pub rolled_back: u32,
+    /// Not migrated and left untouched: a pre-check failed under `onPrecheckFailure: skip`, or
+    /// the run stopped before them.
+    #[serde(default)]
+    pub skipped: u32,
     /// `succeeded/total`, for the printer column.
     pub summary: String,
 }
@@ -527,6 +585,9 @@ pub struct TenantStatus {
     /// Checks run / passed, and the failed ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationStatus>,
+    /// Pre-checks run / passed before anything changed, and the failed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precheck: Option<ValidationStatus>,
     /// How the tenant was rolled back, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<String>,

@@ -390,3 +390,72 @@ async fn lint_warns_about_risky_steps_and_strict_fails_until_acknowledged() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("step 7 is not a step of `up` (1 to 2)"), "{}", text(&o));
 }
+
+/// Pre-checks run before the lock and the snapshot: `plan` and `status` show them, `up` leaves a
+/// tenant that fails one exactly as it was (no tracking record, no lock, no snapshot) and fails
+/// it (exit 1), or skips it with `onPrecheckFailure: skip` (exit 0); the others migrate.
+#[tokio::test]
+async fn a_tenant_failing_a_precheck_is_left_untouched_and_failed_or_skipped() {
+    let names = tenants("cli_pre", 2).await;
+    let c = client().await;
+    // Tenant 1's codes repeat: a unique index on them cannot be built there.
+    for (i, name) in names.iter().enumerate() {
+        let items = c.database(name).collection::<Document>("items");
+        for j in 0..20 {
+            let code = if i == 1 && j >= 18 { "dup".to_string() } else { format!("c{j}") };
+            items.update_one(doc! {"_id": j}, doc! {"$set": {"code": code}}).await.unwrap();
+        }
+    }
+    let file = |policy: &str| {
+        format!(
+            "up:\n  - addField: {{ collection: items, field: color, value: red }}\n  - createIndex: {{ collection: items, keys: {{ code: 1 }}, unique: true }}\nprecheck:\n  - unique: {{ collection: items, keys: {{ code: 1 }} }}\n  - count: {{ collection: items, min: 1 }}\n{policy}"
+        )
+    };
+    let dir = migrations(&[("20250101000000_unique_codes.yaml", &file(""))]);
+    let d = dir.path().to_str().unwrap();
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tenant_args = ["--tenant", &names[0], "--tenant", &names[1]];
+    let before = dump_db(&c.database(&names[1])).await;
+
+    let lint = cli(&["lint", "--dir", d], &[]);
+    assert!(!text(&lint).contains("DS004"), "the unique pre-check answers the warning: {}", text(&lint));
+    let o = cli(&[&["plan", "--dir", d][..], &tenant_args].concat(), &env);
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("{}: pre-check unique of 20250101000000_unique_codes on items: passed", names[0])),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!(
+            "{}: pre-check unique of 20250101000000_unique_codes on items: FAILED - 1 value(s) of code repeat",
+            names[1]
+        )),
+        "{t}"
+    );
+    let o = cli(&[&["status", "--dir", d][..], &tenant_args].concat(), &env);
+    assert!(text(&o).contains("pre-check unique on items: FAILED"), "{}", text(&o));
+
+    let o = cli(&[&["up", "--dir", d][..], &tenant_args].concat(), &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("{}: FAILED: pre-check unique of 20250101000000_unique_codes on items failed", names[1])),
+        "{t}"
+    );
+    assert!(t.contains("the tenant is untouched"), "{t}");
+    assert_eq!(dump_db(&c.database(&names[1])).await, before, "the failing tenant was changed");
+    let colls = c.database(&names[1]).list_collection_names().await.unwrap();
+    assert_eq!(colls, vec!["items".to_string()], "no tracking, lock or rollback data on it");
+    let migrated = dump(&c.database(&names[0]), "items").await;
+    assert!(migrated.iter().all(|d| d.get_str("color") == Ok("red")), "the passing tenant migrated");
+
+    std::fs::write(dir.path().join("20250101000000_unique_codes.yaml"), file("onPrecheckFailure: skip\n")).unwrap();
+    let o = cli(&[&["up", "--dir", d, "--output", "json"][..], &tenant_args].concat(), &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    let t1 = &j["tenants"][1];
+    assert_eq!(t1["result"]["skipped"], true, "{j}");
+    assert_eq!(t1["result"]["prechecks"][0]["passed"], false, "{j}");
+    assert_eq!(dump_db(&c.database(&names[1])).await, before, "the skipped tenant was changed");
+}

@@ -1146,6 +1146,96 @@ async fn a_dry_run_writes_nothing() {
     assert_eq!(env.wait_cli("dry"), Some(1));
 }
 
+/// A file's pre-check (`unique` on the codes, `onPrecheckFailure: skip`) finds the tenant whose
+/// codes repeat before anything changes: its Job leaves it untouched (no tracking record, no
+/// snapshot) and it ends Skipped with the failed check in its status entry and an Event; the
+/// others migrate, and the run succeeds.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_tenant_failing_a_precheck_is_skipped_untouched() {
+    let mut env = Env::new("precheck").await;
+    for i in 0..3 {
+        env.seed(i, i == 1).await;
+    }
+    let before = env.customers(1).await;
+    let file = format!(
+        "{TOUCH_AND_UNIQUE}precheck:\n  - unique: {{ collection: customers, keys: {{ code: 1 }} }}\nonPrecheckFailure: skip\n"
+    );
+    env.migrations("migrations", &[("20250102000000_touch_unique.yaml", &file)]).await;
+    env.start_controller();
+    env.apply(&env.resource("pre", "  rollout: { maxParallel: 2 }")).await;
+    let d = env.wait_final("pre", 240).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert!(
+        st.message.as_deref().unwrap().contains("2/3 tenant(s) migrated, 1 skipped by pre-checks"),
+        "{:?}",
+        st.message
+    );
+    let p = st.progress.clone().unwrap();
+    assert_eq!((p.succeeded, p.skipped, p.failed, p.pending), (2, 1, 0, 0));
+    let e = tenant_entry(&d, &env.tenant(1));
+    assert_eq!(e.phase, TenantPhase::Skipped);
+    let pre = e.precheck.clone().unwrap();
+    assert_eq!((pre.checks, pre.passed), (1, 0));
+    assert!(pre.failed[0].contains("value(s) of code repeat"), "{pre:?}");
+    assert!(e.backup.is_none(), "a snapshot was taken of a skipped tenant");
+    assert_eq!(env.customers(1).await, before, "the skipped tenant changed");
+    let colls = env.mongo.database(&env.tenant(1)).list_collection_names().await.unwrap();
+    assert_eq!(colls, vec!["customers".to_string()], "tracking or rollback data on the skipped tenant");
+    for i in [0, 2] {
+        assert!(env.indexes(i).await.contains(&"code_unique".to_string()), "tenant {i}");
+        assert_eq!(tenant_entry(&d, &env.tenant(i)).precheck.as_ref().map(|p| p.passed), Some(1));
+    }
+    assert!(env.event_reasons().await.iter().any(|r| r == "TenantSkipped"));
+}
+
+/// `spec.rollout.windows`: outside every window the run freezes but starts no Job (phase
+/// Waiting, `status.nextWindowStart` the next opening, in UTC here); a window covering now,
+/// set on the live resource, lets the same run go on.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_run_outside_its_maintenance_windows_waits_for_the_next() {
+    let mut env = Env::new("window").await;
+    for i in 0..2 {
+        env.seed(i, false).await;
+    }
+    env.migrations("migrations", &[("20250101000000_add_flag.yaml", ADD_FLAG)]).await;
+    env.start_controller();
+    // A daily window opening in two hours (UTC), for an hour.
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let hhmm = |t: k8s_openapi::jiff::Timestamp| t.strftime("%H:%M").to_string();
+    let opens = now + k8s_openapi::jiff::SignedDuration::from_hours(2);
+    let closes = now + k8s_openapi::jiff::SignedDuration::from_hours(3);
+    let window = |start: &str, end: &str| {
+        format!("{{ days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], start: \"{start}\", end: \"{end}\", timeZone: UTC }}")
+    };
+    let rollout = format!("  rollout: {{ maxParallel: 2, windows: [{}] }}", window(&hhmm(opens), &hhmm(closes)));
+    env.apply(&env.resource("win", &rollout)).await;
+    let d = env.wait_for("win", 120, |d| phase(d) == Some(Phase::Waiting)).await;
+    let st = d.status.clone().unwrap();
+    let next = st.next_window_start.clone().expect("nextWindowStart").0;
+    let expected = opens.strftime("%Y-%m-%dT%H:%M").to_string();
+    assert_eq!(next.strftime("%Y-%m-%dT%H:%M").to_string(), expected, "{:?}", st.message);
+    assert!(st.message.as_deref().unwrap().contains("outside the maintenance windows"), "{:?}", st.message);
+    assert_eq!(ready(&d), "False/Waiting");
+    assert!(env.jobs().await.is_empty(), "a Job started outside the window");
+    assert_eq!(env.flagged(2).await, [false, false]);
+    let run = st.run_id.clone().unwrap();
+
+    // Open all day: the same run goes on.
+    let patch = serde_json::json!({ "spec": { "rollout": { "windows": [
+        { "days": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"], "start": "00:00", "end": "24:00" }
+    ] } } });
+    env.dbms().patch("win", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let d = env.wait_final("win", 180).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    assert_eq!(st.run_id.as_deref(), Some(run.as_str()), "a window change started a new run");
+    assert!(st.next_window_start.is_none());
+    assert_eq!(env.flagged(2).await, [true, true]);
+}
+
 fn phase(d: &DatabaseMigration) -> Option<Phase> {
     d.status.as_ref().and_then(|s| s.phase)
 }

@@ -3,8 +3,8 @@
 --   Progressing  no status yet, observedGeneration behind, or phase Pending, Migrating,
 --                RollingBack (or Succeeded before Ready turns True)
 --   Degraded     Stalled=True (cannot go on without a spec change), or phase Failed/RolledBack
---   Suspended    phase AwaitingApproval (dbshift approve) or Suspended (spec.suspend): the run
---                waits for a person
+--   Suspended    phase AwaitingApproval (dbshift approve), Suspended (spec.suspend) or Waiting
+--                (outside its maintenance windows): the run waits
 -- The message is the phase, the tenant progress ("7/10") and status.message.
 -- Only Lua's base library is used: Argo CD runs custom checks without string and math.
 local hs = { status = "Progressing", message = "Waiting for the dbshift controller" }
@@ -80,7 +80,7 @@ if st.phase == "Failed" or st.phase == "RolledBack" then
   return hs
 end
 
-if st.phase == "AwaitingApproval" or st.phase == "Suspended" then
+if st.phase == "AwaitingApproval" or st.phase == "Suspended" or st.phase == "Waiting" then
   hs.status = "Suspended"
   hs.message = describe(st, st.message)
   return hs

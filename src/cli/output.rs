@@ -154,6 +154,10 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
             };
             let ooo = if e.out_of_order { " [older than an applied migration]" } else { "" };
             println!("  {mark} {}  {}{ooo}", e.id, what);
+            for c in &e.prechecks {
+                let verdict = if c.passed { "passed" } else { "FAILED" };
+                println!("      pre-check {} on {}: {verdict} - {}", c.check, c.collection, c.message);
+            }
         }
     }
 }
@@ -169,7 +173,7 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
     if out == Output::Json {
         return print_json(command, results, |r| r.ok, redactor);
     }
-    let (mut ok, mut failed) = (0, 0);
+    let (mut ok, mut failed, mut skipped) = (0, 0, 0);
     for (tenant, r) in results {
         let report = match r {
             Ok(r) => r,
@@ -179,13 +183,29 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
                 continue;
             }
         };
-        if report.ok {
+        if report.skipped {
+            skipped += 1;
+        } else if report.ok {
             ok += 1;
         } else {
             failed += 1;
         }
+        for c in &report.prechecks {
+            let verdict = if c.passed { "passed" } else { "FAILED" };
+            println!(
+                "{tenant}: pre-check {} of {} on {}: {verdict} - {}",
+                c.check, c.migration, c.collection, c.message
+            );
+        }
         if report.migrations.is_empty() {
-            println!("{tenant}: nothing to do (at {})", report.from_version.as_deref().unwrap_or("no migration"));
+            match (&report.error, report.skipped) {
+                (Some(e), true) => println!("{tenant}: SKIPPED: {}", redactor.apply(e)),
+                (Some(e), false) if !report.prechecks.is_empty() => println!("{tenant}: FAILED: {}", redactor.apply(e)),
+                _ => println!(
+                    "{tenant}: nothing to do (at {})",
+                    report.from_version.as_deref().unwrap_or("no migration")
+                ),
+            }
             continue;
         }
         for m in &report.migrations {
@@ -232,7 +252,8 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
         }
     }
     if results.len() > 1 {
-        println!("{} tenant(s): {ok} ok, {failed} failed", results.len());
+        let skipped = if skipped > 0 { format!(", {skipped} skipped by pre-checks") } else { String::new() };
+        println!("{} tenant(s): {ok} ok, {failed} failed{skipped}", results.len());
     }
 }
 

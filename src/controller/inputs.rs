@@ -58,6 +58,7 @@ pub fn check_spec(dbm: &DatabaseMigration, policy: &JobPolicy) -> Result<(), Inp
         crate::engine::script::parse_memory(m)
             .map_err(|e| invalid("InvalidSpec", format!("spec.jobTemplate.scriptMemory: {e}")))?;
     }
+    super::windows::parse(&spec.rollout.windows).map_err(|e| invalid("InvalidSpec", e))?;
     let t = &spec.tenants;
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));

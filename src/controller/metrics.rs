@@ -81,7 +81,7 @@ impl Default for Metrics {
         for result in ["Succeeded", "Failed", "RolledBack"] {
             let _ = runs.get_or_create(&ResultLabel { result: result.into() });
         }
-        for outcome in ["Succeeded", "Failed", "RolledBack", "RollbackFailed"] {
+        for outcome in ["Succeeded", "Skipped", "Failed", "RolledBack", "RollbackFailed"] {
             let _ = tenant_runs.get_or_create(&OutcomeLabel { outcome: outcome.into() });
         }
         Metrics {

@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod report;
 pub mod rollout;
 pub mod status;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

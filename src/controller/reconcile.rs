@@ -24,7 +24,7 @@ use super::jobs::{Action, Outcome};
 use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
-use super::{act, report, status, Context, Error, FINALIZER};
+use super::{act, report, status, windows, Context, Error, FINALIZER};
 use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Phase, APPROVE_ANNOTATION};
 
 /// The resource being reconciled, with what every step needs of it.
@@ -290,11 +290,19 @@ async fn blocked(ctx: &Context, r: &Resource<'_>, e: InputError) -> Result<Reque
 /// One step of a run: observe the Jobs, decide, write the status, start Jobs, report.
 async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, deleting: bool) -> Result<Requeue, Error> {
     let seen = observe::jobs(ctx, r, &plan).await?;
+    // Windows are read live, like suspend and approval; ones that cannot be read (a time zone
+    // the API server could not check) hold the run, said in the message.
+    let (window, bad_windows) = match windows::parse(&r.dbm.spec.rollout.windows) {
+        Ok(w) if w.is_empty() => (windows::Now::Open, None),
+        Ok(w) => (windows::at(&w, Timestamp::now()), None),
+        Err(e) => (windows::Now::Closed(None), Some(e)),
+    };
     let gates = rollout::Gates {
         deleting,
         suspended: r.dbm.spec.suspend,
         approval: r.dbm.spec.rollout.approval,
         approved: r.dbm.annotations().get(APPROVE_ANNOTATION) == Some(&plan.run_id),
+        window,
     };
     let decision = rollout::decide(&plan, &seen.views, gates);
     let views = with_launches(seen.views, &decision.launch);
@@ -307,6 +315,14 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     let mut new = status::run_status(&r.status, &plan, observed, &r.name, &views, &decision, budget, &now());
     if let Some(m) = status::message_override(&decision, &plan, r.generation(), spec_changed, deleting, running) {
         new.message = Some(m);
+    }
+    let next_window = match window {
+        windows::Now::Closed(next) if !decision.finished => next,
+        _ => None,
+    };
+    new.next_window_start = next_window.map(Time);
+    if let (Some(e), false) = (&bad_windows, decision.finished) {
+        new.message = Some(format!("{e}: no migration starts until it is fixed; {}", new.message.unwrap_or_default()));
     }
     // Tenant outcomes are announced before the status that counts them, so whoever sees the
     // status also finds their Events.
@@ -330,11 +346,16 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     }
     let started = new.started_at.as_ref().map(|t| t.0.as_second());
     ctx.metrics.run_going_on(&r.ns, &r.name, started.filter(|_| !decision.finished));
+    // Waiting for a window: look again when it opens (at least every 5 minutes).
+    let until_window = next_window.map(|n| {
+        let secs = n.duration_since(Timestamp::now()).as_secs().clamp(0, 300) as u64;
+        Duration::from_secs(secs + 1)
+    });
     Ok(match (decision.finished, spec_changed) {
         // The spec changed during the run: its own run starts now.
         (true, true) => Requeue::requeue(Duration::from_secs(1)),
         (true, false) => Requeue::await_change(),
-        (false, _) => Requeue::requeue(Duration::from_secs(60)),
+        (false, _) => Requeue::requeue(until_window.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))),
     })
 }
 

@@ -50,13 +50,19 @@ async fn publish_about(
 pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) -> bool {
     let tenant = job.annotations().get(jobs::ANNOTATION_TENANT).cloned().unwrap_or_default();
     let action = job.labels().get(jobs::LABEL_ACTION).and_then(|a| Action::from_label(a)).unwrap_or(Action::Migrate);
+    let skipped = o.result.as_ref().is_some_and(|r| r.skipped);
     let (reason, kind) = match (action, o.ok) {
+        (Action::Migrate, true) if skipped => ("TenantSkipped", EventType::Normal),
         (Action::Migrate, true) => ("TenantSucceeded", EventType::Normal),
         (Action::Migrate, false) => ("TenantFailed", EventType::Warning),
         (Action::Rollback, true) => ("TenantRolledBack", EventType::Normal),
         (Action::Rollback, false) => ("TenantRollbackFailed", EventType::Warning),
     };
     let detail = match (&o.result, &o.error) {
+        (Some(r), _) if r.skipped => {
+            let why = r.failed_pre.first().cloned().unwrap_or_default();
+            format!("{tenant}: untouched, a pre-check failed (onPrecheckFailure: skip): {why}")
+        }
         (Some(r), _) if r.ok => {
             let docs: i64 = r.done.iter().map(|d| d.2).sum();
             format!(

@@ -75,6 +75,8 @@ pub struct Gates {
     pub approval: Approval,
     /// The approval annotation names this run.
     pub approved: bool,
+    /// `spec.rollout.windows` now: outside them no migration starts (rollbacks do).
+    pub window: super::windows::Now,
 }
 
 impl Gates {
@@ -140,7 +142,8 @@ fn migrate(t: &Tally<'_>) -> Decision {
     let mut launch = Vec::new();
     let canaries_done = views[..canaries].iter().all(|v| v.migrate.ok());
     let awaiting = awaiting_approval(t, canaries_done);
-    if !t.gates.closed() && !awaiting {
+    let outside = t.gates.window != super::windows::Now::Open;
+    if !t.gates.closed() && !awaiting && !outside {
         if !canaries_done {
             // Canaries go one at a time, in order.
             if !views[..canaries].iter().any(|v| v.migrate == Step::Running) {
@@ -163,18 +166,25 @@ fn migrate(t: &Tally<'_>) -> Decision {
     let decision =
         |phase, finished, stopped, message| Decision { launch: launch.clone(), phase, finished, stopped, message };
     if done == total {
-        let (succeeded, failures) = (total - t.failures, t.failures);
+        let skipped = views
+            .iter()
+            .filter(|v| matches!(&v.migrate, Step::Done(o) if o.ok && o.result.as_ref().is_some_and(|r| r.skipped)))
+            .count();
+        let (succeeded, failures) = (total - t.failures - skipped, t.failures);
+        let skipped =
+            if skipped > 0 { format!(", {skipped} skipped by pre-checks (untouched)") } else { String::new() };
         return if failures == 0 {
             let message = if t.plan.spec.dry_run {
                 format!("dry run: {total} tenant(s) planned, nothing written")
             } else {
-                format!("{succeeded}/{total} tenant(s) migrated")
+                format!("{succeeded}/{total} tenant(s) migrated{skipped}")
             };
             decision(Phase::Succeeded, true, false, message)
         } else {
             let max = t.plan.spec.rollout.max_failures;
-            let message =
-                format!("{succeeded}/{total} tenant(s) migrated, {failures} failed (tolerated: maxFailures {max})");
+            let message = format!(
+                "{succeeded}/{total} tenant(s) migrated, {failures} failed (tolerated: maxFailures {max}){skipped}"
+            );
             decision(Phase::Failed, true, false, message)
         };
     }
@@ -196,6 +206,16 @@ fn migrate(t: &Tally<'_>) -> Decision {
             format!("run {run} awaits approval: {done} canary tenant(s) succeeded, {} tenant(s) wait", total - done)
         };
         return decision(Phase::AwaitingApproval, false, false, message);
+    }
+    if let (true, false, super::windows::Now::Closed(next)) = (outside, deleting, t.gates.window) {
+        let next = next.map_or_else(|| "none within a week".to_string(), |n| format!("the next opens at {n}"));
+        let message = if t.running == 0 {
+            format!("outside the maintenance windows: {done}/{total} tenant(s) done; {next}")
+        } else {
+            format!("the maintenance window closed: {} running Job(s) finish, {done}/{total} done; {next}", t.running)
+        };
+        let phase = if t.running == 0 { Phase::Waiting } else { Phase::Migrating };
+        return decision(phase, false, false, message);
     }
     let stage = if !canaries_done { "canary stage: " } else { "" };
     decision(Phase::Migrating, false, false, format!("{stage}{done}/{total} tenant(s) done, {in_flight} running"))
@@ -279,6 +299,9 @@ mod tests {
         suspended: bool,
         #[serde(default)]
         approved: bool,
+        /// Outside the windows (the next opening is not checked here).
+        #[serde(default)]
+        outside_window: bool,
         launch: Vec<String>,
         phase: Phase,
         finished: bool,
@@ -330,6 +353,11 @@ mod tests {
                 suspended: c.suspended,
                 approval: plan.spec.rollout.approval,
                 approved: c.approved,
+                window: if c.outside_window {
+                    crate::controller::windows::Now::Closed(None)
+                } else {
+                    crate::controller::windows::Now::Open
+                },
             };
             let d = decide(&plan, &views, gates);
             let launch: Vec<String> = d

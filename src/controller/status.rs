@@ -55,6 +55,7 @@ pub fn tenant_phase(v: &TenantView, stopped: bool) -> TenantPhase {
         (_, Step::NotStarted) if stopped => TenantPhase::Skipped,
         (_, Step::NotStarted) => TenantPhase::Pending,
         (_, Step::Running) => TenantPhase::Running,
+        (_, Step::Done(o)) if o.ok && o.result.as_ref().is_some_and(|r| r.skipped) => TenantPhase::Skipped,
         (_, Step::Done(o)) if o.ok => TenantPhase::Succeeded,
         (_, Step::Done(_)) => TenantPhase::Failed,
     }
@@ -97,6 +98,13 @@ pub fn tenant_status(plan: &FrozenRun, resource: &str, tenant: &str, v: &TenantV
                     failed: r.failed_checks.iter().take(5).map(|c| cut(c.clone(), ENTRY_TEXT)).collect(),
                 });
             }
+            if r.pre.0 > 0 {
+                s.precheck = Some(ValidationStatus {
+                    checks: r.pre.0 as u32,
+                    passed: r.pre.1 as u32,
+                    failed: r.failed_pre.iter().take(5).map(|c| cut(c.clone(), ENTRY_TEXT)).collect(),
+                });
+            }
             s.backup = r.backup.as_ref().map(|b| BackupStatus {
                 location: b.at.clone(),
                 documents: b.docs,
@@ -137,7 +145,8 @@ pub fn progress(views: &[TenantView], stopped: bool) -> Progress {
             TenantPhase::Failed | TenantPhase::RollbackFailed => p.failed += 1,
             TenantPhase::Running | TenantPhase::RollingBack => p.running += 1,
             TenantPhase::RolledBack => p.rolled_back += 1,
-            TenantPhase::Pending | TenantPhase::Skipped => p.pending += 1,
+            TenantPhase::Pending => p.pending += 1,
+            TenantPhase::Skipped => p.skipped += 1,
         }
     }
     p.summary = format!("{}/{}", p.succeeded, p.total);
@@ -261,6 +270,7 @@ pub fn run_status(
         started_at: started_at.or_else(|| Some(now.clone())),
         finished_at,
         message: Some(message),
+        next_window_start: None,
         tenants: entries,
     }
 }

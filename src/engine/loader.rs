@@ -354,6 +354,11 @@ pub fn check_file(file: &MigrationFile) -> Vec<Problem> {
             out.push(("validate", Some(i), format!("{}: {m}", c.kind())));
         }
     }
+    for (i, c) in file.precheck.iter().enumerate() {
+        for m in check_check(c) {
+            out.push(("precheck", Some(i), format!("{}: {m}", c.kind())));
+        }
+    }
     for p in &file.profiles {
         if p.trim().is_empty() {
             out.push(("profiles", None, "profile names must not be empty".into()));
@@ -386,6 +391,12 @@ fn check_check(c: &Check) -> Vec<String> {
         Check::JsonSchema(c) => {
             p.push(check_filter(Some(&c.schema), "schema"));
             p.push(check_filter(c.filter.as_ref(), "filter"));
+        }
+        Check::Unique(c) => {
+            if c.keys.is_empty() {
+                p.push(Some("give the `keys` that must not repeat".into()));
+            }
+            p.extend(c.keys.keys().map(|k| super::ops::field_problem(k, "keys")));
         }
         Check::Aggregate(c) => {
             for (i, s) in c.pipeline.iter().enumerate() {

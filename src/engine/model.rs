@@ -40,10 +40,36 @@ pub struct MigrationFile {
     /// Checks that must hold after `up` (run by `up` and by `validate`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub validate: Vec<Check>,
+    /// Checks that must hold before `up` changes anything: run on each tenant before its lock
+    /// and its snapshot, on the data as it is before this run (so not on what an earlier
+    /// pending migration would change). A tenant that fails one is left untouched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub precheck: Vec<Check>,
+    /// What a failed pre-check does to the tenant: `fail` (default) or `skip` (the run goes on
+    /// without it). Either way the tenant is untouched and the results are reported.
+    #[serde(default, skip_serializing_if = "PrecheckFailure::is_fail")]
+    pub on_precheck_failure: PrecheckFailure,
     /// Risk warnings of `dbshift lint` accepted for a step, each with why (editing this never
     /// changes the migration's checksum).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acknowledge: Vec<Acknowledgement>,
+}
+
+/// What a failed pre-check does to its tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PrecheckFailure {
+    /// The tenant fails (exit 1), untouched.
+    #[default]
+    Fail,
+    /// The tenant is skipped, untouched; the others go on.
+    Skip,
+}
+
+impl PrecheckFailure {
+    fn is_fail(&self) -> bool {
+        *self == PrecheckFailure::Fail
+    }
 }
 
 /// One risk warning accepted for one step of `up`.
@@ -70,6 +96,18 @@ pub enum Check {
     JsonSchema(JsonSchemaCheck),
     /// An aggregation that must return no documents (each returned document is a violation).
     Aggregate(AggregateCheck),
+    /// No two documents share the values of these keys (what a unique index on them needs;
+    /// a missing field counts as null, as the index counts it).
+    Unique(UniqueCheck),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UniqueCheck {
+    /// Collection name.
+    pub collection: String,
+    /// The keys, as a unique index would name them (`{ code: 1 }`, `{ tenant: 1, sku: 1 }`).
+    pub keys: serde_json::Map<String, Json>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -135,6 +173,7 @@ impl Check {
             Check::IndexExists(_) => "indexExists",
             Check::JsonSchema(_) => "jsonSchema",
             Check::Aggregate(_) => "aggregate",
+            Check::Unique(_) => "unique",
         }
     }
     pub fn collection(&self) -> &str {
@@ -143,6 +182,7 @@ impl Check {
             Check::IndexExists(c) => &c.collection,
             Check::JsonSchema(c) => &c.collection,
             Check::Aggregate(c) => &c.collection,
+            Check::Unique(c) => &c.collection,
         }
     }
 }

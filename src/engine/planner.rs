@@ -42,6 +42,9 @@ pub struct Entry {
     /// Applied after a later migration (its file was added out of order).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub out_of_order: bool,
+    /// A pending migration's pre-checks, run on the tenant as it is (by `status`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prechecks: Vec<super::validate::CheckResult>,
 }
 
 /// Status of one tenant: every migration known from files or records, in version order.
@@ -61,6 +64,7 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
                 batch: Some(r.batch),
                 last_error: r.error.clone(),
                 out_of_order: false,
+                prechecks: Vec::new(),
             },
             Some(r) if r.state == State::Applied => Entry {
                 id: m.id(),
@@ -71,6 +75,7 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
                 batch: Some(r.batch),
                 last_error: None,
                 out_of_order: false,
+                prechecks: Vec::new(),
             },
             _ => Entry {
                 id: m.id(),
@@ -82,6 +87,7 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
                 last_error: rec.filter(|r| r.state == State::Failed).and_then(|r| r.error.clone()),
                 out_of_order: m.active_for(profiles)
                     && latest_applied.as_deref().is_some_and(|l| l > m.version.as_str()),
+                prechecks: Vec::new(),
             },
         };
         out.push(entry);
@@ -97,6 +103,7 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
                 batch: Some(r.batch),
                 last_error: None,
                 out_of_order: false,
+                prechecks: Vec::new(),
             });
         }
     }

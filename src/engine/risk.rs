@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::model::MigrationFile;
+use super::model::{Check, MigrationFile};
 use super::ops::Operation;
 
 /// Every code, what it flags, and what to do about it. Codes are never reused.
@@ -105,7 +105,9 @@ pub fn review(file: &MigrationFile) -> Review {
             Operation::DropCollection(_) => warn("DS001", step, op),
             Operation::RemoveField(_) => warn("DS002", step, op),
             Operation::DeleteDocuments(d) if is_empty_filter(&d.filter) => warn("DS003", step, op),
-            Operation::CreateIndex(c) if c.unique => warn("DS004", step, op),
+            Operation::CreateIndex(c) if c.unique && !prechecked_unique(file, &c.collection, &c.keys) => {
+                warn("DS004", step, op)
+            }
             Operation::RunCommand(_) if file.down.is_none() => warn("DS005", step, op),
             Operation::Transform(t) if t.filter.as_ref().is_none_or(is_empty_filter) => warn("DS006", step, op),
             _ => {}
@@ -133,6 +135,25 @@ pub fn review(file: &MigrationFile) -> Review {
         });
     }
     review
+}
+
+/// Whether a `unique` pre-check of the file covers an index on `keys` of `collection`: the
+/// same key names, in any order (the index's direction does not matter for duplicates).
+fn prechecked_unique(
+    file: &MigrationFile,
+    collection: &str,
+    keys: &serde_json::Map<String, serde_json::Value>,
+) -> bool {
+    let mut want: Vec<&String> = keys.keys().collect();
+    want.sort();
+    file.precheck.iter().any(|c| match c {
+        Check::Unique(u) if u.collection == collection => {
+            let mut have: Vec<&String> = u.keys.keys().collect();
+            have.sort();
+            have == want
+        }
+        _ => false,
+    })
 }
 
 fn is_empty_filter(f: &serde_json::Value) -> bool {
@@ -167,6 +188,11 @@ up:
         let (w, ack) = codes(yaml);
         assert_eq!(w, [("DS001", 1), ("DS002", 2), ("DS003", 3), ("DS004", 5), ("DS005", 7), ("DS006", 8)]);
         assert!(ack.is_empty());
+        // A unique pre-check on the same keys answers DS004.
+        let checked = format!("{yaml}precheck:\n  - unique: {{ collection: c, keys: {{ code: 1 }} }}\n");
+        assert!(!codes(&checked).0.iter().any(|(c, _)| *c == "DS004"));
+        let elsewhere = format!("{yaml}precheck:\n  - unique: {{ collection: other, keys: {{ code: 1 }} }}\n");
+        assert!(codes(&elsewhere).0.iter().any(|(c, _)| *c == "DS004"));
         // A down makes runCommand undoable.
         let with_down = format!("{yaml}down:\n  - runCommand: {{ command: {{ ping: 1 }} }}\n");
         assert!(!codes(&with_down).0.iter().any(|(c, _)| *c == "DS005"));

@@ -145,7 +145,51 @@ async fn evaluate(db: &Database, check: &Check) -> Result<(bool, String), String
                 (false, format!("{what}: {n} violation(s), e.g. _id {}", ids(&found)))
             })
         }
+        Check::Unique(c) => {
+            let names: Vec<&str> = c.keys.keys().map(String::as_str).collect();
+            let (groups, examples) = duplicates(&coll, &c.keys, 1000).await.map_err(e)?;
+            Ok(if groups == 0 {
+                (true, format!("no two documents share {}", names.join(", ")))
+            } else {
+                let count = if groups >= 1000 { "at least 1000".to_string() } else { groups.to_string() };
+                let names = names.join(", ");
+                let message = format!(
+                    "{count} value(s) of {names} repeat (a unique index on them would fail), e.g. _id {}",
+                    ids(&examples)
+                );
+                (false, message)
+            })
+        }
     }
+}
+
+/// Groups of documents sharing the values of `keys`, at most `limit` counted: (groups found,
+/// example `_id`s).
+async fn duplicates(
+    coll: &mongodb::Collection<Document>,
+    keys: &serde_json::Map<String, serde_json::Value>,
+    limit: i64,
+) -> Result<(u64, Vec<Document>), mongodb::error::Error> {
+    let mut group = Document::new();
+    for (i, k) in keys.keys().enumerate() {
+        group.insert(format!("k{i}"), format!("${k}"));
+    }
+    let pipeline = vec![
+        doc! {"$group": {"_id": group, "n": {"$sum": 1}, "ids": {"$push": "$_id"}}},
+        doc! {"$match": {"n": {"$gt": 1}}},
+        doc! {"$limit": limit},
+        doc! {"$project": {"_id": 0, "ids": {"$slice": ["$ids", 2]}}},
+    ];
+    let found: Vec<Document> = coll.aggregate(pipeline).allow_disk_use(true).await?.try_collect().await?;
+    let mut examples = Vec::new();
+    for g in &found {
+        for id in g.get_array("ids").cloned().unwrap_or_default() {
+            if examples.len() < EXAMPLES as usize {
+                examples.push(doc! {"_id": id});
+            }
+        }
+    }
+    Ok((found.len() as u64, examples))
 }
 
 fn num(b: &Bson) -> String {

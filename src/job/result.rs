@@ -67,6 +67,15 @@ pub struct JobResult {
     /// Failed checks, cut short: "migration: check on collection: message".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_checks: Vec<String>,
+    /// Pre-checks run and passed (before anything changed).
+    #[serde(default, skip_serializing_if = "is_none_run")]
+    pub pre: (usize, usize),
+    /// Failed pre-checks, cut short, like `failed_checks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_pre: Vec<String>,
+    /// A pre-check failed under `onPrecheckFailure: skip`: the tenant was left untouched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The process exit code.
@@ -86,6 +95,15 @@ pub struct JobResult {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn is_none_run(n: &(usize, usize)) -> bool {
+    n.0 == 0
+}
+
+/// A failed check as a result lists it: "migration: check on collection: message".
+fn check_line(c: &crate::engine::validate::CheckResult) -> String {
+    format!("{}: {} on {}: {}", c.migration, c.check, c.collection, c.message)
 }
 
 /// Largest result written (a termination message holds 4096 bytes).
@@ -121,6 +139,7 @@ impl JobResult {
         // Read by anyone who may view the resource: no tenant values, whatever made the text.
         r.error = r.error.map(|e| cut(&crate::redact::tenant_values(&e), 1500));
         r.failed_checks = r.failed_checks.iter().take(5).map(|c| cut(&crate::redact::tenant_values(c), 200)).collect();
+        r.failed_pre = r.failed_pre.iter().take(5).map(|c| cut(&crate::redact::tenant_values(c), 200)).collect();
         // Shortened field by field, never cut as text: a result cut inside an escape sequence
         // would not parse, and the controller would take the tenant for a dead runner.
         loop {
@@ -130,6 +149,8 @@ impl JobResult {
             }
             if !r.failed_checks.is_empty() {
                 r.failed_checks.pop();
+            } else if !r.failed_pre.is_empty() {
+                r.failed_pre.pop();
             } else if !r.done.is_empty() {
                 r.done.pop();
                 r.more += 1;
@@ -161,11 +182,10 @@ impl JobResult {
                 .collect(),
             more: 0,
             checks: (checks.len(), checks.iter().filter(|c| c.passed).count()),
-            failed_checks: checks
-                .iter()
-                .filter(|c| !c.passed)
-                .map(|c| format!("{}: {} on {}: {}", c.migration, c.check, c.collection, c.message))
-                .collect(),
+            failed_checks: checks.iter().filter(|c| !c.passed).map(|c| check_line(c)).collect(),
+            pre: (rep.prechecks.len(), rep.prechecks.iter().filter(|c| c.passed).count()),
+            failed_pre: rep.prechecks.iter().filter(|c| !c.passed).map(check_line).collect(),
+            skipped: rep.skipped,
             error: rep.error.clone(),
             code: code.code(),
             dry_run: rep.dry_run,

@@ -349,6 +349,8 @@ fn down_report(
         to_version,
         migrations,
         error: None,
+        prechecks: Vec::new(),
+        skipped: false,
     }
 }
 

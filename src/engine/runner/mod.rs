@@ -210,6 +210,12 @@ pub struct TenantReport {
     pub migrations: Vec<Outcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The pre-checks of the migrations this run would apply, run before anything changed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prechecks: Vec<CheckResult>,
+    /// A pre-check failed under `onPrecheckFailure: skip`: the tenant was left untouched.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 impl TenantReport {
@@ -235,6 +241,8 @@ impl TenantReport {
             to_version: version,
             migrations,
             error: None,
+            prechecks: Vec::new(),
+            skipped: false,
         }
     }
 }
@@ -257,7 +265,13 @@ pub async fn status(
     migrations: &[Migration],
     opts: &RunOptions,
 ) -> Result<Vec<planner::Entry>, RunError> {
-    Ok(planner::status(migrations, &load(db, opts).await?, &opts.profiles))
+    let mut entries = planner::status(migrations, &load(db, opts).await?, &opts.profiles);
+    for e in entries.iter_mut().filter(|e| e.standing == planner::Standing::Pending) {
+        if let Some(m) = migrations.iter().find(|m| m.id() == e.id) {
+            e.prechecks = prechecks(db, &[m]).await.0;
+        }
+    }
+    Ok(entries)
 }
 
 /// The tenant under its lock: what every step needs to change it.
@@ -300,6 +314,8 @@ impl<'a> Locked<'a> {
             to_version: current_version(&records),
             migrations,
             error,
+            prechecks: Vec::new(),
+            skipped: false,
         })
     }
 }
@@ -318,6 +334,63 @@ async fn release<T>(lease: Lease, result: Result<T, RunError>) -> Result<T, RunE
     Ok(r)
 }
 
+/// What the pre-checks of the planned migrations say.
+#[derive(Debug, Clone, PartialEq)]
+enum Prechecked {
+    Passed,
+    /// A pre-check of a migration with `onPrecheckFailure: fail` failed.
+    Failed(String),
+    /// Every failed pre-check belongs to a migration with `onPrecheckFailure: skip`.
+    Skipped(String),
+}
+
+/// Run the pre-checks of `planned`, in order, on the tenant as it is.
+async fn prechecks(db: &Database, planned: &[&Migration]) -> (Vec<CheckResult>, Prechecked) {
+    use super::model::PrecheckFailure;
+    let mut results = Vec::new();
+    let (mut fail, mut skip) = (None, None);
+    for m in planned {
+        for c in &m.file.precheck {
+            let r = validate::run_check(db, &m.id(), c).await;
+            if !r.passed {
+                let why = format!(
+                    "pre-check {} of {} on {} failed: {}; the tenant is untouched",
+                    r.check, r.migration, r.collection, r.message
+                );
+                match m.file.on_precheck_failure {
+                    PrecheckFailure::Fail => fail = fail.or(Some(why)),
+                    PrecheckFailure::Skip => skip = skip.or(Some(why)),
+                }
+            }
+            results.push(r);
+        }
+    }
+    let verdict = match (fail, skip) {
+        (Some(f), _) => Prechecked::Failed(f),
+        (None, Some(s)) => Prechecked::Skipped(s),
+        (None, None) => Prechecked::Passed,
+    };
+    (results, verdict)
+}
+
+impl TenantReport {
+    /// The report with the pre-checks' results and, when they stopped the run, their verdict.
+    fn with_prechecks(mut self, results: Vec<CheckResult>, verdict: &Prechecked) -> Self {
+        self.prechecks = results;
+        match verdict {
+            Prechecked::Passed => {}
+            Prechecked::Failed(why) => {
+                self.ok = false;
+                self.error = self.error.or(Some(why.clone()));
+            }
+            // Not an error: the file chose to go on without the tenant (the failed pre-checks
+            // say why).
+            Prechecked::Skipped(_) => self.skipped = true,
+        }
+        self
+    }
+}
+
 /// Apply pending migrations.
 pub async fn up(
     db: &Database,
@@ -329,6 +402,8 @@ pub async fn up(
     let records = load(db, opts).await?;
     let from_version = current_version(&records);
     let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
+    // Before the lock and the snapshot: a tenant that cannot take the change is not touched.
+    let (checked, verdict) = prechecks(db, &planned).await;
     if opts.dry_run {
         let mut outs = Vec::new();
         for m in planned {
@@ -338,10 +413,13 @@ pub async fn up(
             }
             outs.push(Outcome::planned(m.id(), Direction::Up, &m.file.up, estimates));
         }
-        return Ok(TenantReport::unchanged(tenant, Direction::Up, true, from_version, outs));
+        let report = TenantReport::unchanged(tenant, Direction::Up, true, from_version, outs);
+        return Ok(report.with_prechecks(checked, &verdict));
     }
-    if planned.is_empty() && !interrupted(&records) {
-        return Ok(TenantReport::unchanged(tenant, Direction::Up, false, from_version, vec![]));
+    let stopped = verdict != Prechecked::Passed;
+    if (planned.is_empty() || stopped) && !interrupted(&records) {
+        let report = TenantReport::unchanged(tenant, Direction::Up, false, from_version, vec![]);
+        return Ok(report.with_prechecks(checked, &verdict));
     }
     let lease = acquire(db, opts).await?;
     let result = async {
@@ -349,6 +427,12 @@ pub async fn up(
         let mut outs = recover(&l).await?;
         if outs.iter().any(|o| o.needs_attention) {
             return l.finished(Direction::Up, from_version, outs).await;
+        }
+        // Work a stopped runner left is finished or undone whatever the pre-checks say; then
+        // a failed pre-check applies nothing.
+        if stopped {
+            let report = l.finished(Direction::Up, from_version, outs).await?;
+            return Ok(report.with_prechecks(checked.clone(), &verdict));
         }
         // Read again under the lock: another runner may have applied some in the meantime.
         let records = load(db, opts).await?;
@@ -368,7 +452,8 @@ pub async fn up(
                 break; // later migrations may depend on this one
             }
         }
-        l.finished(Direction::Up, from_version, outs).await
+        let report = l.finished(Direction::Up, from_version, outs).await?;
+        Ok(TenantReport { prechecks: checked.clone(), ..report })
     }
     .await;
     release(lease, result).await
