@@ -370,6 +370,24 @@ spec:
         (out.status.code(), text(out.stdout), text(out.stderr))
     }
 
+    /// `kubectl dbshift ARGS -n NS` through the real kubectl, which finds the plugin as users
+    /// install it: a `kubectl-dbshift` symlink to the binary on `PATH`.
+    fn kubectl_plugin(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dbshift"), dir.path().join("kubectl-dbshift")).unwrap();
+        let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("kubectl")
+            .arg("dbshift")
+            .args(args)
+            .args(["-n", &self.ns])
+            .env("PATH", path)
+            .env("KUBECONFIG", kubeconfig())
+            .output()
+            .expect("kubectl on PATH");
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (out.status.code(), text(out.stdout), text(out.stderr))
+    }
+
     /// Tenants `0..n` carrying the flag ADD_FLAG sets, in order.
     async fn flagged(&self, n: usize) -> Vec<bool> {
         let mut out = Vec::new();
@@ -1265,6 +1283,15 @@ async fn a_run_held_for_approval_goes_on_when_dbshift_approve_names_it() {
     assert_eq!(env.flagged(3).await, [true, false, false], "only the canary ran");
     assert_eq!(env.jobs().await.len(), 1);
     assert!(env.event_reasons().await.iter().any(|r| r == "AwaitingApproval"));
+    // As a platform team sees it, through kubectl's plugin mechanism.
+    let (code, table, err) = env.kubectl_plugin(&["status", "gate"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(table.contains(&format!("{}/gate: AwaitingApproval, 1/3 tenant(s), run {run}", env.ns)), "{table}");
+    assert!(table.lines().any(|l| l.starts_with(&canary) && l.contains("Succeeded")), "{table}");
+    let (_, json, _) = env.kubectl_plugin(&["status", "gate", "-o", "json"]);
+    let obj: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(obj["status"]["phase"], "AwaitingApproval");
+    assert_eq!(obj["kind"], "DatabaseMigration");
 
     // What the approver looked at is what they approve: another run id approves nothing.
     let (code, _, err) = env.cli(&["approve", "gate", "--run", "gate-g7-other"]);
@@ -1282,7 +1309,9 @@ async fn a_run_held_for_approval_goes_on_when_dbshift_approve_names_it() {
     let (code, out, err) = env.cli(&["approve", "gate"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains(&format!("approved run {run} of {}/gate (it was AwaitingApproval)", env.ns)), "{out}");
-    let d = env.wait_final("gate", 180).await;
+    let (code, out, err) = env.kubectl_plugin(&["wait", "gate", "--timeout", "180"]);
+    assert_eq!(code, Some(0), "kubectl dbshift wait: {out}{err}");
+    let d = env.wait_final("gate", 30).await;
     let st = d.status.clone().unwrap();
     assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
     assert_eq!(st.run_id.as_deref(), Some(run.as_str()), "the approval started no new run");
@@ -1333,8 +1362,10 @@ async fn a_run_held_by_suspend_starts_no_job_until_resumed() {
     assert_eq!(flags.iter().filter(|f| **f).count(), started, "{flags:?}");
     assert_eq!(env.cli(&["suspend", "pause"]).1.trim(), format!("{}/pause is already suspended", env.ns));
 
-    let (code, out, err) = env.cli(&["resume", "pause"]);
+    let (code, out, err) = env.kubectl_plugin(&["resume", "pause", "-o", "json"]);
     assert_eq!(code, Some(0), "{out}{err}");
+    let said: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((said["action"].as_str(), said["name"].as_str()), (Some("resume"), Some("pause")), "{out}");
     let d = env.wait_final("pause", 180).await;
     let st = d.status.clone().unwrap();
     assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());

@@ -1,5 +1,6 @@
-//! The Kubernetes side of the command line (`approve`, `suspend`, `resume`, `wait`): which
-//! DatabaseMigration, named as kubectl names it (`-n`, `--context`), and a client for it.
+//! The Kubernetes side of the command line (`approve`, `suspend`, `resume`, `wait`, and the
+//! kubectl plugin): which DatabaseMigration, named as kubectl names it (`-n`, `--context`,
+//! `--kubeconfig`), and a client for it.
 
 use clap::Args;
 use kube::api::Api;
@@ -20,26 +21,33 @@ pub struct ResourceArgs {
     /// The kubeconfig context to use (default: the current one).
     #[arg(long)]
     pub context: Option<String>,
+    /// The kubeconfig file (default: `KUBECONFIG`, then `~/.kube/config`).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
-/// A client as kubectl would make it: the kubeconfig (`KUBECONFIG` or `~/.kube/config`) with
-/// `context`, else the pod's service account.
-pub async fn client(context: Option<&str>) -> Result<Client, Failure> {
+/// A client as kubectl would make it: the kubeconfig (`file`, else `KUBECONFIG` or
+/// `~/.kube/config`) with `context`, else the pod's service account.
+pub async fn client(context: Option<&str>, file: Option<&std::path::Path>) -> Result<Client, Failure> {
     let unreachable = |e: String| Failure::new(Exit::Unreachable, format!("cannot configure a Kubernetes client: {e}"));
-    let config = match context {
-        Some(c) => {
-            let options = KubeConfigOptions { context: Some(c.to_string()), ..Default::default() };
-            let kubeconfig = Kubeconfig::read().map_err(|e| unreachable(e.to_string()))?;
+    let config = match (context, file) {
+        (None, None) => Config::infer().await.map_err(|e| unreachable(e.to_string()))?,
+        _ => {
+            let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+            let kubeconfig = match file {
+                Some(f) => Kubeconfig::read_from(f),
+                None => Kubeconfig::read(),
+            }
+            .map_err(|e| unreachable(e.to_string()))?;
             Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| unreachable(e.to_string()))?
         }
-        None => Config::infer().await.map_err(|e| unreachable(e.to_string()))?,
     };
     Client::try_from(config).map_err(|e| unreachable(e.to_string()))
 }
 
 /// The API of the resource's namespace, and the namespace.
 pub async fn api(a: &ResourceArgs) -> Result<(Api<DatabaseMigration>, String), Failure> {
-    let client = client(a.context.as_deref()).await?;
+    let client = client(a.context.as_deref(), a.kubeconfig.as_deref()).await?;
     let ns = a.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     Ok((Api::namespaced(client, &ns), ns))
 }

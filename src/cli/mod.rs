@@ -7,6 +7,7 @@ mod cluster;
 mod commands;
 mod fleet;
 mod output;
+mod plugin;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,8 +141,11 @@ pub enum Command {
     Resume(commands::suspend::SuspendArgs),
 }
 
-/// Entry point of the binary.
+/// Entry point of the binary (run as `kubectl-dbshift`, the kubectl plugin).
 pub async fn main() -> ExitCode {
+    if plugin::invoked() {
+        return plugin::main().await;
+    }
     crate::redact::install_panic_hook();
     let mut cli = Cli::parse();
     init_logging(&cli.command);

@@ -24,6 +24,12 @@ pub struct ApproveArgs {
 const ATTEMPTS: usize = 5;
 
 pub async fn run(a: &ApproveArgs) -> Result<Exit, Failure> {
+    println!("{}", approve(a).await?);
+    Ok(Exit::Ok)
+}
+
+/// Approve; what was done, in a sentence.
+pub async fn approve(a: &ApproveArgs) -> Result<String, Failure> {
     let (api, ns) = cluster::api(&a.resource).await?;
     let name = &a.resource.name;
     let mut expected = a.run.clone();
@@ -50,8 +56,7 @@ pub async fn run(a: &ApproveArgs) -> Result<Exit, Failure> {
             )));
         }
         if dbm.metadata.annotations.as_ref().and_then(|m| m.get(APPROVE_ANNOTATION)) == Some(&run) {
-            println!("run {run} of {ns}/{name} is already approved ({phase})");
-            return Ok(Exit::Ok);
+            return Ok(format!("run {run} of {ns}/{name} is already approved ({phase})"));
         }
         // The resourceVersion read makes the write conditional: if the resource changed in
         // between (a new run may have started), the API server refuses it and we look again.
@@ -62,10 +67,7 @@ pub async fn run(a: &ApproveArgs) -> Result<Exit, Failure> {
             }
         });
         match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => {
-                println!("approved run {run} of {ns}/{name} (it was {phase})");
-                return Ok(Exit::Ok);
-            }
+            Ok(_) => return Ok(format!("approved run {run} of {ns}/{name} (it was {phase})")),
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => return Err(cluster::api_failure(&format!("approving {ns}/{name}"), e)),
         }

@@ -16,13 +16,18 @@ pub struct SuspendArgs {
 }
 
 pub async fn run(a: &SuspendArgs, suspend: bool) -> Result<Exit, Failure> {
+    println!("{}", set(a, suspend).await?);
+    Ok(Exit::Ok)
+}
+
+/// Set or clear `spec.suspend`; what was done, in a sentence.
+pub async fn set(a: &SuspendArgs, suspend: bool) -> Result<String, Failure> {
     let (api, ns) = cluster::api(&a.resource).await?;
     let name = &a.resource.name;
     let dbm = cluster::get(&api, &ns, name).await?;
     let verb = if suspend { "suspended" } else { "resumed" };
     if dbm.spec.suspend == suspend {
-        println!("{ns}/{name} is already {verb}");
-        return Ok(Exit::Ok);
+        return Ok(format!("{ns}/{name} is already {verb}"));
     }
     // `null` removes the field: a resumed resource reads as one never suspended.
     let value = if suspend { json!(true) } else { serde_json::Value::Null };
@@ -35,6 +40,5 @@ pub async fn run(a: &SuspendArgs, suspend: bool) -> Result<Exit, Failure> {
     } else {
         "the run goes on where it stopped"
     };
-    println!("{verb} {ns}/{name}: {what}");
-    Ok(Exit::Ok)
+    Ok(format!("{verb} {ns}/{name}: {what}"))
 }
