@@ -459,3 +459,54 @@ async fn a_tenant_failing_a_precheck_is_left_untouched_and_failed_or_skipped() {
     assert_eq!(t1["result"]["prechecks"][0]["passed"], false, "{j}");
     assert_eq!(dump_db(&c.database(&names[1])).await, before, "the skipped tenant was changed");
 }
+
+/// A database migrated by other means: `baseline --to` records the migrations up to there as
+/// `baselined` without touching data, `up` applies only the later ones, and `down` never undoes
+/// a baselined migration.
+#[tokio::test]
+async fn baseline_records_without_changing_and_down_never_undoes_it() {
+    let names = tenants("cli_base", 1).await;
+    let t = &names[0];
+    let c = client().await;
+    let items = c.database(t).collection::<Document>("items");
+    // What the first two migrations do, done by hand (another tool, a script).
+    items.update_many(doc! {}, doc! {"$set": {"color": "red"}}).await.unwrap();
+    let index = mongodb::IndexModel::builder().keys(doc! {"name": 1}).build();
+    items.create_index(index).await.unwrap();
+    let dir = migrations(&[
+        ("20250101000000_add_color.yaml", ADD),
+        ("20250102000000_name_index.yaml", "up:\n  - createIndex: { collection: items, keys: { name: 1 } }\n"),
+        ("20250103000000_add_size.yaml", "up:\n  - addField: { collection: items, field: size, value: 1 }\n"),
+    ]);
+    let d = dir.path().to_str().unwrap();
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let before = dump(&c.database(t), "items").await;
+
+    let o = cli(&["baseline", "--to", "20250102000000", "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o)
+            .contains(&format!("{t}: baselined 2 migration(s): 20250101000000_add_color, 20250102000000_name_index")),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(dump(&c.database(t), "items").await, before, "baseline changed data");
+    let o = cli(&["status", "--dir", d, "--tenant", t], &env);
+    assert!(text(&o).contains(&format!("{t}: 0 applied, 2 baselined, 1 pending")), "{}", text(&o));
+    let o = cli(&["baseline", "--to", "20250102000000", "--dir", d, "--tenant", t], &env);
+    assert!(text(&o).contains("nothing to baseline"), "{}", text(&o));
+
+    let o = cli(&["up", "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("applied 20250103000000_add_size") && !out.contains("applied 20250101000000"), "{out}");
+    let o = cli(&["down", "--to", "0", "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dump(&c.database(t), "items").await, before, "down undid more than the applied migration");
+    let o = cli(&["down", "--only", "20250101000000", "--dir", d, "--tenant", t], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("is baselined"), "{}", text(&o));
+    let o = cli(&["baseline", "--to", "20991231000000", "--dir", d, "--tenant", t], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

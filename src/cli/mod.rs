@@ -112,6 +112,8 @@ pub enum Command {
     Up(commands::up::UpArgs),
     /// Roll back applied migrations (default: the last one).
     Down(commands::down::DownArgs),
+    /// Record the migrations up to a version as applied, changing nothing (databases migrated by other means).
+    Baseline(commands::baseline::BaselineArgs),
     /// Run the checks of every applied migration.
     Validate,
     /// Write a snapshot of each tenant database to `<out>/<tenant>/` (mongodump layout plus a manifest),
@@ -195,6 +197,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
         Command::Plan(a) => up::run(g, a, true).await,
         Command::Up(a) => up::run(g, a, a.dry_run).await,
         Command::Down(a) => down::run(g, a).await,
+        Command::Baseline(a) => baseline::run(g, a).await,
         Command::Validate => validate::run(g).await,
         Command::Backup(a) => backup::run(g, a).await,
         Command::Restore(a) => restore::run(g, a).await,

@@ -110,7 +110,7 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
         return print_json(
             "status",
             results,
-            |e| e.iter().all(|e| matches!(e.standing, Standing::Applied | Standing::Skipped)),
+            |e| e.iter().all(|e| matches!(e.standing, Standing::Applied | Standing::Skipped | Standing::Baselined)),
             redactor,
         );
     }
@@ -124,8 +124,12 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
         };
         let count = |s: Standing| entries.iter().filter(|e| e.standing == s).count();
         println!(
-            "{tenant}: {} applied, {} pending, {} changed, {} missing from files{}",
+            "{tenant}: {} applied, {}{} pending, {} changed, {} missing from files{}",
             count(Standing::Applied),
+            match count(Standing::Baselined) {
+                0 => String::new(),
+                n => format!("{n} baselined, "),
+            },
             count(Standing::Pending),
             count(Standing::Changed),
             count(Standing::Missing),
@@ -147,6 +151,13 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
                 Standing::Changed => ("! changed ", "the file changed after it was applied".into()),
                 Standing::Missing => ("? missing ", "applied here, but no file has this id (drift)".into()),
                 Standing::Skipped => ("  skipped ", "not active under the current profiles".into()),
+                Standing::Baselined => (
+                    "  baselined",
+                    format!(
+                        "{} (recorded by dbshift baseline; made by other means, never undone)",
+                        e.applied_at.clone().unwrap_or_default()
+                    ),
+                ),
                 Standing::Interrupted => (
                     "! interrupted",
                     "a runner stopped in the middle of it; the next up or down undoes that first".into(),

@@ -22,6 +22,8 @@ pub enum Standing {
     Skipped,
     /// A runner stopped while applying or rolling it back: the next run undoes that first.
     Interrupted,
+    /// Recorded as applied by `dbshift baseline`: the database got it by other means.
+    Baselined,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,7 +52,7 @@ pub struct Entry {
 /// Status of one tenant: every migration known from files or records, in version order.
 pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String]) -> Vec<Entry> {
     let mut out = Vec::new();
-    let applied = |r: &&Record| r.state == State::Applied;
+    let applied = |r: &&Record| r.state.in_effect();
     let latest_applied = records.iter().filter(applied).map(|r| r.version.clone()).max();
     for m in migrations {
         let rec = records.iter().find(|r| r.id == m.id());
@@ -66,10 +68,14 @@ pub fn status(migrations: &[Migration], records: &[Record], profiles: &[String])
                 out_of_order: false,
                 prechecks: Vec::new(),
             },
-            Some(r) if r.state == State::Applied => Entry {
+            Some(r) if r.state.in_effect() => Entry {
                 id: m.id(),
                 version: m.version.clone(),
-                standing: if r.checksum == m.checksum { Standing::Applied } else { Standing::Changed },
+                standing: match r.state {
+                    State::Baselined => Standing::Baselined,
+                    _ if r.checksum == m.checksum => Standing::Applied,
+                    _ => Standing::Changed,
+                },
                 description: Some(m.file.description.clone()).filter(|d| !d.is_empty()),
                 applied_at: r.applied_at.try_to_rfc3339_string().ok(),
                 batch: Some(r.batch),
@@ -224,7 +230,7 @@ pub fn plan_up<'a>(
         None => None,
     };
     if let Some(t) = &target {
-        if let Some(current) = records.iter().filter(|r| r.state == State::Applied).map(|r| &r.version).max() {
+        if let Some(current) = records.iter().filter(|r| r.state.in_effect()).map(|r| &r.version).max() {
             if current > t {
                 return Err(PlanError::TargetBelowCurrent { target: t.clone(), current: current.clone() });
             }
@@ -235,13 +241,13 @@ pub fn plan_up<'a>(
             .iter()
             .find(|m| matches(&m.version, &m.id(), only))
             .ok_or_else(|| PlanError::UnknownMigration(only.clone()))?;
-        let applied = records.iter().any(|r| r.id == m.id() && r.state == State::Applied);
+        let applied = records.iter().any(|r| r.id == m.id() && r.state.in_effect());
         return Ok(if applied || !m.active_for(profiles) { vec![] } else { vec![m] });
     }
     Ok(migrations
         .iter()
         .filter(|m| m.active_for(profiles))
-        .filter(|m| !records.iter().any(|r| r.id == m.id() && r.state == State::Applied))
+        .filter(|m| !records.iter().any(|r| r.id == m.id() && r.state.in_effect()))
         .filter(|m| target.as_ref().is_none_or(|t| &m.version <= t))
         .collect())
 }
@@ -261,7 +267,8 @@ pub enum DownRequest {
     Run(String),
 }
 
-/// Records `down` undoes, newest first. Fails if any of them cannot be undone.
+/// Records `down` undoes, newest first. Fails if any of them cannot be undone. Baselined
+/// records are never undone: a `down` reaching them stops above them.
 pub fn plan_down<'a>(
     migrations: &[Migration],
     records: &'a [Record],
@@ -290,6 +297,12 @@ pub fn plan_down<'a>(
             applied.into_iter().filter(|r| Some(r.batch) == last).collect()
         }
         DownRequest::Only(o) => {
+            if let Some(b) = records.iter().find(|r| r.state == State::Baselined && matches(&r.version, &r.id, o)) {
+                return Err(PlanError::Irreversible(format!(
+                    "{} is baselined: it was recorded as applied, not applied by dbshift, which cannot undo it",
+                    b.id
+                )));
+            }
             let r = applied
                 .into_iter()
                 .find(|r| matches(&r.version, &r.id, o))
@@ -307,7 +320,7 @@ pub fn plan_down<'a>(
 
 /// When the operator (or `run`) is given only a target: up to it, or down to it if it is lower.
 pub fn direction_for(records: &[Record], target: Option<&str>) -> Direction {
-    let current = records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.as_str()).max();
+    let current = records.iter().filter(|r| r.state.in_effect()).map(|r| r.version.as_str()).max();
     match (target, current) {
         (Some(t), Some(c)) if t < c => Direction::Down,
         _ => Direction::Up,

@@ -36,6 +36,16 @@ pub enum State {
     /// Being rolled back, or interrupted while it was: the next runner undoes the rollback
     /// (the migration stays applied) before anything else.
     RollingBack,
+    /// Recorded as applied without dbshift changing anything (`dbshift baseline`): the
+    /// database got it by other means. In effect like `applied`; `down` never undoes it.
+    Baselined,
+}
+
+impl State {
+    /// In effect on the database: applied by dbshift, or baselined.
+    pub fn in_effect(self) -> bool {
+        matches!(self, State::Applied | State::Baselined)
+    }
 }
 
 /// Where a step of the work in progress got.

@@ -209,7 +209,7 @@ async fn migrate(
 }
 
 fn latest_applied(records: &[Record]) -> Option<String> {
-    records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
+    records.iter().filter(|r| r.state.in_effect()).map(|r| r.version.clone()).max()
 }
 
 /// What a rollback did: the report, how, and which snapshot it restored.

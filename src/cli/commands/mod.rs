@@ -2,6 +2,7 @@
 
 pub mod approve;
 pub mod backup;
+pub mod baseline;
 pub mod controller;
 pub mod crd;
 pub mod down;

@@ -248,7 +248,7 @@ impl TenantReport {
 }
 
 fn current_version(records: &[Record]) -> Option<String> {
-    records.iter().filter(|r| r.state == State::Applied).map(|r| r.version.clone()).max()
+    records.iter().filter(|r| r.state.in_effect()).map(|r| r.version.clone()).max()
 }
 
 fn interrupted(records: &[Record]) -> bool {
@@ -513,6 +513,72 @@ pub async fn down(
     release(lease, result).await
 }
 
+/// Record the migrations up to `to` (a version or id) as applied without running them, for a
+/// database that got them by other means (state `baselined`). Under the lock, after recovering
+/// interrupted work; migrations already in effect are left as they are. Returns the ids
+/// recorded.
+pub async fn baseline(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    to: &str,
+    opts: &RunOptions,
+) -> Result<Vec<String>, RunError> {
+    let target = migrations
+        .iter()
+        .find(|m| m.version == to || m.id() == to)
+        .map(|m| m.version.clone())
+        .ok_or_else(|| PlanError::UnknownMigration(to.to_string()))?;
+    let lease = acquire(db, opts).await?;
+    let result = async {
+        let l = Locked::new(db, tenant, opts, &lease).await;
+        let outs = recover(&l).await?;
+        if let Some(o) = outs.iter().find(|o| o.needs_attention) {
+            return Err(RunError::Exec(ExecError::Precondition(format!(
+                "interrupted work on {} could not be undone: nothing was baselined",
+                o.id
+            ))));
+        }
+        let records = load(db, opts).await?;
+        let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
+        let mut done = Vec::new();
+        for m in migrations.iter().filter(|m| m.version <= target && m.active_for(&opts.profiles)) {
+            if records.iter().any(|r| r.id == m.id() && r.state.in_effect()) {
+                continue;
+            }
+            let record = Record {
+                id: m.id(),
+                version: m.version.clone(),
+                name: m.name.clone(),
+                description: m.file.description.clone(),
+                author: m.file.author.clone(),
+                checksum: m.checksum.clone(),
+                state: State::Baselined,
+                applied_at: now(),
+                duration_ms: 0,
+                documents_affected: 0,
+                batch,
+                run_id: opts.run_id.clone(),
+                host: opts.host(),
+                steps: Vec::new(),
+                rollback_data: None,
+                down: None,
+                irreversible: Some("baselined: the database got it by other means; dbshift never undoes it".into()),
+                error: None,
+                rolled_back_at: None,
+                rolled_back_by: None,
+                work: None,
+                conflicts: None,
+            };
+            tracking::save(db, &opts.tracking, &record).await.map_err(mongo("recording a baselined migration"))?;
+            done.push(record.id);
+        }
+        Ok(done)
+    }
+    .await;
+    release(lease, result).await
+}
+
 /// Run the checks of every applied migration that has checks.
 pub async fn validate(
     db: &Database,
@@ -522,7 +588,7 @@ pub async fn validate(
     let records = load(db, opts).await?;
     let mut out = Vec::new();
     for m in migrations {
-        if records.iter().any(|r| r.id == m.id() && r.state == State::Applied) {
+        if records.iter().any(|r| r.id == m.id() && r.state.in_effect()) {
             for c in &m.file.validate {
                 out.push(validate::run_check(db, &m.id(), c).await);
             }
