@@ -510,3 +510,48 @@ async fn baseline_records_without_changing_and_down_never_undoes_it() {
     let o = cli(&["baseline", "--to", "20991231000000", "--dir", d, "--tenant", t], &env);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+/// `import migrate-mongo`: the changelog's files map to dbshift migrations by timestamp or by a
+/// mapping file and are recorded as baselined; a file that maps to nothing records nothing.
+#[tokio::test]
+async fn import_migrate_mongo_baselines_what_its_changelog_lists() {
+    let names = tenants("cli_import", 1).await;
+    let t = &names[0];
+    let c = client().await;
+    let changelog = c.database(t).collection::<Document>("changelog");
+    let applied = bson::DateTime::from_millis(1_700_000_000_000);
+    changelog
+        .insert_many([
+            doc! {"fileName": "20250101000000-add-color.js", "appliedAt": applied, "migrationBlock": 1},
+            doc! {"fileName": "20240301120000-index-names.js", "appliedAt": applied, "migrationBlock": 1},
+        ])
+        .await
+        .unwrap();
+    let dir = migrations(&[
+        ("20250101000000_add_color.yaml", ADD),
+        ("20250102000000_name_index.yaml", "up:\n  - createIndex: { collection: items, keys: { name: 1 } }\n"),
+        ("20250103000000_add_size.yaml", "up:\n  - addField: { collection: items, field: size, value: 1 }\n"),
+    ]);
+    let d = dir.path().to_str().unwrap();
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let o = cli(&["import", "migrate-mongo", "--dir", d, "--tenant", t], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("1 migrate-mongo file(s) map to no dbshift migration, so nothing was recorded: 20240301120000-index-names.js"), "{}", text(&o));
+    assert!(!c.database(t).list_collection_names().await.unwrap().contains(&"_dbshift_migrations".to_string()));
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mapping = elsewhere.path().join("mapping.yaml");
+    std::fs::write(&mapping, "20240301120000-index-names.js: 20250102000000_name_index\n").unwrap();
+    let m = mapping.to_str().unwrap();
+    let o = cli(&["import", "migrate-mongo", "--mapping", m, "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("{t}: imported 2 migration(s) as baselined")), "{}", text(&o));
+    let o = cli(&["status", "--dir", d, "--tenant", t], &env);
+    assert!(text(&o).contains(&format!("{t}: 0 applied, 2 baselined, 1 pending")), "{}", text(&o));
+    // A mapping to a migration that does not exist is refused before anything is read.
+    std::fs::write(&mapping, "x.js: 20990101000000\n").unwrap();
+    let o = cli(&["import", "migrate-mongo", "--mapping", m, "--dir", d, "--tenant", t], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

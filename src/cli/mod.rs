@@ -114,6 +114,8 @@ pub enum Command {
     Down(commands::down::DownArgs),
     /// Record the migrations up to a version as applied, changing nothing (databases migrated by other means).
     Baseline(commands::baseline::BaselineArgs),
+    /// Adopt databases another migration tool migrated: record its applied migrations as baselined.
+    Import(commands::import::ImportArgs),
     /// Run the checks of every applied migration.
     Validate,
     /// Write a snapshot of each tenant database to `<out>/<tenant>/` (mongodump layout plus a manifest),
@@ -198,6 +200,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
         Command::Up(a) => up::run(g, a, a.dry_run).await,
         Command::Down(a) => down::run(g, a).await,
         Command::Baseline(a) => baseline::run(g, a).await,
+        Command::Import(a) => import::run(g, a).await,
         Command::Validate => validate::run(g).await,
         Command::Backup(a) => backup::run(g, a).await,
         Command::Restore(a) => restore::run(g, a).await,

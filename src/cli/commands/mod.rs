@@ -6,6 +6,7 @@ pub mod baseline;
 pub mod controller;
 pub mod crd;
 pub mod down;
+pub mod import;
 pub mod lint;
 pub mod new;
 pub mod restore;

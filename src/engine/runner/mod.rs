@@ -529,6 +529,28 @@ pub async fn baseline(
         .find(|m| m.version == to || m.id() == to)
         .map(|m| m.version.clone())
         .ok_or_else(|| PlanError::UnknownMigration(to.to_string()))?;
+    baseline_these(db, tenant, migrations, opts, |m| m.version <= target && m.active_for(&opts.profiles)).await
+}
+
+/// Record these migrations (by id) as baselined, as [`baseline`] does: for databases another
+/// tool migrated (`dbshift import`).
+pub async fn baseline_ids(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    ids: &[String],
+    opts: &RunOptions,
+) -> Result<Vec<String>, RunError> {
+    baseline_these(db, tenant, migrations, opts, |m| ids.contains(&m.id())).await
+}
+
+async fn baseline_these(
+    db: &Database,
+    tenant: &str,
+    migrations: &[Migration],
+    opts: &RunOptions,
+    pick: impl Fn(&Migration) -> bool,
+) -> Result<Vec<String>, RunError> {
     let lease = acquire(db, opts).await?;
     let result = async {
         let l = Locked::new(db, tenant, opts, &lease).await;
@@ -542,7 +564,7 @@ pub async fn baseline(
         let records = load(db, opts).await?;
         let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
         let mut done = Vec::new();
-        for m in migrations.iter().filter(|m| m.version <= target && m.active_for(&opts.profiles)) {
+        for m in migrations.iter().filter(|m| pick(m)) {
             if records.iter().any(|r| r.id == m.id() && r.state.in_effect()) {
                 continue;
             }
