@@ -122,6 +122,12 @@ pub struct TenantsSpec {
     /// Databases never migrated, whatever selected them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// A version (`yyyyMMddHHmmss`): a tenant with no tracking record yet (created from a
+    /// current schema) is recorded as baselined up to it before it is migrated, instead of
+    /// replaying every migration from the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{14}$"))]
+    pub baseline: Option<String>,
 }
 
 /// A registry collection whose documents name tenant databases.

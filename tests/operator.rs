@@ -1254,6 +1254,47 @@ async fn a_run_outside_its_maintenance_windows_waits_for_the_next() {
     assert_eq!(env.flagged(2).await, [true, true]);
 }
 
+/// `spec.tenants.baseline`: a tenant with no tracking record (created from a current schema)
+/// is baselined to that version by its Job and gets only what came after; a tenant with a
+/// history is migrated as usual.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_new_tenant_is_baselined_not_replayed() {
+    let mut env = Env::new("baseline").await;
+    for i in 0..2 {
+        env.seed(i, false).await;
+    }
+    // Tenant 1 has a history: the first migration, applied by dbshift from a laptop.
+    let dir = common::migrations(BOTH_MIGRATIONS);
+    let o = common::cli(
+        &["up", "--to", "20250101000000", "--dir", dir.path().to_str().unwrap(), "--tenant", &env.tenant(1)],
+        &[("DBSHIFT_MONGODB_URI", &common::uri())],
+    );
+    assert!(o.status.success(), "{}", common::text(&o));
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let spec = format!(
+        "  tenants: {{ pattern: \"^{}_t\", baseline: \"20250101000000\" }}\n  rollout: {{ maxParallel: 2 }}",
+        env.prefix
+    );
+    // The resource's own tenants block replaces the default one.
+    let yaml = env.resource("base", &spec).replace(&format!("  tenants: {{ pattern: \"^{}_t\" }}\n", env.prefix), "");
+    env.apply(&yaml).await;
+    let d = env.wait_final("base", 240).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    let states = |r: Vec<(String, String)>| r.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    assert_eq!(states(env.records(0).await), ["baselined", "applied"]);
+    assert_eq!(states(env.records(1).await), ["applied", "applied"]);
+    let new = env.docs(0).await;
+    assert!(
+        new.iter().all(|d| d.get("flag").is_none() && d.get_i32("visits") == Ok(1)),
+        "tenant 0 replayed migration 1"
+    );
+    assert!(migrated(&env.docs(1).await));
+    assert_eq!(tenant_entry(&d, &env.tenant(0)).from_version.as_deref(), Some("20250101000000"));
+}
+
 fn phase(d: &DatabaseMigration) -> Option<Phase> {
     d.status.as_ref().and_then(|s| s.phase)
 }

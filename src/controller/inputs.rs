@@ -206,6 +206,17 @@ pub fn resolve_target(
 ) -> Result<Option<String>, InputError> {
     let Some(files) = files else { return Ok(dbm.spec.target.clone()) };
     let versions: Vec<(String, String)> = files.keys().filter_map(|k| loader::parse_file_name(k).ok()).collect();
+    if let Some(b) = &dbm.spec.tenants.baseline {
+        if !versions.iter().any(|(v, _)| v == b) {
+            return Err(invalid(
+                "BaselineNotFound",
+                format!(
+                    "spec.tenants.baseline {b} is not the version of any migration file ({} files)",
+                    versions.len()
+                ),
+            ));
+        }
+    }
     match &dbm.spec.target {
         Some(t) => {
             let known = versions.iter().any(|(v, n)| v == t || &format!("{v}_{n}") == t);

@@ -263,6 +263,9 @@ fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
     if spec.allow_changed {
         env.push(var(env::ALLOW_CHANGED, "true"));
     }
+    if let Some(b) = &spec.tenants.baseline {
+        env.push(var(env::BASELINE, b));
+    }
     match action {
         Action::Migrate if spec.dry_run => env.push(var(env::DRY_RUN, "true")),
         Action::Migrate => {}

@@ -21,6 +21,8 @@ pub const DRY_RUN: &str = "DBSHIFT_DRY_RUN";
 pub const ALLOW_CHANGED: &str = "DBSHIFT_ALLOW_CHANGED";
 /// Active profiles, comma-separated.
 pub const PROFILES: &str = "DBSHIFT_PROFILES";
+/// `dbshift run`: a tenant without any tracking record is first baselined to this version.
+pub const BASELINE: &str = "DBSHIFT_BASELINE";
 /// Where to snapshot the tenant before changing it: a [`crate::backup::Destination`].
 pub const BACKUP: &str = "DBSHIFT_BACKUP";
 /// How many snapshots of the tenant to keep there.

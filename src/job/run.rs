@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// How many snapshots of the tenant to keep there, newest first (0 keeps all).
     #[arg(long, env = env::BACKUP_RETENTION, default_value_t = 3)]
     pub backup_retention: usize,
+    /// A tenant with no tracking record yet (created from a current schema) is first recorded
+    /// as baselined up to this version, so it does not replay the history before it.
+    #[arg(long, env = env::BASELINE)]
+    pub baseline: Option<String>,
 }
 
 /// What a run needs besides its arguments (from the command line's global settings).
@@ -194,7 +198,12 @@ async fn migrate(
     a: &RunArgs,
     opts: &RunOptions,
 ) -> Result<TenantReport, Failure> {
-    let records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
+    let mut records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
+    if let (Some(version), true, None) = (&a.baseline, records.is_empty(), &a.rollback_run) {
+        let done = runner::baseline(db, tenant, migrations, version, opts).await?;
+        tracing::info!(tenant, baselined = done.len(), to = %version, "a new tenant: baselined, not replayed");
+        records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
+    }
     let report = match engine::planner::direction_for(&records, a.target.as_deref()) {
         Direction::Down => {
             let req = DownRequest::To(a.target.clone().unwrap_or_default());
