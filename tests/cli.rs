@@ -603,3 +603,53 @@ async fn a_new_tenant_is_baselined_before_it_is_migrated_and_an_old_one_is_not()
     let old = states(dump(&c.database(&names[1]), "_dbshift_migrations").await);
     assert!(old.iter().all(|(_, s)| s == "applied") && old.len() == 2, "{old:?}");
 }
+
+/// `status --schema`: after `up` the indexes and validators match what the migrations left
+/// (exit 0); changed by hand, each difference is listed, missing, extra or changed (exit 1).
+#[tokio::test]
+async fn status_schema_lists_indexes_and_validators_that_drifted() {
+    let names = tenants("cli_drift", 1).await;
+    let t = &names[0];
+    let c = client().await;
+    let dir = migrations(&[
+        (
+            "20250101000000_index.yaml",
+            "up:\n  - createIndex: { collection: items, keys: { name: 1 }, name: name_unique, unique: true }\n",
+        ),
+        (
+            "20250102000000_validator.yaml",
+            "up:\n  - setValidator: { collection: items, jsonSchema: { required: [name] } }\n",
+        ),
+    ]);
+    let d = dir.path().to_str().unwrap();
+    let env = [("DBSHIFT_MONGODB_URI", uri())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let o = cli(&["up", "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli(&["status", "--schema", "--dir", d, "--tenant", t], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("{t}: schema as the applied migrations left it")), "{}", text(&o));
+
+    // By hand, behind dbshift's back: the unique index dropped, another added, the validator loosened.
+    let db = c.database(t);
+    db.run_command(doc! {"dropIndexes": "items", "index": "name_unique"}).await.unwrap();
+    db.collection::<Document>("items")
+        .create_index(mongodb::IndexModel::builder().keys(doc! {"color": 1}).build())
+        .await
+        .unwrap();
+    db.run_command(doc! {"collMod": "items", "validator": {"$jsonSchema": {"required": ["color"]}}}).await.unwrap();
+    let o = cli(&["status", "--schema", "--dir", d, "--tenant", t], &env);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    for line in [
+        format!("{t}: drift: missing index name_unique on items (set by 20250101000000_index)"),
+        format!("{t}: drift: extra index color_1 on items (no migration made it)"),
+        format!("{t}: drift: changed validator on items (set by 20250102000000_validator)"),
+    ] {
+        assert!(out.contains(&line), "no {line:?} in:\n{out}");
+    }
+    let o = cli(&["status", "--schema", "--output", "json", "--dir", d, "--tenant", t], &env);
+    let j = json(&o);
+    assert_eq!(j["tenants"][0]["result"]["drift"].as_array().unwrap().len(), 3, "{j}");
+    assert_eq!(j["ok"], false);
+}

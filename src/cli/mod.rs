@@ -104,8 +104,9 @@ fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
 pub enum Command {
     /// Create a new migration file `<now>_<slug>.yaml` in the migrations directory.
     New(commands::new::NewArgs),
-    /// Per tenant: applied, pending, changed since applied (checksum), and applied but missing from the files (drift).
-    Status,
+    /// Per tenant: applied, pending, changed since applied (checksum), and applied but missing from the files (drift);
+    /// with --schema, indexes and validators that differ from what the applied migrations left.
+    Status(commands::status::StatusArgs),
     /// What `up` would do, on which tenants, with estimated document counts. Writes nothing.
     Plan(commands::up::UpArgs),
     /// Apply pending migrations.
@@ -195,7 +196,7 @@ async fn dispatch(cli: Cli) -> Result<Exit, Failure> {
         Command::Lint(a) => lint::run(g, a),
         Command::Schema => schema::run(),
         Command::Crd => crd::run(),
-        Command::Status => status::run(g).await,
+        Command::Status(a) => status::run(g, a).await,
         Command::Plan(a) => up::run(g, a, true).await,
         Command::Up(a) => up::run(g, a, a.dry_run).await,
         Command::Down(a) => down::run(g, a).await,

@@ -173,6 +173,39 @@ pub fn print_status(out: Output, results: &Results<Vec<Entry>>, redactor: &Redac
     }
 }
 
+pub fn print_schema_status(
+    out: Output,
+    results: &Results<crate::cli::commands::status::WithSchema>,
+    redactor: &Redactor,
+) {
+    if out == Output::Json {
+        return print_json("status", results, |w| w.drift.is_empty(), redactor);
+    }
+    let plain: Vec<(String, Result<Vec<Entry>, Failure>)> = results
+        .iter()
+        .map(|(t, r)| (t.clone(), r.as_ref().map(|w| w.migrations.clone()).map_err(Clone::clone)))
+        .collect();
+    print_status(out, &plain, redactor);
+    for (tenant, r) in results {
+        let Ok(w) = r else { continue };
+        if w.drift.is_empty() {
+            println!("{tenant}: schema as the applied migrations left it (indexes and validators)");
+        }
+        for d in &w.drift {
+            let what = if d.name.is_empty() { d.what.to_string() } else { format!("{} {}", d.what, d.name) };
+            let by = d
+                .migration
+                .as_ref()
+                .map(|m| format!(" (set by {m})"))
+                .unwrap_or_else(|| " (no migration made it)".into());
+            println!("{tenant}: drift: {} {what} on {}{by}", d.kind, d.collection);
+        }
+        if !w.unchecked.is_empty() {
+            println!("{tenant}: not followed (runCommand): {}", w.unchecked.join(", "));
+        }
+    }
+}
+
 fn describe(op: &Operation) -> String {
     match op.collection() {
         Some(c) => format!("{} on {c}", op.kind()),

@@ -10,6 +10,7 @@
 
 pub mod bsonx;
 pub mod count;
+pub mod drift;
 pub mod loader;
 pub mod lock;
 pub mod model;

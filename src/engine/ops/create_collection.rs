@@ -64,7 +64,7 @@ impl ValidationAction {
 
 impl CreateCollection {
     /// The `create` command.
-    fn command(&self) -> Result<bson::Document, ExecError> {
+    pub(crate) fn command(&self) -> Result<bson::Document, ExecError> {
         let mut cmd = doc! {"create": &self.collection};
         let schema = self.json_schema.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
         let other = self.validator.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;

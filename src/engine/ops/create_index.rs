@@ -36,7 +36,7 @@ pub struct CreateIndex {
 
 impl CreateIndex {
     /// The index specification as `createIndexes` takes it.
-    fn spec(&self) -> Result<Document, ExecError> {
+    pub(crate) fn spec(&self) -> Result<Document, ExecError> {
         let keys = bsonx::map_to_doc(&self.keys).map_err(data_err)?;
         let name = self.name.clone().unwrap_or_else(|| {
             keys.iter()
@@ -69,7 +69,7 @@ impl CreateIndex {
 }
 
 /// Compare two index definitions, ignoring server-added fields and number types.
-fn same_index(a: &Document, b: &Document) -> bool {
+pub(crate) fn same_index(a: &Document, b: &Document) -> bool {
     let norm = |d: &Document| -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = d
             .iter()

@@ -40,6 +40,7 @@ mod update_many;
 pub use add_field::AddField;
 pub use convert_type::{BsonType, ConvertType, OnConvertError};
 pub use create_collection::{CreateCollection, ValidationAction, ValidationLevel};
+pub(crate) use create_index::same_index;
 pub use create_index::CreateIndex;
 pub use delete_documents::DeleteDocuments;
 pub use drop_collection::CollectionRef;

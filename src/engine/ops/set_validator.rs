@@ -52,7 +52,7 @@ impl Options {
 
 impl SetValidator {
     /// The validator it sets, if it sets one.
-    fn new_validator(&self) -> Result<Option<Document>, ExecError> {
+    pub(crate) fn new_validator(&self) -> Result<Option<Document>, ExecError> {
         let schema = self.json_schema.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
         let other = self.validator.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
         Ok(match (schema, other) {

@@ -274,6 +274,17 @@ pub async fn status(
     Ok(entries)
 }
 
+/// The indexes and validators the migrations in effect left, compared with the database
+/// (see [`super::drift`]); and the migrations with `runCommand` steps that cannot be followed.
+pub async fn schema_drift(
+    db: &Database,
+    migrations: &[Migration],
+    opts: &RunOptions,
+) -> Result<(Vec<super::drift::Difference>, Vec<String>), RunError> {
+    let records = load(db, opts).await?;
+    super::drift::drift(db, migrations, &records).await.map_err(mongo("comparing indexes and validators"))
+}
+
 /// The tenant under its lock: what every step needs to change it.
 struct Locked<'a> {
     db: &'a Database,
