@@ -458,6 +458,13 @@ async fn a_tenant_failing_a_precheck_is_left_untouched_and_failed_or_skipped() {
     assert_eq!(t1["result"]["skipped"], true, "{j}");
     assert_eq!(t1["result"]["prechecks"][0]["passed"], false, "{j}");
     assert_eq!(dump_db(&c.database(&names[1])).await, before, "the skipped tenant was changed");
+    let o = cli(&[&["up", "--dir", d][..], &tenant_args].concat(), &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let skipped =
+        format!("{}: SKIPPED (onPrecheckFailure: skip): pre-check unique of 20250101000000_unique_codes", names[1]);
+    assert!(t.contains(&skipped), "{t}");
+    assert!(t.contains("2 tenant(s): 1 ok, 0 failed, 1 skipped by pre-checks"), "{t}");
 }
 
 /// A database migrated by other means: `baseline --to` records the migrations up to there as
@@ -602,6 +609,23 @@ async fn a_new_tenant_is_baselined_before_it_is_migrated_and_an_old_one_is_not()
     assert!(items.iter().all(|d| d.get("color").is_none() && d.get_i32("size") == Ok(1)), "replayed: {items:?}");
     let old = states(dump(&c.database(&names[1]), "_dbshift_migrations").await);
     assert!(old.iter().all(|(_, s)| s == "applied") && old.len() == 2, "{old:?}");
+
+    // A dry run on a new tenant plans only what comes after the baseline, and writes nothing.
+    let fresh = tenants("cli_newbase_dry", 1).await;
+    let o = cli(
+        &["run", "--output", "json"],
+        &[
+            ("DBSHIFT_MONGODB_URI", &uri),
+            ("DBSHIFT_TENANT", &fresh[0]),
+            ("DBSHIFT_DIR", d),
+            ("DBSHIFT_BASELINE", "20250101000000"),
+            ("DBSHIFT_DRY_RUN", "true"),
+            ("DBSHIFT_RESULT_FILE", "/nonexistent/result"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let colls = c.database(&fresh[0]).list_collection_names().await.unwrap();
+    assert_eq!(colls, vec!["items".to_string()], "a dry run wrote: {}", text(&o));
 }
 
 /// `status --schema`: after `up` the indexes and validators match what the migrations left

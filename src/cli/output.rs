@@ -242,9 +242,9 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
             );
         }
         if report.migrations.is_empty() {
-            match (&report.error, report.skipped) {
-                (Some(e), true) => println!("{tenant}: SKIPPED: {}", redactor.apply(e)),
-                (Some(e), false) if !report.prechecks.is_empty() => println!("{tenant}: FAILED: {}", redactor.apply(e)),
+            match (&report.error, &report.skip_reason) {
+                (_, Some(why)) => println!("{tenant}: SKIPPED (onPrecheckFailure: skip): {}", redactor.apply(why)),
+                (Some(e), None) if !report.prechecks.is_empty() => println!("{tenant}: FAILED: {}", redactor.apply(e)),
                 _ => println!(
                     "{tenant}: nothing to do (at {})",
                     report.from_version.as_deref().unwrap_or("no migration")

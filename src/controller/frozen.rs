@@ -70,7 +70,7 @@ pub struct FrozenRun {
 }
 
 /// SHA-256 of what defines a run in `spec`: everything but what steers a run in progress
-/// (`suspend`, `rollout.approval`).
+/// (`suspend`, `rollout.approval`, `rollout.windows`).
 pub fn spec_digest(spec: &DatabaseMigrationSpec) -> String {
     use sha2::{Digest, Sha256};
     let json = serde_json::to_vec(&spec.run_defining()).expect("serializable");

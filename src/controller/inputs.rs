@@ -206,6 +206,16 @@ pub fn resolve_target(
 ) -> Result<Option<String>, InputError> {
     let Some(files) = files else { return Ok(dbm.spec.target.clone()) };
     let versions: Vec<(String, String)> = files.keys().filter_map(|k| loader::parse_file_name(k).ok()).collect();
+    if let (Some(b), Some(t)) = (&dbm.spec.tenants.baseline, &dbm.spec.target) {
+        if b.as_str() > t.as_str() {
+            return Err(invalid(
+                "InvalidSpec",
+                format!(
+                    "spec.tenants.baseline {b} is above spec.target {t}: new tenants would be recorded past the target"
+                ),
+            ));
+        }
+    }
     if let Some(b) = &dbm.spec.tenants.baseline {
         if !versions.iter().any(|(v, _)| v == b) {
             return Err(invalid(
@@ -382,5 +392,14 @@ mod tests {
         d.spec.target = Some("20240101000000".into());
         let e = resolve_target(&d, Some(&files)).unwrap_err();
         assert_eq!(e.reason, "TargetNotFound");
+        // A baseline must be a file's version, and not above the target.
+        d.spec.target = None;
+        d.spec.tenants.baseline = Some("20250102000000".into());
+        assert_eq!(resolve_target(&d, Some(&files)).unwrap_err().reason, "BaselineNotFound");
+        d.spec.tenants.baseline = Some("20250105000000".into());
+        d.spec.target = Some("20250101000000".into());
+        assert!(resolve_target(&d, Some(&files)).unwrap_err().message.contains("above spec.target"));
+        d.spec.target = None;
+        assert!(resolve_target(&d, Some(&files)).is_ok());
     }
 }

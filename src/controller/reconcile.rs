@@ -147,7 +147,7 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
         if r.status.observed_generation == Some(r.generation()) {
             return Ok(Requeue::await_change());
         }
-        if only_steering_changed(&ctx, &r).await {
+        if only_steering_changed(&ctx, &r).await? {
             // Suspending, resuming or changing the approval of a finished run: nothing to run.
             let new = status::observed(&r.status, r.generation());
             act::write_status(&ctx, &r, &new).await?;
@@ -158,12 +158,14 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
 }
 
 /// Whether the finished run's spec differs from the resource's only in what steers a run
-/// (`suspend`, `rollout.approval`). A plan that cannot be read counts as a change.
-async fn only_steering_changed(ctx: &Context, r: &Resource<'_>) -> bool {
-    let Some(run_id) = r.status.run_id.as_deref() else { return false };
+/// (`suspend`, `rollout.approval`, `rollout.windows`). A plan that is gone or not this
+/// resource's counts as a change; one that cannot be read now is an error (retried).
+async fn only_steering_changed(ctx: &Context, r: &Resource<'_>) -> Result<bool, Error> {
+    let Some(run_id) = r.status.run_id.as_deref() else { return Ok(false) };
     let same = match observe::plan(ctx, r, run_id).await {
-        Ok(plan) => frozen::same_run(&plan, r.generation(), &r.dbm.spec),
-        Err(_) => false,
+        Ok(plan) => Ok(frozen::same_run(&plan, r.generation(), &r.dbm.spec)),
+        Err(observe::ObserveError::Lost(_)) => Ok(false),
+        Err(e) => Err(e.into()),
     };
     // The run is over: keep no memory of it.
     ctx.runs.lock().expect("lock").remove(&r.key);
@@ -332,8 +334,14 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         act::write_status(ctx, r, &new).await?;
     }
     // A resource being deleted or suspended starts nothing, not even a Job lost before a
-    // restart (the status keeps it as launched; it is created once the resource is resumed).
-    let missing = if gates.deleting || gates.suspended { Vec::new() } else { seen.missing };
+    // restart (the status keeps it as launched; it is created once the resource is resumed);
+    // outside the maintenance windows only lost rollback Jobs are created again.
+    let missing: Vec<(usize, Action)> = if gates.deleting || gates.suspended {
+        Vec::new()
+    } else {
+        let open = gates.window == windows::Now::Open;
+        seen.missing.into_iter().filter(|(_, a)| open || *a == Action::Rollback).collect()
+    };
     let launches: Vec<(usize, Action)> = decision.launch.iter().chain(&missing).copied().collect();
     act::launch(ctx, r, &plan, &launches).await?;
 

@@ -97,7 +97,8 @@ pub enum Check {
     /// An aggregation that must return no documents (each returned document is a violation).
     Aggregate(AggregateCheck),
     /// No two documents share the values of these keys (what a unique index on them needs;
-    /// a missing field counts as null, as the index counts it).
+    /// a missing field counts as null, as the index counts it). Array values are compared
+    /// whole: a multikey index compares each element, so duplicates inside arrays are missed.
     Unique(UniqueCheck),
 }
 

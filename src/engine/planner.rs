@@ -268,13 +268,17 @@ pub enum DownRequest {
 }
 
 /// Records `down` undoes, newest first. Fails if any of them cannot be undone. Baselined
-/// records are never undone: a `down` reaching them stops above them.
+/// records are never undone, nor anything below the newest of them: a `down` stops above it.
 pub fn plan_down<'a>(
     migrations: &[Migration],
     records: &'a [Record],
     req: &DownRequest,
 ) -> Result<Vec<&'a Record>, PlanError> {
-    let mut applied: Vec<&Record> = records.iter().filter(|r| r.state == State::Applied).collect();
+    // A baseline is a floor: nothing at or below it is undone (dbshift did not apply what it
+    // covers, and what lies under it was the state the baseline describes).
+    let floor = records.iter().filter(|r| r.state == State::Baselined).map(|r| r.version.as_str()).max();
+    let mut applied: Vec<&Record> =
+        records.iter().filter(|r| r.state == State::Applied && floor.is_none_or(|f| r.version.as_str() > f)).collect();
     applied.sort_by(|a, b| b.version.cmp(&a.version));
     let chosen: Vec<&Record> = match req {
         DownRequest::Steps(n) => applied.into_iter().take(*n).collect(),
@@ -301,6 +305,17 @@ pub fn plan_down<'a>(
                 return Err(PlanError::Irreversible(format!(
                     "{} is baselined: it was recorded as applied, not applied by dbshift, which cannot undo it",
                     b.id
+                )));
+            }
+            if let Some(r) = records.iter().find(|r| {
+                r.state == State::Applied
+                    && matches(&r.version, &r.id, o)
+                    && floor.is_some_and(|f| r.version.as_str() <= f)
+            }) {
+                return Err(PlanError::Irreversible(format!(
+                    "{} lies below the baseline ({}): a down never goes under a baseline",
+                    r.id,
+                    floor.unwrap_or_default()
                 )));
             }
             let r = applied
@@ -340,6 +355,18 @@ mod tests {
     use super::*;
     use crate::engine::loader::load_sources;
     use std::path::PathBuf;
+
+    #[test]
+    fn down_stops_above_the_newest_baseline() {
+        let m = migs();
+        let mut recs: Vec<Record> = vec![rec(&m[0], 1), rec(&m[1], 2), rec(&m[3], 3)];
+        recs[1].state = State::Baselined;
+        let ids = |r: Vec<&Record>| r.into_iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(plan_down(&m, &recs, &DownRequest::To("0".into())).unwrap()), [m[3].id()]);
+        assert_eq!(ids(plan_down(&m, &recs, &DownRequest::Steps(5)).unwrap()), [m[3].id()]);
+        let below = plan_down(&m, &recs, &DownRequest::Only(m[0].id())).unwrap_err().to_string();
+        assert!(below.contains("below the baseline"), "{below}");
+    }
 
     fn migs() -> Vec<Migration> {
         load_sources(vec![

@@ -172,7 +172,8 @@ async fn duplicates(
 ) -> Result<(u64, Vec<Document>), mongodb::error::Error> {
     let mut group = Document::new();
     for (i, k) in keys.keys().enumerate() {
-        group.insert(format!("k{i}"), format!("${k}"));
+        // A missing field and null are one value to a unique index.
+        group.insert(format!("k{i}"), doc! {"$ifNull": [format!("${k}"), Bson::Null]});
     }
     let pipeline = vec![
         doc! {"$group": {"_id": group, "n": {"$sum": 1}, "ids": {"$push": "$_id"}}},

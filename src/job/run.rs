@@ -198,12 +198,7 @@ async fn migrate(
     a: &RunArgs,
     opts: &RunOptions,
 ) -> Result<TenantReport, Failure> {
-    let mut records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
-    if let (Some(version), true, None) = (&a.baseline, records.is_empty(), &a.rollback_run) {
-        let done = runner::baseline(db, tenant, migrations, version, opts).await?;
-        tracing::info!(tenant, baselined = done.len(), to = %version, "a new tenant: baselined, not replayed");
-        records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
-    }
+    let records = tracking::load(db, &opts.tracking).await.map_err(unreachable)?;
     let report = match engine::planner::direction_for(&records, a.target.as_deref()) {
         Direction::Down => {
             let req = DownRequest::To(a.target.clone().unwrap_or_default());
@@ -211,7 +206,10 @@ async fn migrate(
         }
         Direction::Up => {
             let req = UpRequest { target: a.target.clone(), only: None, allow_changed: a.allow_changed };
-            runner::up(db, tenant, migrations, &req, opts).await
+            // A new tenant (no record) is baselined by `up`, under its lock, after its pre-checks.
+            let mut opts = opts.clone();
+            opts.baseline_new = a.baseline.clone();
+            runner::up(db, tenant, migrations, &req, &opts).await
         }
     };
     Ok(report?)
@@ -360,6 +358,7 @@ fn down_report(
         error: None,
         prechecks: Vec::new(),
         skipped: false,
+        skip_reason: None,
     }
 }
 

@@ -55,6 +55,16 @@ pub async fn approve(a: &ApproveArgs) -> Result<String, Failure> {
                 "run {run} of {ns}/{name} is over ({phase}): nothing to approve (a change of the spec starts a new run)"
             )));
         }
+        // The run carries out the generation it observed; a later spec waits for it to end.
+        let generation = dbm.metadata.generation.unwrap_or(0);
+        if a.run.is_none() && st.observed_generation.is_some_and(|g| g < generation) {
+            return Err(Failure::invalid(format!(
+                "the spec of {ns}/{name} changed (generation {generation}) since run {run} started (generation {}): \
+                 approving would carry out the old spec. Approve it anyway with --run {run}, or delete and re-apply \
+                 the resource to start a run of the new spec",
+                st.observed_generation.unwrap_or(0)
+            )));
+        }
         if dbm.metadata.annotations.as_ref().and_then(|m| m.get(APPROVE_ANNOTATION)) == Some(&run) {
             return Ok(format!("run {run} of {ns}/{name} is already approved ({phase})"));
         }

@@ -75,6 +75,10 @@ pub struct RunOptions {
     pub before_change: Option<BeforeChange>,
     /// Set to stop at the next safe point (SIGTERM): the current migration is undone.
     pub stop: Option<Arc<AtomicBool>>,
+    /// `up` on a tenant with no tracking record first records the migrations up to this
+    /// version as baselined (a tenant created from a current schema): checked again under the
+    /// lock, after the pre-checks, never in a dry run.
+    pub baseline_new: Option<String>,
 }
 
 impl RunOptions {
@@ -92,6 +96,7 @@ impl RunOptions {
             observer: Arc::new(Quiet),
             before_change: None,
             stop: None,
+            baseline_new: None,
         }
     }
 
@@ -216,6 +221,9 @@ pub struct TenantReport {
     /// A pre-check failed under `onPrecheckFailure: skip`: the tenant was left untouched.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Why it was skipped (not an error: the file chose to go on without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
 }
 
 impl TenantReport {
@@ -243,6 +251,7 @@ impl TenantReport {
             error: None,
             prechecks: Vec::new(),
             skipped: false,
+            skip_reason: None,
         }
     }
 }
@@ -327,6 +336,7 @@ impl<'a> Locked<'a> {
             error,
             prechecks: Vec::new(),
             skipped: false,
+            skip_reason: None,
         })
     }
 }
@@ -394,9 +404,11 @@ impl TenantReport {
                 self.ok = false;
                 self.error = self.error.or(Some(why.clone()));
             }
-            // Not an error: the file chose to go on without the tenant (the failed pre-checks
-            // say why).
-            Prechecked::Skipped(_) => self.skipped = true,
+            // Not an error: the file chose to go on without the tenant.
+            Prechecked::Skipped(why) => {
+                self.skipped = true;
+                self.skip_reason = Some(why.clone());
+            }
         }
         self
     }
@@ -412,7 +424,12 @@ pub async fn up(
 ) -> Result<TenantReport, RunError> {
     let records = load(db, opts).await?;
     let from_version = current_version(&records);
-    let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
+    let mut planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
+    // A new tenant with a baseline gets only what comes after it (plans and pre-checks too).
+    let baseline = opts.baseline_new.as_deref().filter(|_| records.is_empty());
+    if let Some(b) = baseline {
+        planned.retain(|m| m.version.as_str() > b);
+    }
     // Before the lock and the snapshot: a tenant that cannot take the change is not touched.
     let (checked, verdict) = prechecks(db, &planned).await;
     if opts.dry_run {
@@ -428,7 +445,7 @@ pub async fn up(
         return Ok(report.with_prechecks(checked, &verdict));
     }
     let stopped = verdict != Prechecked::Passed;
-    if (planned.is_empty() || stopped) && !interrupted(&records) {
+    if ((planned.is_empty() && baseline.is_none()) || stopped) && !interrupted(&records) {
         let report = TenantReport::unchanged(tenant, Direction::Up, false, from_version, vec![]);
         return Ok(report.with_prechecks(checked, &verdict));
     }
@@ -446,7 +463,13 @@ pub async fn up(
             return Ok(report.with_prechecks(checked.clone(), &verdict));
         }
         // Read again under the lock: another runner may have applied some in the meantime.
-        let records = load(db, opts).await?;
+        let mut records = load(db, opts).await?;
+        if let (Some(b), true) = (baseline, records.is_empty()) {
+            let done =
+                l.record_baselined(migrations, |m| m.version.as_str() <= b && m.active_for(&opts.profiles)).await?;
+            tracing::info!(tenant, baselined = done.len(), to = %b, "a new tenant: baselined, not replayed");
+            records = load(db, opts).await?;
+        }
         let from_version = current_version(&records);
         let planned = planner::plan_up(migrations, &records, req, &opts.profiles)?;
         let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
@@ -572,6 +595,20 @@ async fn baseline_these(
                 o.id
             ))));
         }
+        l.record_baselined(migrations, pick).await
+    }
+    .await;
+    release(lease, result).await
+}
+
+impl Locked<'_> {
+    /// Under the lock: record the picked migrations that are not in effect as baselined.
+    async fn record_baselined(
+        &self,
+        migrations: &[Migration],
+        pick: impl Fn(&Migration) -> bool,
+    ) -> Result<Vec<String>, RunError> {
+        let (db, opts) = (self.db, self.opts);
         let records = load(db, opts).await?;
         let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
         let mut done = Vec::new();
@@ -608,8 +645,6 @@ async fn baseline_these(
         }
         Ok(done)
     }
-    .await;
-    release(lease, result).await
 }
 
 /// Run the checks of every applied migration that has checks.
