@@ -293,8 +293,8 @@ async fn changed_files_and_held_locks_have_their_own_exit_codes() {
     let names = tenants("cli_codes", 1).await;
     let dir = migrations(&[("20250101000000_add_color.yaml", ADD)]);
     let d = dir.path().to_str().unwrap();
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
     assert!(cli(&["up", "--dir", d, "--tenant", &names[0]], &env).status.success());
     std::fs::write(dir.path().join("20250101000000_add_color.yaml"), ADD.replace("red", "blue")).unwrap();
     let o = cli(&["up", "--dir", d, "--tenant", &names[0]], &env);
@@ -331,8 +331,8 @@ async fn backup_and_restore_from_the_command_line() {
     let names = tenants("cli_backup", 2).await;
     let out = tempfile::tempdir().unwrap();
     let o_dir = out.path().join("snap");
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
     let tenants_arg = names.join(",");
     let o = cli(&["backup", "--out", o_dir.to_str().unwrap(), "--tenant", &tenants_arg, "--gzip"], &env);
     assert!(o.status.success(), "{}", text(&o));
@@ -413,8 +413,8 @@ async fn a_tenant_failing_a_precheck_is_left_untouched_and_failed_or_skipped() {
     };
     let dir = migrations(&[("20250101000000_unique_codes.yaml", &file(""))]);
     let d = dir.path().to_str().unwrap();
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
     let tenant_args = ["--tenant", &names[0], "--tenant", &names[1]];
     let before = dump_db(&c.database(&names[1])).await;
 
@@ -486,8 +486,8 @@ async fn baseline_records_without_changing_and_down_never_undoes_it() {
         ("20250103000000_add_size.yaml", "up:\n  - addField: { collection: items, field: size, value: 1 }\n"),
     ]);
     let d = dir.path().to_str().unwrap();
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
     let before = dump(&c.database(t), "items").await;
 
     let o = cli(&["baseline", "--to", "20250102000000", "--dir", d, "--tenant", t], &env);
@@ -540,8 +540,8 @@ async fn import_migrate_mongo_baselines_what_its_changelog_lists() {
         ("20250103000000_add_size.yaml", "up:\n  - addField: { collection: items, field: size, value: 1 }\n"),
     ]);
     let d = dir.path().to_str().unwrap();
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
 
     let o = cli(&["import", "migrate-mongo", "--dir", d, "--tenant", t], &env);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
@@ -646,8 +646,8 @@ async fn status_schema_lists_indexes_and_validators_that_drifted() {
         ),
     ]);
     let d = dir.path().to_str().unwrap();
-    let env = [("DBSHIFT_MONGODB_URI", uri())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
     let o = cli(&["up", "--dir", d, "--tenant", t], &env);
     assert!(o.status.success(), "{}", text(&o));
     let o = cli(&["status", "--schema", "--dir", d, "--tenant", t], &env);

@@ -28,11 +28,13 @@ pub enum Now {
     Closed(Option<Timestamp>),
 }
 
+/// Minutes after midnight of `HH:MM` (`24:00` included).
 fn minutes(hhmm: &str, what: &str, i: usize) -> Result<i32, String> {
     let bad = || format!("spec.rollout.windows[{i}].{what}: {hhmm:?} is not HH:MM");
-    let (h, m) = hhmm.split_once(':').ok_or_else(bad)?;
-    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-    if h.to_string().len() > 2 || m > 59 || h > 24 || (h == 24 && m != 0) || m < 0 || h < 0 {
+    let two =
+        |s: &str| (s.len() == 2 && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse::<i32>().ok()).flatten();
+    let (h, m) = hhmm.split_once(':').and_then(|(h, m)| Some((two(h)?, two(m)?))).ok_or_else(bad)?;
+    if m > 59 || h > 24 || (h == 24 && m != 0) {
         return Err(bad());
     }
     Ok(h * 60 + m)

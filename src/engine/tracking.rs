@@ -152,6 +152,35 @@ pub struct Record {
 }
 
 impl Record {
+    /// A new record of migration `m` in `state`, made now by `run_id` on `host`, with nothing
+    /// done yet.
+    pub fn of(m: &super::loader::Migration, state: State, batch: i32, run_id: &str, host: String) -> Record {
+        Record {
+            id: m.id(),
+            version: m.version.clone(),
+            name: m.name.clone(),
+            description: m.file.description.clone(),
+            author: m.file.author.clone(),
+            checksum: m.checksum.clone(),
+            state,
+            applied_at: DateTime::now(),
+            duration_ms: 0,
+            documents_affected: 0,
+            batch,
+            run_id: run_id.to_string(),
+            host,
+            steps: Vec::new(),
+            rollback_data: None,
+            down: None,
+            irreversible: None,
+            error: None,
+            rolled_back_at: None,
+            rolled_back_by: None,
+            work: None,
+            conflicts: None,
+        }
+    }
+
     /// The operations `down` runs, when it can run.
     pub fn down_ops(&self) -> Result<Vec<Operation>, String> {
         match (&self.down, &self.irreversible) {

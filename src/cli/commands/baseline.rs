@@ -33,18 +33,32 @@ pub async fn run(g: &Global, a: &BaselineArgs) -> Result<Exit, Failure> {
         async move { Ok(Baselined { baselined: runner::baseline(&db, &t, m, to, o).await? }) }
     })
     .await;
-    if g.output == output::Output::Json {
-        output::print_json("baseline", &results, |_| true, &f.conn.redactor);
-    } else {
-        for (tenant, r) in &results {
-            match r {
-                Ok(b) if b.baselined.is_empty() => {
-                    println!("{tenant}: nothing to baseline (already in effect up to {})", a.to)
-                }
-                Ok(b) => println!("{tenant}: baselined {} migration(s): {}", b.baselined.len(), b.baselined.join(", ")),
-                Err(e) => output::print_error(tenant, e, &f.conn.redactor),
+    let nothing = format!("nothing to baseline (already in effect up to {})", a.to);
+    print(g.output, "baseline", &results, &f.conn.redactor, "baselined {n} migration(s)", &nothing);
+    Ok(worst(&results, |_| Exit::Ok))
+}
+
+/// What `baseline` or `import` recorded per tenant: `done` (`{n}` is the count) followed by
+/// the ids, or `nothing` when every migration was in effect already.
+pub fn print(
+    out: output::Output,
+    command: &str,
+    results: &[(String, Result<Baselined, Failure>)],
+    redactor: &crate::redact::Redactor,
+    done: &str,
+    nothing: &str,
+) {
+    if out == output::Output::Json {
+        return output::print_json(command, results, |_| true, redactor);
+    }
+    for (tenant, r) in results {
+        match r {
+            Ok(b) if b.baselined.is_empty() => println!("{tenant}: {nothing}"),
+            Ok(b) => {
+                let done = done.replace("{n}", &b.baselined.len().to_string());
+                println!("{tenant}: {done}: {}", b.baselined.join(", "))
             }
+            Err(e) => output::print_error(tenant, e, redactor),
         }
     }
-    Ok(worst(&results, |_| Exit::Ok))
 }

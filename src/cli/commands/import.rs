@@ -11,9 +11,9 @@ use bson::Document;
 use clap::{Args, Subcommand};
 use futures::TryStreamExt;
 
-use crate::cli::commands::baseline::Baselined;
+use crate::cli::commands::baseline::{self, Baselined};
 use crate::cli::fleet::{self, for_each_tenant, worst};
-use crate::cli::{output, Global};
+use crate::cli::Global;
 use crate::engine::{runner, Migration};
 use crate::exit::{Exit, Failure};
 
@@ -105,20 +105,7 @@ pub async fn run(g: &Global, a: &ImportArgs) -> Result<Exit, Failure> {
         }
     })
     .await;
-    if g.output == output::Output::Json {
-        output::print_json("import", &results, |_| true, &f.conn.redactor);
-    } else {
-        for (tenant, r) in &results {
-            match r {
-                Ok(b) if b.baselined.is_empty() => println!("{tenant}: nothing to import (already in effect)"),
-                Ok(b) => println!(
-                    "{tenant}: imported {} migration(s) as baselined: {}",
-                    b.baselined.len(),
-                    b.baselined.join(", ")
-                ),
-                Err(e) => output::print_error(tenant, e, &f.conn.redactor),
-            }
-        }
-    }
+    let (done, nothing) = ("imported {n} migration(s) as baselined", "nothing to import (already in effect)");
+    baseline::print(g.output, "import", &results, &f.conn.redactor, done, nothing);
     Ok(worst(&results, |_| Exit::Ok))
 }

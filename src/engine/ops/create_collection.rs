@@ -62,27 +62,46 @@ impl ValidationAction {
     }
 }
 
+/// The validator a `$jsonSchema` and another query make together (both must hold; an empty
+/// query adds nothing), if either is given.
+pub(crate) fn combined_validator(
+    json_schema: Option<&Json>,
+    validator: Option<&Json>,
+) -> Result<Option<bson::Document>, ExecError> {
+    let schema = json_schema.map(bsonx::to_doc).transpose().map_err(data_err)?;
+    let other = validator.map(bsonx::to_doc).transpose().map_err(data_err)?;
+    Ok(match (schema, other) {
+        (Some(s), Some(v)) if !v.is_empty() => Some(doc! {"$and": [{"$jsonSchema": s}, v]}),
+        (Some(s), _) => Some(doc! {"$jsonSchema": s}),
+        (None, v) => v,
+    })
+}
+
+/// Add the validation options given to a `create` or `collMod` command.
+pub(crate) fn with_validation(
+    mut cmd: bson::Document,
+    validator: Option<bson::Document>,
+    level: Option<ValidationLevel>,
+    action: Option<ValidationAction>,
+) -> bson::Document {
+    if let Some(v) = validator {
+        cmd.insert("validator", v);
+    }
+    if let Some(l) = level {
+        cmd.insert("validationLevel", l.as_str());
+    }
+    if let Some(a) = action {
+        cmd.insert("validationAction", a.as_str());
+    }
+    cmd
+}
+
 impl CreateCollection {
     /// The `create` command.
     pub(crate) fn command(&self) -> Result<bson::Document, ExecError> {
-        let mut cmd = doc! {"create": &self.collection};
-        let schema = self.json_schema.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
-        let other = self.validator.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
-        let validator = match (schema, other) {
-            (Some(s), Some(v)) => Some(doc! {"$and": [{"$jsonSchema": s}, v]}),
-            (Some(s), None) => Some(doc! {"$jsonSchema": s}),
-            (None, v) => v,
-        };
-        if let Some(v) = validator {
-            cmd.insert("validator", v);
-        }
-        if let Some(l) = self.validation_level {
-            cmd.insert("validationLevel", l.as_str());
-        }
-        if let Some(a) = self.validation_action {
-            cmd.insert("validationAction", a.as_str());
-        }
-        Ok(cmd)
+        let validator = combined_validator(self.json_schema.as_ref(), self.validator.as_ref())?;
+        let cmd = doc! {"create": &self.collection};
+        Ok(with_validation(cmd, validator, self.validation_level, self.validation_action))
     }
 
     /// Move it aside (what was written into it meanwhile is kept there).

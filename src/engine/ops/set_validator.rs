@@ -8,9 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{data_err, filter_problem, json, mongo, Exec, ExecError, Op, Operation, Prepared};
+use super::create_collection::{combined_validator, with_validation};
+use super::{filter_problem, json, mongo, Exec, ExecError, Op, Operation, Prepared};
 use super::{ValidationAction, ValidationLevel};
-use crate::engine::bsonx;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -53,28 +53,13 @@ impl Options {
 impl SetValidator {
     /// The validator it sets, if it sets one.
     pub(crate) fn new_validator(&self) -> Result<Option<Document>, ExecError> {
-        let schema = self.json_schema.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
-        let other = self.validator.as_ref().map(bsonx::to_doc).transpose().map_err(data_err)?;
-        Ok(match (schema, other) {
-            (Some(s), Some(v)) if !v.is_empty() => Some(doc! {"$and": [{"$jsonSchema": s}, v]}),
-            (Some(s), _) => Some(doc! {"$jsonSchema": s}),
-            (None, v) => v,
-        })
+        combined_validator(self.json_schema.as_ref(), self.validator.as_ref())
     }
 
     /// The `collMod` command.
     fn command(&self) -> Result<Document, ExecError> {
-        let mut cmd = doc! {"collMod": &self.collection};
-        if let Some(v) = self.new_validator()? {
-            cmd.insert("validator", v);
-        }
-        if let Some(l) = self.validation_level {
-            cmd.insert("validationLevel", l.as_str());
-        }
-        if let Some(a) = self.validation_action {
-            cmd.insert("validationAction", a.as_str());
-        }
-        Ok(cmd)
+        let cmd = doc! {"collMod": &self.collection};
+        Ok(with_validation(cmd, self.new_validator()?, self.validation_level, self.validation_action))
     }
 
     /// Whether the collection already has every option this sets.

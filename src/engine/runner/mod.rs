@@ -617,28 +617,8 @@ impl Locked<'_> {
                 continue;
             }
             let record = Record {
-                id: m.id(),
-                version: m.version.clone(),
-                name: m.name.clone(),
-                description: m.file.description.clone(),
-                author: m.file.author.clone(),
-                checksum: m.checksum.clone(),
-                state: State::Baselined,
-                applied_at: now(),
-                duration_ms: 0,
-                documents_affected: 0,
-                batch,
-                run_id: opts.run_id.clone(),
-                host: opts.host(),
-                steps: Vec::new(),
-                rollback_data: None,
-                down: None,
                 irreversible: Some("baselined: the database got it by other means; dbshift never undoes it".into()),
-                error: None,
-                rolled_back_at: None,
-                rolled_back_by: None,
-                work: None,
-                conflicts: None,
+                ..Record::of(m, State::Baselined, batch, &opts.run_id, opts.host())
             };
             tracking::save(db, &opts.tracking, &record).await.map_err(mongo("recording a baselined migration"))?;
             done.push(record.id);

@@ -329,28 +329,9 @@ impl Locked<'_> {
 
     fn new_record(&self, m: &Migration, batch: i32) -> Record {
         Record {
-            id: m.id(),
-            version: m.version.clone(),
-            name: m.name.clone(),
-            description: m.file.description.clone(),
-            author: m.file.author.clone(),
-            checksum: m.checksum.clone(),
-            state: State::Applying,
-            applied_at: now(),
-            duration_ms: 0,
-            documents_affected: 0,
-            batch,
-            run_id: self.opts.run_id.clone(),
-            host: self.opts.host(),
-            steps: Vec::new(),
             rollback_data: Some(format!("{}*", preimages::collection_name(&format!("{}_", m.version)))),
-            down: None,
-            irreversible: None,
-            error: None,
-            rolled_back_at: None,
-            rolled_back_by: None,
             work: Some(self.work()),
-            conflicts: None,
+            ..Record::of(m, State::Applying, batch, &self.opts.run_id, self.opts.host())
         }
     }
 
