@@ -611,19 +611,35 @@ impl Locked<'_> {
         let (db, opts) = (self.db, self.opts);
         let records = load(db, opts).await?;
         let batch = records.iter().map(|r| r.batch).max().unwrap_or(0) + 1;
-        let mut done = Vec::new();
-        for m in migrations.iter().filter(|m| pick(m)) {
-            if records.iter().any(|r| r.id == m.id() && r.state.in_effect()) {
-                continue;
-            }
-            let record = Record {
+        let new: Vec<Record> = migrations
+            .iter()
+            .filter(|m| pick(m) && !records.iter().any(|r| r.id == m.id() && r.state.in_effect()))
+            .map(|m| Record {
                 irreversible: Some("baselined: the database got it by other means; dbshift never undoes it".into()),
                 ..Record::of(m, State::Baselined, batch, &opts.run_id, opts.host())
-            };
-            tracking::save(db, &opts.tracking, &record).await.map_err(mongo("recording a baselined migration"))?;
-            done.push(record.id);
+            })
+            .collect();
+        // All of them or none where transactions exist: a runner killed half-way must not
+        // leave a tenant baselined in part (the next `up` would replay the rest). Without
+        // transactions (a standalone server) a kill can leave a prefix of them written.
+        if self.server.transactions && !new.is_empty() {
+            let mut session = self.guard.session(db).await?;
+            session.start_transaction().await.map_err(mongo("starting a transaction"))?;
+            let coll = db.collection::<Record>(&opts.tracking);
+            for r in &new {
+                let write = coll.replace_one(bson::doc! {"_id": &r.id}, r).upsert(true).session(&mut session).await;
+                if let Err(e) = write {
+                    let _ = session.abort_transaction().await;
+                    return Err(mongo("recording the baselined migrations")(e));
+                }
+            }
+            session.commit_transaction().await.map_err(mongo("committing the baselined migrations"))?;
+        } else {
+            for r in &new {
+                tracking::save(db, &opts.tracking, r).await.map_err(mongo("recording a baselined migration"))?;
+            }
         }
-        Ok(done)
+        Ok(new.into_iter().map(|r| r.id).collect())
     }
 }
 
