@@ -30,6 +30,7 @@ use serde_json::json;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress.summary"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetVersion"}"#,
+    printcolumn = r#"{"name":"Fleet","type":"string","jsonPath":".status.fleet.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -73,6 +74,57 @@ pub struct DatabaseMigrationSpec {
     /// this is false again and goes on where it stopped. Changing it never starts a new run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// `once` (default): the run ends and the resource waits for a change. `continuous`: after
+    /// its run ends, the resource keeps re-resolving its tenants every `resyncInterval` and
+    /// migrates those that appeared or fell behind its target (and the files a ConfigMap source
+    /// gained) as small follow-up runs with the same rollout rules. Tenants that failed or were
+    /// rolled back in this generation's runs are not retried until the resource changes.
+    /// Changing it never starts a new run.
+    #[serde(default, skip_serializing_if = "Mode::is_once")]
+    pub mode: Mode,
+    /// How often a `continuous` resource looks for new or behind tenants, and how often any
+    /// resource's `status.fleet` is counted again: `30s`, `5m`, `2h` (10s to 24h, default 5m).
+    /// Changing it never starts a new run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,5}(s|m|h)$"))]
+    pub resync_interval: Option<String>,
+}
+
+/// Whether a resource follows its tenants after its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// One run per generation.
+    #[default]
+    Once,
+    /// After the run, follow-up runs for tenants that appear or fall behind.
+    Continuous,
+}
+
+impl Mode {
+    pub fn is_once(&self) -> bool {
+        *self == Mode::Once
+    }
+}
+
+/// The default of `spec.resyncInterval`.
+pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `spec.resyncInterval` read: `<n>s`, `<n>m` or `<n>h`, between 10 seconds and 24 hours.
+pub fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("spec.resyncInterval {s:?} is not a duration like 30s, 5m or 2h (10s to 24h)");
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(bad()),
+    };
+    if !(10..=86_400).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn default_history_limit() -> u32 {
@@ -344,14 +396,21 @@ pub const APPROVE_ANNOTATION: &str = "dbshift.io/approve";
 
 impl DatabaseMigrationSpec {
     /// The spec without the fields that steer a run in progress (`suspend`,
-    /// `rollout.approval`, `rollout.windows`): two specs equal here describe the same run, so changing only those
+    /// `rollout.approval`, `rollout.windows`, `mode`, `resyncInterval`): two specs equal here describe the same run, so changing only those
     /// fields never starts a new one.
     pub fn run_defining(&self) -> DatabaseMigrationSpec {
         let mut s = self.clone();
         s.suspend = false;
         s.rollout.approval = Approval::None;
         s.rollout.windows.clear();
+        s.mode = Mode::Once;
+        s.resync_interval = None;
         s
+    }
+
+    /// `spec.resyncInterval`, or its default (checked by the controller before a run starts).
+    pub fn resync(&self) -> std::time::Duration {
+        self.resync_interval.as_deref().and_then(|s| parse_interval(s).ok()).unwrap_or(DEFAULT_RESYNC)
     }
 }
 
@@ -469,6 +528,57 @@ pub struct DatabaseMigrationStatus {
     /// Per-tenant detail (see docs: capped so the resource stays small with many tenants).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<TenantStatus>,
+    /// Every selected tenant as its database stands, counted from its tracking collection after
+    /// each run and every `resyncInterval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// The selected tenants as their databases stand (read from their tracking collections).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetStatus {
+    /// When they were counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_at: Option<Time>,
+    /// Tenants selected now.
+    pub tenants: u32,
+    /// At the target: nothing of it is pending.
+    pub at_target: u32,
+    /// Behind the target: new tenants, tenants with pending migrations, and tenants a runner
+    /// stopped on mid-way. In `continuous` mode they get a follow-up run.
+    pub behind: u32,
+    /// Of `behind`: tenants whose migration failed or was rolled back in this generation's runs;
+    /// they are not retried until the resource changes.
+    #[serde(default)]
+    pub held: u32,
+    /// Past the target (migrated beyond it by other means); never rolled down automatically.
+    #[serde(default)]
+    pub ahead: u32,
+    /// Tenants whose indexes or validators differ from what their migrations left
+    /// (`dbshift status --schema` lists the differences). Not counted for an image source.
+    #[serde(default)]
+    pub drifted: u32,
+    /// Tenants per version in effect (the newest applied or baselined), `none` for a tenant
+    /// with no record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<VersionCount>,
+    /// `continuous` mode: when the tenants are looked at next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_resync: Option<Time>,
+    /// Why the last count failed, when it did (the counts above are from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `<at target>/<tenants> at target`, with the behind, drifted and held counts, for the printer column.
+    pub summary: String,
+}
+
+/// How many tenants stand at one version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionCount {
+    pub version: String,
+    pub tenants: u32,
 }
 
 /// Phase of a run. Snapshots and checks happen inside each tenant's Job, so they show per
@@ -690,6 +800,11 @@ const RULES: &[(&str, &str, &str)] = &[
         "!has(self.rollout) || !has(self.rollout.canaries) || has(self.tenants.pattern) || has(self.tenants.registry) \
          || self.rollout.canaries.all(c, has(self.tenants.names) && c in self.tenants.names)",
         "spec.rollout.canaries must be among spec.tenants.names when names are the only tenant source",
+    ),
+    (
+        "spec",
+        "!(has(self.mode) && self.mode == 'continuous' && has(self.dryRun) && self.dryRun)",
+        "spec.mode continuous with spec.dryRun would plan the same tenants again at every resync: set one of them",
     ),
     (
         "spec.backup.destination",

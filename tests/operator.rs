@@ -1295,6 +1295,105 @@ async fn a_new_tenant_is_baselined_not_replayed() {
     assert_eq!(tenant_entry(&d, &env.tenant(0)).from_version.as_deref(), Some("20250101000000"));
 }
 
+/// `spec.mode: continuous`: after its run, the resource follows its tenants. Tenants that
+/// appear (one new, one migrated halfway by hand) get a follow-up run of their own with the
+/// same rules; one whose migration fails there is held, not retried at every resync; the
+/// status counts tenants per version and the drifted ones, in `kubectl get dbm` too.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn a_continuous_resource_follows_new_and_behind_tenants() {
+    let mut env = Env::new("follow").await;
+    for i in 0..2 {
+        env.seed(i, false).await;
+    }
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let spec = "  mode: continuous\n  resyncInterval: 10s\n  rollout: { maxParallel: 2, onFailure: continue }";
+    env.apply(&env.resource("fol", spec)).await;
+    let d = env.wait_final("fol", 240).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
+    let root = st.run_id.clone().unwrap();
+    // The census after the run: both at the target.
+    let d = env
+        .wait_for("fol", 60, |d| d.status.as_ref().and_then(|s| s.fleet.as_ref()).is_some_and(|f| f.tenants == 2))
+        .await;
+    let f = d.status.unwrap().fleet.unwrap();
+    assert_eq!((f.at_target, f.behind, f.held, f.drifted), (2, 0, 0, 0), "{f:?}");
+    assert_eq!(f.versions.iter().map(|v| (v.version.as_str(), v.tenants)).collect::<Vec<_>>(), [("20250102000000", 2)]);
+    assert!(f.next_resync.is_some());
+
+    // Three tenants appear: one migrated to the first version from a laptop, one new, one new
+    // whose codes repeat (the unique index fails there).
+    for i in 2..5 {
+        env.seed(i, i == 4).await;
+    }
+    let dir = common::migrations(BOTH_MIGRATIONS);
+    let o = common::cli(
+        &["up", "--to", "20250101000000", "--dir", dir.path().to_str().unwrap(), "--tenant", &env.tenant(2)],
+        &[("DBSHIFT_MONGODB_URI", &common::uri())],
+    );
+    assert!(o.status.success(), "{}", common::text(&o));
+    let untouched: Vec<Vec<Vec<u8>>> = vec![env.customers(0).await, env.customers(1).await];
+    let follow = format!("{root}-f1");
+    let d = env
+        .wait_for("fol", 300, |d| {
+            let st = d.status.as_ref();
+            st.and_then(|s| s.run_id.as_deref()) == Some(follow.as_str())
+                && st.and_then(|s| s.phase).is_some_and(Phase::is_final)
+        })
+        .await;
+    let st = d.status.clone().unwrap();
+    // The follow-up migrated only the three, each under the same rules as the first run.
+    let prog = st.progress.clone().unwrap();
+    assert_eq!((prog.total, prog.succeeded, prog.failed), (3, 2, 1), "{:?}", st.message);
+    assert_eq!(st.phase, Some(Phase::Failed));
+    let states = |r: Vec<(String, String)>| r.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    assert_eq!(states(env.records(2).await), ["applied", "applied"]);
+    assert!(migrated(&env.docs(2).await) && migrated(&env.docs(3).await));
+    assert_eq!(states(env.records(4).await), ["applied", "failed"]);
+    assert_eq!(vec![env.customers(0).await, env.customers(1).await], untouched, "the first run's tenants");
+    let jobs = env.jobs().await;
+    let of_follow = jobs.iter().filter(|j| j.labels().get("dbshift.io/run") == Some(&follow)).count();
+    assert_eq!(of_follow, 3);
+
+    // The next counts: the failed tenant is held, and no second follow-up starts for it.
+    let finished = st.finished_at.clone().unwrap().0;
+    let d = env
+        .wait_for("fol", 90, |d| {
+            d.status
+                .as_ref()
+                .and_then(|s| s.fleet.as_ref())
+                .and_then(|f| f.counted_at.as_ref())
+                .is_some_and(|t| t.0.duration_since(finished).as_secs() >= 12)
+        })
+        .await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.run_id.as_deref(), Some(follow.as_str()), "no follow-up for a held tenant");
+    let f = st.fleet.unwrap();
+    assert_eq!((f.tenants, f.at_target, f.behind, f.held), (5, 4, 1, 1), "{f:?}");
+    assert_eq!(
+        f.versions.iter().map(|v| (v.version.as_str(), v.tenants)).collect::<Vec<_>>(),
+        [("20250102000000", 4), ("20250101000000", 1)]
+    );
+    assert_eq!(f.summary, "4/5 at target, 1 behind (1 held)");
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig(), "get", "dbm", "fol", "-n", &env.ns])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("FLEET") && table.contains("4/5 at target"), "{table}");
+
+    // A tenant changed by hand: its index dropped. The next count finds it drifted.
+    env.mongo.database(&env.tenant(0)).collection::<Document>("customers").drop_index("code_unique").await.unwrap();
+    let d = env
+        .wait_for("fol", 60, |d| d.status.as_ref().and_then(|s| s.fleet.as_ref()).is_some_and(|f| f.drifted == 1))
+        .await;
+    assert!(d.status.unwrap().fleet.unwrap().summary.ends_with("1 drifted"));
+    assert!(env.event_reasons().await.contains(&"TenantsDrifted".to_string()));
+    assert_eq!(env.dbms().get("fol").await.unwrap().status.unwrap().run_id.as_deref(), Some(follow.as_str()));
+}
+
 fn phase(d: &DatabaseMigration) -> Option<Phase> {
     d.status.as_ref().and_then(|s| s.phase)
 }
@@ -1638,12 +1737,12 @@ async fn tenants_resolve_from_a_registry_collection() {
         "connection: {{ secretRef: {{ name: m }} }}\ntenants: {{ names: [tenant_x], exclude: [tenant_r3], registry: {{ database: {reg}, collection: tenants, filter: {{ active: true }} }} }}\nmigrations: {{ inline: {{}} }}"
     );
     let dbm = DatabaseMigration::new("r", serde_yaml::from_str(&yaml).unwrap());
-    let t = dbshift::controller::inputs::resolve_tenants(&dbm, &common::uri(), Duration::from_secs(5)).await.unwrap();
+    let conn = dbshift::controller::inputs::connect(&common::uri(), Duration::from_secs(5)).await.unwrap();
+    let t = dbshift::controller::inputs::resolve_tenants(&dbm, &conn).await.unwrap();
     assert_eq!(t, vec!["tenant_r1".to_string(), "tenant_x".to_string()]);
     // A registry entry that is not a database name is an error naming the registry.
     mongo.database(&reg).collection::<Document>("tenants").insert_one(doc! {"_id": 4, "active": true}).await.unwrap();
-    let e =
-        dbshift::controller::inputs::resolve_tenants(&dbm, &common::uri(), Duration::from_secs(5)).await.unwrap_err();
+    let e = dbshift::controller::inputs::resolve_tenants(&dbm, &conn).await.unwrap_err();
     assert!(e.permanent && e.message.contains("tenants"), "{e}");
 }
 

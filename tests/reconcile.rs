@@ -652,7 +652,8 @@ async fn on_failure_rollback_rolls_back_every_tenant_the_run_changed() {
     api.event("TenantRolledBack").await;
     let st = api.status().await;
     api.event("RolledBack").await;
-    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+    // Next: the fleet is counted as the run left it.
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(1)));
     assert_eq!(st.phase, Some(Phase::RolledBack));
     assert_eq!((entry(&st, "rc_t0"), entry(&st, "rc_t1")), (TenantPhase::RolledBack, TenantPhase::RolledBack));
 }
@@ -662,7 +663,7 @@ async fn on_failure_halt_starts_nothing_more() {
     let (_ctx, mut api, _writer, run) = after_a_failure(&json!({ "maxParallel": 2, "onFailure": "halt" })).await;
     let st = api.status().await;
     api.event("Failed").await;
-    assert_eq!(run.done(&mut api).await, Requeue::await_change());
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(1)));
     assert_eq!(st.phase, Some(Phase::Failed));
     assert_eq!(entry(&st, "rc_t2"), TenantPhase::Skipped);
 }
@@ -677,4 +678,84 @@ async fn on_failure_continue_migrates_the_others() {
     assert_eq!(st.phase, Some(Phase::Migrating));
     assert_eq!(entry(&st, "rc_t0"), TenantPhase::Failed);
     assert_eq!(env_of(&third)["DBSHIFT_TENANT"], "rc_t2");
+}
+
+/// `mode: continuous`, once the run is over: the controller counts the tenants on the server
+/// and starts a follow-up run (`<run id>-f1`) for the one that is behind, only that one, with
+/// the same rules; the status written with it carries the counts.
+#[tokio::test]
+async fn a_continuous_resource_follows_only_the_tenants_behind() {
+    let (ctx, mut api, _writer) = context();
+    let p = common::unique("fo");
+    let names: Vec<String> = (0..3).map(|i| format!("{p}_{i}")).collect();
+    // Tenants 0 and 1 are at the target (migrated from a laptop); tenant 2 is new.
+    let dir = common::migrations(&[("20250101000000_add_flag.yaml", ADD_FLAG)]);
+    for t in &names[..2] {
+        let o = common::cli(
+            &["up", "--dir", dir.path().to_str().unwrap(), "--tenant", t],
+            &[("DBSHIFT_MONGODB_URI", &common::uri())],
+        );
+        assert!(o.status.success(), "{}", common::text(&o));
+    }
+    let root = "add-flag-g1-5e1f0c";
+    let finished = DatabaseMigrationStatus {
+        observed_generation: Some(1),
+        phase: Some(Phase::Succeeded),
+        run_id: Some(root.into()),
+        finished_at: Some(time(Timestamp::now())),
+        ..Default::default()
+    };
+    let mut d = resource_with(json!({ "maxParallel": 2 }), finished);
+    d.spec.tenants.names = names.clone();
+    d.spec.mode = dbshift::crd::Mode::Continuous;
+    d.spec.resync_interval = Some("10s".into());
+    let run = reconcile_on(&ctx, d);
+    secret(&mut api).await;
+    api.pod_dry_run(200, Value::Null).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    let plan = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
+    let frozen: Value = serde_json::from_str(plan.body["data"]["plan.json"].as_str().unwrap()).unwrap();
+    plan.echo();
+    assert_eq!(frozen["runId"], format!("{root}-f1"));
+    assert_eq!(frozen["tenants"], json!([names[2]]), "only the tenant behind");
+    let note = api.event("RunStarted").await;
+    assert!(note["note"].as_str().unwrap().starts_with("follow-up run"), "{note}");
+    let st = api.status().await;
+    assert_eq!(st.run_id.as_deref(), Some(format!("{root}-f1").as_str()));
+    assert_eq!(st.phase, Some(Phase::Migrating));
+    let f = st.fleet.clone().expect("the counts travel with the follow-up's status");
+    assert_eq!((f.tenants, f.at_target, f.behind, f.held), (3, 2, 1, 0), "{f:?}");
+    assert_eq!(
+        f.versions.iter().map(|v| (v.version.as_str(), v.tenants)).collect::<Vec<_>>(),
+        [("20250101000000", 2), ("none", 1)]
+    );
+    assert!(f.next_resync.is_some() && f.counted_at.is_some());
+    let job = api.job().await;
+    assert_eq!(env_of(&job)["DBSHIFT_TENANT"], names[2]);
+    assert_eq!(env_of(&job)["DBSHIFT_RUN_ID"], format!("{root}-f1"));
+    api.event("Migrating").await;
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(60)));
+
+    // Once mode: the same finished resource is only counted (no follow-up), then looked at
+    // again after the interval.
+    let mut once = resource_with(
+        json!({ "maxParallel": 2 }),
+        DatabaseMigrationStatus {
+            observed_generation: Some(1),
+            phase: Some(Phase::Succeeded),
+            run_id: Some(root.into()),
+            finished_at: Some(time(Timestamp::now())),
+            ..Default::default()
+        },
+    );
+    once.spec.tenants.names = names.clone();
+    once.spec.resync_interval = Some("10s".into());
+    let run = reconcile_on(&ctx, once);
+    secret(&mut api).await;
+    let st = api.status().await;
+    assert_eq!(st.run_id.as_deref(), Some(root), "no follow-up in once mode");
+    let f = st.fleet.unwrap();
+    assert_eq!((f.at_target, f.behind, f.next_resync.is_none()), (2, 1, true), "{f:?}");
+    assert_eq!(f.summary, "2/3 at target, 1 behind");
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(10)));
 }

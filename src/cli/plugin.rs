@@ -122,6 +122,13 @@ fn table(ns: &str, dbm: &DatabaseMigration) -> String {
     if let Some(t) = &st.next_window_start {
         out.push_str(&format!("  next maintenance window: {}\n", t.0));
     }
+    if let Some(f) = &st.fleet {
+        let when = f.counted_at.as_ref().map_or("-".to_string(), |t| t.0.to_string());
+        out.push_str(&format!("  fleet (counted {when}): {}\n", f.summary));
+        if let Some(e) = &f.error {
+            out.push_str(&format!("  fleet: {e}\n"));
+        }
+    }
     let rows: Vec<[String; 6]> = st
         .tenants
         .iter()

@@ -145,9 +145,16 @@ where
 /// Freeze a new run: its files and its plan, in ConfigMaps owned by the resource, before any
 /// Job exists. Returns the plan and whether it was created now (`false`: a plan written before
 /// a restart exists, and wins).
-pub async fn freeze_run(ctx: &Context, r: &Resource<'_>, inputs: &Inputs) -> Result<(FrozenRun, bool), ActError> {
+///
+/// `run_id`: [`frozen::run_id`] for a generation's run, [`frozen::next_follow_up`] for a
+/// follow-up (`continuous` mode), whose tenants are the census's.
+pub async fn freeze_run(
+    ctx: &Context,
+    r: &Resource<'_>,
+    inputs: &Inputs,
+    run_id: String,
+) -> Result<(FrozenRun, bool), ActError> {
     let generation = r.dbm.metadata.generation.unwrap_or(0);
-    let run_id = frozen::run_id(r.dbm);
     let (tenants, canaries) = frozen::order_tenants(&inputs.tenants, &r.dbm.spec.rollout.canaries);
     let owner = r.dbm.controller_owner_ref(&()).expect("a namespaced resource has an owner reference");
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.ns);

@@ -97,6 +97,33 @@ pub fn run_id(dbm: &DatabaseMigration) -> String {
     format!("{}-g{generation}-{short}", trim_name(name, 40))
 }
 
+/// The first run of a generation, for any run of it: `<root>-f<n>` is the root's n-th
+/// follow-up (`continuous` mode).
+pub fn root_run(run_id: &str) -> &str {
+    match run_id.rsplit_once("-f") {
+        Some((root, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && is_root(root) => root,
+        _ => run_id,
+    }
+}
+
+/// Whether `id` has the shape of [`run_id`]: `<name>-g<generation>-<uid part>`.
+fn is_root(id: &str) -> bool {
+    let mut parts = id.rsplitn(3, '-');
+    let (uid, generation) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    parts.next().is_some()
+        && uid.len() <= 6
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric())
+        && generation.strip_prefix('g').is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The id of the follow-up run after `run_id` (a generation's run or a follow-up of it).
+/// Deterministic, so a controller restarted half-way through starting it finds its plan.
+pub fn next_follow_up(run_id: &str) -> String {
+    let root = root_run(run_id);
+    let n: u64 = run_id[root.len()..].strip_prefix("-f").and_then(|n| n.parse().ok()).unwrap_or(0);
+    format!("{root}-f{}", n + 1)
+}
+
 /// Name of the ConfigMap holding a run's plan.
 pub fn plan_config_map(run_id: &str) -> String {
     format!("{run_id}-plan")
@@ -185,6 +212,21 @@ mod tests {
         assert!(e.contains("20000 tenants") && e.contains("split the tenants"), "{e}");
         let files = std::collections::BTreeMap::from([("20250101000000_big.yaml".to_string(), "#".repeat(1 << 20))]);
         assert!(check_files(&files).unwrap_err().contains("spec.migrations.image"));
+    }
+
+    #[test]
+    fn follow_ups_count_from_the_generations_run() {
+        assert_eq!(next_follow_up("m-g3-abc123"), "m-g3-abc123-f1");
+        assert_eq!(next_follow_up("m-g3-abc123-f1"), "m-g3-abc123-f2");
+        assert_eq!(next_follow_up("m-g3-abc123-f41"), "m-g3-abc123-f42");
+        assert_eq!(root_run("m-g3-abc123-f41"), "m-g3-abc123");
+        // A name that merely contains `-f` is a root.
+        assert_eq!(root_run("my-feature-g3-abc123"), "my-feature-g3-abc123");
+        assert_eq!(next_follow_up("my-f-g3-abc123"), "my-f-g3-abc123-f1");
+        // A uid part that starts with f and digits is not a follow-up's number.
+        assert_eq!(root_run("m-g3-f12345"), "m-g3-f12345");
+        assert_eq!(next_follow_up("m-g3-f12345"), "m-g3-f12345-f1");
+        assert_eq!(root_run("m-g3-f12345-f2"), "m-g3-f12345");
     }
 
     #[test]

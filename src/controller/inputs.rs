@@ -16,7 +16,7 @@ use kube::Client;
 use super::pod_security::JobPolicy;
 use crate::crd::DatabaseMigration;
 use crate::engine::loader;
-use crate::mongo::ConnectError;
+use crate::mongo::{ConnectError, Connection};
 use crate::tenants::{check_db_name, check_tenant, TenantSelector};
 
 /// Why a run cannot start.
@@ -59,6 +59,17 @@ pub fn check_spec(dbm: &DatabaseMigration, policy: &JobPolicy) -> Result<(), Inp
             .map_err(|e| invalid("InvalidSpec", format!("spec.jobTemplate.scriptMemory: {e}")))?;
     }
     super::windows::parse(&spec.rollout.windows).map_err(|e| invalid("InvalidSpec", e))?;
+    if let Some(i) = &spec.resync_interval {
+        crate::crd::parse_interval(i).map_err(|e| invalid("InvalidSpec", e))?;
+    }
+    // The CRD's CEL rule (crd::RULES), for servers without CEL.
+    if spec.mode == crate::crd::Mode::Continuous && spec.dry_run {
+        return Err(invalid(
+            "InvalidSpec",
+            "spec.mode continuous with spec.dryRun would plan the same tenants again at every resync: set one of them"
+                .into(),
+        ));
+    }
     let t = &spec.tenants;
     if t.names.is_empty() && t.pattern.is_none() && t.registry.is_none() {
         return Err(invalid("InvalidSpec", "spec.tenants selects nothing: set names, pattern or registry".into()));
@@ -243,12 +254,16 @@ pub fn resolve_target(
     }
 }
 
-/// Resolve the tenant databases on the server.
-pub async fn resolve_tenants(dbm: &DatabaseMigration, uri: &str, timeout: Duration) -> Result<Vec<String>, InputError> {
-    let conn = crate::mongo::connect(uri, timeout).await.map_err(|e| match e {
+/// Connect to the MongoDB the URI names (errors say whether waiting can help).
+pub async fn connect(uri: &str, timeout: Duration) -> Result<Connection, InputError> {
+    crate::mongo::connect(uri, timeout).await.map_err(|e| match e {
         ConnectError::Invalid(m) => invalid("InvalidSecret", m),
         ConnectError::Unreachable(m) => waiting("MongoUnreachable", m),
-    })?;
+    })
+}
+
+/// Resolve the tenant databases on the server.
+pub async fn resolve_tenants(dbm: &DatabaseMigration, conn: &Connection) -> Result<Vec<String>, InputError> {
     let redact = |s: String| conn.redactor.apply(&s);
     let t = &dbm.spec.tenants;
     let selector =
@@ -312,12 +327,35 @@ pub async fn gather(
     timeout: Duration,
     policy: &JobPolicy,
 ) -> Result<Inputs, InputError> {
+    Ok(gather_connected(client, dbm, timeout, policy).await?.0)
+}
+
+/// [`gather`], keeping the connection it made (for reading the tenants' databases).
+pub async fn gather_connected(
+    client: &Client,
+    dbm: &DatabaseMigration,
+    timeout: Duration,
+    policy: &JobPolicy,
+) -> Result<(Inputs, Connection), InputError> {
     check_spec(dbm, policy)?;
     let uri = read_uri(client, dbm).await?;
     let files = read_files(client, dbm).await?;
     let target = resolve_target(dbm, files.as_ref())?;
-    let tenants = resolve_tenants(dbm, &uri, timeout).await?;
-    Ok(Inputs { files, target, tenants })
+    let conn = connect(&uri, timeout).await?;
+    let tenants = resolve_tenants(dbm, &conn).await?;
+    Ok((Inputs { files, target, tenants }, conn))
+}
+
+/// The migrations of a file set read by [`read_files`] (already checked there), off the async
+/// threads: loading compiles their scripts.
+pub async fn load_migrations(files: &BTreeMap<String, String>) -> Result<Vec<loader::Migration>, InputError> {
+    let sources: Vec<(PathBuf, String)> = files.iter().map(|(k, v)| (PathBuf::from(k), v.clone())).collect();
+    tokio::task::spawn_blocking(move || loader::load_sources(sources))
+        .await
+        .map_err(|e| invalid("InvalidMigrations", format!("loading the migration files failed: {e}")))?
+        .map_err(|e| {
+            invalid("InvalidMigrations", format!("migration files are invalid:\n{}", e.to_string().trim_end()))
+        })
 }
 
 #[cfg(test)]
@@ -373,6 +411,22 @@ mod tests {
         assert!(e.message.contains("spec.rollout.canaries") && e.message.contains("\"b\""), "{e}");
         assert!(check_spec(&canary("{names: [a, b]}"), &JobPolicy::default()).is_ok());
         assert!(check_spec(&canary("{names: [a], pattern: x}"), &JobPolicy::default()).is_ok());
+        // Continuous mode: a resync interval it can read, and never with a dry run.
+        let base = "connection: {secretRef: {name: s}}\ntenants: {names: [a]}\nmigrations: {inline: {}}\n";
+        for (extra, want) in [
+            ("resyncInterval: 5s", "10s to 24h"),
+            ("resyncInterval: 25h", "10s to 24h"),
+            ("resyncInterval: 5d", "like 30s"),
+            ("mode: continuous\ndryRun: true", "set one of them"),
+        ] {
+            let e = check_spec(&dbm(&format!("{base}{extra}")), &JobPolicy::default()).unwrap_err();
+            assert!(e.permanent && e.message.contains(want), "{extra}: {e}");
+        }
+        assert!(
+            check_spec(&dbm(&format!("{base}mode: continuous\nresyncInterval: 90s")), &JobPolicy::default()).is_ok()
+        );
+        assert_eq!(dbm(&format!("{base}resyncInterval: 2h")).spec.resync(), Duration::from_secs(7200));
+        assert_eq!(dbm(base).spec.resync(), crate::crd::DEFAULT_RESYNC);
         let many: Vec<String> = (0..=crate::crd::MAX_NAMES).map(|i| format!("t{i}")).collect();
         let e = check_spec(&canary(&format!("{{names: [{}]}}", many.join(", "))), &JobPolicy::default()).unwrap_err();
         assert!(e.message.contains("at most 10000") && e.message.contains("at most 10"), "{e}");

@@ -8,6 +8,7 @@
 //! [`metrics`] serves `/metrics`, `/healthz` and `/readyz`.
 
 pub mod act;
+pub mod census;
 pub mod frozen;
 pub mod inputs;
 pub mod jobs;

@@ -19,13 +19,13 @@ use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
 use super::frozen::{self, FrozenRun};
-use super::inputs::{self, InputError};
+use super::inputs::{self, InputError, Inputs};
 use super::jobs::{Action, Outcome};
 use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
-use super::{act, report, status, windows, Context, Error, FINALIZER};
-use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Phase, APPROVE_ANNOTATION};
+use super::{act, census, report, status, windows, Context, Error, FINALIZER};
+use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Mode, Phase, APPROVE_ANNOTATION};
 
 /// The resource being reconciled, with what every step needs of it.
 pub struct Resource<'a> {
@@ -126,7 +126,7 @@ pub async fn reconcile(dbm: Arc<DatabaseMigration>, ctx: Arc<Context>) -> Result
 /// A resource that is not being deleted, with the finalizer in place.
 async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
     let ctx = ctx.clone();
-    let r = Resource::new(&dbm, &ctx);
+    let mut r = Resource::new(&dbm, &ctx);
     if let Some(run_id) = r.active_run() {
         let plan = match observe::plan(&ctx, &r, &run_id).await {
             Ok(plan) => plan,
@@ -144,17 +144,113 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
         return continue_run(&ctx, &r, plan, false).await;
     }
     if r.status.phase.is_some_and(Phase::is_final) {
-        if r.status.observed_generation == Some(r.generation()) {
-            return Ok(Requeue::await_change());
-        }
-        if only_steering_changed(&ctx, &r).await? {
-            // Suspending, resuming or changing the approval of a finished run: nothing to run.
+        if r.status.observed_generation != Some(r.generation()) {
+            if !only_steering_changed(&ctx, &r).await? {
+                return start_run(&ctx, &r, None).await;
+            }
+            // Suspending, resuming or changing the approval or mode of a finished run: nothing
+            // to run.
             let new = status::observed(&r.status, r.generation());
             act::write_status(&ctx, &r, &new).await?;
-            return Ok(Requeue::await_change());
+            r.status = new;
+        }
+        return follow(&ctx, &mut r).await;
+    }
+    start_run(&ctx, &r, None).await
+}
+
+/// A resource whose run is over: count its tenants when that is due (after the run, then
+/// every `resyncInterval`), and in `continuous` mode start a follow-up run for those behind.
+async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
+    // Only a run that started is followed: not one refused before it began (no run id), nor
+    // one whose plan was lost (that needs a change of the resource).
+    let Some(run_id) = r.status.run_id.clone() else { return Ok(Requeue::await_change()) };
+    if r.lost_run().is_some() {
+        return Ok(Requeue::await_change());
+    }
+    let spec = &r.dbm.spec;
+    let continuous = spec.mode == Mode::Continuous;
+    let interval = spec.resync();
+    let now_ts = Timestamp::now();
+    let counted = r.status.fleet.as_ref().and_then(|f| f.counted_at.as_ref()).map(|t| t.0);
+    let finished = r.status.finished_at.as_ref().map(|t| t.0);
+    let after_run = match (counted, finished) {
+        (None, _) => true,
+        (Some(c), Some(f)) => c < f,
+        (Some(_), None) => false,
+    };
+    let due_at = counted.map(|c| later(c, interval));
+    if !after_run {
+        if let Some(at) = due_at.filter(|at| *at > now_ts) {
+            return Ok(Requeue::requeue(wait_until(at)));
         }
     }
-    start_run(&ctx, &r).await
+    let previous = r.status.fleet.clone().unwrap_or_default();
+    let mut fleet = match count(ctx, r, &run_id).await {
+        Ok((census, inputs)) => {
+            if continuous && !spec.suspend && !census.behind.is_empty() {
+                let mut fleet = census.fleet;
+                fleet.counted_at = Some(now());
+                fleet.next_resync = Some(Time(later(now_ts, interval)));
+                r.status.fleet = Some(fleet);
+                let inputs = Inputs { tenants: census.behind, ..inputs };
+                return start_run(ctx, r, Some((frozen::next_follow_up(&run_id), inputs))).await;
+            }
+            census.fleet
+        }
+        // The counts stay those of the last count that worked; the error says why not now.
+        Err(e) => {
+            tracing::warn!(resource = r.key, error = %e.message, "could not count the tenants");
+            let mut f = previous.clone();
+            f.error = Some(format!("could not count the tenants: {}; the counts are from the count before", e.message));
+            f.summary = census::summary(&f);
+            f
+        }
+    };
+    fleet.counted_at = Some(now());
+    fleet.next_resync = continuous.then(|| Time(later(now_ts, interval)));
+    if fleet.drifted > previous.drifted {
+        let note = format!(
+            "{} tenant(s) have indexes or validators that differ from what their migrations left (was {}): \
+             dbshift status --schema lists the differences",
+            fleet.drifted, previous.drifted
+        );
+        report::publish(ctx, r.dbm, EventType::Warning, "TenantsDrifted", note).await;
+    }
+    let mut new = r.status.clone();
+    new.fleet = Some(fleet);
+    if new != r.status {
+        act::write_status(ctx, r, &new).await?;
+    }
+    Ok(Requeue::requeue(interval))
+}
+
+/// Read every selected tenant's database: the census, and the inputs it was taken with.
+async fn count(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<(census::Census, Inputs), InputError> {
+    let (inputs, conn) =
+        inputs::gather_connected(&ctx.client, r.dbm, ctx.config.connect_timeout, &ctx.config.job_policy).await?;
+    let migrations = match &inputs.files {
+        Some(f) => Some(inputs::load_migrations(f).await?),
+        None => None,
+    };
+    let basis = census::Basis {
+        migrations: migrations.as_deref(),
+        target: inputs.target.as_deref(),
+        profiles: &r.dbm.spec.profiles,
+        root_run: frozen::root_run(run_id),
+    };
+    let census = census::take(&conn, &inputs.tenants, &basis).await;
+    Ok((census, inputs))
+}
+
+/// `t` plus `d` (saturating).
+fn later(t: Timestamp, d: Duration) -> Timestamp {
+    k8s_openapi::jiff::SignedDuration::try_from(d).ok().and_then(|d| t.checked_add(d).ok()).unwrap_or(t)
+}
+
+/// How long until `at` (a second more, so the count is due when the reconcile comes).
+fn wait_until(at: Timestamp) -> Duration {
+    Duration::from_secs(at.duration_since(Timestamp::now()).as_secs().max(0) as u64 + 1)
 }
 
 /// Whether the finished run's spec differs from the resource's only in what steers a run
@@ -212,23 +308,29 @@ async fn on_delete(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     Ok(Requeue::await_change())
 }
 
-/// A new run: check the inputs, freeze the run, then continue it.
-async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
-    let inputs = match inputs::gather(&ctx.client, r.dbm, ctx.config.connect_timeout, &ctx.config.job_policy).await {
-        Ok(i) => i,
-        Err(e) => return blocked(ctx, r, e).await,
+/// A new run: check the inputs, freeze the run, then continue it. `follow_up`: a follow-up
+/// run's id and the inputs of the census that found its tenants (`continuous` mode).
+async fn start_run(ctx: &Context, r: &Resource<'_>, follow_up: Option<(String, Inputs)>) -> Result<Requeue, Error> {
+    let is_follow_up = follow_up.is_some();
+    let (run_id, inputs) = match follow_up {
+        Some(x) => x,
+        None => match inputs::gather(&ctx.client, r.dbm, ctx.config.connect_timeout, &ctx.config.job_policy).await {
+            Ok(i) => (frozen::run_id(r.dbm), i),
+            Err(e) => return blocked(ctx, r, e).await,
+        },
     };
-    let (fresh, created) = match act::freeze_run(ctx, r, &inputs).await {
+    let (fresh, created) = match act::freeze_run(ctx, r, &inputs, run_id).await {
         Ok(x) => x,
         Err(act::ActError::TooLarge(message)) => {
-            return blocked(ctx, r, InputError { reason: "PlanTooLarge", message, permanent: true }).await
+            return refused(ctx, r, is_follow_up, InputError { reason: "PlanTooLarge", message, permanent: true }).await
         }
         Err(act::ActError::NotOurs(message)) => {
-            return blocked(ctx, r, InputError { reason: "ConfigMapConflict", message, permanent: false }).await
+            return refused(ctx, r, is_follow_up, InputError { reason: "ConfigMapConflict", message, permanent: false })
+                .await
         }
         // Retried: the namespace's labels (or the operator's policy) may change.
         Err(act::ActError::PodRefused(message)) => {
-            return blocked(ctx, r, InputError { reason: "PodRefused", message, permanent: false }).await
+            return refused(ctx, r, is_follow_up, InputError { reason: "PodRefused", message, permanent: false }).await
         }
         Err(e) => return Err(e.into()),
     };
@@ -242,14 +344,21 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
             // retried (it starts once that ConfigMap is deleted).
             Err(observe::ObserveError::Lost(why)) => {
                 let message = format!("{why}: delete it, and the run starts");
-                return blocked(ctx, r, InputError { reason: "ConfigMapConflict", message, permanent: false }).await;
+                return refused(
+                    ctx,
+                    r,
+                    is_follow_up,
+                    InputError { reason: "ConfigMapConflict", message, permanent: false },
+                )
+                .await;
             }
             Err(e) => return Err(e.into()),
         }
     };
     tracing::info!(resource = r.key, run = %plan.run_id, tenants = plan.tenants.len(), target = ?plan.target, "run starts");
     let note = format!(
-        "run {}: {} tenant(s) to {}",
+        "{}run {}: {} tenant(s) to {}",
+        if is_follow_up { "follow-up " } else { "" },
         plan.run_id,
         plan.tenants.len(),
         plan.target.as_deref().unwrap_or("the latest version")
@@ -257,6 +366,28 @@ async fn start_run(ctx: &Context, r: &Resource<'_>) -> Result<Requeue, Error> {
     report::publish(ctx, r.dbm, EventType::Normal, "RunStarted", note).await;
     ctx.runs.lock().expect("lock").insert(r.key.clone(), RunMemory::new(plan.clone()));
     continue_run(ctx, r, plan, false).await
+}
+
+/// A run that cannot start: a generation's run is blocked (its status says why); a follow-up
+/// run leaves the finished run's status as it is, says why in `status.fleet.error` and an
+/// Event, and is tried again later.
+async fn refused(ctx: &Context, r: &Resource<'_>, follow_up: bool, e: InputError) -> Result<Requeue, Error> {
+    if !follow_up {
+        return blocked(ctx, r, e).await;
+    }
+    tracing::warn!(resource = %r.name, reason = e.reason, error = %e.message, "follow-up run refused");
+    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabel { reason: e.reason.into() }).inc();
+    let mut new = r.status.clone();
+    let fleet = new.fleet.get_or_insert_with(Default::default);
+    let message = format!("no follow-up run could start ({}): {}", e.reason, e.message);
+    let first = fleet.error.as_deref() != Some(message.as_str());
+    fleet.error = Some(message.clone());
+    fleet.summary = census::summary(fleet);
+    act::write_status(ctx, r, &new).await?;
+    if first {
+        report::publish(ctx, r.dbm, EventType::Warning, e.reason, message).await;
+    }
+    Ok(Requeue::requeue(ctx.config.retry))
 }
 
 /// The active run's plan is lost: the run ends Failed, said in the status and an Event.
@@ -362,7 +493,8 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     Ok(match (decision.finished, spec_changed) {
         // The spec changed during the run: its own run starts now.
         (true, true) => Requeue::requeue(Duration::from_secs(1)),
-        (true, false) => Requeue::await_change(),
+        // Count the fleet as the run left it (see `follow`).
+        (true, false) => Requeue::requeue(Duration::from_secs(1)),
         (false, _) => Requeue::requeue(until_window.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))),
     })
 }

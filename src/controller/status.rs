@@ -272,6 +272,7 @@ pub fn run_status(
         message: Some(message),
         next_window_start: None,
         tenants: entries,
+        fleet: previous.fleet.clone(),
     }
 }
 
@@ -324,6 +325,7 @@ pub fn blocked_status(
         phase: Some(phase),
         conditions: conditions_for(&previous.conditions, phase, reason, message, stalled, generation, now),
         message: Some(message.to_string()),
+        fleet: previous.fleet.clone(),
         ..Default::default()
     }
 }
