@@ -1455,6 +1455,11 @@ async fn a_run_held_for_approval_goes_on_when_dbshift_approve_names_it() {
     let st = d.status.clone().unwrap();
     assert_eq!(st.phase, Some(Phase::Succeeded), "{:?}\n{}", st.message, env.log_tail());
     assert_eq!(st.run_id.as_deref(), Some(run.as_str()), "the approval started no new run");
+    // `-o json` prints the resource as the wait saw it last, and nothing else on stdout.
+    let (code, json, err) = env.kubectl_plugin(&["wait", "gate", "--timeout", "30", "-o", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let obj: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(obj["status"]["phase"], "Succeeded");
     assert_eq!(env.flagged(3).await, [true, true, true]);
     assert_eq!(env.jobs().await.len(), 3);
     assert_eq!(d.annotations().get("dbshift.io/approve"), Some(&run));

@@ -759,3 +759,62 @@ async fn a_continuous_resource_follows_only_the_tenants_behind() {
     assert_eq!(f.summary, "2/3 at target, 1 behind");
     assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(10)));
 }
+
+/// A run held at its gate with no Job running is superseded by a changed spec: an Event says
+/// so, and the new generation's run starts at once (here without a gate, so its Jobs start).
+#[tokio::test]
+async fn a_changed_spec_supersedes_a_run_held_at_its_gate() {
+    let (ctx, mut api, _writer) = context();
+    let gated = json!({ "maxParallel": 2, "approval": "beforeStart" });
+    let run = reconcile_on(&ctx, resource_with(gated, DatabaseMigrationStatus::default()));
+    secret(&mut api).await;
+    api.pod_dry_run(200, Value::Null).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    let plan = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
+    let plan_cm = plan.body.clone();
+    plan.echo();
+    api.event("RunStarted").await;
+    let st = api.status().await;
+    assert_eq!(st.phase, Some(Phase::AwaitingApproval));
+    api.event("AwaitingApproval").await;
+    run.done(&mut api).await;
+    let held = st.run_id.clone().unwrap();
+
+    // Generation 2: the gate is gone and the spec changed (the gate alone only steers the same
+    // run). A restarted controller: the plan is read back first.
+    let mut changed = resource_with(json!({ "maxParallel": 3 }), st);
+    changed.metadata.generation = Some(2);
+    ctx.runs.lock().unwrap().clear();
+    let run = reconcile_on(&ctx, changed);
+    let c = api.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{held}-plan")).await;
+    c.answer(200, plan_cm);
+    let note = api.event("RunSuperseded").await;
+    assert!(
+        note["note"].as_str().unwrap().contains(&format!("run {held} was held (AwaitingApproval) with 0 of 3")),
+        "{note}"
+    );
+    secret(&mut api).await;
+    api.pod_dry_run(200, Value::Null).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    let plan = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
+    let frozen: Value = serde_json::from_str(plan.body["data"]["plan.json"].as_str().unwrap()).unwrap();
+    plan.echo();
+    assert_eq!(frozen["generation"], 2);
+    // The Recorder sends a second RunStarted of the same resource as a series (a PATCH).
+    let c = api.next().await;
+    assert!(
+        c.method == "PATCH" && c.path.starts_with(&format!("/apis/events.k8s.io/v1/namespaces/{NS}/events/")),
+        "{}",
+        c.path
+    );
+    c.echo();
+    let st = api.status().await;
+    assert_eq!(st.phase, Some(Phase::Migrating));
+    assert_ne!(st.run_id.as_deref(), Some(held.as_str()));
+    assert_eq!(st.observed_generation, Some(2));
+    for _ in 0..3 {
+        api.job().await;
+    }
+    api.event("Migrating").await;
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(60)));
+}

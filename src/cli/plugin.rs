@@ -71,7 +71,18 @@ pub async fn main() -> ExitCode {
         PluginCommand::Approve(a) => said(approve::approve(a).await, out, "approve", &a.resource),
         PluginCommand::Suspend(a) => said(suspend::set(a, true).await, out, "suspend", &a.resource),
         PluginCommand::Resume(a) => said(suspend::set(a, false).await, out, "resume", &a.resource),
-        PluginCommand::Wait(a) => Ok(wait::run(a).await),
+        PluginCommand::Wait(a) => Ok(match out {
+            None => wait::run(a).await,
+            Some(f) => {
+                let (exit, seen) = wait::run_seen(a, true).await;
+                match (f, seen) {
+                    (Format::Json, Some(d)) => println!("{}", serde_json::to_string_pretty(&d).expect("json")),
+                    (Format::Yaml, Some(d)) => print!("{}", serde_yaml::to_string(&d).expect("yaml")),
+                    (_, None) => {}
+                }
+                exit
+            }
+        }),
     };
     match r {
         Ok(e) => e.into(),

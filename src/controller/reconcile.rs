@@ -438,12 +438,41 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         window,
     };
     let decision = rollout::decide(&plan, &seen.views, gates);
+    let running_before =
+        seen.views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
+    let started_before = seen.views.iter().filter(|v| v.migrate != Step::NotStarted).count();
     let views = with_launches(seen.views, &decision.launch);
     let running = views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let budget = status::entries_budget(serde_json::to_vec(&r.dbm.spec).map_or(0, |v| v.len()));
     // A change of only what steers a run (suspend, approval) is this run's to follow; any other
     // change gets a run of its own once this one ends.
     let spec_changed = !frozen::same_run(&plan, r.generation(), &r.dbm.spec);
+    // Tenant outcomes are announced before the status that counts them, so whoever sees the
+    // status also finds their Events.
+    announce_ends(ctx, r, seen.new_ends).await;
+    // A run held at its gate (approval, suspend, window) with no Job running would keep a
+    // changed spec waiting for ever (or for an approval of what is no longer wanted): the new
+    // generation's run takes over at once. What the held run did is in each tenant's tracking
+    // collection; its Jobs and plan stay until pruned.
+    // (Held as it was last seen, or as it is now: a change that also lifts the gate does not
+    // let the old run through.)
+    let held = r.status.phase.filter(|p| p.is_held() && r.status.run_id.as_deref() == Some(plan.run_id.as_str()));
+    let held = held.or(Some(decision.phase).filter(|p| p.is_held()));
+    if let (true, false, 0, Some(held)) = (spec_changed, deleting, running_before + seen.missing.len(), held) {
+        let done = started_before;
+        let note = format!(
+            "run {} was held ({}) with {done} of {} tenant(s) started; generation {} changed the spec, so its own \
+             run starts now",
+            plan.run_id,
+            held.as_str(),
+            views.len(),
+            r.generation()
+        );
+        tracing::info!(resource = r.key, run = %plan.run_id, "a held run is superseded by a changed spec");
+        report::publish(ctx, r.dbm, EventType::Normal, "RunSuperseded", note).await;
+        ctx.runs.lock().expect("lock").remove(&r.key);
+        return Box::pin(start_run(ctx, r, None)).await;
+    }
     let observed = if spec_changed { plan.generation } else { r.generation().max(plan.generation) };
     let mut new = status::run_status(&r.status, &plan, observed, &r.name, &views, &decision, budget, &now());
     if let Some(m) = status::message_override(&decision, &plan, r.generation(), spec_changed, deleting, running) {
@@ -457,9 +486,6 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     if let (Some(e), false) = (&bad_windows, decision.finished) {
         new.message = Some(format!("{e}: no migration starts until it is fixed; {}", new.message.unwrap_or_default()));
     }
-    // Tenant outcomes are announced before the status that counts them, so whoever sees the
-    // status also finds their Events.
-    announce_ends(ctx, r, seen.new_ends).await;
     // Status first: it records the launches before the Jobs exist.
     if r.status != new {
         act::write_status(ctx, r, &new).await?;

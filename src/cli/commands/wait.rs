@@ -53,17 +53,24 @@ pub fn verdict(dbm: &DatabaseMigration) -> Verdict {
 
 /// Exit code: 0 ready, 1 failed or timed out, 3 cannot ask the API server.
 pub async fn run(a: &WaitArgs) -> Exit {
+    run_seen(a, false).await.0
+}
+
+/// [`run`], with the resource as last seen (to print it, as `kubectl dbshift wait -o json`:
+/// `quiet` keeps stdout for that).
+pub async fn run_seen(a: &WaitArgs, quiet: bool) -> (Exit, Option<DatabaseMigration>) {
     let (api, ns) = match cluster::api(&a.resource).await {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {}", e.message);
-            return e.exit;
+            return (e.exit, None);
         }
     };
     let name = &a.resource.name;
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = Box::pin(watcher(api, cfg).default_backoff().applied_objects());
     let mut last = String::new();
+    let mut seen: Option<DatabaseMigration> = None;
     let deadline = (a.timeout > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(a.timeout));
     loop {
         let next = match deadline {
@@ -71,7 +78,7 @@ pub async fn run(a: &WaitArgs) -> Exit {
                 Ok(n) => n,
                 Err(_) => {
                     eprintln!("timed out after {}s waiting for {ns}/{} ({last})", a.timeout, name);
-                    return Exit::Failed;
+                    return (Exit::Failed, seen);
                 }
             },
             None => stream.try_next().await,
@@ -79,24 +86,29 @@ pub async fn run(a: &WaitArgs) -> Exit {
         match next {
             Ok(Some(dbm)) => match verdict(&dbm) {
                 Verdict::Ready => {
-                    println!("{ns}/{} succeeded", name);
-                    return Exit::Ok;
+                    if quiet {
+                        eprintln!("{ns}/{} succeeded", name);
+                    } else {
+                        println!("{ns}/{} succeeded", name);
+                    }
+                    return (Exit::Ok, Some(dbm));
                 }
                 Verdict::Failed(m) => {
                     eprintln!("{ns}/{} did not succeed: {m}", name);
-                    return Exit::Failed;
+                    return (Exit::Failed, Some(dbm));
                 }
                 Verdict::Waiting(m) => {
                     if m != last {
                         eprintln!("waiting for {ns}/{}: {m}", name);
                         last = m;
                     }
+                    seen = Some(dbm);
                 }
             },
-            Ok(None) => return Exit::Unreachable,
+            Ok(None) => return (Exit::Unreachable, seen),
             Err(e) => {
                 eprintln!("error: watching {ns}/{}: {e}", name);
-                return Exit::Unreachable;
+                return (Exit::Unreachable, seen);
             }
         }
     }
