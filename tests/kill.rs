@@ -302,3 +302,155 @@ async fn two_cli_runs_started_at_once_both_succeed() {
     let children = vec![start(), start()];
     both_succeed_and_each_migration_lands_once(children, &db).await;
 }
+
+/// A batch runner (`dbshift run` with `DBSHIFT_BATCH`, a Job of `tenantsPerJob` tenants)
+/// SIGKILLed at moments spread across the batch. Right after the kill each tenant is one of:
+/// done (its result is in its database, and it is exactly migrated), untouched (no record of
+/// the run, byte for byte as before), or interrupted (a record of the run). The next batch
+/// runner leaves every one exactly migrated, each migration applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_killed_midway_leaves_each_tenant_done_untouched_or_for_the_next_runner() {
+    let dir = migrations(FILES);
+    let d = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let result = out.path().join("result.json");
+    let client = client().await;
+    let reference = client.database(&unique("kb_ref"));
+    seed(&reference, DOCS).await;
+    let before = state(&reference).await;
+    let t0 = Instant::now();
+    finish(&["up", "--dir", d, "--tenant", reference.name()]);
+    let one = t0.elapsed();
+    let after = state(&reference).await;
+
+    let n = 4;
+    let rounds = 6;
+    let mut mixed = 0;
+    let uri = uri();
+    for round in 0..rounds {
+        let dbs: Vec<Database> = (0..n).map(|i| client.database(&unique(&format!("kb{i}")))).collect();
+        for db in &dbs {
+            seed(db, DOCS).await;
+        }
+        let names: Vec<&str> = dbs.iter().map(|d| d.name()).collect();
+        let batch = serde_json::to_string(&names).unwrap();
+        let envs = |run: &'static str| {
+            vec![
+                ("DBSHIFT_MONGODB_URI", uri.clone()),
+                ("DBSHIFT_BATCH", batch.clone()),
+                ("DBSHIFT_DIR", d.to_string()),
+                ("DBSHIFT_RUN_ID", run.to_string()),
+                ("DBSHIFT_RESULT_FILE", result.to_str().unwrap().to_string()),
+            ]
+        };
+        let e1 = envs("batch-run");
+        let e1: Vec<(&str, &str)> = e1.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut child = dbshift(&["run", "--lock-ttl", "3"], &e1).spawn().unwrap();
+        // Spread over the batch: each round a later moment of the n tenants' work.
+        let at = one.mul_f64(n as f64 * (round as f64 + 0.5) / rounds as f64);
+        tokio::time::sleep(at).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (mut done, mut untouched, mut interrupted) = (0, 0, 0);
+        for db in &dbs {
+            let result = dbshift::job::batch::read(db, "batch-run", false).await.unwrap();
+            let mine = records(db).await.into_iter().any(|r| r.get_str("runId") == Ok("batch-run"));
+            match (result, mine) {
+                (Some(r), _) => {
+                    assert!(r.ok, "round {round}: {r:?}");
+                    assert!(state(db).await == after, "round {round}: {} reported done, not exactly after", db.name());
+                    done += 1;
+                }
+                (None, false) => {
+                    assert!(state(db).await == before, "round {round}: {} has no record, but changed", db.name());
+                    untouched += 1;
+                }
+                (None, true) => interrupted += 1,
+            }
+        }
+        if done > 0 && untouched > 0 {
+            mixed += 1;
+        }
+        eprintln!("round {round}: killed after {at:?}: {done} done, {interrupted} interrupted, {untouched} untouched");
+        // The next batch runner (another run id, as a follow-up or a retried Job) finishes it.
+        let e2 = envs("batch-next");
+        let e2: Vec<(&str, &str)> = e2.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut c = dbshift(&["run", "--lock-wait", "60s"], &e2);
+        c.env("DBSHIFT_LOG", "info");
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "round {round}: {}", text(&o));
+        let summary: dbshift::job::batch::BatchSummary =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!((summary.ok, summary.failed, summary.not_started), (n, 0, 0), "round {round}");
+        for db in &dbs {
+            let now = state(db).await;
+            assert!(now == after, "round {round}: {} not exactly after: {}", db.name(), diff(&now, &after));
+            let recs = records(db).await;
+            assert_eq!(recs.len(), 3, "round {round}: {recs:?}");
+            assert!(recs.iter().all(|r| r.get_str("state") == Ok("applied")), "round {round}: {recs:?}");
+            assert!(dbshift::job::batch::read(db, "batch-next", false).await.unwrap().unwrap().ok);
+            db.drop().await.unwrap();
+        }
+    }
+    assert!(mixed >= 2, "too few kills landed between tenants of the batch ({mixed} of {rounds})");
+}
+
+/// A batch stops at its first failure (the tenants after it untouched, no result), unless
+/// told to keep going; a failed tenant's own changes are undone by the engine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_stops_at_its_first_failure_unless_told_to_keep_going() {
+    const UNIQUE: &str = "up:\n  - addField: { collection: c, field: flag, value: true }\n  - createIndex: { collection: c, keys: { code: 1 }, name: code_unique, unique: true }\n";
+    let dir = migrations(&[("20250101000000_unique.yaml", UNIQUE)]);
+    let d = dir.path().to_str().unwrap();
+    let client = client().await;
+    let uri = uri();
+    for keep_going in [false, true] {
+        let dbs: Vec<Database> = (0..3).map(|i| client.database(&unique(&format!("kf{i}")))).collect();
+        for (i, db) in dbs.iter().enumerate() {
+            seed(db, 20).await;
+            if i == 1 {
+                // Two customers share a code: the unique index fails on this tenant.
+                db.collection::<Document>("c")
+                    .update_one(doc! {"_id": 1}, doc! {"$set": {"code": "c0"}})
+                    .await
+                    .unwrap();
+            }
+        }
+        let before: Vec<State> = futures::future::join_all(dbs.iter().map(state)).await;
+        let names: Vec<&str> = dbs.iter().map(|d| d.name()).collect();
+        let batch = serde_json::to_string(&names).unwrap();
+        let mut envs = vec![
+            ("DBSHIFT_MONGODB_URI", uri.as_str()),
+            ("DBSHIFT_BATCH", batch.as_str()),
+            ("DBSHIFT_DIR", d),
+            ("DBSHIFT_RUN_ID", "batch-fail"),
+            ("DBSHIFT_RESULT_FILE", "/nonexistent/result"),
+        ];
+        if keep_going {
+            envs.push(("DBSHIFT_BATCH_KEEP_GOING", "true"));
+        }
+        let o = dbshift(&["run"], &envs).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let summary: dbshift::job::batch::BatchSummary =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        let results: Vec<Option<bool>> =
+            futures::future::join_all(dbs.iter().map(|db| async move {
+                dbshift::job::batch::read(db, "batch-fail", false).await.unwrap().map(|r| r.ok)
+            }))
+            .await;
+        assert_eq!(state(&dbs[1]).await, before[1], "the failed tenant's changes are undone");
+        assert!(summary.first_failure.as_deref().unwrap().starts_with(dbs[1].name()), "{summary:?}");
+        if keep_going {
+            assert_eq!((summary.ok, summary.failed, summary.not_started), (2, 1, 0));
+            assert_eq!(results, [Some(true), Some(false), Some(true)]);
+        } else {
+            assert_eq!((summary.ok, summary.failed, summary.not_started), (1, 1, 1));
+            assert_eq!(results, [Some(true), Some(false), None]);
+            assert_eq!(state(&dbs[2]).await, before[2], "the tenant after the failure is untouched");
+            assert!(records(&dbs[2]).await.is_empty());
+        }
+        for db in &dbs {
+            db.drop().await.unwrap();
+        }
+    }
+}

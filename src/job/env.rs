@@ -7,6 +7,13 @@ pub const MONGODB_URI: &str = "DBSHIFT_MONGODB_URI";
 pub const MONGODB_URI_FILE: &str = "DBSHIFT_MONGODB_URI_FILE";
 /// The tenant database the Job migrates.
 pub const TENANT: &str = "DBSHIFT_TENANT";
+/// A batch (`spec.rollout.tenantsPerJob` above 1): the tenant databases the Job migrates one
+/// after another, as a JSON list. Each tenant's result goes to its own database
+/// ([`super::batch::RESULTS`]), not the termination message.
+pub const BATCH: &str = "DBSHIFT_BATCH";
+/// In a batch, go on with the next tenant after one failed (`onFailure: continue`, or
+/// `maxFailures` above 0); otherwise the batch stops at its first failure.
+pub const BATCH_KEEP_GOING: &str = "DBSHIFT_BATCH_KEEP_GOING";
 /// The directory of migration files (a mounted ConfigMap, or files copied from an image).
 pub const DIR: &str = "DBSHIFT_DIR";
 /// The operator run the Job belongs to (recorded with each migration and snapshot).

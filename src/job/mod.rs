@@ -4,6 +4,7 @@
 //!
 //! Both sides use these definitions, so a name or a field cannot drift between them.
 
+pub mod batch;
 pub mod env;
 pub mod result;
 pub mod run;

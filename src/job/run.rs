@@ -57,6 +57,15 @@ pub struct RunArgs {
     /// as baselined up to this version, so it does not replay the history before it.
     #[arg(long, env = env::BASELINE)]
     pub baseline: Option<String>,
+    /// Migrate these tenants one after another (a JSON list), each under its own lock, with
+    /// its own snapshot, checks and record; each tenant's result is written to its own database
+    /// (`_dbshift_results`), a summary to the result file.
+    #[arg(long, env = env::BATCH)]
+    pub batch: Option<String>,
+    /// In a batch, go on after a tenant failed (default: stop at the first failure; the
+    /// tenants after it are left untouched).
+    #[arg(long, env = env::BATCH_KEEP_GOING)]
+    pub batch_keep_going: bool,
 }
 
 /// What a run needs besides its arguments (from the command line's global settings).
@@ -71,17 +80,26 @@ pub struct Settings {
 
 /// Run one tenant and write its result. The exit code is the result's.
 pub async fn run(s: Settings, a: &RunArgs) -> Exit {
+    if let Some(batch) = &a.batch {
+        return super::batch::run(s, a, batch).await;
+    }
     let tenant = match s.tenants.as_slice() {
         [one] => one.clone(),
         [] => return finish(a, JobResult::failed("", "no tenant: set DBSHIFT_TENANT or pass --tenant", Exit::Invalid)),
         _ => return finish(a, JobResult::failed("", "`run` migrates exactly one tenant", Exit::Invalid)),
     };
+    let r = one_tenant(&s, a, &tenant).await;
+    finish(a, r)
+}
+
+/// One tenant's run, as its result (an error is a failed result, secrets redacted).
+pub(super) async fn one_tenant(s: &Settings, a: &RunArgs, tenant: &str) -> JobResult {
     let taken = TakenSnapshot::default();
-    let mut r = match run_tenant(&s, a, &tenant, &taken).await {
+    let mut r = match run_tenant(s, a, tenant, &taken).await {
         Ok(r) => r,
         Err(e) => {
             let redactor = s.uri.as_deref().map(crate::redact::Redactor::for_uri).unwrap_or_default();
-            let mut r = JobResult::failed(&tenant, &redactor.apply(&e.message), e.exit);
+            let mut r = JobResult::failed(tenant, &redactor.apply(&e.message), e.exit);
             if a.rollback_run.is_some() {
                 r.dir = Direction::Down;
             }
@@ -90,7 +108,7 @@ pub async fn run(s: Settings, a: &RunArgs) -> Exit {
     };
     // A snapshot taken is reported even when the run failed after it.
     r.backup = taken.0.lock().expect("lock").take();
-    finish(a, r)
+    r
 }
 
 /// A run that could not even be configured: its result, written as any other.
@@ -367,7 +385,7 @@ fn rolled_back(id: &str, state: OutcomeState) -> Outcome {
 }
 
 /// Write the result where the controller reads it, and print it.
-fn finish(a: &RunArgs, r: JobResult) -> Exit {
+pub(super) fn finish(a: &RunArgs, r: JobResult) -> Exit {
     let line = r.to_compact_json();
     // The result leaves out tenant values (what a script threw, a duplicate key); the pod's log
     // keeps the whole error, for whoever may read logs.
