@@ -326,6 +326,18 @@ pub struct RolloutSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub windows: Vec<MaintenanceWindow>,
+    /// Tenants each migration Job migrates, one after another, each under its own lock with
+    /// its own snapshot, checks and records (1 to 1000, default 1: a Job per tenant). Canaries
+    /// always get a Job each; `maxParallel` bounds Jobs, not tenants; a dry run uses 1. Inside a
+    /// Job, a failure stops the tenants after it unless `onFailure` is `continue` or
+    /// `maxFailures` is above 0. See docs/operator.md, "Tenants per Job".
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub tenants_per_job: u32,
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl Default for RolloutSpec {
@@ -337,6 +349,7 @@ impl Default for RolloutSpec {
             on_failure: FailurePolicy::default(),
             approval: Approval::default(),
             windows: Vec::new(),
+            tenants_per_job: 1,
         }
     }
 }

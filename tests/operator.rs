@@ -1394,6 +1394,60 @@ async fn a_continuous_resource_follows_new_and_behind_tenants() {
     assert_eq!(env.dbms().get("fol").await.unwrap().status.unwrap().run_id.as_deref(), Some(follow.as_str()));
 }
 
+/// `spec.rollout.tenantsPerJob: 2`: the canary alone, then Jobs of two tenants each, at most
+/// `maxParallel` Jobs at once. A failure inside a batch is that tenant's (under `continue` the
+/// batch goes on); every tenant's result reaches the status from its own database.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a cluster: set DBSHIFT_TEST_KUBECONFIG (tests/run.sh starts one and runs these)"]
+async fn batches_of_tenants_per_job_report_each_tenant() {
+    let mut env = Env::new("batch").await;
+    for i in 0..5 {
+        env.seed(i, i == 3).await;
+    }
+    env.migrations("migrations", BOTH_MIGRATIONS).await;
+    env.start_controller();
+    let rollout = format!(
+        "  rollout: {{ maxParallel: 2, canaries: [{}], tenantsPerJob: 2, onFailure: continue }}",
+        env.tenant(0)
+    );
+    env.apply(&env.resource("bat", &rollout)).await;
+    let d = env.wait_final("bat", 300).await;
+    let st = d.status.clone().unwrap();
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}\n{}", st.message, env.log_tail());
+    let p = st.progress.clone().unwrap();
+    assert_eq!((p.total, p.succeeded, p.failed, p.skipped), (5, 4, 1, 0), "{:?}", st.message);
+    // Three Jobs: the canary, then (1, 2) and (3, 4).
+    let jobs = env.jobs().await;
+    let mut firsts: Vec<String> =
+        jobs.iter().map(|j| j.annotations().get("dbshift.io/tenant").cloned().unwrap_or_default()).collect();
+    firsts.sort();
+    assert_eq!(firsts, [env.tenant(0), env.tenant(1), env.tenant(3)]);
+    let states = |r: Vec<(String, String)>| r.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    for i in [0, 1, 2, 4] {
+        assert_eq!(states(env.records(i).await), ["applied", "applied"], "tenant {i}");
+        assert!(migrated(&env.docs(i).await), "tenant {i}");
+        let e = tenant_entry(&d, &env.tenant(i));
+        assert_eq!(e.phase, dbshift::crd::TenantPhase::Succeeded, "tenant {i}: {e:?}");
+        assert_eq!(e.applied.len(), 2, "tenant {i}: the result from its database: {e:?}");
+        assert_eq!(e.validation.as_ref().map(|v| (v.checks, v.passed)), Some((1, 1)), "tenant {i}");
+        assert!(e.backup.as_ref().is_some_and(|b| b.documents == 20), "tenant {i}: {e:?}");
+    }
+    assert_eq!(states(env.records(3).await), ["applied", "failed"]);
+    let failed = tenant_entry(&d, &env.tenant(3));
+    assert_eq!(failed.phase, dbshift::crd::TenantPhase::Failed);
+    assert!(
+        failed.error.as_deref().is_some_and(|e| e.contains("code_unique") || e.contains("duplicate")),
+        "{failed:?}"
+    );
+    // Both tenants of a batch name its Job.
+    assert_eq!(tenant_entry(&d, &env.tenant(4)).job, failed.job);
+    let reasons = env.event_reasons().await;
+    assert!(
+        reasons.contains(&"TenantsFailed".to_string()) && reasons.contains(&"TenantsSucceeded".to_string()),
+        "{reasons:?}"
+    );
+}
+
 fn phase(d: &DatabaseMigration) -> Option<Phase> {
     d.status.as_ref().and_then(|s| s.phase)
 }

@@ -230,10 +230,13 @@ pub async fn freeze_run(
 /// runner pods of one run differ only in names and environment, so one check answers for all.
 /// Skipped, with a warning, where the controller may not create pods (an older RBAC).
 async fn admit_runner_pod(ctx: &Context, r: &Resource<'_>, plan: &FrozenRun) -> Result<(), ActError> {
-    let Some(tenant) = plan.tenants.first() else { return Ok(()) };
+    if plan.tenants.is_empty() {
+        return Ok(());
+    }
     let owner = r.dbm.controller_owner_ref(&()).expect("owner reference");
     let defaults = jobs::JobDefaults { image: ctx.config.runner_image.clone() };
-    let job = jobs::build_job(plan, &r.name, &r.ns, owner, tenant, Action::Migrate, &defaults);
+    let job =
+        jobs::build_batch_job(plan, &r.name, &r.ns, owner, &plan.tenants[plan.batch(0)], Action::Migrate, &defaults);
     let Some(template) = job.spec.map(|s| s.template) else { return Ok(()) };
     let mut metadata = template.metadata.unwrap_or_default();
     metadata.name = job.metadata.name.map(|n| format!("{n}-admission"));
@@ -290,7 +293,11 @@ pub async fn launch(
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &r.ns);
     let defaults = jobs::JobDefaults { image: ctx.config.runner_image.clone() };
     for (i, action) in launches {
-        let job = jobs::build_job(plan, &r.name, &r.ns, owner.clone(), &plan.tenants[*i], *action, &defaults);
+        let tenants = match action {
+            Action::Migrate => &plan.tenants[plan.batch(*i)],
+            Action::Rollback => &plan.tenants[*i..=*i],
+        };
+        let job = jobs::build_batch_job(plan, &r.name, &r.ns, owner.clone(), tenants, *action, &defaults);
         create(ctx, &jobs_api, &job, "job").await?;
         if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
             m.launched.insert((*i, *action), Instant::now());

@@ -69,6 +69,42 @@ pub struct FrozenRun {
     pub spec_digest: Option<String>,
 }
 
+impl FrozenRun {
+    /// Tenants per migration Job: `spec.rollout.tenantsPerJob`, or 1 for a dry run (its Jobs
+    /// write nothing, so its results travel only in termination messages).
+    pub fn per_job(&self) -> usize {
+        if self.spec.dry_run {
+            1
+        } else {
+            (self.spec.rollout.tenants_per_job as usize).clamp(1, crate::job::batch::MAX_BATCH)
+        }
+    }
+
+    /// The first tenant of the batch tenant `i` is in: its migration Job is named after it.
+    /// Canaries are batches of their own; then runs of [`Self::per_job`] in plan order.
+    pub fn batch_start(&self, i: usize) -> usize {
+        let c = self.canaries.min(self.tenants.len());
+        if i < c {
+            i
+        } else {
+            c + (i - c) / self.per_job() * self.per_job()
+        }
+    }
+
+    /// The tenants (indexes) of the batch that starts at `start`.
+    pub fn batch(&self, start: usize) -> std::ops::Range<usize> {
+        let c = self.canaries.min(self.tenants.len());
+        let end = if start < c { start + 1 } else { (start + self.per_job()).min(self.tenants.len()) };
+        start..end
+    }
+
+    /// Every batch's first tenant, in order.
+    pub fn batch_starts(&self) -> impl Iterator<Item = usize> + '_ {
+        let c = self.canaries.min(self.tenants.len());
+        (0..c).chain((c..self.tenants.len()).step_by(self.per_job()))
+    }
+}
+
 /// SHA-256 of what defines a run in `spec`: everything but what steers a run in progress
 /// (`suspend`, `rollout.approval`, `rollout.windows`).
 pub fn spec_digest(spec: &DatabaseMigrationSpec) -> String {
@@ -212,6 +248,34 @@ mod tests {
         assert!(e.contains("20000 tenants") && e.contains("split the tenants"), "{e}");
         let files = std::collections::BTreeMap::from([("20250101000000_big.yaml".to_string(), "#".repeat(1 << 20))]);
         assert!(check_files(&files).unwrap_err().contains("spec.migrations.image"));
+    }
+
+    #[test]
+    fn batches_keep_canaries_alone_and_cut_the_rest_in_order() {
+        let mut spec: DatabaseMigrationSpec = serde_yaml::from_str(MINIMAL).unwrap();
+        spec.rollout.tenants_per_job = 3;
+        let plan = FrozenRun {
+            run_id: "r".into(),
+            generation: 1,
+            target: None,
+            tenants: (0..10).map(|i| format!("t{i}")).collect(),
+            canaries: 2,
+            files_config_map: None,
+            spec: spec.clone(),
+            spec_digest: None,
+        };
+        assert_eq!(plan.batch_starts().collect::<Vec<_>>(), [0, 1, 2, 5, 8]);
+        assert_eq!([0, 1, 2, 4, 5, 7, 8, 9].map(|i| plan.batch_start(i)), [0, 1, 2, 2, 5, 5, 8, 8]);
+        assert_eq!((plan.batch(1), plan.batch(2), plan.batch(8)), (1..2, 2..5, 8..10));
+        // A dry run's Jobs take one tenant each; so does the default.
+        let mut dry = plan.clone();
+        dry.spec.dry_run = true;
+        assert_eq!(dry.batch_starts().count(), 10);
+        let mut one = plan.clone();
+        one.spec.rollout.tenants_per_job = 1;
+        assert_eq!((one.batch_start(7), one.batch(7)), (7, 7..8));
+        // The default is not written: plans and digests of earlier controllers stay the same.
+        assert!(!serde_json::to_string(&one.spec).unwrap().contains("tenantsPerJob"));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub const LABEL_RUN: &str = "dbshift.io/run";
 pub const LABEL_ACTION: &str = "dbshift.io/action";
 pub const LABEL_TENANT: &str = "dbshift.io/tenant";
 pub const ANNOTATION_TENANT: &str = "dbshift.io/tenant";
+/// On a batch's Job (`tenantsPerJob` above 1): how many tenants it migrates, the first being
+/// [`ANNOTATION_TENANT`].
+pub const ANNOTATION_BATCH: &str = "dbshift.io/batch";
 /// On every runner pod: the pod stays until the controller has read its result (its
 /// termination message). An evicted or deleted pod would otherwise be gone, with the tenant's
 /// report, before the controller sees its Job end.
@@ -113,16 +116,34 @@ pub fn build_job(
     action: Action,
     defaults: &JobDefaults,
 ) -> Job {
+    build_batch_job(plan, resource, namespace, owner, &[tenant.to_string()], action, defaults)
+}
+
+/// The Job that runs `dbshift run` for a batch of tenants (one after another), named, labelled
+/// and annotated after its first; a batch of one is [`build_job`]'s Job.
+pub fn build_batch_job(
+    plan: &FrozenRun,
+    resource: &str,
+    namespace: &str,
+    owner: OwnerReference,
+    tenants: &[String],
+    action: Action,
+    defaults: &JobDefaults,
+) -> Job {
+    let tenant = tenants.first().map(String::as_str).unwrap_or_default();
     let t = &plan.spec.job_template;
     let labels = job_labels(&plan.run_id, resource, tenant, action);
-    let annotations = BTreeMap::from([(ANNOTATION_TENANT.to_string(), tenant.to_string())]);
+    let mut annotations = BTreeMap::from([(ANNOTATION_TENANT.to_string(), tenant.to_string())]);
+    if tenants.len() > 1 {
+        annotations.insert(ANNOTATION_BATCH.to_string(), tenants.len().to_string());
+    }
     let files = Files::of(plan, namespace, resource);
     let container = Container {
         name: "runner".into(),
         image: Some(t.image.clone().unwrap_or_else(|| defaults.image.clone())),
         image_pull_policy: t.image_pull_policy.map(pull_policy),
         args: Some(vec!["run".into()]),
-        env: Some(runner_env(plan, tenant, action)),
+        env: Some(runner_env(plan, tenants, action)),
         volume_mounts: Some(files.mounts),
         resources: t.resources.clone(),
         security_context: Some(merged_context(t.security_context.as_ref())),
@@ -233,7 +254,7 @@ fn job_labels(run_id: &str, resource: &str, tenant: &str, action: Action) -> BTr
 }
 
 /// The runner's environment: the contract of [`crate::job::env`].
-fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
+fn runner_env(plan: &FrozenRun, tenants: &[String], action: Action) -> Vec<EnvVar> {
     let spec = &plan.spec;
     let var = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     // The lock owner names the pod (two pods on one node share the hostname).
@@ -245,9 +266,13 @@ fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
         }),
         ..Default::default()
     };
+    let who = match tenants {
+        [one] => var(env::TENANT, one),
+        many => var(env::BATCH, &serde_json::to_string(many).expect("serializable")),
+    };
     let mut env = vec![
         pod_name,
-        var(env::TENANT, tenant),
+        who,
         var(env::RUN_ID, &plan.run_id),
         var(env::DIR, MIGRATIONS_DIR),
         var(env::MONGODB_URI_FILE, &format!("{URI_DIR}/uri")),
@@ -265,6 +290,12 @@ fn runner_env(plan: &FrozenRun, tenant: &str, action: Action) -> Vec<EnvVar> {
     }
     if let Some(b) = &spec.tenants.baseline {
         env.push(var(env::BASELINE, b));
+    }
+    // A failure inside a batch is the failure policy's as much as one of a Job of its own:
+    // the tenants after it start only where the policy would start them.
+    let r = &spec.rollout;
+    if tenants.len() > 1 && (r.on_failure == crate::crd::FailurePolicy::Continue || r.max_failures > 0) {
+        env.push(var(env::BATCH_KEEP_GOING, "true"));
     }
     match action {
         Action::Migrate if spec.dry_run => env.push(var(env::DRY_RUN, "true")),
@@ -436,6 +467,15 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// A result is the runner's word: whatever runner wrote it (or whoever wrote a batch result
+/// into a tenant database), no tenant values go further.
+pub fn sanitized(mut r: JobResult) -> JobResult {
+    r.error = r.error.map(|e| tenant_values(&e));
+    r.failed_checks = r.failed_checks.iter().map(|c| tenant_values(c)).collect();
+    r.failed_pre = r.failed_pre.iter().map(|c| tenant_values(c)).collect();
+    r
+}
+
 /// The outcome of a finished Job, from its pods' termination messages.
 pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
     let succeeded = job_phase(job) == JobPhase::Finished(true);
@@ -453,12 +493,7 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
         }
     }
     if let Some((_, code, message, reason)) = best {
-        // A result is the pod's word: whatever runner wrote it, no tenant values go further.
-        let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok()).map(|mut r| {
-            r.error = r.error.map(|e| tenant_values(&e));
-            r.failed_checks = r.failed_checks.iter().map(|c| tenant_values(c)).collect();
-            r
-        });
+        let parsed = message.as_deref().and_then(|m| serde_json::from_str::<JobResult>(m.trim()).ok()).map(sanitized);
         return match parsed {
             Some(r) => Outcome { ok: succeeded && r.ok, ran: true, error: None, result: Some(r) },
             None => Outcome {

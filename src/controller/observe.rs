@@ -19,6 +19,7 @@ use super::reconcile::Resource;
 use super::rollout::{Step, TenantView};
 use super::Context;
 use crate::crd::DatabaseMigrationStatus;
+use crate::job::JobResult;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -28,6 +29,8 @@ pub enum ObserveError {
         #[source]
         source: Box<kube::Error>,
     },
+    #[error("reading the results of batch Job {job}: {why}")]
+    Results { job: String, why: String },
     #[error("reading the plan of run {run} (ConfigMap {config_map}): {source}")]
     ReadPlan {
         run: String,
@@ -46,7 +49,7 @@ pub struct RunMemory {
     pub plan: Arc<FrozenRun>,
     /// Jobs created by this process, and when (the Job store may not show them yet).
     pub(super) launched: HashMap<(usize, Action), Instant>,
-    /// Outcomes of finished Jobs, by Job name.
+    /// Outcomes of finished Jobs, by [`outcome_key`].
     outcomes: HashMap<String, Outcome>,
     /// Jobs whose end was already announced (Event, metrics).
     announced: HashSet<String>,
@@ -71,9 +74,26 @@ pub struct Observed {
     /// Launches recorded in the status whose Jobs are missing (lost between the status write
     /// and the create): created again.
     pub missing: Vec<(usize, Action)>,
-    /// Jobs that ended while this process ran and whose end was not announced yet.
-    pub new_ends: Vec<(Arc<Job>, Outcome)>,
+    /// Jobs that ended while this process ran and whose end was not announced yet, with each
+    /// of their tenants' outcomes (one, or a batch's).
+    pub new_ends: Vec<Ended>,
 }
+
+/// A Job that ended, with each of its tenants' outcomes.
+pub type Ended = (Arc<Job>, Vec<(String, Outcome)>);
+
+/// Where a tenant's outcome is kept: by Job name, and for a tenant of a batch by
+/// `<job>#<tenant index>` (one Job, several outcomes).
+fn outcome_key(plan: &FrozenRun, job: &str, i: usize, action: Action) -> String {
+    if action == Action::Migrate && plan.batch(plan.batch_start(i)).len() > 1 {
+        format!("{job}#{i}")
+    } else {
+        job.to_string()
+    }
+}
+
+/// A Job of the run and the tenants (plan indexes) it migrates or rolls back.
+type Covered = (Arc<Job>, Action, Vec<usize>);
 
 /// Read the plan from memory, or from its ConfigMap.
 pub async fn plan(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<Arc<FrozenRun>, ObserveError> {
@@ -115,39 +135,59 @@ pub fn owned_by(meta: &kube::api::ObjectMeta, dbm: &crate::crd::DatabaseMigratio
 pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Result<Observed, ObserveError> {
     let jobs = run_jobs(ctx, r, &plan.run_id);
     let recorded = recorded_launches(&r.status, &plan.run_id);
-    // In plan order, so reads and announcements follow the tenants.
-    let ordered: Vec<Arc<Job>> = plan
-        .tenants
-        .iter()
-        .flat_map(|t| [Action::Migrate, Action::Rollback].map(|a| job_name(&r.name, &plan.run_id, t, a)))
-        .filter_map(|n| jobs.get(&n).cloned())
-        .collect();
-    let unread: Vec<Arc<Job>> = {
+    // In plan order, so reads and announcements follow the tenants: each batch's migration Job,
+    // then its tenants' rollback Jobs.
+    let mut ordered: Vec<Covered> = Vec::new();
+    for b in plan.batch_starts() {
+        let batch: Vec<usize> = plan.batch(b).collect();
+        if let Some(j) = jobs.get(&job_name(&r.name, &plan.run_id, &plan.tenants[b], Action::Migrate)) {
+            ordered.push((j.clone(), Action::Migrate, batch.clone()));
+        }
+        for i in batch {
+            if let Some(j) = jobs.get(&job_name(&r.name, &plan.run_id, &plan.tenants[i], Action::Rollback)) {
+                ordered.push((j.clone(), Action::Rollback, vec![i]));
+            }
+        }
+    }
+    let unread: Vec<Covered> = {
         let runs = ctx.runs.lock().expect("lock");
         let mem = runs.get(&r.key);
         ordered
             .iter()
-            .filter(|j| matches!(job_phase(j), JobPhase::Finished(_)))
-            .filter(|j| mem.is_none_or(|m| !m.outcomes.contains_key(&j.name_any())))
+            .filter(|(j, _, _)| matches!(job_phase(j), JobPhase::Finished(_)))
+            .filter(|(j, a, t)| {
+                mem.is_none_or(|m| !m.outcomes.contains_key(&outcome_key(plan, &j.name_any(), t[0], *a)))
+            })
             .cloned()
             .collect()
     };
-    let read = read_outcomes(ctx, &r.ns, unread).await?;
+    let read = read_outcomes(ctx, r, plan, unread).await?;
 
     let mut runs = ctx.runs.lock().expect("lock");
     let mem = runs.entry(r.key.clone()).or_insert_with(|| RunMemory::new(plan.clone()));
     if mem.plan.run_id != plan.run_id {
         *mem = RunMemory::new(plan.clone());
     }
-    for (job, o) in read {
-        mem.outcomes.insert(job.name_any(), o);
+    for (job, action, outs) in read {
+        for (i, o) in outs {
+            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, action), o);
+        }
     }
     // Ends are announced until an announcement went out (a failed reconcile retries them).
     let new_ends = ordered
         .iter()
-        .filter(|j| job_end(j).is_some_and(|t| t >= ctx.started))
-        .filter(|j| !mem.announced.contains(&j.name_any()))
-        .filter_map(|j| mem.outcomes.get(&j.name_any()).map(|o| (j.clone(), o.clone())))
+        .filter(|(j, _, _)| job_end(j).is_some_and(|t| t >= ctx.started))
+        .filter(|(j, _, _)| !mem.announced.contains(&j.name_any()))
+        .filter_map(|(j, a, tenants)| {
+            let outs: Option<Vec<(String, Outcome)>> = tenants
+                .iter()
+                .map(|&i| {
+                    let o = mem.outcomes.get(&outcome_key(plan, &j.name_any(), i, *a))?;
+                    Some((plan.tenants[i].clone(), o.clone()))
+                })
+                .collect();
+            outs.map(|o| (j.clone(), o))
+        })
         .collect();
     let (views, missing) = tenant_views(plan, &r.name, &jobs, mem, &recorded);
     Ok(Observed { views, missing, new_ends })
@@ -211,29 +251,139 @@ fn recorded_launches(st: &DatabaseMigrationStatus, run_id: &str) -> HashSet<(Str
     out
 }
 
-/// Finished Jobs' outcomes, from their pods.
-async fn read_outcomes(ctx: &Context, ns: &str, jobs: Vec<Arc<Job>>) -> Result<Vec<(Arc<Job>, Outcome)>, ObserveError> {
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+/// Finished Jobs' outcomes: a Job of one tenant from its pods' termination message, a batch's
+/// from its tenants' databases ([`batch_outcomes`]).
+async fn read_outcomes(
+    ctx: &Context,
+    r: &Resource<'_>,
+    plan: &FrozenRun,
+    jobs: Vec<Covered>,
+) -> Result<Vec<(Arc<Job>, Action, Vec<(usize, Outcome)>)>, ObserveError> {
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
     let mut read = Vec::new();
-    for job in jobs {
+    for (job, action, tenants) in jobs {
         let jn = job.name_any();
         let pods = pods_api
             .list(&ListParams::default().labels(&format!("job-name={jn}")))
             .await
-            .map_err(|e| ObserveError::Pods { job: jn, source: Box::new(e) })?;
-        let o = jobs::outcome(&job, &pods.items);
+            .map_err(|e| ObserveError::Pods { job: jn.clone(), source: Box::new(e) })?;
+        let outs = match tenants.as_slice() {
+            [i] => vec![(*i, jobs::outcome(&job, &pods.items))],
+            many => {
+                let o = batch_outcomes(ctx, r, plan, &job, many)
+                    .await
+                    .map_err(|why| ObserveError::Results { job: jn, why })?;
+                many.iter().copied().zip(o).collect()
+            }
+        };
         // Read: the pods may go now.
-        super::act::release_pods(ctx, ns, &pods.items).await;
-        read.push((job, o));
+        super::act::release_pods(ctx, &r.ns, &pods.items).await;
+        read.push((job, action, outs));
     }
     Ok(read)
+}
+
+/// Tenant databases read at once for a batch's results.
+const RESULT_READS: usize = 16;
+
+/// The outcomes of a finished batch Job's tenants, from their databases: the result each
+/// tenant's runner wrote there ([`crate::job::batch`]); for a tenant without one, its tracking
+/// collection says whether the runner got to it (no record of the run: untouched). An error
+/// (the Secret, MongoDB) is retried at the next reconcile.
+async fn batch_outcomes(
+    ctx: &Context,
+    r: &Resource<'_>,
+    plan: &FrozenRun,
+    job: &Job,
+    tenants: &[usize],
+) -> Result<Vec<Outcome>, String> {
+    use futures::StreamExt;
+    let uri = super::inputs::read_uri(&ctx.client, r.dbm).await.map_err(|e| e.message)?;
+    let conn = super::inputs::connect(&uri, ctx.config.connect_timeout).await.map_err(|e| e.message)?;
+    let run = plan.run_id.as_str();
+    let dbs: Vec<mongodb::Database> = tenants.iter().map(|&i| conn.client.database(&plan.tenants[i])).collect();
+    let looks: Vec<Result<Option<JobResult>, String>> =
+        futures::stream::iter(dbs.into_iter().map(|db| read_result(db, plan.run_id.clone())))
+            .buffered(RESULT_READS)
+            .collect()
+            .await;
+    let any_failed = looks.iter().any(|l| matches!(l, Ok(Some(r)) if !r.ok) || l.is_err());
+    let job_failed = job_phase(job) == JobPhase::Finished(false);
+    let mut out = Vec::with_capacity(tenants.len());
+    for (&i, look) in tenants.iter().zip(looks) {
+        let o = match look {
+            Ok(Some(res)) => {
+                let res = jobs::sanitized(res);
+                Outcome { ok: res.ok, ran: true, error: None, result: Some(res) }
+            }
+            // Whoever may write to the tenant database could have written this: the tenant is
+            // taken as failed (its rollback, if any, runs), with why.
+            Err(e) => Outcome {
+                ok: false,
+                ran: true,
+                result: None,
+                error: Some(conn.redactor.apply(&format!("its result could not be read: {e}"))),
+            },
+            Ok(None) => {
+                let db = conn.client.database(&plan.tenants[i]);
+                let records =
+                    crate::engine::tracking::load(&db, crate::engine::tracking::TRACKING).await.map_err(|e| {
+                        conn.redactor.apply(&format!("reading {}: {}", plan.tenants[i], crate::mongo::describe(&e)))
+                    })?;
+                let touched = records.iter().any(|rec| {
+                    rec.run_id == run
+                        || rec.rolled_back_by.as_deref() == Some(run)
+                        || rec.work.as_ref().is_some_and(|w| w.run_id == run)
+                });
+                untouched_or_interrupted(touched, any_failed || !job_failed)
+            }
+        };
+        out.push(o);
+    }
+    Ok(out)
+}
+
+async fn read_result(db: mongodb::Database, run: String) -> Result<Option<JobResult>, String> {
+    crate::job::batch::read(&db, &run, false).await
+}
+
+/// A batch tenant without a result. `touched`: its tracking collection has a record of the run
+/// (the runner stopped while on it, or after it but before writing its result); its next
+/// runner finishes or undoes that work. Untouched, it was never started: skipped when the batch
+/// stopped for a failed tenant (the failure policy's doing), failed when its runner was stopped
+/// (killed, evicted, past its deadline).
+fn untouched_or_interrupted(touched: bool, stopped_by_a_failure: bool) -> Outcome {
+    if touched {
+        return Outcome {
+            ok: false,
+            ran: true,
+            result: None,
+            error: Some(
+                "the batch's runner stopped before it reported on this tenant; its tracking collection has records of \
+                 this run (work left half-done is finished or undone by the tenant's next runner)"
+                    .into(),
+            ),
+        };
+    }
+    if stopped_by_a_failure {
+        let why = "not started: its batch stopped at a failed tenant (the failure policy); untouched";
+        let r = JobResult { v: 1, ok: true, skipped: true, error: Some(why.into()), ..Default::default() };
+        return Outcome { ok: true, ran: false, result: Some(r), error: None };
+    }
+    Outcome {
+        ok: false,
+        ran: false,
+        result: None,
+        error: Some("not started: the batch's runner was stopped (killed, evicted or past its deadline) before this tenant; untouched".into()),
+    }
 }
 
 /// How long a launch recorded in the status may be missing from the store before its Job is
 /// created again (the store lags behind creates by a moment).
 const MISSING_AFTER: Duration = Duration::from_secs(30);
 
-/// Each tenant's two Jobs, and the recorded launches whose Jobs are missing.
+/// Each tenant's two Jobs, and the recorded launches whose Jobs are missing (a migration's
+/// by its batch's first tenant).
 fn tenant_views(
     plan: &FrozenRun,
     resource: &str,
@@ -242,27 +392,43 @@ fn tenant_views(
     recorded: &HashSet<(String, Action)>,
 ) -> (Vec<TenantView>, Vec<(usize, Action)>) {
     let mut missing = Vec::new();
+    // Whether the status recorded a batch's launch, by its first tenant (asked once a batch).
+    let mut batch_recorded: HashMap<usize, bool> = HashMap::new();
     let views = plan
         .tenants
         .iter()
         .enumerate()
         .map(|(i, tenant)| {
             let mut step_of = |action: Action| {
-                let jn = job_name(resource, &plan.run_id, tenant, action);
+                // A migration's Job is its batch's, launched as its first tenant's.
+                let (unit, first) = match action {
+                    Action::Migrate => (plan.batch_start(i), &plan.tenants[plan.batch_start(i)]),
+                    Action::Rollback => (i, tenant),
+                };
+                let jn = job_name(resource, &plan.run_id, first, action);
                 if let Some(job) = jobs.get(&jn) {
                     return match job_phase(job) {
                         JobPhase::Running => Step::Running,
-                        JobPhase::Finished(_) => {
-                            mem.outcomes.get(&jn).cloned().map(|o| Step::Done(Box::new(o))).unwrap_or(Step::Running)
-                        }
+                        JobPhase::Finished(_) => mem
+                            .outcomes
+                            .get(&outcome_key(plan, &jn, i, action))
+                            .cloned()
+                            .map(|o| Step::Done(Box::new(o)))
+                            .unwrap_or(Step::Running),
                     };
                 }
-                let launched_at = mem.launched.get(&(i, action));
-                if launched_at.is_some() || recorded.contains(&(tenant.clone(), action)) {
+                let launched_at = mem.launched.get(&(unit, action));
+                let was_recorded = match action {
+                    Action::Migrate => *batch_recorded.entry(unit).or_insert_with(|| {
+                        plan.batch(unit).any(|k| recorded.contains(&(plan.tenants[k].clone(), action)))
+                    }),
+                    Action::Rollback => recorded.contains(&(tenant.clone(), action)),
+                };
+                if launched_at.is_some() || was_recorded {
                     // Launched but not in the store: just created, or lost between the
                     // status write and the create. Create it (again) once it is clearly missing.
-                    if launched_at.is_none_or(|t| t.elapsed() > MISSING_AFTER) {
-                        missing.push((i, action));
+                    if launched_at.is_none_or(|t| t.elapsed() > MISSING_AFTER) && !missing.contains(&(unit, action)) {
+                        missing.push((unit, action));
                     }
                     return Step::Running;
                 }

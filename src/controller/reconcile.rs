@@ -20,7 +20,7 @@ use kube::ResourceExt;
 
 use super::frozen::{self, FrozenRun};
 use super::inputs::{self, InputError, Inputs};
-use super::jobs::{Action, Outcome};
+use super::jobs::Action;
 use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
@@ -441,7 +441,7 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     let running_before =
         seen.views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let started_before = seen.views.iter().filter(|v| v.migrate != Step::NotStarted).count();
-    let views = with_launches(seen.views, &decision.launch);
+    let views = with_launches(&plan, seen.views, &decision.launch);
     let running = views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let budget = status::entries_budget(serde_json::to_vec(&r.dbm.spec).map_or(0, |v| v.len()));
     // A change of only what steers a run (suspend, approval) is this run's to follow; any other
@@ -526,9 +526,9 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
 }
 
 /// Publish each Job's end; one that went out is never published again.
-async fn announce_ends(ctx: &Context, r: &Resource<'_>, ends: Vec<(Arc<k8s_openapi::api::batch::v1::Job>, Outcome)>) {
-    for (job, o) in ends {
-        if report::tenant_ended(ctx, r.dbm, &job, &o).await {
+async fn announce_ends(ctx: &Context, r: &Resource<'_>, ends: Vec<observe::Ended>) {
+    for (job, outs) in ends {
+        if report::job_ended(ctx, r.dbm, &job, &outs).await {
             if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
                 m.announced(job.name_any());
             }
@@ -536,11 +536,12 @@ async fn announce_ends(ctx: &Context, r: &Resource<'_>, ends: Vec<(Arc<k8s_opena
     }
 }
 
-/// The views as they will be once the decided launches are made.
-fn with_launches(mut views: Vec<TenantView>, launch: &[(usize, Action)]) -> Vec<TenantView> {
+/// The views as they will be once the decided launches are made (a migration launch is its
+/// whole batch's).
+fn with_launches(plan: &FrozenRun, mut views: Vec<TenantView>, launch: &[(usize, Action)]) -> Vec<TenantView> {
     for (i, action) in launch {
         match action {
-            Action::Migrate => views[*i].migrate = Step::Running,
+            Action::Migrate => plan.batch(*i).for_each(|k| views[k].migrate = Step::Running),
             Action::Rollback => views[*i].rollback = Step::Running,
         }
     }

@@ -45,9 +45,58 @@ async fn publish_about(
     }
 }
 
-/// A tenant's Job ended: its Event, then its metrics. `false` when the Event could not be
-/// published: both are tried again at the next reconcile.
-pub async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) -> bool {
+/// A Job ended: its Event (one for a batch, naming its failed tenants), then its tenants'
+/// metrics. `false` when the Event could not be published: both are tried again at the next
+/// reconcile.
+pub async fn job_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Outcome)]) -> bool {
+    match outs {
+        [(_, o)] => tenant_ended(ctx, dbm, job, o).await,
+        many => batch_ended(ctx, dbm, job, many).await,
+    }
+}
+
+/// The Event of a batch's end: how many succeeded, were skipped or failed, the first failures
+/// by name.
+async fn batch_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Outcome)]) -> bool {
+    let skipped = |o: &Outcome| o.ok && o.result.as_ref().is_some_and(|r| r.skipped);
+    let failed: Vec<&(String, Outcome)> = outs.iter().filter(|(_, o)| !o.ok).collect();
+    let n_skipped = outs.iter().filter(|(_, o)| skipped(o)).count();
+    let n_ok = outs.len() - failed.len() - n_skipped;
+    let first = outs.first().map(|(t, _)| t.as_str()).unwrap_or_default();
+    let mut note = format!(
+        "batch of {} tenant(s) from {first}: {n_ok} succeeded, {n_skipped} skipped, {} failed",
+        outs.len(),
+        failed.len()
+    );
+    for (t, o) in failed.iter().take(3) {
+        let why = o.result.as_ref().and_then(|r| r.error.clone()).or_else(|| o.error.clone()).unwrap_or_default();
+        note.push_str(&format!("; {t}: {}", why.chars().take(200).collect::<String>()));
+    }
+    let (reason, kind) =
+        if failed.is_empty() { ("TenantsSucceeded", EventType::Normal) } else { ("TenantsFailed", EventType::Warning) };
+    if !publish_about(ctx, dbm, kind, reason, note, Some(job.object_ref(&()))).await {
+        return false;
+    }
+    for (_, o) in outs {
+        let outcome = match (o.ok, skipped(o)) {
+            (true, true) => "Skipped",
+            (true, false) => "Succeeded",
+            (false, _) => "Failed",
+        };
+        ctx.metrics.tenant_runs.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+        if let Some(b) = o.result.as_ref().and_then(|r| r.backup.as_ref()) {
+            ctx.metrics.backup_bytes.inc_by(b.bytes);
+        }
+    }
+    if let (Some(start), Some(end)) = (job.metadata.creation_timestamp.as_ref(), job_end(job)) {
+        let secs = end.duration_since(start.0).as_secs_f64();
+        ctx.metrics.tenant_duration.observe(secs.max(0.0) / outs.len().max(1) as f64);
+    }
+    true
+}
+
+/// A tenant's Job ended: its Event, then its metrics.
+async fn tenant_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, o: &Outcome) -> bool {
     let tenant = job.annotations().get(jobs::ANNOTATION_TENANT).cloned().unwrap_or_default();
     let action = job.labels().get(jobs::LABEL_ACTION).and_then(|a| Action::from_label(a)).unwrap_or(Action::Migrate);
     let skipped = o.result.as_ref().is_some_and(|r| r.skipped);

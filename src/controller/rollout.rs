@@ -93,7 +93,10 @@ struct Tally<'a> {
     views: &'a [TenantView],
     canaries: usize,
     max_parallel: usize,
+    /// Tenants whose migration runs.
     running: usize,
+    /// Migration Jobs running (batches with a running tenant; one per tenant by default).
+    running_jobs: usize,
     failures: usize,
 }
 
@@ -107,6 +110,10 @@ pub fn decide(plan: &FrozenRun, views: &[TenantView], gates: Gates) -> Decision 
         canaries: plan.canaries.min(views.len()),
         max_parallel: rollout.max_parallel.max(1) as usize,
         running: views.iter().filter(|v| v.migrate == Step::Running).count(),
+        running_jobs: plan
+            .batch_starts()
+            .filter(|&b| plan.batch(b).any(|i| views.get(i).is_some_and(|v| v.migrate == Step::Running)))
+            .count(),
         failures: views.iter().filter(|v| v.migrate.failed()).count(),
     };
     let canary_failed = views[..t.canaries].iter().any(|v| v.migrate.failed());
@@ -152,17 +159,20 @@ fn migrate(t: &Tally<'_>) -> Decision {
                 }
             }
         } else {
-            let free = t.max_parallel.saturating_sub(t.running);
+            // maxParallel bounds Jobs: a batch (tenantsPerJob) is one, named after its first.
+            let free = t.max_parallel.saturating_sub(t.running_jobs);
+            let plan = t.plan;
             launch.extend(
-                (canaries..total)
-                    .filter(|&i| views[i].migrate == Step::NotStarted)
+                plan.batch_starts()
+                    .filter(|&b| b >= canaries && b < total)
+                    .filter(|&b| plan.batch(b).all(|i| views.get(i).is_none_or(|v| v.migrate == Step::NotStarted)))
                     .take(free)
-                    .map(|i| (i, Action::Migrate)),
+                    .map(|b| (b, Action::Migrate)),
             );
         }
     }
     let done = views.iter().filter(|v| matches!(v.migrate, Step::Done(_))).count();
-    let in_flight = t.running + launch.len();
+    let in_flight = t.running + launch.iter().map(|(b, _)| t.plan.batch(*b).len()).sum::<usize>();
     let decision =
         |phase, finished, stopped, message| Decision { launch: launch.clone(), phase, finished, stopped, message };
     if done == total {

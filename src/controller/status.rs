@@ -73,12 +73,14 @@ fn attention(phase: TenantPhase) -> u8 {
     }
 }
 
-/// One tenant's entry.
-pub fn tenant_status(plan: &FrozenRun, resource: &str, tenant: &str, v: &TenantView, stopped: bool) -> TenantStatus {
+/// One tenant's entry: the `i`-th of the plan.
+pub fn tenant_status(plan: &FrozenRun, resource: &str, i: usize, v: &TenantView, stopped: bool) -> TenantStatus {
+    let tenant = plan.tenants[i].as_str();
     let phase = tenant_phase(v, stopped);
     let mut s = TenantStatus { name: tenant.to_string(), phase, ..Default::default() };
     if v.migrate != Step::NotStarted {
-        s.job = Some(job_name(resource, &plan.run_id, tenant, Action::Migrate));
+        // A batch's Job is named after its first tenant.
+        s.job = Some(job_name(resource, &plan.run_id, &plan.tenants[plan.batch_start(i)], Action::Migrate));
     }
     if let Step::Done(o) = &v.migrate {
         if let Some(r) = &o.result {
@@ -225,7 +227,8 @@ pub fn run_status(
         .tenants
         .iter()
         .zip(views)
-        .map(|(t, v)| tenant_status(plan, resource, t, v, decision.stopped || decision.finished))
+        .enumerate()
+        .map(|(i, (_, v))| tenant_status(plan, resource, i, v, decision.stopped || decision.finished))
         .collect();
     entries.sort_by_key(|e| attention(e.phase));
     entries.truncate(MAX_TENANT_ENTRIES);
@@ -473,7 +476,7 @@ spec:
     fn a_tenant_entry_carries_what_its_job_reported() {
         let p = plan(1);
         let v = TenantView { migrate: ok(), rollback: Step::NotStarted };
-        let s = tenant_status(&p, "add-preferences", &p.tenants[0], &v, false);
+        let s = tenant_status(&p, "add-preferences", 0, &v, false);
         assert_eq!(s.phase, TenantPhase::Succeeded);
         assert_eq!(s.applied[0].documents_affected, 56789);
         assert_eq!(s.validation.unwrap().passed, 3);
