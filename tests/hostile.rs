@@ -377,3 +377,49 @@ async fn documents_up_to_16_mib_transform_with_defaults_and_come_back() {
     // The server keeps everything in memory: give it back.
     db.drop().await.unwrap();
 }
+
+/// A batch's results live in the tenant databases, where any of their users can write: what
+/// the controller reads back is checked (it parses, fits, names this tenant) and anything else
+/// is an error naming the document, never a result; a bad `DBSHIFT_BATCH` is refused (exit 2)
+/// before anything is touched.
+#[tokio::test]
+async fn batch_results_and_batches_that_are_not_what_they_claim_are_refused() {
+    let c = client().await;
+    let db = c.database(&unique("hres"));
+    let other = dbshift::job::JobResult { v: 1, tenant: "someone_else".into(), ok: true, ..Default::default() };
+    dbshift::job::batch::write(&db, "r1", false, &other).await.unwrap();
+    let e = dbshift::job::batch::read(&db, "r1", false).await.unwrap_err();
+    assert!(e.contains("names another tenant"), "{e}");
+    let coll = db.collection::<Document>(dbshift::job::batch::RESULTS);
+    for (body, why) in [
+        (bson::Bson::String("{ not json".into()), "no readable result"),
+        (bson::Bson::String("x".repeat(20_000)), "more than a result takes"),
+        (bson::Bson::Int32(7), "no result text"),
+    ] {
+        coll.replace_one(doc! {"_id": "r2:migrate"}, doc! {"_id": "r2:migrate", "result": body})
+            .upsert(true)
+            .await
+            .unwrap();
+        let e = dbshift::job::batch::read(&db, "r2", false).await.unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+    assert_eq!(dbshift::job::batch::read(&db, "r3", false).await.unwrap(), None, "no result: none");
+    db.drop().await.unwrap();
+
+    let dir = migrations(&[("20250101000000_add.yaml", ADD)]);
+    let t = unique("hbatch");
+    let twice = format!(r#"["{t}","{t}"]"#);
+    for (batch, why) in
+        [("tenant_a,tenant_b", "JSON list"), (r#"["admin"]"#, "never a tenant"), (twice.as_str(), "twice")]
+    {
+        let o = cli(
+            &["run", "--dir", dir.path().to_str().unwrap()],
+            &[("DBSHIFT_MONGODB_URI", &uri()), ("DBSHIFT_BATCH", batch), ("DBSHIFT_RESULT_FILE", "/nonexistent/r")],
+        );
+        assert_eq!(o.status.code(), Some(2), "{batch}: {}", text(&o));
+        assert!(text(&o).contains(why), "{batch}: {}", text(&o));
+    }
+    // Other tests create databases meanwhile: only the batch's own names are looked for.
+    let now = databases().await;
+    assert!(!now.contains(&t) && !now.iter().any(|n| n.starts_with("tenant_a")), "nothing was written: {now:?}");
+}

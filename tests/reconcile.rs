@@ -818,3 +818,79 @@ async fn a_changed_spec_supersedes_a_run_held_at_its_gate() {
     api.event("Migrating").await;
     assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(60)));
 }
+
+/// A batch Job (`tenantsPerJob: 3`) whose pod was killed mid-batch: the controller reads each
+/// tenant's outcome from its database. One wrote its result (succeeded); one has a tracking
+/// record of the run but no result (the runner was on it: failed, interrupted); one has
+/// nothing (never started: failed, untouched, since no tenant failure stopped the batch).
+#[tokio::test]
+async fn a_killed_batch_reports_each_tenant_from_its_database() {
+    use dbshift::engine::tracking::{self, Record, State};
+    let (ctx, mut api, mut writer) = context();
+    let p = common::unique("kb");
+    let names: Vec<String> = (0..3).map(|i| format!("{p}_{i}")).collect();
+    let mut d = resource_with(json!({ "maxParallel": 2, "tenantsPerJob": 3, "onFailure": "halt" }), Default::default());
+    d.spec.tenants.names = names.clone();
+    let run = reconcile_on(&ctx, d.clone());
+    secret(&mut api).await;
+    api.pod_dry_run(200, Value::Null).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.event("RunStarted").await;
+    let st = api.status().await;
+    let job = api.job().await;
+    api.event("Migrating").await;
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(60)));
+    // One Job for the three, with the batch in its environment.
+    assert_eq!(env_of(&job)["DBSHIFT_BATCH"], serde_json::to_string(&names).unwrap());
+    assert!(!env_of(&job).contains_key("DBSHIFT_TENANT"));
+    assert!(st.tenants.iter().all(|t| t.phase == TenantPhase::Running && t.job == job.metadata.name));
+    let run_id = st.run_id.clone().unwrap();
+
+    // What the killed runner left: tenant 0 done and reported, tenant 1 mid-way, tenant 2 nothing.
+    let mongo = common::client().await;
+    let ok = dbshift::job::JobResult {
+        v: 1,
+        tenant: names[0].clone(),
+        ok: true,
+        done: vec![("20250101000000_add_flag".into(), 5, 20)],
+        ..Default::default()
+    };
+    dbshift::job::batch::write(&mongo.database(&names[0]), &run_id, false, &ok).await.unwrap();
+    let dir = common::migrations(&[("20250101000000_add_flag.yaml", ADD_FLAG)]);
+    let m = dbshift::engine::load_dir(dir.path()).unwrap();
+    let rec = Record::of(&m[0], State::Applying, 1, &run_id, "pod".into());
+    tracking::save(&mongo.database(&names[1]), tracking::TRACKING, &rec).await.unwrap();
+    mongo
+        .database(&names[2])
+        .collection::<bson::Document>("customers")
+        .insert_one(bson::doc! {"_id": 1})
+        .await
+        .unwrap();
+
+    put(&mut writer, &finished(&job, false));
+    let run =
+        reconcile_on(&ctx, resource_with(json!({ "maxParallel": 2, "tenantsPerJob": 3, "onFailure": "halt" }), st));
+    api.pods(&job, 137, json!("")).await;
+    secret(&mut api).await;
+    let ev = api.event("TenantsFailed").await;
+    let note = ev["note"].as_str().unwrap();
+    assert!(
+        note.starts_with(&format!("batch of 3 tenant(s) from {}: 1 succeeded, 0 skipped, 2 failed", names[0])),
+        "{note}"
+    );
+    let st = api.status().await;
+    api.event("Failed").await;
+    run.done(&mut api).await;
+    let by = |i: usize| st.tenants.iter().find(|t| t.name == names[i]).unwrap().clone();
+    assert_eq!(by(0).phase, TenantPhase::Succeeded);
+    assert_eq!(by(0).applied[0].documents_affected, 20, "the result from the tenant's database");
+    assert_eq!(by(1).phase, TenantPhase::Failed);
+    assert!(by(1).error.unwrap().contains("stopped before it reported"));
+    assert_eq!(by(2).phase, TenantPhase::Failed);
+    assert!(by(2).error.unwrap().contains("not started") && by(2).job == by(0).job);
+    assert_eq!(st.phase, Some(Phase::Failed));
+    for t in &names {
+        mongo.database(t).drop().await.unwrap();
+    }
+}

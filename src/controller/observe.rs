@@ -267,17 +267,21 @@ async fn read_outcomes(
             .list(&ListParams::default().labels(&format!("job-name={jn}")))
             .await
             .map_err(|e| ObserveError::Pods { job: jn.clone(), source: Box::new(e) })?;
-        let outs = match tenants.as_slice() {
-            [i] => vec![(*i, jobs::outcome(&job, &pods.items))],
-            many => {
-                let o = batch_outcomes(ctx, r, plan, &job, many)
+        let single = match tenants.as_slice() {
+            [i] => Some((*i, jobs::outcome(&job, &pods.items))),
+            _ => None,
+        };
+        // Read (a batch's results are in its tenants' databases): the pods may go now.
+        super::act::release_pods(ctx, &r.ns, &pods.items).await;
+        let outs = match single {
+            Some(one) => vec![one],
+            None => {
+                let o = batch_outcomes(ctx, r, plan, &job, &tenants)
                     .await
                     .map_err(|why| ObserveError::Results { job: jn, why })?;
-                many.iter().copied().zip(o).collect()
+                tenants.iter().copied().zip(o).collect()
             }
         };
-        // Read: the pods may go now.
-        super::act::release_pods(ctx, &r.ns, &pods.items).await;
         read.push((job, action, outs));
     }
     Ok(read)

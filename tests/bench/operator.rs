@@ -1,31 +1,31 @@
-//! The operator benchmark: one small migration across N tenant databases (default 1,000).
+//! The operator benchmark: one small migration (addField + a count check) across N tenant
+//! databases (default 1,000), against one `dbshift up --tenants ... --parallel P` process
+//! migrating the same number of tenants with the same migration, in the same run, on the same
+//! cluster and server.
 //!
-//! Baseline, measured in the same run: the same Jobs (built by the same code, same image, same
-//! work: snapshot, migrate, validate) created directly by a minimal driver that keeps
-//! `parallel` of them running, with no operator. Then the operator does it from `kubectl apply`
-//! to `Succeeded`. Reports wall times and their ratio, API requests per tenant (from the API
-//! server's own counters, for both), the controller's writes per tenant state change (from its
-//! metrics), and the controller's peak memory (VmHWM).
+//! Runs, each on freshly seeded tenants: the CLI (no snapshots: `up` takes none); the operator
+//! with `tenantsPerJob: K` (DBSHIFT_BENCH_PER_JOB, default 50), snapshots off; the same with
+//! snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
+//! run of that size), the default `tenantsPerJob: 1`. Reports wall time from `kubectl apply` to
+//! `Succeeded` and its ratio to the CLI's, API requests per tenant (the API server's own
+//! counter), the final status's bytes (and per tenant), the controller's API writes and its
+//! peak memory (VmHWM, one controller process per run).
 //!
 //! Run with tests/bench/operator.sh, which starts the cluster, the database and the image.
 //! Env: DBSHIFT_BENCH_KUBECONFIG, DBSHIFT_BENCH_MONGODB_URI, DBSHIFT_BENCH_RUNNER_IMAGE,
-//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_DBSHIFT (the
-//! controller binary, default target/release/dbshift).
+//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_PER_JOB (50),
+//! DBSHIFT_BENCH_TENANTS_ONE (200; 0 skips it), DBSHIFT_BENCH_SNAPSHOTS (1; 0 skips the run with
+//! snapshots), DBSHIFT_BENCH_DBSHIFT (the binary, default target/release/dbshift).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, PostParams};
-use kube::runtime::{watcher, WatchStreamExt};
 
-use dbshift::controller::frozen::FrozenRun;
-use dbshift::controller::jobs::{build_job, job_phase, Action, JobDefaults, JobPhase};
 use dbshift::crd::{DatabaseMigration, DatabaseMigrationSpec, Phase};
 
 const MIGRATION: &str = "description: flag every customer\nup:\n  - addField: { collection: customers, field: flag, value: true }\nvalidate:\n  - count: { collection: customers, filter: { flag: { $exists: false } }, equals: 0 }\n";
@@ -91,47 +91,98 @@ jobTemplate: {{ image: "{image}", imagePullPolicy: Never, hostNetwork: true }}
     .unwrap()
 }
 
-/// The baseline: the same Jobs, `parallel` at a time, from a minimal driver.
-async fn baseline(c: &kube::Client, ns: &str, tenants: Vec<String>, parallel: usize, image: &str) -> Duration {
-    let mut plan = FrozenRun {
-        run_id: "bench-baseline".into(),
-        generation: 1,
-        target: Some("20250101000000".into()),
-        tenants: tenants.clone(),
-        canaries: 0,
-        files_config_map: Some("migrations".into()),
-        spec: spec("unused", parallel as u32, image),
-        spec_digest: None,
-    };
-    plan.spec.job_template.image = Some(image.into());
-    let jobs: Api<Job> = Api::namespaced(c.clone(), ns);
-    let owner = OwnerReference::default();
-    let make = |t: &str| {
-        let mut j =
-            build_job(&plan, "baseline", ns, owner.clone(), t, Action::Migrate, &JobDefaults { image: image.into() });
-        j.metadata.owner_references = None;
-        j
-    };
-    let cfg = watcher::Config::default().labels("dbshift.io/run=bench-baseline");
-    let mut events = Box::pin(watcher(jobs.clone(), cfg).default_backoff().applied_objects());
+/// The baseline: one CLI process migrating the tenants `^prefix_`, `parallel` at a time.
+fn cli(bin: &str, uri: &str, prefix: &str, parallel: usize) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("20250101000000_flag.yaml"), MIGRATION).unwrap();
     let start = Instant::now();
-    let mut next = 0;
-    while next < parallel.min(tenants.len()) {
-        jobs.create(&PostParams::default(), &make(&tenants[next])).await.unwrap();
-        next += 1;
+    let o = Command::new(bin)
+        .args(["up", "--tenants", &format!("^{prefix}_"), "--parallel", &parallel.to_string()])
+        .args(["--dir", dir.path().to_str().unwrap(), "--output", "json"])
+        .env("DBSHIFT_MONGODB_URI", uri)
+        .env("DBSHIFT_LOG", "warn")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(o.status.success(), "the CLI run failed: {}", String::from_utf8_lossy(&o.stderr));
+    took
+}
+
+/// What one operator run measured.
+struct Run {
+    secs: f64,
+    requests: f64,
+    status_bytes: usize,
+    writes: f64,
+    peak_kib: u64,
+}
+
+/// One operator run from apply to Succeeded, with a controller of its own.
+#[allow(clippy::too_many_arguments)]
+async fn operator(
+    c: &kube::Client,
+    mongo: &mongodb::Client,
+    uri: &str,
+    bin: &str,
+    image: &str,
+    n: usize,
+    parallel: u32,
+    per_job: u32,
+    snapshots: bool,
+) -> Run {
+    let tag = format!("{:04x}", rand::random::<u16>());
+    let prefix = format!("bbo{tag}");
+    seed(mongo, &prefix, n).await;
+    let ns = format!("bench-op-{tag}");
+    namespace(c, &ns, uri).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut ctl = Command::new(bin)
+        .args(["controller", "--namespace", &ns, "--no-leader-election", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--runner-image", image])
+        .env("KUBECONFIG", env("DBSHIFT_BENCH_KUBECONFIG", ""))
+        .env("DBSHIFT_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the controller");
+    let metrics_url = format!("127.0.0.1:{port}");
+    let get_metrics = || {
+        let out = Command::new("curl").args(["-s", &format!("http://{metrics_url}/metrics")]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_metrics().is_empty() {
+        assert!(Instant::now() < deadline, "the controller did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut finished = HashSet::new();
-    while finished.len() < tenants.len() {
-        let Some(Ok(j)) = events.next().await else { continue };
-        if let JobPhase::Finished(ok) = job_phase(&j) {
-            assert!(ok, "baseline Job {} failed", j.metadata.name.clone().unwrap_or_default());
-            if finished.insert(j.metadata.name.clone().unwrap_or_default()) && next < tenants.len() {
-                jobs.create(&PostParams::default(), &make(&tenants[next])).await.unwrap();
-                next += 1;
-            }
+    let dbms: Api<DatabaseMigration> = Api::namespaced(c.clone(), &ns);
+    let r1 = api_requests(c).await;
+    let mut s = spec(&prefix, parallel, image);
+    s.rollout.tenants_per_job = per_job;
+    s.backup.enabled = snapshots;
+    let dbm = DatabaseMigration::new("bench", s);
+    let start = Instant::now();
+    dbms.create(&PostParams::default(), &dbm).await.unwrap();
+    let status = loop {
+        let d = dbms.get("bench").await.unwrap();
+        match d.status.as_ref().and_then(|s| s.phase) {
+            Some(Phase::Succeeded) => break d.status.unwrap(),
+            Some(Phase::Failed | Phase::RolledBack) => panic!("the run failed: {:?}", d.status.unwrap().message),
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
-    }
-    start.elapsed()
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let requests = api_requests(c).await - r1;
+    let writes = metric_sum(&get_metrics(), "dbshift_api_writes_total");
+    let peak_kib = peak_kib(ctl.id());
+    let _ = ctl.kill();
+    let _ = ctl.wait();
+    let _ = Command::new("kubectl")
+        .args(["--kubeconfig", &env("DBSHIFT_BENCH_KUBECONFIG", ""), "delete", "ns", &ns, "--wait=false"])
+        .stdout(Stdio::null())
+        .status();
+    let status_bytes = serde_json::to_vec(&status).unwrap().len();
+    Run { secs, requests, status_bytes, writes, peak_kib }
 }
 
 fn peak_kib(pid: u32) -> u64 {
@@ -149,97 +200,62 @@ async fn main() {
         return; // built by `cargo test --all-targets`; runs only under `cargo bench`
     }
     let n: usize = env("DBSHIFT_BENCH_TENANTS", "1000").parse().unwrap();
+    let n1: usize = env("DBSHIFT_BENCH_TENANTS_ONE", "200").parse().unwrap();
     let parallel: usize = env("DBSHIFT_BENCH_PARALLEL", "10").parse().unwrap();
+    let per_job: u32 = env("DBSHIFT_BENCH_PER_JOB", "50").parse().unwrap();
+    let snapshots = env("DBSHIFT_BENCH_SNAPSHOTS", "1") != "0";
     let image = env("DBSHIFT_BENCH_RUNNER_IMAGE", "dbshift:bench");
     let uri = env("DBSHIFT_BENCH_MONGODB_URI", "");
     let bin = env("DBSHIFT_BENCH_DBSHIFT", "target/release/dbshift");
     let c = client().await;
     let mongo = mongodb::Client::with_uri_str(&uri).await.unwrap();
-    let tag = format!("{:04x}", rand::random::<u16>());
-    let (pa, po) = (format!("bba{tag}"), format!("bbo{tag}"));
-    eprintln!("seeding 2 x {n} tenant databases");
-    seed(&mongo, &pa, n).await;
-    seed(&mongo, &po, n).await;
-    let (nsa, nso) = (format!("bench-base-{tag}"), format!("bench-op-{tag}"));
-    namespace(&c, &nsa, &uri).await;
-    namespace(&c, &nso, &uri).await;
 
-    eprintln!("baseline: {n} Jobs, {parallel} at a time, no operator");
-    let tenants: Vec<String> = (0..n).map(|i| format!("{pa}_{i:05}")).collect();
-    let r0 = api_requests(&c).await;
-    let base = baseline(&c, &nsa, tenants, parallel, &image).await;
-    let base_requests = api_requests(&c).await - r0;
-
-    eprintln!("operator: the same through a DatabaseMigration");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut ctl = Command::new(&bin)
-        .args(["controller", "--namespace", &nso, "--no-leader-election", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--runner-image", &image])
-        .env("KUBECONFIG", env("DBSHIFT_BENCH_KUBECONFIG", ""))
-        .env("DBSHIFT_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the controller");
-    let metrics_url = format!("127.0.0.1:{port}");
-    let get_metrics = || {
-        let out = Command::new("curl").args(["-s", &format!("http://{metrics_url}/metrics")]).output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_metrics().is_empty() {
-        assert!(Instant::now() < deadline, "the controller did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let dbms: Api<DatabaseMigration> = Api::namespaced(c.clone(), &nso);
-    let r1 = api_requests(&c).await;
-    let dbm = DatabaseMigration::new("bench", spec(&po, parallel as u32, &image));
-    let start = Instant::now();
-    dbms.create(&PostParams::default(), &dbm).await.unwrap();
-    loop {
-        let d = dbms.get("bench").await.unwrap();
-        match d.status.as_ref().and_then(|s| s.phase) {
-            Some(Phase::Succeeded) => break,
-            Some(Phase::Failed | Phase::RolledBack) => panic!("the run failed: {:?}", d.status.unwrap().message),
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+    let cli_on = |count: usize| {
+        let (mongo, uri, bin) = (mongo.clone(), uri.clone(), bin.clone());
+        async move {
+            let prefix = format!("bbc{:04x}", rand::random::<u16>());
+            seed(&mongo, &prefix, count).await;
+            eprintln!("CLI: dbshift up over {count} tenants, --parallel {parallel}");
+            cli(&bin, &uri, &prefix, parallel)
         }
+    };
+    let base = cli_on(n).await.as_secs_f64();
+    let mut rows: Vec<(String, usize, f64, Run)> = Vec::new();
+    eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, snapshots off");
+    let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, false).await;
+    rows.push((format!("tenantsPerJob {per_job}, snapshots off"), n, base, r));
+    if snapshots {
+        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, snapshots on");
+        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, true).await;
+        rows.push((format!("tenantsPerJob {per_job}, snapshots on (the CLI takes none)"), n, base, r));
     }
-    let op = start.elapsed();
-    let op_requests = api_requests(&c).await - r1;
-    let m = get_metrics();
-    let writes = metric_sum(&m, "dbshift_api_writes_total");
-    let peak = peak_kib(ctl.id());
-    let _ = ctl.kill();
-    let _ = ctl.wait();
+    if n1 > 0 {
+        let base1 = cli_on(n1).await.as_secs_f64();
+        eprintln!("operator: {n1} tenants, tenantsPerJob 1, snapshots off");
+        let r = operator(&c, &mongo, &uri, &bin, &image, n1, parallel as u32, 1, false).await;
+        rows.push(("tenantsPerJob 1 (default), snapshots off".to_string(), n1, base1, r));
+    }
 
-    let ratio = op.as_secs_f64() / base.as_secs_f64();
-    // Two state changes per tenant: started, finished.
-    let writes_per_change = writes / (2.0 * n as f64);
-    println!("operator benchmark: {n} tenants, maxParallel {parallel}");
-    println!("| | baseline (Jobs created directly) | operator | ratio | target |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| wall time, apply to Succeeded | {:.1} s | {:.1} s | {ratio:.2}x | <= 1.2x |",
-        base.as_secs_f64(),
-        op.as_secs_f64()
-    );
-    println!(
-        "| API requests per tenant (all clients) | {:.1} | {:.1} | {:.2}x | |",
-        base_requests / n as f64,
-        op_requests / n as f64,
-        op_requests / base_requests
-    );
-    println!("| controller API writes per tenant state change | | {writes_per_change:.2} | | <= 5 |");
-    println!("| controller peak memory (VmHWM) | | {:.1} MiB | | < 64 MiB |", peak as f64 / 1024.0);
-    let json = serde_json::json!({
-        "tenants": n, "parallel": parallel, "baseline_s": base.as_secs_f64(), "operator_s": op.as_secs_f64(),
-        "ratio": ratio, "baseline_requests": base_requests, "operator_requests": op_requests,
-        "writes_per_state_change": writes_per_change, "controller_peak_kib": peak,
-    });
-    std::fs::write("target/bench-operator.json", serde_json::to_string_pretty(&json).unwrap()).ok();
-    for ns in [nsa, nso] {
-        let _ = Command::new("kubectl")
-            .args(["--kubeconfig", &env("DBSHIFT_BENCH_KUBECONFIG", ""), "delete", "ns", &ns, "--wait=false"])
-            .stdout(Stdio::null())
-            .status();
+    println!("operator benchmark: maxParallel {parallel}; baseline: one `dbshift up --parallel {parallel}` process");
+    println!("| run | tenants | CLI | operator | ratio | API requests / tenant | status bytes (/ tenant) | controller writes / tenant | controller peak |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut json = Vec::new();
+    for (name, count, cli_s, r) in &rows {
+        let ratio = r.secs / cli_s;
+        println!(
+            "| {name} | {count} | {cli_s:.1} s | {:.1} s | {ratio:.2}x | {:.1} | {} ({:.0}) | {:.2} | {:.1} MiB |",
+            r.secs,
+            r.requests / *count as f64,
+            r.status_bytes,
+            r.status_bytes as f64 / *count as f64,
+            r.writes / *count as f64,
+            r.peak_kib as f64 / 1024.0
+        );
+        json.push(serde_json::json!({
+            "run": name, "tenants": count, "parallel": parallel, "cli_s": cli_s, "operator_s": r.secs, "ratio": ratio,
+            "api_requests": r.requests, "status_bytes": r.status_bytes, "controller_writes": r.writes,
+            "controller_peak_kib": r.peak_kib,
+        }));
     }
+    std::fs::write("target/bench-operator.json", serde_json::to_string_pretty(&json).unwrap()).ok();
 }
