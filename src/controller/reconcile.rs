@@ -149,10 +149,8 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
                 return start_run(&ctx, &r, None).await;
             }
             // Suspending, resuming or changing the approval or mode of a finished run: nothing
-            // to run.
-            let new = status::observed(&r.status, r.generation());
-            act::write_status(&ctx, &r, &new).await?;
-            r.status = new;
+            // to run. Written with the next step's status (one write per reconcile).
+            r.status = status::observed(&r.status, r.generation());
         }
         return follow(&ctx, &mut r).await;
     }
@@ -164,10 +162,13 @@ async fn apply(dbm: Arc<DatabaseMigration>, ctx: &Arc<Context>) -> Result<Requeu
 async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
     // Only a run that started is followed: not one refused before it began (no run id), nor
     // one whose plan was lost (that needs a change of the resource).
-    let Some(run_id) = r.status.run_id.clone() else { return Ok(Requeue::await_change()) };
-    if r.lost_run().is_some() {
+    if r.status.run_id.is_none() || r.lost_run().is_some() {
+        if Some(&r.status) != r.dbm.status.as_ref() {
+            act::write_status(ctx, r, &r.status).await?;
+        }
         return Ok(Requeue::await_change());
     }
+    let run_id = r.status.run_id.clone().unwrap_or_default();
     let spec = &r.dbm.spec;
     let continuous = spec.mode == Mode::Continuous;
     let interval = spec.resync();
@@ -180,8 +181,12 @@ async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
         (Some(_), None) => false,
     };
     let due_at = counted.map(|c| later(c, interval));
+    let written = r.dbm.status.clone().unwrap_or_default();
     if !after_run {
         if let Some(at) = due_at.filter(|at| *at > now_ts) {
+            if r.status != written {
+                act::write_status(ctx, r, &r.status).await?;
+            }
             return Ok(Requeue::requeue(wait_until(at)));
         }
     }
@@ -219,7 +224,7 @@ async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
     }
     let mut new = r.status.clone();
     new.fleet = Some(fleet);
-    if new != r.status {
+    if new != written {
         act::write_status(ctx, r, &new).await?;
     }
     Ok(Requeue::requeue(interval))
