@@ -680,6 +680,15 @@ async fn on_failure_continue_migrates_the_others() {
     assert_eq!(env_of(&third)["DBSHIFT_TENANT"], "rc_t2");
 }
 
+/// The last run's plan, asked for by the census (which tenants it had), answered: gone.
+async fn plan_gone(api: &mut ApiServer, run: &str) {
+    let c = api.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{run}-plan")).await;
+    c.answer(
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+    );
+}
+
 /// `mode: continuous`, once the run is over: the controller counts the tenants on the server
 /// and starts a follow-up run (`<run id>-f1`) for the one that is behind, only that one, with
 /// the same rules; the status written with it carries the counts.
@@ -698,11 +707,13 @@ async fn a_continuous_resource_follows_only_the_tenants_behind() {
         assert!(o.status.success(), "{}", common::text(&o));
     }
     let root = "add-flag-g1-5e1f0c";
+    // The run ended more than an interval ago: a follow-up may start.
+    let ended = time(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60));
     let finished = DatabaseMigrationStatus {
         observed_generation: Some(1),
         phase: Some(Phase::Succeeded),
         run_id: Some(root.into()),
-        finished_at: Some(time(Timestamp::now())),
+        finished_at: Some(ended.clone()),
         ..Default::default()
     };
     let mut d = resource_with(json!({ "maxParallel": 2 }), finished);
@@ -711,6 +722,7 @@ async fn a_continuous_resource_follows_only_the_tenants_behind() {
     d.spec.resync_interval = Some("10s".into());
     let run = reconcile_on(&ctx, d);
     secret(&mut api).await;
+    plan_gone(&mut api, root).await;
     api.pod_dry_run(200, Value::Null).await;
     api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
     let plan = api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await;
@@ -744,7 +756,7 @@ async fn a_continuous_resource_follows_only_the_tenants_behind() {
             observed_generation: Some(1),
             phase: Some(Phase::Succeeded),
             run_id: Some(root.into()),
-            finished_at: Some(time(Timestamp::now())),
+            finished_at: Some(ended),
             ..Default::default()
         },
     );
@@ -752,12 +764,48 @@ async fn a_continuous_resource_follows_only_the_tenants_behind() {
     once.spec.resync_interval = Some("10s".into());
     let run = reconcile_on(&ctx, once);
     secret(&mut api).await;
+    plan_gone(&mut api, root).await;
     let st = api.status().await;
     assert_eq!(st.run_id.as_deref(), Some(root), "no follow-up in once mode");
     let f = st.fleet.unwrap();
     assert_eq!((f.at_target, f.behind, f.next_resync.is_none()), (2, 1, true), "{f:?}");
     assert_eq!(f.summary, "2/3 at target, 1 behind");
     assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(10)));
+
+    // The follow-up ended and left its tenant behind without a record (its Job never ran):
+    // held, so no second follow-up starts for it at every resync.
+    let follow = format!("{root}-f1");
+    let mut after = resource_with(
+        json!({ "maxParallel": 2 }),
+        DatabaseMigrationStatus {
+            observed_generation: Some(1),
+            phase: Some(Phase::Succeeded),
+            run_id: Some(follow.clone()),
+            finished_at: Some(time(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60))),
+            ..Default::default()
+        },
+    );
+    after.spec.tenants.names = names.clone();
+    after.spec.mode = dbshift::crd::Mode::Continuous;
+    after.spec.resync_interval = Some("10s".into());
+    let run = reconcile_on(&ctx, after);
+    secret(&mut api).await;
+    let c = api.expect("GET", &format!("/api/v1/namespaces/{NS}/configmaps/{follow}-plan")).await;
+    c.answer(
+        200,
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": format!("{follow}-plan"), "namespace": NS,
+                          "ownerReferences": [{ "apiVersion": "dbshift.io/v1alpha1", "kind": "DatabaseMigration",
+                                                "name": NAME, "uid": UID, "controller": true }] },
+            "data": { "plan.json": serde_json::to_string(&frozen).unwrap() }
+        }),
+    );
+    let st = api.status().await;
+    assert_eq!(st.run_id.as_deref(), Some(follow.as_str()), "no second follow-up for a held tenant");
+    let f = st.fleet.unwrap();
+    assert_eq!((f.behind, f.held), (1, 1), "{f:?}");
+    run.done(&mut api).await;
 }
 
 /// A run held at its gate with no Job running is superseded by a changed spec: an Event says

@@ -200,10 +200,24 @@ pub async fn freeze_run(
                 // It exists: made before a restart, or by someone else (its name is predictable).
                 // Only this resource's own copy of these very files is used.
                 let found = cms.get(&name).await.map_err(kube("reading the run's files ConfigMap"))?;
-                let theirs = super::observe::owned_by(&found.metadata, r.dbm).err().or_else(|| {
-                    (found.data.as_ref() != Some(files))
-                        .then(|| "holds other files than the resource names".to_string())
-                });
+                let mut theirs = super::observe::owned_by(&found.metadata, r.dbm).err();
+                if theirs.is_none() && found.data.as_ref() != Some(files) {
+                    // Ours, from a start a restart cut short before its plan existed (no Job can
+                    // have used it): the files are the ones read now. With a plan, the run
+                    // started with those files and keeps them.
+                    let plan_name = frozen::plan_config_map(&run_id);
+                    let planned = cms.get_opt(&plan_name).await.map_err(kube("reading the run's plan ConfigMap"))?;
+                    if planned.is_some() {
+                        theirs = Some("holds other files than the resource names".to_string());
+                    } else {
+                        // A replace carries the resourceVersion read: a concurrent change fails it.
+                        let mut renewed = found.clone();
+                        renewed.data = Some(files.clone());
+                        ctx.metrics.write("configmap");
+                        let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+                        cms.replace(&name, &pp, &renewed).await.map_err(kube("replacing the run's files ConfigMap"))?;
+                    }
+                }
                 if let Some(why) = theirs {
                     return Err(ActError::NotOurs(format!(
                         "ConfigMap {}/{name} {why}: delete it, and the run starts",

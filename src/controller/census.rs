@@ -30,7 +30,8 @@ pub enum Standing {
     AtTarget,
     /// New, pending migrations, or a runner stopped on it mid-way: a follow-up run's.
     Behind,
-    /// Behind, but its migration failed or was rolled back in this generation's runs.
+    /// Behind, but its migration failed or was rolled back in this generation's runs, or the
+    /// last run had it and left it behind: not followed until the resource changes.
     Held,
     /// Past the target.
     Ahead,
@@ -44,6 +45,8 @@ pub struct Basis<'a> {
     pub profiles: &'a [String],
     /// The generation's first run id: its follow-ups are `<root>-f<n>`.
     pub root_run: &'a str,
+    /// The tenants of the last run: one of them still behind (not interrupted) is held.
+    pub last_run: &'a std::collections::HashSet<String>,
 }
 
 /// Whether `run` is the generation's run `root` or one of its follow-ups.
@@ -68,7 +71,8 @@ pub fn standing(records: &[Record], b: &Basis<'_>) -> Standing {
             match planner::plan_up(ms, records, &req, b.profiles) {
                 Ok(p) => p.iter().map(|m| m.id()).collect(),
                 Err(PlanError::TargetBelowCurrent { .. }) => return Standing::Ahead,
-                Err(_) => Vec::new(),
+                // Not a plan a follow-up could carry out: counted behind, not followed.
+                Err(_) => return Standing::Held,
             }
         }
         // An image source: only versions can be compared.
@@ -109,7 +113,12 @@ async fn look(client: &Client, tenant: String, b: &Basis<'_>) -> Result<Seen, (S
         Ok(r) => r,
         Err(e) => return Err((tenant, crate::mongo::describe(&e))),
     };
-    let standing = standing(&records, b);
+    let interrupted = records.iter().any(|r| matches!(r.state, State::Applying | State::RollingBack));
+    let standing = match standing(&records, b) {
+        // Tried by the last run and still behind: not again at every resync.
+        Standing::Behind if !interrupted && b.last_run.contains(&tenant) => Standing::Held,
+        s => s,
+    };
     let drifted = match (b.migrations, records.is_empty()) {
         (Some(ms), false) => match crate::engine::drift::drift(&db, ms, &records).await {
             Ok((d, _)) => !d.is_empty(),
@@ -228,7 +237,14 @@ mod tests {
     #[test]
     fn tenants_stand_where_their_records_say() {
         let ms = migrations();
-        let b = Basis { migrations: Some(&ms), target: Some("20250102000000"), profiles: &[], root_run: "m-g2-abc123" };
+        let none = Default::default();
+        let b = Basis {
+            migrations: Some(&ms),
+            target: Some("20250102000000"),
+            profiles: &[],
+            root_run: "m-g2-abc123",
+            last_run: &none,
+        };
         assert_eq!(standing(&[], &b), Standing::Behind, "a new tenant");
         let at = [record(&ms[0], State::Applied, "x"), record(&ms[1], State::Applied, "m-g2-abc123")];
         assert_eq!(standing(&at, &b), Standing::AtTarget);
@@ -260,7 +276,9 @@ mod tests {
     #[test]
     fn image_sources_compare_versions() {
         let ms = migrations();
-        let b = Basis { migrations: None, target: Some("20250102000000"), profiles: &[], root_run: "r" };
+        let none = Default::default();
+        let b =
+            Basis { migrations: None, target: Some("20250102000000"), profiles: &[], root_run: "r", last_run: &none };
         assert_eq!(standing(&[], &b), Standing::Behind);
         assert_eq!(standing(&[record(&ms[0], State::Applied, "x")], &b), Standing::Behind);
         assert_eq!(standing(&[record(&ms[1], State::Applied, "x")], &b), Standing::AtTarget);

@@ -253,6 +253,13 @@ fn job_labels(run_id: &str, resource: &str, tenant: &str, action: Action) -> BTr
     labels
 }
 
+/// Whether a batch goes on after a failed tenant: the policy would start more tenants
+/// (`onFailure: continue`, or failures tolerated by `maxFailures`).
+pub fn keeps_going(plan: &FrozenRun) -> bool {
+    let r = &plan.spec.rollout;
+    r.on_failure == crate::crd::FailurePolicy::Continue || r.max_failures > 0
+}
+
 /// The runner's environment: the contract of [`crate::job::env`].
 fn runner_env(plan: &FrozenRun, tenants: &[String], action: Action) -> Vec<EnvVar> {
     let spec = &plan.spec;
@@ -293,8 +300,7 @@ fn runner_env(plan: &FrozenRun, tenants: &[String], action: Action) -> Vec<EnvVa
     }
     // A failure inside a batch is the failure policy's as much as one of a Job of its own:
     // the tenants after it start only where the policy would start them.
-    let r = &spec.rollout;
-    if tenants.len() > 1 && (r.on_failure == crate::crd::FailurePolicy::Continue || r.max_failures > 0) {
+    if tenants.len() > 1 && keeps_going(plan) {
         env.push(var(env::BATCH_KEEP_GOING, "true"));
     }
     match action {

@@ -276,7 +276,7 @@ async fn read_outcomes(
         let outs = match single {
             Some(one) => vec![one],
             None => {
-                let o = batch_outcomes(ctx, r, plan, &job, &tenants)
+                let o = batch_outcomes(ctx, r, plan, &tenants)
                     .await
                     .map_err(|why| ObserveError::Results { job: jn, why })?;
                 tenants.iter().copied().zip(o).collect()
@@ -298,7 +298,6 @@ async fn batch_outcomes(
     ctx: &Context,
     r: &Resource<'_>,
     plan: &FrozenRun,
-    job: &Job,
     tenants: &[usize],
 ) -> Result<Vec<Outcome>, String> {
     use futures::StreamExt;
@@ -306,13 +305,20 @@ async fn batch_outcomes(
     let conn = super::inputs::connect(&uri, ctx.config.connect_timeout).await.map_err(|e| e.message)?;
     let run = plan.run_id.as_str();
     let dbs: Vec<mongodb::Database> = tenants.iter().map(|&i| conn.client.database(&plan.tenants[i])).collect();
-    let looks: Vec<Result<Option<JobResult>, String>> =
+    let looks: Vec<Result<Option<JobResult>, crate::job::batch::ReadError>> =
         futures::stream::iter(dbs.into_iter().map(|db| read_result(db, plan.run_id.clone())))
             .buffered(RESULT_READS)
             .collect()
             .await;
+    use crate::job::batch::ReadError;
+    // A server that does not answer now says nothing of the tenants: read them again later.
+    if let Some(Err(ReadError::Unreachable(e))) = looks.iter().find(|l| matches!(l, Err(ReadError::Unreachable(_)))) {
+        return Err(conn.redactor.apply(e));
+    }
     let any_failed = looks.iter().any(|l| matches!(l, Ok(Some(r)) if !r.ok) || l.is_err());
-    let job_failed = job_phase(job) == JobPhase::Finished(false);
+    // Without keep-going the batch stopped at its first failure: the tenants after it were left
+    // by the policy, not by a stopped runner.
+    let stopped_by_a_failure = any_failed && !jobs::keeps_going(plan);
     let mut out = Vec::with_capacity(tenants.len());
     for (&i, look) in tenants.iter().zip(looks) {
         let o = match look {
@@ -330,16 +336,28 @@ async fn batch_outcomes(
             },
             Ok(None) => {
                 let db = conn.client.database(&plan.tenants[i]);
-                let records =
-                    crate::engine::tracking::load(&db, crate::engine::tracking::TRACKING).await.map_err(|e| {
-                        conn.redactor.apply(&format!("reading {}: {}", plan.tenants[i], crate::mongo::describe(&e)))
-                    })?;
-                let touched = records.iter().any(|rec| {
-                    rec.run_id == run
-                        || rec.rolled_back_by.as_deref() == Some(run)
-                        || rec.work.as_ref().is_some_and(|w| w.run_id == run)
-                });
-                untouched_or_interrupted(touched, any_failed || !job_failed)
+                match crate::engine::tracking::load(&db, crate::engine::tracking::TRACKING).await {
+                    Ok(records) => {
+                        let touched = records.iter().any(|rec| {
+                            rec.run_id == run
+                                || rec.rolled_back_by.as_deref() == Some(run)
+                                || rec.work.as_ref().is_some_and(|w| w.run_id == run)
+                        });
+                        untouched_or_interrupted(touched, stopped_by_a_failure)
+                    }
+                    // A record that is not one (written by anyone with access): that tenant
+                    // cannot be judged and is failed, with why; the others go on.
+                    Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::BsonDeserialization(_)) => Outcome {
+                        ok: false,
+                        ran: true,
+                        result: None,
+                        error: Some("no result, and its tracking collection holds a record that is not one".into()),
+                    },
+                    Err(e) => {
+                        let what = format!("reading {}: {}", plan.tenants[i], crate::mongo::describe(&e));
+                        return Err(conn.redactor.apply(&what));
+                    }
+                }
             }
         };
         out.push(o);
@@ -347,15 +365,15 @@ async fn batch_outcomes(
     Ok(out)
 }
 
-async fn read_result(db: mongodb::Database, run: String) -> Result<Option<JobResult>, String> {
+async fn read_result(db: mongodb::Database, run: String) -> Result<Option<JobResult>, crate::job::batch::ReadError> {
     crate::job::batch::read(&db, &run, false).await
 }
 
 /// A batch tenant without a result. `touched`: its tracking collection has a record of the run
 /// (the runner stopped while on it, or after it but before writing its result); its next
 /// runner finishes or undoes that work. Untouched, it was never started: skipped when the batch
-/// stopped for a failed tenant (the failure policy's doing), failed when its runner was stopped
-/// (killed, evicted, past its deadline).
+/// stopped at a failed tenant (without keep-going: the failure policy's doing), failed when its
+/// runner was stopped (killed, evicted, past its deadline).
 fn untouched_or_interrupted(touched: bool, stopped_by_a_failure: bool) -> Outcome {
     if touched {
         return Outcome {

@@ -25,7 +25,7 @@ use super::metrics::ReasonLabel;
 use super::observe::{self, RunMemory};
 use super::rollout::{self, Step, TenantView};
 use super::{act, census, report, status, windows, Context, Error, FINALIZER};
-use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, Mode, Phase, APPROVE_ANNOTATION};
+use crate::crd::{DatabaseMigration, DatabaseMigrationStatus, FleetStatus, Mode, Phase, APPROVE_ANNOTATION};
 
 /// The resource being reconciled, with what every step needs of it.
 pub struct Resource<'a> {
@@ -191,9 +191,20 @@ async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
         }
     }
     let previous = r.status.fleet.clone().unwrap_or_default();
+    // A follow-up starts only a whole interval after the last run ended (the count right after a
+    // run only counts), and never after a run the failure policy stopped (`halt`, `rollback`):
+    // a person looks first, and a change of the resource starts the next run.
+    let rested = finished.is_none_or(|f| later(f, interval) <= now_ts);
+    let policy_stopped = match r.status.phase {
+        Some(Phase::RolledBack) => true,
+        Some(Phase::Failed) => spec.rollout.on_failure != crate::crd::FailurePolicy::Continue,
+        _ => false,
+    };
     let mut fleet = match count(ctx, r, &run_id).await {
         Ok((census, inputs)) => {
-            if continuous && !spec.suspend && !census.behind.is_empty() {
+            announce_drift(ctx, r, &previous, &census.fleet).await;
+            let may_follow = continuous && !spec.suspend && rested && !policy_stopped;
+            if may_follow && !census.behind.is_empty() {
                 let mut fleet = census.fleet;
                 fleet.counted_at = Some(now());
                 fleet.next_resync = Some(Time(later(now_ts, interval)));
@@ -201,7 +212,17 @@ async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
                 let inputs = Inputs { tenants: census.behind, ..inputs };
                 return start_run(ctx, r, Some((frozen::next_follow_up(&run_id), inputs))).await;
             }
-            census.fleet
+            let mut f = census.fleet;
+            if continuous && policy_stopped && f.behind > 0 {
+                let note = format!(
+                    "no follow-up run starts: run {run_id} ended {} under onFailure {:?}; change the resource to go on",
+                    r.status.phase.map_or("", Phase::as_str),
+                    spec.rollout.on_failure
+                );
+                f.error = Some(f.error.map_or(note.clone(), |e| format!("{note}; {e}")));
+                f.summary = census::summary(&f);
+            }
+            f
         }
         // The counts stay those of the last count that worked; the error says why not now.
         Err(e) => {
@@ -213,21 +234,30 @@ async fn follow(ctx: &Context, r: &mut Resource<'_>) -> Result<Requeue, Error> {
         }
     };
     fleet.counted_at = Some(now());
-    fleet.next_resync = continuous.then(|| Time(later(now_ts, interval)));
-    if fleet.drifted > previous.drifted {
-        let note = format!(
-            "{} tenant(s) have indexes or validators that differ from what their migrations left (was {}): \
-             dbshift status --schema lists the differences",
-            fleet.drifted, previous.drifted
-        );
-        report::publish(ctx, r.dbm, EventType::Warning, "TenantsDrifted", note).await;
-    }
+    // The next look: an interval from now, or once the run has rested an interval.
+    let next = match finished {
+        Some(f) if !rested => later(f, interval),
+        _ => later(now_ts, interval),
+    };
+    fleet.next_resync = continuous.then_some(Time(next));
     let mut new = r.status.clone();
     new.fleet = Some(fleet);
     if new != written {
         act::write_status(ctx, r, &new).await?;
     }
-    Ok(Requeue::requeue(interval))
+    Ok(Requeue::requeue(wait_until(next)))
+}
+
+/// A Warning Event when more tenants drifted than at the last count.
+async fn announce_drift(ctx: &Context, r: &Resource<'_>, previous: &FleetStatus, now: &FleetStatus) {
+    if now.drifted > previous.drifted {
+        let note = format!(
+            "{} tenant(s) have indexes or validators that differ from what their migrations left (was {}): \
+             dbshift status --schema lists the differences",
+            now.drifted, previous.drifted
+        );
+        report::publish(ctx, r.dbm, EventType::Warning, "TenantsDrifted", note).await;
+    }
 }
 
 /// Read every selected tenant's database: the census, and the inputs it was taken with.
@@ -238,11 +268,19 @@ async fn count(ctx: &Context, r: &Resource<'_>, run_id: &str) -> Result<(census:
         Some(f) => Some(inputs::load_migrations(f).await?),
         None => None,
     };
+    // The last run's tenants that are still behind (skipped by a pre-check, a Job that never
+    // started...) are held too: not tried again at every resync until the resource changes.
+    let last: std::collections::HashSet<String> = match observe::plan(ctx, r, run_id).await {
+        Ok(plan) => plan.tenants.iter().cloned().collect(),
+        Err(_) => Default::default(),
+    };
+    ctx.runs.lock().expect("lock").remove(&r.key);
     let basis = census::Basis {
         migrations: migrations.as_deref(),
         target: inputs.target.as_deref(),
         profiles: &r.dbm.spec.profiles,
         root_run: frozen::root_run(run_id),
+        last_run: &last,
     };
     let census = census::take(&conn, &inputs.tenants, &basis).await;
     Ok((census, inputs))
@@ -463,7 +501,9 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
     // let the old run through.)
     let held = r.status.phase.filter(|p| p.is_held() && r.status.run_id.as_deref() == Some(plan.run_id.as_str()));
     let held = held.or(Some(decision.phase).filter(|p| p.is_held()));
-    if let (true, false, 0, Some(held)) = (spec_changed, deleting, running_before + seen.missing.len(), held) {
+    // (Not a run whose failure policy applies: its rollback must happen first.)
+    let quiet = running_before + seen.missing.len() == 0 && !decision.stopped;
+    if let (true, false, true, Some(held)) = (spec_changed, deleting, quiet, held) {
         let done = started_before;
         let note = format!(
             "run {} was held ({}) with {done} of {} tenant(s) started; generation {} changed the spec, so its own \

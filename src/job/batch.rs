@@ -65,25 +65,38 @@ pub async fn write(db: &Database, run_id: &str, rollback: bool, r: &JobResult) -
     Ok(())
 }
 
+/// Why a result could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReadError {
+    /// The server did not answer: try again later (nothing is known of the tenant).
+    #[error("{0}")]
+    Unreachable(String),
+    /// What is stored is not a result of this tenant.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// A tenant's result of `run_id`, if its runner wrote one. What is stored may be anything (any
 /// user of the database can write there): a document that does not parse, is too large, or
-/// names another tenant is an error, never a result.
-pub async fn read(db: &Database, run_id: &str, rollback: bool) -> Result<Option<JobResult>, String> {
+/// names another tenant is [`ReadError::Invalid`], never a result, and its error quotes none
+/// of what is stored.
+pub async fn read(db: &Database, run_id: &str, rollback: bool) -> Result<Option<JobResult>, ReadError> {
     let id = result_id(run_id, rollback);
     let d = db
         .collection::<bson::Document>(RESULTS)
         .find_one(doc! { "_id": &id })
         .await
-        .map_err(|e| format!("reading {RESULTS}: {}", crate::mongo::describe(&e)))?;
+        .map_err(|e| ReadError::Unreachable(format!("reading {RESULTS}: {}", crate::mongo::describe(&e))))?;
     let Some(d) = d else { return Ok(None) };
-    let text = d.get_str("result").map_err(|_| format!("{RESULTS} {id:?} holds no result text"))?;
+    let invalid = |why: String| ReadError::Invalid(format!("{RESULTS} {id:?} {why}"));
+    let text = d.get_str("result").map_err(|_| invalid("holds no result text".into()))?;
     if text.len() > 2 * super::MAX_RESULT {
-        return Err(format!("{RESULTS} {id:?} holds {} bytes, more than a result takes", text.len()));
+        return Err(invalid(format!("holds {} bytes, more than a result takes", text.len())));
     }
-    let r: JobResult =
-        serde_json::from_str(text).map_err(|e| format!("{RESULTS} {id:?} holds no readable result: {e}"))?;
+    let r: JobResult = serde_json::from_str(text)
+        .map_err(|e| invalid(format!("holds no readable result (line {}, column {})", e.line(), e.column())))?;
     if r.tenant != db.name() {
-        return Err(format!("{RESULTS} {id:?} names another tenant ({:?})", crate::redact::tenant_values(&r.tenant)));
+        return Err(invalid("names another tenant".into()));
     }
     Ok(Some(r))
 }
