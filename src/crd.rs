@@ -334,6 +334,11 @@ pub struct RolloutSpec {
     #[serde(default = "one", skip_serializing_if = "is_one")]
     #[schemars(range(min = 1, max = 1000))]
     pub tenants_per_job: u32,
+    /// With `tenantsPerJob` above 1: tenants a Job migrates at once (1 to 64, default 1, one
+    /// after another). The server then sees up to `maxParallel` × this many tenants at once.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallel_per_job: u32,
 }
 
 fn is_one(n: &u32) -> bool {
@@ -350,6 +355,7 @@ impl Default for RolloutSpec {
             approval: Approval::default(),
             windows: Vec::new(),
             tenants_per_job: 1,
+            parallel_per_job: 1,
         }
     }
 }

@@ -419,6 +419,16 @@ async fn batch_results_and_batches_that_are_not_what_they_claim_are_refused() {
         assert_eq!(o.status.code(), Some(2), "{batch}: {}", text(&o));
         assert!(text(&o).contains(why), "{batch}: {}", text(&o));
     }
+    let o = cli(
+        &["run", "--dir", dir.path().to_str().unwrap(), "--dry-run"],
+        &[
+            ("DBSHIFT_MONGODB_URI", &uri()),
+            ("DBSHIFT_BATCH", &format!(r#"["{t}"]"#)),
+            ("DBSHIFT_RESULT_FILE", "/nonexistent/r"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "a dry run of a batch: {}", text(&o));
+    assert!(text(&o).contains("a dry run takes one tenant"), "{}", text(&o));
     // Other tests create databases meanwhile: only the batch's own names are looked for.
     let now = databases().await;
     assert!(!now.contains(&t) && !now.iter().any(|n| n.starts_with("tenant_a")), "nothing was written: {now:?}");

@@ -404,7 +404,8 @@ async fn a_batch_stops_at_its_first_failure_unless_told_to_keep_going() {
     let d = dir.path().to_str().unwrap();
     let client = client().await;
     let uri = uri();
-    for keep_going in [false, true] {
+    // Keep-going also with three tenants at once (parallelPerJob): each tenant as alone.
+    for (keep_going, at_once) in [(false, "1"), (true, "1"), (true, "3")] {
         let dbs: Vec<Database> = (0..3).map(|i| client.database(&unique(&format!("kf{i}")))).collect();
         for (i, db) in dbs.iter().enumerate() {
             seed(db, 20).await;
@@ -429,6 +430,7 @@ async fn a_batch_stops_at_its_first_failure_unless_told_to_keep_going() {
         if keep_going {
             envs.push(("DBSHIFT_BATCH_KEEP_GOING", "true"));
         }
+        envs.push(("DBSHIFT_BATCH_PARALLEL", at_once));
         let o = dbshift(&["run"], &envs).output().unwrap();
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         let summary: dbshift::job::batch::BatchSummary =

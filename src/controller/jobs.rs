@@ -303,6 +303,9 @@ fn runner_env(plan: &FrozenRun, tenants: &[String], action: Action) -> Vec<EnvVa
     if tenants.len() > 1 && keeps_going(plan) {
         env.push(var(env::BATCH_KEEP_GOING, "true"));
     }
+    if tenants.len() > 1 && spec.rollout.parallel_per_job > 1 {
+        env.push(var(env::BATCH_PARALLEL, &spec.rollout.parallel_per_job.to_string()));
+    }
     match action {
         Action::Migrate if spec.dry_run => env.push(var(env::DRY_RUN, "true")),
         Action::Migrate => {}

@@ -15,7 +15,7 @@ use mongodb::Database;
 use serde::{Deserialize, Serialize};
 
 use super::result::JobResult;
-use super::run::{finish, one_tenant, RunArgs, Settings};
+use super::run::{finish, one_tenant, RunArgs, Settings, Shared};
 use crate::exit::Exit;
 
 /// The collection of a tenant database holding the results of batch runs.
@@ -134,15 +134,24 @@ pub fn parse(batch: &str) -> Result<Vec<String>, String> {
     Ok(tenants)
 }
 
-/// `dbshift run` with `DBSHIFT_BATCH`: each tenant in order, its result written to its
-/// database. Stops at the first failure unless `--batch-keep-going`, and before the next
-/// tenant when asked to stop (SIGTERM: the tenant in progress is undone by the engine first).
-/// Exit 0 when every tenant succeeded, 1 when one failed, 2 for a bad batch, 3 when MongoDB
-/// cannot be reached to write results.
+/// `dbshift run` with `DBSHIFT_BATCH`: each tenant in order (`--batch-parallel` at once), its
+/// result written to its database. Stops starting tenants at the first failure unless
+/// `--batch-keep-going`, and when asked to stop (SIGTERM: the tenants in progress are undone
+/// by the engine first). Exit 0 when every tenant succeeded, 1 when one failed or was not
+/// started, 2 for a bad batch, 3 when MongoDB cannot be reached to write results.
 pub async fn run(s: Settings, a: &RunArgs, batch: &str) -> Exit {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let fail = |m: &str, code: Exit| finish(a, JobResult::failed("", m, code));
     if !s.tenants.is_empty() {
         return fail("set DBSHIFT_BATCH or DBSHIFT_TENANT (--tenant), not both", Exit::Invalid);
+    }
+    if a.dry_run {
+        // A batch's results are written to its tenants' databases; a dry run writes nothing.
+        return fail(
+            "a dry run takes one tenant (DBSHIFT_TENANT), not a batch: its results would be written",
+            Exit::Invalid,
+        );
     }
     let tenants = match parse(batch) {
         Ok(t) => t,
@@ -163,46 +172,80 @@ pub async fn run(s: Settings, a: &RunArgs, batch: &str) -> Exit {
     };
     let run_id = a.run_id.clone().unwrap_or_else(|| s.options.run_id.clone());
     let rollback = a.rollback_run.is_some();
-    let stop = s.options.stop.clone();
-    let mut sum = BatchSummary { v: 1, tenants: tenants.len(), ..Default::default() };
-    for (i, tenant) in tenants.iter().enumerate() {
-        if stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-            tracing::warn!(left = tenants.len() - i, "asked to stop: the tenants left are not started");
-            sum.not_started = tenants.len() - i;
-            break;
-        }
-        let r = one_tenant(&s, a, tenant).await;
-        println!("{}", r.to_compact_json());
-        let db = conn.client.database(tenant);
-        let mut written = write(&db, &run_id, rollback, &r).await;
-        for attempt in 1..3 {
-            if written.is_ok() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
-            written = write(&db, &run_id, rollback, &r).await;
-        }
-        if let Err(e) = written {
-            // The controller judges the tenant from its tracking collection instead.
-            let e = conn.redactor.apply(&crate::mongo::describe(&e));
-            tracing::error!(tenant, error = %e, "could not write the tenant's result");
-        }
-        if r.ok {
-            sum.ok += 1;
-        } else {
-            sum.failed += 1;
-            if sum.first_failure.is_none() {
-                let e = crate::redact::tenant_values(r.error.as_deref().unwrap_or("failed"));
-                sum.first_failure = Some(format!("{tenant}: {}", e.chars().take(500).collect::<String>()));
-            }
-            if !a.batch_keep_going {
-                sum.not_started = tenants.len() - i - 1;
-                if sum.not_started > 0 {
-                    tracing::warn!(tenant, left = sum.not_started, "a tenant failed: the batch stops here");
+    // The files are the same for every tenant: loaded (and their scripts compiled) once. Files
+    // that do not load fail every tenant, each told so, and touch none.
+    let migrations = match crate::engine::load_dir(&s.dir) {
+        Ok(m) => m,
+        Err(e) => {
+            let f = crate::exit::Failure::from(e);
+            for t in &tenants {
+                let r = JobResult::failed(t, &f.message, f.exit);
+                if let Err(e) = write(&conn.client.database(t), &run_id, rollback, &r).await {
+                    tracing::error!(tenant = %t, error = %conn.redactor.apply(&crate::mongo::describe(&e)), "could not write the tenant's result");
                 }
-                break;
+            }
+            return fail(&f.message, f.exit);
+        }
+    };
+    if let Some(t) = tenants.first() {
+        if !crate::mongo::supports_transactions(&conn.client.database(t)).await {
+            tracing::warn!("{}", crate::engine::pass::WITHOUT_TRANSACTIONS);
+        }
+    }
+    let shared = Shared { migrations, conn };
+    let stop = s.options.stop.clone();
+    let halted = AtomicBool::new(false);
+    let asked = || stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    let parallel = a.batch_parallel.clamp(1, 64);
+    let (s, shared) = (&s, &shared);
+    let one = |tenant: String| {
+        let (run_id, halted) = (&run_id, &halted);
+        async move {
+            // Started only while nothing stops the batch.
+            if halted.load(Ordering::SeqCst) || asked() {
+                return None;
+            }
+            let r = one_tenant(s, a, &tenant, Some(shared)).await;
+            println!("{}", r.to_compact_json());
+            let db = shared.conn.client.database(&tenant);
+            let mut written = write(&db, run_id, rollback, &r).await;
+            for attempt in 1..3 {
+                if written.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                written = write(&db, run_id, rollback, &r).await;
+            }
+            if let Err(e) = written {
+                // The controller judges the tenant from its tracking collection instead.
+                let e = shared.conn.redactor.apply(&crate::mongo::describe(&e));
+                tracing::error!(tenant, error = %e, "could not write the tenant's result");
+            }
+            if !r.ok && !a.batch_keep_going {
+                halted.store(true, Ordering::SeqCst);
+            }
+            Some((tenant, r))
+        }
+    };
+    let done: Vec<Option<(String, JobResult)>> =
+        futures::stream::iter(tenants.iter().cloned()).map(one).buffered(parallel).collect().await;
+    let mut sum = BatchSummary { v: 1, tenants: tenants.len(), ..Default::default() };
+    for d in &done {
+        match d {
+            None => sum.not_started += 1,
+            Some((_, r)) if r.ok => sum.ok += 1,
+            Some((tenant, r)) => {
+                sum.failed += 1;
+                if sum.first_failure.is_none() {
+                    let e = crate::redact::tenant_values(r.error.as_deref().unwrap_or("failed"));
+                    sum.first_failure = Some(format!("{tenant}: {}", e.chars().take(500).collect::<String>()));
+                }
             }
         }
+    }
+    if sum.not_started > 0 {
+        let why = if asked() { "asked to stop" } else { "a tenant failed" };
+        tracing::warn!(left = sum.not_started, "{why}: the tenants left were not started");
     }
     let exit = if sum.failed == 0 && sum.not_started == 0 { Exit::Ok } else { Exit::Failed };
     sum.code = i32::from(exit.code());

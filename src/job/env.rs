@@ -14,6 +14,8 @@ pub const BATCH: &str = "DBSHIFT_BATCH";
 /// In a batch, go on with the next tenant after one failed (`onFailure: continue`, or
 /// `maxFailures` above 0); otherwise the batch stops at its first failure.
 pub const BATCH_KEEP_GOING: &str = "DBSHIFT_BATCH_KEEP_GOING";
+/// In a batch, tenants migrated at once (`spec.rollout.parallelPerJob`; default 1).
+pub const BATCH_PARALLEL: &str = "DBSHIFT_BATCH_PARALLEL";
 /// The directory of migration files (a mounted ConfigMap, or files copied from an image).
 pub const DIR: &str = "DBSHIFT_DIR";
 /// The operator run the Job belongs to (recorded with each migration and snapshot).

@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// tenants after it are left untouched).
     #[arg(long, env = env::BATCH_KEEP_GOING)]
     pub batch_keep_going: bool,
+    /// In a batch, how many tenants to migrate at once (each under its own lock).
+    #[arg(long, env = env::BATCH_PARALLEL, default_value_t = 1)]
+    pub batch_parallel: usize,
 }
 
 /// What a run needs besides its arguments (from the command line's global settings).
@@ -88,14 +91,20 @@ pub async fn run(s: Settings, a: &RunArgs) -> Exit {
         [] => return finish(a, JobResult::failed("", "no tenant: set DBSHIFT_TENANT or pass --tenant", Exit::Invalid)),
         _ => return finish(a, JobResult::failed("", "`run` migrates exactly one tenant", Exit::Invalid)),
     };
-    let r = one_tenant(&s, a, &tenant).await;
+    let r = one_tenant(&s, a, &tenant, None).await;
     finish(a, r)
 }
 
+/// What the tenants of a batch share: the migrations, loaded once, and one connection.
+pub(super) struct Shared {
+    pub migrations: Vec<Migration>,
+    pub conn: crate::mongo::Connection,
+}
+
 /// One tenant's run, as its result (an error is a failed result, secrets redacted).
-pub(super) async fn one_tenant(s: &Settings, a: &RunArgs, tenant: &str) -> JobResult {
+pub(super) async fn one_tenant(s: &Settings, a: &RunArgs, tenant: &str, shared: Option<&Shared>) -> JobResult {
     let taken = TakenSnapshot::default();
-    let mut r = match run_tenant(s, a, tenant, &taken).await {
+    let mut r = match run_tenant(s, a, tenant, &taken, shared).await {
         Ok(r) => r,
         Err(e) => {
             let redactor = s.uri.as_deref().map(crate::redact::Redactor::for_uri).unwrap_or_default();
@@ -161,19 +170,33 @@ pub fn report_exit(r: &TenantReport) -> Exit {
     }
 }
 
-async fn run_tenant(s: &Settings, a: &RunArgs, tenant: &str, taken: &TakenSnapshot) -> Result<JobResult, Failure> {
+async fn run_tenant(
+    s: &Settings,
+    a: &RunArgs,
+    tenant: &str,
+    taken: &TakenSnapshot,
+    shared: Option<&Shared>,
+) -> Result<JobResult, Failure> {
     crate::tenants::check_tenant(tenant)?;
     let dest = Destination::parse(&a.backup)?;
     if let Some(d) = &dest {
         d.check(tenant)?;
     }
-    let migrations = engine::load_dir(&s.dir)?;
-    let uri = s.uri.as_deref().ok_or_else(|| {
-        Failure::invalid("no MongoDB URI: set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE, or pass --uri")
-    })?;
-    let conn = crate::mongo::connect_for_command(uri, s.connect_timeout).await?;
+    let (loaded, connected);
+    let (migrations, conn) = match shared {
+        Some(sh) => (&sh.migrations, &sh.conn),
+        None => {
+            loaded = engine::load_dir(&s.dir)?;
+            let uri = s.uri.as_deref().ok_or_else(|| {
+                Failure::invalid("no MongoDB URI: set DBSHIFT_MONGODB_URI or DBSHIFT_MONGODB_URI_FILE, or pass --uri")
+            })?;
+            connected = crate::mongo::connect_for_command(uri, s.connect_timeout).await?;
+            (&loaded, &connected)
+        }
+    };
+    let migrations = migrations.as_slice();
     let db = conn.client.database(tenant);
-    if !crate::mongo::supports_transactions(&db).await {
+    if shared.is_none() && !crate::mongo::supports_transactions(&db).await {
         tracing::warn!("{}", engine::pass::WITHOUT_TRANSACTIONS);
     }
     let mut opts = s.options.clone();
@@ -192,8 +215,8 @@ async fn run_tenant(s: &Settings, a: &RunArgs, tenant: &str, taken: &TakenSnapsh
         opts.before_change = Some(taken.hook(d.clone(), so));
     }
     let (report, rollback, restored) = match &a.rollback_run {
-        Some(run) => rollback_run(&db, tenant, &migrations, run, &opts, dest.as_ref()).await?,
-        None => (migrate(&db, tenant, &migrations, a, &opts).await?, None, None),
+        Some(run) => rollback_run(&db, tenant, migrations, run, &opts, dest.as_ref()).await?,
+        None => (migrate(&db, tenant, migrations, a, &opts).await?, None, None),
     };
     let mut r = JobResult::from_report(&report, report_exit(&report));
     r.rollback = rollback;

@@ -4,8 +4,9 @@
 //! cluster and server.
 //!
 //! Runs, each on freshly seeded tenants: the CLI (no snapshots: `up` takes none); the operator
-//! with `tenantsPerJob: K` (DBSHIFT_BENCH_PER_JOB, default 50), snapshots off; the same with
-//! snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
+//! with `tenantsPerJob: K` (DBSHIFT_BENCH_PER_JOB, default 100), snapshots off, one tenant at a
+//! time in each Job and `parallelPerJob: P` (DBSHIFT_BENCH_PARALLEL_PER_JOB, default 4); the
+//! latter with snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
 //! run of that size), the default `tenantsPerJob: 1`. Reports wall time from `kubectl apply` to
 //! `Succeeded` and its ratio to the CLI's, API requests per tenant (the API server's own
 //! counter), the final status's bytes (and per tenant), the controller's API writes and its
@@ -13,7 +14,8 @@
 //!
 //! Run with tests/bench/operator.sh, which starts the cluster, the database and the image.
 //! Env: DBSHIFT_BENCH_KUBECONFIG, DBSHIFT_BENCH_MONGODB_URI, DBSHIFT_BENCH_RUNNER_IMAGE,
-//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_PER_JOB (50),
+//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_PER_JOB (100),
+//! DBSHIFT_BENCH_PARALLEL_PER_JOB (4),
 //! DBSHIFT_BENCH_TENANTS_ONE (200; 0 skips it), DBSHIFT_BENCH_SNAPSHOTS (1; 0 skips the run with
 //! snapshots), DBSHIFT_BENCH_DBSHIFT (the binary, default target/release/dbshift).
 
@@ -109,6 +111,24 @@ fn cli(bin: &str, uri: &str, prefix: &str, parallel: usize) -> Duration {
     took
 }
 
+/// A controller process, stopped when dropped (a run that panics leaves none behind).
+struct Stop(Option<std::process::Child>);
+
+impl Stop {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// What one operator run measured.
 struct Run {
     secs: f64,
@@ -129,6 +149,7 @@ async fn operator(
     n: usize,
     parallel: u32,
     per_job: u32,
+    in_job: u32,
     snapshots: bool,
 ) -> Run {
     let tag = format!("{:04x}", rand::random::<u16>());
@@ -137,14 +158,16 @@ async fn operator(
     let ns = format!("bench-op-{tag}");
     namespace(c, &ns, uri).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut ctl = Command::new(bin)
+    let ctl = Command::new(bin)
         .args(["controller", "--namespace", &ns, "--no-leader-election", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--runner-image", image])
+        // The runner pods reach the server on 127.0.0.1: the node's network.
+        .args(["--runner-image", image, "--job-allow", "hostNetwork"])
         .env("KUBECONFIG", env("DBSHIFT_BENCH_KUBECONFIG", ""))
         .env("DBSHIFT_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the controller");
+    let mut ctl = Stop(Some(ctl));
     let metrics_url = format!("127.0.0.1:{port}");
     let get_metrics = || {
         let out = Command::new("curl").args(["-s", &format!("http://{metrics_url}/metrics")]).output();
@@ -159,6 +182,7 @@ async fn operator(
     let r1 = api_requests(c).await;
     let mut s = spec(&prefix, parallel, image);
     s.rollout.tenants_per_job = per_job;
+    s.rollout.parallel_per_job = in_job;
     s.backup.enabled = snapshots;
     let dbm = DatabaseMigration::new("bench", s);
     let start = Instant::now();
@@ -174,9 +198,8 @@ async fn operator(
     let secs = start.elapsed().as_secs_f64();
     let requests = api_requests(c).await - r1;
     let writes = metric_sum(&get_metrics(), "dbshift_api_writes_total");
-    let peak_kib = peak_kib(ctl.id());
-    let _ = ctl.kill();
-    let _ = ctl.wait();
+    let peak_kib = peak_kib(ctl.0.as_ref().map_or(0, |c| c.id()));
+    ctl.stop();
     let _ = Command::new("kubectl")
         .args(["--kubeconfig", &env("DBSHIFT_BENCH_KUBECONFIG", ""), "delete", "ns", &ns, "--wait=false"])
         .stdout(Stdio::null())
@@ -202,7 +225,8 @@ async fn main() {
     let n: usize = env("DBSHIFT_BENCH_TENANTS", "1000").parse().unwrap();
     let n1: usize = env("DBSHIFT_BENCH_TENANTS_ONE", "200").parse().unwrap();
     let parallel: usize = env("DBSHIFT_BENCH_PARALLEL", "10").parse().unwrap();
-    let per_job: u32 = env("DBSHIFT_BENCH_PER_JOB", "50").parse().unwrap();
+    let per_job: u32 = env("DBSHIFT_BENCH_PER_JOB", "100").parse().unwrap();
+    let in_jobs: u32 = env("DBSHIFT_BENCH_PARALLEL_PER_JOB", "4").parse().unwrap();
     let snapshots = env("DBSHIFT_BENCH_SNAPSHOTS", "1") != "0";
     let image = env("DBSHIFT_BENCH_RUNNER_IMAGE", "dbshift:bench");
     let uri = env("DBSHIFT_BENCH_MONGODB_URI", "");
@@ -221,18 +245,28 @@ async fn main() {
     };
     let base = cli_on(n).await.as_secs_f64();
     let mut rows: Vec<(String, usize, f64, Run)> = Vec::new();
-    eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, snapshots off");
-    let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, false).await;
-    rows.push((format!("tenantsPerJob {per_job}, snapshots off"), n, base, r));
+    for in_job in [1, in_jobs] {
+        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots off");
+        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, in_job, false).await;
+        rows.push((format!("tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots off"), n, base, r));
+        if in_jobs == 1 {
+            break;
+        }
+    }
     if snapshots {
-        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, snapshots on");
-        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, true).await;
-        rows.push((format!("tenantsPerJob {per_job}, snapshots on (the CLI takes none)"), n, base, r));
+        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, parallelPerJob {in_jobs}, snapshots on");
+        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, in_jobs, true).await;
+        rows.push((
+            format!("tenantsPerJob {per_job}, parallelPerJob {in_jobs}, snapshots on (the CLI takes none)"),
+            n,
+            base,
+            r,
+        ));
     }
     if n1 > 0 {
         let base1 = cli_on(n1).await.as_secs_f64();
         eprintln!("operator: {n1} tenants, tenantsPerJob 1, snapshots off");
-        let r = operator(&c, &mongo, &uri, &bin, &image, n1, parallel as u32, 1, false).await;
+        let r = operator(&c, &mongo, &uri, &bin, &image, n1, parallel as u32, 1, 1, false).await;
         rows.push(("tenantsPerJob 1 (default), snapshots off".to_string(), n1, base1, r));
     }
 
