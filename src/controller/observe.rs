@@ -261,6 +261,8 @@ async fn read_outcomes(
 ) -> Result<Vec<(Arc<Job>, Action, Vec<(usize, Outcome)>)>, ObserveError> {
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
     let mut read = Vec::new();
+    // One connection for every batch read in this look (made at the first).
+    let mut conn: Option<crate::mongo::Connection> = None;
     for (job, action, tenants) in jobs {
         let jn = job.name_any();
         let pods = pods_api
@@ -276,9 +278,16 @@ async fn read_outcomes(
         let outs = match single {
             Some(one) => vec![one],
             None => {
-                let o = batch_outcomes(ctx, r, plan, &tenants)
-                    .await
-                    .map_err(|why| ObserveError::Results { job: jn, why })?;
+                let failed = |why: String| ObserveError::Results { job: jn.clone(), why };
+                if conn.is_none() {
+                    let uri = super::inputs::read_uri(&ctx.client, r.dbm).await.map_err(|e| failed(e.message))?;
+                    let c = super::inputs::connect(&uri, ctx.config.connect_timeout)
+                        .await
+                        .map_err(|e| failed(e.message))?;
+                    conn = Some(c);
+                }
+                let c = conn.as_ref().expect("connected above");
+                let o = batch_outcomes(c, plan, &tenants).await.map_err(failed)?;
                 tenants.iter().copied().zip(o).collect()
             }
         };
@@ -295,14 +304,11 @@ const RESULT_READS: usize = 16;
 /// collection says whether the runner got to it (no record of the run: untouched). An error
 /// (the Secret, MongoDB) is retried at the next reconcile.
 async fn batch_outcomes(
-    ctx: &Context,
-    r: &Resource<'_>,
+    conn: &crate::mongo::Connection,
     plan: &FrozenRun,
     tenants: &[usize],
 ) -> Result<Vec<Outcome>, String> {
     use futures::StreamExt;
-    let uri = super::inputs::read_uri(&ctx.client, r.dbm).await.map_err(|e| e.message)?;
-    let conn = super::inputs::connect(&uri, ctx.config.connect_timeout).await.map_err(|e| e.message)?;
     let run = plan.run_id.as_str();
     let dbs: Vec<mongodb::Database> = tenants.iter().map(|&i| conn.client.database(&plan.tenants[i])).collect();
     let looks: Vec<Result<Option<JobResult>, crate::job::batch::ReadError>> =

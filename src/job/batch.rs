@@ -15,7 +15,7 @@ use mongodb::Database;
 use serde::{Deserialize, Serialize};
 
 use super::result::JobResult;
-use super::run::{finish, one_tenant, RunArgs, Settings, Shared};
+use super::run::{finish, one_tenant, result_line, RunArgs, Settings, Shared};
 use crate::exit::Exit;
 
 /// The collection of a tenant database holding the results of batch runs.
@@ -249,13 +249,7 @@ pub async fn run(s: Settings, a: &RunArgs, batch: &str) -> Exit {
     }
     let exit = if sum.failed == 0 && sum.not_started == 0 { Exit::Ok } else { Exit::Failed };
     sum.code = i32::from(exit.code());
-    let line = serde_json::to_string(&sum).expect("serializable");
-    if a.result_file.parent().is_some_and(|p| p.exists()) {
-        if let Err(e) = std::fs::write(&a.result_file, &line) {
-            tracing::warn!(file = %a.result_file.display(), error = %e, "could not write the result file");
-        }
-    }
-    println!("{line}");
+    result_line(a, &serde_json::to_string(&sum).expect("serializable"));
     exit
 }
 

@@ -415,11 +415,16 @@ pub(super) fn finish(a: &RunArgs, r: JobResult) -> Exit {
     if let Some(e) = r.error.as_deref().filter(|e| !line.contains(&serde_json::to_string(e).unwrap_or_default())) {
         tracing::error!(error = %e, "the run failed (whole error; the result shows it without tenant values)");
     }
+    result_line(a, &line);
+    Exit::from_code(r.code)
+}
+
+/// Write `line` to the result file (skipped when its directory does not exist), and print it.
+pub(super) fn result_line(a: &RunArgs, line: &str) {
     if a.result_file.parent().is_some_and(|p| p.exists()) {
-        if let Err(e) = std::fs::write(&a.result_file, &line) {
+        if let Err(e) = std::fs::write(&a.result_file, line) {
             tracing::warn!(file = %a.result_file.display(), error = %e, "could not write the result file");
         }
     }
     println!("{line}");
-    Exit::from_code(r.code)
 }
