@@ -353,6 +353,70 @@ async fn backup_and_restore_from_the_command_line() {
     }
 }
 
+/// `up --backup`: each tenant it changes is snapshotted first (the runner's own hook), a tenant
+/// with nothing to do is not, the snapshot restores the data as it was before, retention keeps
+/// the newest, and a destination that cannot be is refused before anything changes.
+#[tokio::test]
+async fn up_with_backup_snapshots_each_tenant_it_changes() {
+    let names = tenants("cli_upbackup", 3).await;
+    let c = client().await;
+    let mongo = uri();
+    let env = [("DBSHIFT_MONGODB_URI", mongo.as_str())];
+    let dir = migrations(&[("20250101000000_add_color.yaml", ADD)]);
+    let d = dir.path().to_str().unwrap();
+    let store = unique("snaps_upb");
+    let dest = format!("database:{store}");
+    let (t0, t1, t2) = (&names[0], &names[1], &names[2]);
+    let two = format!("{t0},{t1}");
+
+    // A destination that cannot be: refused, nothing read or changed.
+    let before: Vec<Document> = dump(&c.database(t0), "items").await;
+    for bad in ["s3://bucket", "dir:/does/not/exist", "database:no/slash"] {
+        let o = cli(&["up", "--dir", d, "--tenant", &two, "--backup", bad], &env);
+        assert_eq!(o.status.code(), Some(2), "--backup {bad}: {}", text(&o));
+        assert_eq!(dump(&c.database(t0), "items").await, before, "--backup {bad} changed nothing");
+        assert!(dump(&c.database(t0), "_dbshift_migrations").await.is_empty());
+    }
+
+    // t1 is migrated without a snapshot; then t0 and t1 with one: only t0 changes, so only t0
+    // is snapshotted.
+    let o = cli(&["up", "--dir", d, "--tenant", t1], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli(&["up", "--dir", d, "--tenant", &two, "--backup", &dest, "--output", "json"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let j = json(&o);
+    let by_tenant = |t: &str| j["tenants"].as_array().unwrap().iter().find(|x| x["tenant"] == t).cloned().unwrap();
+    let at = by_tenant(t0)["result"]["snapshot"].as_str().expect("t0 snapshotted").to_string();
+    assert!(at.starts_with(&format!("database:{store}/")), "{at}");
+    assert!(by_tenant(t1)["result"].get("snapshot").is_none(), "nothing to do: no snapshot");
+    let listed = cli(&["snapshots", "--database", &store, "--output", "json"], &env);
+    let snaps = json(&listed)["snapshots"].as_array().unwrap().clone();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["tenant"], t0.as_str());
+    assert_ne!(dump(&c.database(t0), "items").await, before, "migrated");
+
+    // The snapshot holds t0 as it was before the migration.
+    let o = cli(&["restore", "--from-database", &store, "--tenant", t0, "--collection", "items"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dump(&c.database(t0), "items").await, before, "restored exactly");
+
+    // Retention: two more changing runs of t2 with --backup-retention 1 keep its newest only.
+    let o = cli(&["up", "--dir", d, "--tenant", t2, "--backup", &dest, "--backup-retention", "1"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("snapshot taken before the change"), "{}", text(&o));
+    let o = cli(&["down", "--dir", d, "--tenant", t2, "--to", "0"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli(&["up", "--dir", d, "--tenant", t2, "--backup", &dest, "--backup-retention", "1"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let listed = cli(&["snapshots", "--database", &store, "--tenant", t2, "--output", "json"], &env);
+    assert_eq!(json(&listed)["snapshots"].as_array().unwrap().len(), 1, "{}", text(&listed));
+    // A plan takes none.
+    let o = cli(&["plan", "--dir", d, "--tenant", t2, "--backup", &dest], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let listed = cli(&["snapshots", "--database", &store, "--output", "json"], &env);
+    assert_eq!(json(&listed)["snapshots"].as_array().unwrap().len(), 2, "{}", text(&listed));
+}
+
 /// Risk lint: a risky step warns with its code and what to do (exit 0); `--strict` fails on it
 /// (exit 2); acknowledging it in the file quiets it without changing the migration's checksum.
 #[tokio::test]

@@ -1,17 +1,20 @@
-//! Where `dbshift run` keeps the snapshots it takes before changing a tenant
-//! (`DBSHIFT_BACKUP`): a database of the same server, or a directory.
+//! Where `dbshift run` (`DBSHIFT_BACKUP`) and `dbshift up --backup` keep the snapshots they take
+//! before changing a tenant: a database of the same server, or a directory.
 //!
 //! A directory destination holds `<dir>/<tenant>/<yyyyMMddTHHmmssZ>/`, each a directory
 //! snapshot (complete once its manifest is written).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use mongodb::Database;
 
 use super::database::{self, STALE_AFTER};
 use super::*;
+use crate::engine::runner::{BeforeChange, HookError};
+use crate::exit::Failure;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
@@ -27,6 +30,36 @@ impl fmt::Display for Destination {
             Destination::Database(d) => write!(f, "database:{d}"),
             Destination::Dir(p) => write!(f, "dir:{}", p.display()),
         }
+    }
+}
+
+/// The snapshot a [`TakenSnapshot::hook`] took, once it has (one per tenant run).
+#[derive(Default, Clone)]
+pub struct TakenSnapshot(Arc<Mutex<Option<Taken>>>);
+
+impl TakenSnapshot {
+    /// A hook that snapshots the tenant into `dest` before the runner changes it (never, in a
+    /// run that changes nothing). Its error is a [`Failure`], so the run exits with the
+    /// snapshot's own exit code, and nothing was changed.
+    pub fn hook(&self, dest: Destination, opts: SnapshotOptions) -> BeforeChange {
+        let me = self.clone();
+        Arc::new(move |db: mongodb::Database| {
+            let (me, dest, opts) = (me.clone(), dest.clone(), opts.clone());
+            Box::pin(async move {
+                let t = dest.take(&db, &opts).await.map_err(|e| {
+                    let f = Failure::from(e);
+                    let message = format!("the snapshot before the run failed, so nothing was changed: {}", f.message);
+                    Box::new(Failure::new(f.exit, message)) as HookError
+                })?;
+                *me.0.lock().expect("lock") = Some(t);
+                Ok(())
+            })
+        })
+    }
+
+    /// The snapshot taken, if the hook ran.
+    pub fn get(&self) -> Option<Taken> {
+        self.0.lock().expect("lock").clone()
     }
 }
 

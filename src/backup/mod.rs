@@ -19,7 +19,7 @@ mod restore;
 mod snapshot;
 
 pub use database::{SnapshotInfo, Taken, DEFAULT_DATABASE};
-pub use destination::{Destination, Found};
+pub use destination::{Destination, Found, TakenSnapshot};
 pub use restore::{read_manifest, restore, RestoreOptions, RestoreReport};
 pub use snapshot::{snapshot, SnapshotOptions};
 

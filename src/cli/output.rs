@@ -241,6 +241,9 @@ pub fn print_reports(out: Output, command: &str, results: &Results<TenantReport>
                 c.check, c.migration, c.collection, c.message
             );
         }
+        if let Some(at) = &report.snapshot {
+            println!("{tenant}: snapshot taken before the change: {at}");
+        }
         if report.migrations.is_empty() {
             match (&report.error, &report.skip_reason) {
                 (_, Some(why)) => println!("{tenant}: SKIPPED (onPrecheckFailure: skip): {}", redactor.apply(why)),

@@ -12,7 +12,6 @@
 //! when a migration of RUN cannot be undone that way, by restoring the snapshot RUN took.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
@@ -20,8 +19,8 @@ use mongodb::Database;
 
 use super::env;
 use super::result::{BackupInfo, JobResult, RollbackHow};
-use crate::backup::{Destination, Found, RestoreOptions, SnapshotOptions};
-use crate::engine::runner::{BeforeChange, Outcome, OutcomeState, RunError};
+use crate::backup::{Destination, Found, RestoreOptions, SnapshotOptions, TakenSnapshot};
+use crate::engine::runner::{Outcome, OutcomeState, RunError};
 use crate::engine::tracking::{self, Record, State};
 use crate::engine::{self, planner::Direction, runner, DownRequest, Migration, RunOptions, TenantReport, UpRequest};
 use crate::exit::{Exit, Failure};
@@ -116,7 +115,7 @@ pub(super) async fn one_tenant(s: &Settings, a: &RunArgs, tenant: &str, shared: 
         }
     };
     // A snapshot taken is reported even when the run failed after it.
-    r.backup = taken.0.lock().expect("lock").take();
+    r.backup = taken.get().map(|t| BackupInfo::from(&t));
     r
 }
 
@@ -127,30 +126,6 @@ pub fn failed(a: &RunArgs, tenants: &[String], f: Failure) -> Exit {
         _ => "",
     };
     finish(a, JobResult::failed(tenant, &f.message, f.exit))
-}
-
-/// The snapshot the hook took, for the result.
-#[derive(Default, Clone)]
-struct TakenSnapshot(Arc<Mutex<Option<BackupInfo>>>);
-
-impl TakenSnapshot {
-    /// A hook that snapshots the tenant into `dest` before the runner changes it. Its error is
-    /// a [`Failure`], so the run exits with the snapshot's own exit code.
-    fn hook(&self, dest: Destination, opts: SnapshotOptions) -> BeforeChange {
-        let me = self.clone();
-        Arc::new(move |db: Database| {
-            let (me, dest, opts) = (me.clone(), dest.clone(), opts.clone());
-            Box::pin(async move {
-                let t = dest.take(&db, &opts).await.map_err(|e| {
-                    let f = Failure::from(e);
-                    let message = format!("the snapshot before the run failed, so nothing was changed: {}", f.message);
-                    Box::new(Failure::new(f.exit, message)) as runner::HookError
-                })?;
-                *me.0.lock().expect("lock") = Some(BackupInfo::from(&t));
-                Ok(())
-            })
-        })
-    }
 }
 
 fn attention(message: String) -> Failure {
@@ -221,7 +196,7 @@ async fn run_tenant(
     let mut r = JobResult::from_report(&report, report_exit(&report));
     r.rollback = rollback;
     r.restored = restored;
-    if let (Some(d), true) = (&dest, report.ok && taken.0.lock().expect("lock").is_some()) {
+    if let (Some(d), true) = (&dest, report.ok && taken.get().is_some()) {
         match d.retain(&db, a.backup_retention).await {
             Ok(deleted) if !deleted.is_empty() => tracing::info!(?deleted, "deleted older snapshots"),
             Ok(_) => {}
@@ -400,6 +375,7 @@ fn down_report(
         prechecks: Vec::new(),
         skipped: false,
         skip_reason: None,
+        snapshot: None,
     }
 }
 

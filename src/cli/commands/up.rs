@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use crate::backup::{Destination, SnapshotOptions, TakenSnapshot};
 use crate::cli::fleet::{self, for_each_tenant, worst};
 use crate::cli::{output, Global};
 use crate::engine::{runner, UpRequest};
@@ -23,18 +24,60 @@ pub struct UpArgs {
     /// Run even though applied migrations changed since they were applied.
     #[arg(long)]
     pub allow_changed: bool,
+    /// Snapshot each tenant before its first change, as the operator's runner does:
+    /// `database:<name>` (a database of the same server; `database` alone is
+    /// dbshift_snapshots), `dir:<path>` (an existing directory) or `none`. A tenant with nothing
+    /// to do is not snapshotted; a snapshot that fails leaves its tenant untouched.
+    #[arg(long, value_name = "DEST", default_value = "none")]
+    pub backup: String,
+    /// With --backup: the snapshots of each tenant to keep there, newest first (0 keeps all).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub backup_retention: usize,
 }
 
 pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
+    // A destination that cannot be is refused before anything is read or changed.
+    let dest = Destination::parse(&a.backup)?;
     let f = fleet::start(g).await?;
+    if let Some(d) = &dest {
+        for t in &f.tenants {
+            d.check(t)?;
+        }
+    }
     fleet::warn_without_transactions(&f).await;
     let mut opts = fleet::run_options(g, output::observer(g.output, f.tenants.len()))?;
     opts.dry_run = dry;
     opts.allow_changed = a.allow_changed;
     let req = UpRequest { target: a.to.clone(), only: a.only.clone(), allow_changed: a.allow_changed };
     let results = for_each_tenant(&f.tenants, g.parallel, |t| {
-        let (db, m, o, r) = (f.conn.client.database(&t), &f.migrations, &opts, &req);
-        async move { Ok(runner::up(&db, &t, m, r, o).await?) }
+        let (db, m, r, dest) = (f.conn.client.database(&t), &f.migrations, &req, dest.as_ref().filter(|_| !dry));
+        let mut o = opts.clone();
+        let taken = TakenSnapshot::default();
+        if let Some(d) = dest {
+            let so = SnapshotOptions {
+                source: format!("{}/{t}", f.conn.source),
+                tracking: o.tracking.clone(),
+                run_id: Some(o.run_id.clone()),
+                ..Default::default()
+            };
+            o.before_change = Some(taken.hook(d.clone(), so));
+        }
+        async move {
+            let mut report = runner::up(&db, &t, m, r, &o).await?;
+            if let (Some(d), Some(snap)) = (dest, taken.get()) {
+                report.snapshot = Some(snap.location);
+                if report.ok {
+                    match d.retain(&db, a.backup_retention).await {
+                        Ok(deleted) if !deleted.is_empty() => {
+                            tracing::info!(tenant = %t, ?deleted, "deleted older snapshots")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(tenant = %t, error = %e, "could not delete older snapshots"),
+                    }
+                }
+            }
+            Ok(report)
+        }
     })
     .await;
     output::print_reports(g.output, if dry { "plan" } else { "up" }, &results, &f.conn.redactor);

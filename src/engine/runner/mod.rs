@@ -224,6 +224,10 @@ pub struct TenantReport {
     /// Why it was skipped (not an error: the file chose to go on without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skip_reason: Option<String>,
+    /// Where the snapshot taken before the run's first change is (`up --backup`; set by the
+    /// command, not the runner).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 impl TenantReport {
@@ -252,6 +256,7 @@ impl TenantReport {
             prechecks: Vec::new(),
             skipped: false,
             skip_reason: None,
+            snapshot: None,
         }
     }
 }
@@ -337,6 +342,7 @@ impl<'a> Locked<'a> {
             prechecks: Vec::new(),
             skipped: false,
             skip_reason: None,
+            snapshot: None,
         })
     }
 }
