@@ -3,20 +3,20 @@
 //! migrating the same number of tenants with the same migration, in the same run, on the same
 //! cluster and server.
 //!
-//! Runs, each on freshly seeded tenants: the CLI (no snapshots: `up` takes none); the operator
-//! with `tenantsPerJob: K` (DBSHIFT_BENCH_PER_JOB, default 100), snapshots off, one tenant at a
-//! time in each Job and `parallelPerJob: P` (DBSHIFT_BENCH_PARALLEL_PER_JOB, default 4); the
-//! latter with snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
+//! Runs, each on freshly seeded tenants: the CLI, snapshots off and on (`up --backup`, the
+//! runner's destination and retention); the operator for each shape `tenantsPerJob:parallelPerJob`
+//! of DBSHIFT_BENCH_SHAPES (default `100:1,500:5`) with snapshots off, and the last shape with
+//! snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
 //! run of that size), the default `tenantsPerJob: 1`. Reports wall time from `kubectl apply` to
 //! `Succeeded` and its ratio to the CLI's, API requests per tenant (the API server's own
 //! counter), the final status's bytes (and per tenant), the controller's API writes and its
-//! peak memory (VmHWM, one controller process per run).
+//! peak memory (VmHWM, one controller process per run), and on stderr where each run's time
+//! went (Jobs created, pods running, tenant results written, Jobs finished).
 //!
 //! Run with tests/bench/operator.sh, which starts the cluster, the database and the image.
 //! Env: DBSHIFT_BENCH_KUBECONFIG, DBSHIFT_BENCH_MONGODB_URI, DBSHIFT_BENCH_RUNNER_IMAGE,
-//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_PER_JOB (100),
-//! DBSHIFT_BENCH_PARALLEL_PER_JOB (4),
-//! DBSHIFT_BENCH_TENANTS_ONE (200; 0 skips it), DBSHIFT_BENCH_SNAPSHOTS (1; 0 skips the run with
+//! DBSHIFT_BENCH_TENANTS (1000), DBSHIFT_BENCH_PARALLEL (10), DBSHIFT_BENCH_SHAPES (100:1,500:5),
+//! DBSHIFT_BENCH_TENANTS_ONE (200; 0 skips it), DBSHIFT_BENCH_SNAPSHOTS (1; 0 skips the runs with
 //! snapshots), DBSHIFT_BENCH_DBSHIFT (the binary, default target/release/dbshift).
 
 use std::collections::BTreeMap;
@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
 
 use dbshift::crd::{DatabaseMigration, DatabaseMigrationSpec, Phase};
 
@@ -93,14 +95,17 @@ jobTemplate: {{ image: "{image}", imagePullPolicy: Never, hostNetwork: true }}
     .unwrap()
 }
 
-/// The baseline: one CLI process migrating the tenants `^prefix_`, `parallel` at a time.
-fn cli(bin: &str, uri: &str, prefix: &str, parallel: usize) -> Duration {
+/// The baseline: one CLI process migrating the tenants `^prefix_`, `parallel` at a time (with
+/// `snapshots`, each snapshotted first, as the runner does).
+fn cli(bin: &str, uri: &str, prefix: &str, parallel: usize, snapshots: bool) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("20250101000000_flag.yaml"), MIGRATION).unwrap();
     let start = Instant::now();
     let o = Command::new(bin)
         .args(["up", "--tenants", &format!("^{prefix}_"), "--parallel", &parallel.to_string()])
         .args(["--dir", dir.path().to_str().unwrap(), "--output", "json"])
+        // The runner's default destination and retention (spec.backup).
+        .args(if snapshots { &["--backup", "database:dbshift_snapshots", "--backup-retention", "3"][..] } else { &[] })
         .env("DBSHIFT_MONGODB_URI", uri)
         .env("DBSHIFT_LOG", "warn")
         .stdout(Stdio::null())
@@ -136,6 +141,80 @@ struct Run {
     status_bytes: usize,
     writes: f64,
     peak_kib: u64,
+    timeline: Timeline,
+}
+
+/// When, after the apply, each Job and its pod were first seen in each state (by watches
+/// started before the apply, so sub-second, unlike the API's one-second timestamps).
+#[derive(Default)]
+struct Timeline {
+    created: BTreeMap<String, f64>,
+    running: BTreeMap<String, f64>,
+    finished: BTreeMap<String, f64>,
+    /// The first and last tenant result written (`_dbshift_results`; batches only).
+    results: Option<(f64, f64)>,
+}
+
+impl Timeline {
+    /// Where the wall time went: the controller's work before the first Job, pod start-up
+    /// (Job created to its pod running), the Jobs' own work (running to finished), and the
+    /// controller's work after the last Job.
+    fn summary(&self, total: f64) -> String {
+        let first_created = self.created.values().cloned().fold(f64::INFINITY, f64::min);
+        let last_created = self.created.values().cloned().fold(0.0, f64::max);
+        let last_finished = self.finished.values().cloned().fold(0.0, f64::max);
+        let spans = |from: &BTreeMap<String, f64>, to: &BTreeMap<String, f64>| {
+            let mut v: Vec<f64> = from.iter().filter_map(|(k, a)| Some(to.get(k)? - a)).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let med = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
+            let max = v.last().copied().unwrap_or(f64::NAN);
+            format!("median {med:.2} s, max {max:.2} s")
+        };
+        let results = match self.results {
+            Some((a, b)) => format!("tenant results written from {a:.2} s to {b:.2} s; "),
+            None => String::new(),
+        };
+        format!(
+            "{} Jobs; apply to first Job {first_created:.2} s; first to last Job created {:.2} s; \
+             Job created to pod running: {}; pod running to Job finished: {}; {results}last Job \
+             finished {last_finished:.2} s; Succeeded {total:.2} s",
+            self.created.len(),
+            last_created - first_created,
+            spans(&self.created, &self.running),
+            spans(&self.running, &self.finished),
+        )
+    }
+}
+
+/// Watch the namespace's Jobs and pods from `start` on, filling in `t`.
+fn watch_timeline(c: &kube::Client, ns: &str, start: Instant, t: std::sync::Arc<std::sync::Mutex<Timeline>>) {
+    let jobs: Api<Job> = Api::namespaced(c.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    let tj = t.clone();
+    tokio::spawn(async move {
+        let mut s = Box::pin(watcher(jobs, watcher::Config::default()).default_backoff().applied_objects());
+        while let Some(Ok(j)) = s.next().await {
+            let now = start.elapsed().as_secs_f64();
+            let name = j.metadata.name.clone().unwrap_or_default();
+            let mut t = tj.lock().unwrap();
+            t.created.entry(name.clone()).or_insert(now);
+            let done = j.status.as_ref().is_some_and(|s| s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) > 0);
+            if done {
+                t.finished.entry(name).or_insert(now);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut s = Box::pin(watcher(pods, watcher::Config::default()).default_backoff().applied_objects());
+        while let Some(Ok(p)) = s.next().await {
+            let now = start.elapsed().as_secs_f64();
+            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending");
+            let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned();
+            if let (true, Some(job)) = (running, job) {
+                t.lock().unwrap().running.entry(job).or_insert(now);
+            }
+        }
+    });
 }
 
 /// One operator run from apply to Succeeded, with a controller of its own.
@@ -185,7 +264,12 @@ async fn operator(
     s.rollout.parallel_per_job = in_job;
     s.backup.enabled = snapshots;
     let dbm = DatabaseMigration::new("bench", s);
+    let timeline = std::sync::Arc::new(std::sync::Mutex::new(Timeline::default()));
+    let origin = Instant::now();
+    watch_timeline(c, &ns, origin, timeline.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await; // the watches' first lists
     let start = Instant::now();
+    let wall = std::time::SystemTime::now();
     dbms.create(&PostParams::default(), &dbm).await.unwrap();
     let status = loop {
         let d = dbms.get("bench").await.unwrap();
@@ -205,7 +289,38 @@ async fn operator(
         .stdout(Stdio::null())
         .status();
     let status_bytes = serde_json::to_vec(&status).unwrap().len();
-    Run { secs, requests, status_bytes, writes, peak_kib }
+    let mut timeline = std::mem::take(&mut *timeline.lock().unwrap());
+    let offset = start.duration_since(origin).as_secs_f64();
+    if per_job > 1 {
+        timeline.results = result_times(mongo, &prefix, n, wall).await;
+    }
+    for m in [&mut timeline.created, &mut timeline.running, &mut timeline.finished] {
+        m.values_mut().for_each(|v| *v -= offset);
+    }
+    Run { secs, requests, status_bytes, writes, peak_kib, timeline }
+}
+
+/// When the first and last tenant result was written, in seconds after `wall`.
+async fn result_times(
+    mongo: &mongodb::Client,
+    prefix: &str,
+    n: usize,
+    wall: std::time::SystemTime,
+) -> Option<(f64, f64)> {
+    let at: Vec<f64> = futures::stream::iter(0..n)
+        .map(|i| async move {
+            let db = mongo.database(&format!("{prefix}_{i:05}"));
+            let d = db.collection::<Document>("_dbshift_results").find_one(doc! {}).await.ok()??;
+            let t = d.get_datetime("at").ok()?.to_system_time();
+            Some(t.duration_since(wall).map(|d| d.as_secs_f64()).unwrap_or(0.0))
+        })
+        .buffer_unordered(16)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    let first = at.iter().cloned().fold(f64::INFINITY, f64::min);
+    let last = at.iter().cloned().fold(0.0, f64::max);
+    (!at.is_empty()).then_some((first, last))
 }
 
 fn peak_kib(pid: u32) -> u64 {
@@ -225,8 +340,14 @@ async fn main() {
     let n: usize = env("DBSHIFT_BENCH_TENANTS", "1000").parse().unwrap();
     let n1: usize = env("DBSHIFT_BENCH_TENANTS_ONE", "200").parse().unwrap();
     let parallel: usize = env("DBSHIFT_BENCH_PARALLEL", "10").parse().unwrap();
-    let per_job: u32 = env("DBSHIFT_BENCH_PER_JOB", "100").parse().unwrap();
-    let in_jobs: u32 = env("DBSHIFT_BENCH_PARALLEL_PER_JOB", "4").parse().unwrap();
+    // tenantsPerJob:parallelPerJob, each one run with snapshots off; the last also with them on.
+    let shapes: Vec<(u32, u32)> = env("DBSHIFT_BENCH_SHAPES", "100:1,500:5")
+        .split(',')
+        .map(|x| {
+            let (a, b) = x.split_once(':').expect("DBSHIFT_BENCH_SHAPES: tenantsPerJob:parallelPerJob,...");
+            (a.trim().parse().unwrap(), b.trim().parse().unwrap())
+        })
+        .collect();
     let snapshots = env("DBSHIFT_BENCH_SNAPSHOTS", "1") != "0";
     let image = env("DBSHIFT_BENCH_RUNNER_IMAGE", "dbshift:bench");
     let uri = env("DBSHIFT_BENCH_MONGODB_URI", "");
@@ -234,37 +355,30 @@ async fn main() {
     let c = client().await;
     let mongo = mongodb::Client::with_uri_str(&uri).await.unwrap();
 
-    let cli_on = |count: usize| {
+    let cli_on = |count: usize, snapshots: bool| {
         let (mongo, uri, bin) = (mongo.clone(), uri.clone(), bin.clone());
         async move {
             let prefix = format!("bbc{:04x}", rand::random::<u16>());
             seed(&mongo, &prefix, count).await;
-            eprintln!("CLI: dbshift up over {count} tenants, --parallel {parallel}");
-            cli(&bin, &uri, &prefix, parallel)
+            eprintln!("CLI: dbshift up over {count} tenants, --parallel {parallel}, snapshots {snapshots}");
+            cli(&bin, &uri, &prefix, parallel, snapshots)
         }
     };
-    let base = cli_on(n).await.as_secs_f64();
+    let base = cli_on(n, false).await.as_secs_f64();
+    let base_snap = if snapshots { cli_on(n, true).await.as_secs_f64() } else { 0.0 };
     let mut rows: Vec<(String, usize, f64, Run)> = Vec::new();
-    for in_job in [1, in_jobs] {
+    for &(per_job, in_job) in &shapes {
         eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots off");
         let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, in_job, false).await;
         rows.push((format!("tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots off"), n, base, r));
-        if in_jobs == 1 {
-            break;
-        }
     }
-    if snapshots {
-        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, parallelPerJob {in_jobs}, snapshots on");
-        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, in_jobs, true).await;
-        rows.push((
-            format!("tenantsPerJob {per_job}, parallelPerJob {in_jobs}, snapshots on (the CLI takes none)"),
-            n,
-            base,
-            r,
-        ));
+    if let (true, Some(&(per_job, in_job))) = (snapshots, shapes.last()) {
+        eprintln!("operator: {n} tenants, tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots on");
+        let r = operator(&c, &mongo, &uri, &bin, &image, n, parallel as u32, per_job, in_job, true).await;
+        rows.push((format!("tenantsPerJob {per_job}, parallelPerJob {in_job}, snapshots on"), n, base_snap, r));
     }
     if n1 > 0 {
-        let base1 = cli_on(n1).await.as_secs_f64();
+        let base1 = cli_on(n1, false).await.as_secs_f64();
         eprintln!("operator: {n1} tenants, tenantsPerJob 1, snapshots off");
         let r = operator(&c, &mongo, &uri, &bin, &image, n1, parallel as u32, 1, 1, false).await;
         rows.push(("tenantsPerJob 1 (default), snapshots off".to_string(), n1, base1, r));
@@ -285,10 +399,11 @@ async fn main() {
             r.writes / *count as f64,
             r.peak_kib as f64 / 1024.0
         );
+        eprintln!("  {name}: {}", r.timeline.summary(r.secs));
         json.push(serde_json::json!({
             "run": name, "tenants": count, "parallel": parallel, "cli_s": cli_s, "operator_s": r.secs, "ratio": ratio,
             "api_requests": r.requests, "status_bytes": r.status_bytes, "controller_writes": r.writes,
-            "controller_peak_kib": r.peak_kib,
+            "controller_peak_kib": r.peak_kib, "timeline": r.timeline.summary(r.secs),
         }));
     }
     std::fs::write("target/bench-operator.json", serde_json::to_string_pretty(&json).unwrap()).ok();
