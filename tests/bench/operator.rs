@@ -7,11 +7,12 @@
 //! runner's destination and retention); the operator for each shape `tenantsPerJob:parallelPerJob`
 //! of DBSHIFT_BENCH_SHAPES (default `100:1,500:5`) with snapshots off, and the last shape with
 //! snapshots on; and, on a smaller fleet (DBSHIFT_BENCH_TENANTS_ONE, default 200, against a CLI
-//! run of that size), the default `tenantsPerJob: 1`. Reports wall time from `kubectl apply` to
-//! `Succeeded` and its ratio to the CLI's, API requests per tenant (the API server's own
-//! counter), the final status's bytes (and per tenant), the controller's API writes and its
-//! peak memory (VmHWM, one controller process per run), and on stderr where each run's time
-//! went (Jobs created, pods running, tenant results written, Jobs finished).
+//! run of that size), the default `tenantsPerJob: 1`. Each run's tenants (and snapshots) are
+//! dropped after it, so every run meets a server of the same size. Reports wall time from
+//! `kubectl apply` to `Succeeded` and its ratio to the CLI's, API requests per tenant (the API
+//! server's own counter), the final status's bytes (and per tenant), the controller's API writes
+//! and its peak memory (VmHWM, one controller process per run), and on stderr where each run's
+//! time went (Jobs created, pods running, tenant results written, pods exited, Jobs finished).
 //!
 //! Run with tests/bench/operator.sh, which starts the cluster, the database and the image.
 //! Env: DBSHIFT_BENCH_KUBECONFIG, DBSHIFT_BENCH_MONGODB_URI, DBSHIFT_BENCH_RUNNER_IMAGE,
@@ -82,6 +83,16 @@ async fn seed(mongo: &mongodb::Client, prefix: &str, n: usize) {
         .await;
 }
 
+/// Drop a run's tenants and snapshots, so every run meets a server of the same size.
+async fn drop_fleet(mongo: &mongodb::Client, prefix: &str, n: usize) {
+    futures::stream::iter(0..n)
+        .for_each_concurrent(16, |i| async move {
+            mongo.database(&format!("{prefix}_{i:05}")).drop().await.ok();
+        })
+        .await;
+    mongo.database("dbshift_snapshots").drop().await.ok();
+}
+
 fn spec(prefix: &str, parallel: u32, image: &str) -> DatabaseMigrationSpec {
     serde_yaml::from_str(&format!(
         r#"
@@ -150,6 +161,8 @@ struct Run {
 struct Timeline {
     created: BTreeMap<String, f64>,
     running: BTreeMap<String, f64>,
+    /// The pod seen Succeeded or Failed (its runner exited and the kubelet said so).
+    exited: BTreeMap<String, f64>,
     finished: BTreeMap<String, f64>,
     /// The first and last tenant result written (`_dbshift_results`; batches only).
     results: Option<(f64, f64)>,
@@ -157,12 +170,13 @@ struct Timeline {
 
 impl Timeline {
     /// Where the wall time went: the controller's work before the first Job, pod start-up
-    /// (Job created to its pod running), the Jobs' own work (running to finished), and the
-    /// controller's work after the last Job.
+    /// (Job created to its pod running), the runners' work (running to exited), the Job
+    /// controller's (pod exited to Job finished), and the controller's after the last Job.
     fn summary(&self, total: f64) -> String {
         let first_created = self.created.values().cloned().fold(f64::INFINITY, f64::min);
         let last_created = self.created.values().cloned().fold(0.0, f64::max);
         let last_finished = self.finished.values().cloned().fold(0.0, f64::max);
+        let last_exited = self.exited.values().cloned().fold(0.0, f64::max);
         let spans = |from: &BTreeMap<String, f64>, to: &BTreeMap<String, f64>| {
             let mut v: Vec<f64> = from.iter().filter_map(|(k, a)| Some(to.get(k)? - a)).collect();
             v.sort_by(|a, b| a.total_cmp(b));
@@ -176,12 +190,14 @@ impl Timeline {
         };
         format!(
             "{} Jobs; apply to first Job {first_created:.2} s; first to last Job created {:.2} s; \
-             Job created to pod running: {}; pod running to Job finished: {}; {results}last Job \
-             finished {last_finished:.2} s; Succeeded {total:.2} s",
+             Job created to pod running: {}; pod running to pod exited: {}; pod exited to Job \
+             finished: {}; {results}last pod exited {last_exited:.2} s; last Job finished \
+             {last_finished:.2} s; Succeeded {total:.2} s",
             self.created.len(),
             last_created - first_created,
             spans(&self.created, &self.running),
-            spans(&self.running, &self.finished),
+            spans(&self.running, &self.exited),
+            spans(&self.exited, &self.finished),
         )
     }
 }
@@ -209,9 +225,15 @@ fn watch_timeline(c: &kube::Client, ns: &str, start: Instant, t: std::sync::Arc<
         while let Some(Ok(p)) = s.next().await {
             let now = start.elapsed().as_secs_f64();
             let running = p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending");
+            let exited =
+                p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
             let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned();
             if let (true, Some(job)) = (running, job) {
-                t.lock().unwrap().running.entry(job).or_insert(now);
+                let mut t = t.lock().unwrap();
+                t.running.entry(job.clone()).or_insert(now);
+                if exited {
+                    t.exited.entry(job).or_insert(now);
+                }
             }
         }
     });
@@ -294,7 +316,8 @@ async fn operator(
     if per_job > 1 {
         timeline.results = result_times(mongo, &prefix, n, wall).await;
     }
-    for m in [&mut timeline.created, &mut timeline.running, &mut timeline.finished] {
+    drop_fleet(mongo, &prefix, n).await;
+    for m in [&mut timeline.created, &mut timeline.running, &mut timeline.exited, &mut timeline.finished] {
         m.values_mut().for_each(|v| *v -= offset);
     }
     Run { secs, requests, status_bytes, writes, peak_kib, timeline }
@@ -361,7 +384,9 @@ async fn main() {
             let prefix = format!("bbc{:04x}", rand::random::<u16>());
             seed(&mongo, &prefix, count).await;
             eprintln!("CLI: dbshift up over {count} tenants, --parallel {parallel}, snapshots {snapshots}");
-            cli(&bin, &uri, &prefix, parallel, snapshots)
+            let took = cli(&bin, &uri, &prefix, parallel, snapshots);
+            drop_fleet(&mongo, &prefix, count).await;
+            took
         }
     };
     let base = cli_on(n, false).await.as_secs_f64();
