@@ -406,13 +406,22 @@ async fn up_with_backup_snapshots_each_tenant_it_changes() {
     assert!(text(&o).contains("snapshot taken before the change"), "{}", text(&o));
     let o = cli(&["down", "--dir", d, "--tenant", t2, "--to", "0"], &env);
     assert!(o.status.success(), "{}", text(&o));
-    let o = cli(&["up", "--dir", d, "--tenant", t2, "--backup", &dest, "--backup-retention", "1"], &env);
-    assert!(o.status.success(), "{}", text(&o));
-    let listed = cli(&["snapshots", "--database", &store, "--tenant", t2, "--output", "json"], &env);
-    assert_eq!(json(&listed)["snapshots"].as_array().unwrap().len(), 1, "{}", text(&listed));
-    // A plan takes none.
+    // A plan of t2, which has work again, takes none.
+    let t2_snapshots = || {
+        let listed = cli(&["snapshots", "--database", &store, "--tenant", t2, "--output", "json"], &env);
+        json(&listed)["snapshots"].as_array().unwrap().iter().map(|s| s["id"].to_string()).collect::<Vec<_>>()
+    };
+    let first = t2_snapshots();
+    assert_eq!(first.len(), 1, "{first:?}");
     let o = cli(&["plan", "--dir", d, "--tenant", t2, "--backup", &dest], &env);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("add_color"), "the plan has work: {}", text(&o));
+    assert_eq!(t2_snapshots(), first, "a plan takes no snapshot");
+    let o = cli(&["up", "--dir", d, "--tenant", t2, "--backup", &dest, "--backup-retention", "1"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let now = t2_snapshots();
+    assert_eq!(now.len(), 1, "retention 1 keeps one: {now:?}");
+    assert_ne!(now, first, "the newest is kept");
     let listed = cli(&["snapshots", "--database", &store, "--output", "json"], &env);
     assert_eq!(json(&listed)["snapshots"].as_array().unwrap().len(), 2, "{}", text(&listed));
 }

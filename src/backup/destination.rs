@@ -82,11 +82,8 @@ impl Destination {
     /// `database:<name>` (`database` alone: `dbshift_snapshots`), `dir:<path>`, or `none` / empty.
     pub fn parse(s: &str) -> Result<Option<Destination>, BackupError> {
         let s = s.trim();
-        let bad = || {
-            BackupError::Invalid(format!(
-                "backup destination {s:?} is not database:<name>, dir:<path> or none (DBSHIFT_BACKUP)"
-            ))
-        };
+        let bad =
+            || BackupError::Invalid(format!("backup destination {s:?} is not database:<name>, dir:<path> or none"));
         if s.is_empty() || s == "none" {
             return Ok(None);
         }

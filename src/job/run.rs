@@ -153,7 +153,10 @@ async fn run_tenant(
     shared: Option<&Shared>,
 ) -> Result<JobResult, Failure> {
     crate::tenants::check_tenant(tenant)?;
-    let dest = Destination::parse(&a.backup)?;
+    let dest = Destination::parse(&a.backup).map_err(|e| {
+        let f = Failure::from(e);
+        Failure::new(f.exit, format!("DBSHIFT_BACKUP (--backup): {}", f.message))
+    })?;
     if let Some(d) = &dest {
         d.check(tenant)?;
     }

@@ -37,7 +37,10 @@ pub struct UpArgs {
 
 pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
     // A destination that cannot be is refused before anything is read or changed.
-    let dest = Destination::parse(&a.backup)?;
+    let dest = Destination::parse(&a.backup).map_err(|e| {
+        let f = Failure::from(e);
+        Failure::new(f.exit, format!("--backup: {}", f.message))
+    })?;
     let f = fleet::start(g).await?;
     if let Some(d) = &dest {
         for t in &f.tenants {
@@ -63,7 +66,17 @@ pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
             o.before_change = Some(taken.hook(d.clone(), so));
         }
         async move {
-            let mut report = runner::up(&db, &t, m, r, &o).await?;
+            let mut report = match runner::up(&db, &t, m, r, &o).await {
+                Ok(report) => report,
+                // The tenant may be partly changed: its snapshot is where to go back from.
+                Err(e) => {
+                    let mut f = Failure::from(e);
+                    if let Some(snap) = taken.get() {
+                        f.message = format!("{} (snapshot taken before the change: {})", f.message, snap.location);
+                    }
+                    return Err(f);
+                }
+            };
             if let (Some(d), Some(snap)) = (dest, taken.get()) {
                 report.snapshot = Some(snap.location);
                 if report.ok {
