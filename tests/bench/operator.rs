@@ -163,6 +163,8 @@ struct Timeline {
     running: BTreeMap<String, f64>,
     /// The pod seen Succeeded or Failed (its runner exited and the kubelet said so).
     exited: BTreeMap<String, f64>,
+    /// The Job's status counting its pod (`succeeded` or `failed`; the controller acts on its
+    /// `Complete` / `Failed` condition, set with it or after it).
     finished: BTreeMap<String, f64>,
     /// The first and last tenant result written (`_dbshift_results`; batches only).
     results: Option<(f64, f64)>,
@@ -191,7 +193,7 @@ impl Timeline {
         format!(
             "{} Jobs; apply to first Job {first_created:.2} s; first to last Job created {:.2} s; \
              Job created to pod running: {}; pod running to pod exited: {}; pod exited to Job \
-             finished: {}; {results}last pod exited {last_exited:.2} s; last Job finished \
+             counting it: {}; {results}last pod exited {last_exited:.2} s; last Job counted \
              {last_finished:.2} s; Succeeded {total:.2} s",
             self.created.len(),
             last_created - first_created,
@@ -202,12 +204,18 @@ impl Timeline {
     }
 }
 
-/// Watch the namespace's Jobs and pods from `start` on, filling in `t`.
-fn watch_timeline(c: &kube::Client, ns: &str, start: Instant, t: std::sync::Arc<std::sync::Mutex<Timeline>>) {
+/// Watch the namespace's Jobs and pods from `start` on, filling in `t`; the watches stop when
+/// the returned handles are aborted.
+fn watch_timeline(
+    c: &kube::Client,
+    ns: &str,
+    start: Instant,
+    t: std::sync::Arc<std::sync::Mutex<Timeline>>,
+) -> [tokio::task::JoinHandle<()>; 2] {
     let jobs: Api<Job> = Api::namespaced(c.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
     let tj = t.clone();
-    tokio::spawn(async move {
+    let on_jobs = tokio::spawn(async move {
         let mut s = Box::pin(watcher(jobs, watcher::Config::default()).default_backoff().applied_objects());
         while let Some(Ok(j)) = s.next().await {
             let now = start.elapsed().as_secs_f64();
@@ -220,7 +228,7 @@ fn watch_timeline(c: &kube::Client, ns: &str, start: Instant, t: std::sync::Arc<
             }
         }
     });
-    tokio::spawn(async move {
+    let on_pods = tokio::spawn(async move {
         let mut s = Box::pin(watcher(pods, watcher::Config::default()).default_backoff().applied_objects());
         while let Some(Ok(p)) = s.next().await {
             let now = start.elapsed().as_secs_f64();
@@ -237,6 +245,7 @@ fn watch_timeline(c: &kube::Client, ns: &str, start: Instant, t: std::sync::Arc<
             }
         }
     });
+    [on_jobs, on_pods]
 }
 
 /// One operator run from apply to Succeeded, with a controller of its own.
@@ -288,7 +297,7 @@ async fn operator(
     let dbm = DatabaseMigration::new("bench", s);
     let timeline = std::sync::Arc::new(std::sync::Mutex::new(Timeline::default()));
     let origin = Instant::now();
-    watch_timeline(c, &ns, origin, timeline.clone());
+    let watches = watch_timeline(c, &ns, origin, timeline.clone());
     tokio::time::sleep(Duration::from_millis(500)).await; // the watches' first lists
     let start = Instant::now();
     let wall = std::time::SystemTime::now();
@@ -302,6 +311,7 @@ async fn operator(
         }
     };
     let secs = start.elapsed().as_secs_f64();
+    watches.iter().for_each(|w| w.abort());
     let requests = api_requests(c).await - r1;
     let writes = metric_sum(&get_metrics(), "dbshift_api_writes_total");
     let peak_kib = peak_kib(ctl.0.as_ref().map_or(0, |c| c.id()));
