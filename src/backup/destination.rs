@@ -14,6 +14,7 @@ use mongodb::Database;
 use super::database::{self, STALE_AFTER};
 use super::*;
 use crate::engine::runner::{BeforeChange, HookError};
+use crate::engine::RunOptions;
 use crate::exit::Failure;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +42,7 @@ impl TakenSnapshot {
     /// A hook that snapshots the tenant into `dest` before the runner changes it (never, in a
     /// run that changes nothing). Its error is a [`Failure`], so the run exits with the
     /// snapshot's own exit code, and nothing was changed.
-    pub fn hook(&self, dest: Destination, opts: SnapshotOptions) -> BeforeChange {
+    fn hook(&self, dest: Destination, opts: SnapshotOptions) -> BeforeChange {
         let me = self.clone();
         Arc::new(move |db: mongodb::Database| {
             let (me, dest, opts) = (me.clone(), dest.clone(), opts.clone());
@@ -55,6 +56,18 @@ impl TakenSnapshot {
                 Ok(())
             })
         })
+    }
+
+    /// Arm `opts` to snapshot `tenant` (of the server at `hosts`) into `dest` before the
+    /// run's first change, recording the run's tracking collection and id with it.
+    pub fn arm(&self, dest: &Destination, hosts: &str, tenant: &str, opts: &mut RunOptions) {
+        let so = SnapshotOptions {
+            source: format!("{hosts}/{tenant}"),
+            tracking: opts.tracking.clone(),
+            run_id: Some(opts.run_id.clone()),
+            ..Default::default()
+        };
+        opts.before_change = Some(self.hook(dest.clone(), so));
     }
 
     /// The snapshot taken, if the hook ran.
@@ -187,6 +200,18 @@ impl Destination {
 
     /// Keep the `keep` newest complete snapshots of the tenant `db` (0 keeps all); delete
     /// older and abandoned ones. Returns what was deleted.
+    /// [`Destination::retain`] after a run that went well: what it deletes is logged, and so
+    /// is a failure (the run's outcome stands).
+    pub async fn retain_logged(&self, db: &Database, keep: usize) {
+        match self.retain(db, keep).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(tenant = db.name(), ?deleted, "deleted older snapshots")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(tenant = db.name(), error = %e, "could not delete older snapshots"),
+        }
+    }
+
     pub async fn retain(&self, db: &Database, keep: usize) -> Result<Vec<String>, BackupError> {
         match self {
             Destination::Database(d) => database::retain(&db.client().database(d), db.name(), keep).await,

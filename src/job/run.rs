@@ -19,7 +19,7 @@ use mongodb::Database;
 
 use super::env;
 use super::result::{BackupInfo, JobResult, RollbackHow};
-use crate::backup::{Destination, Found, RestoreOptions, SnapshotOptions, TakenSnapshot};
+use crate::backup::{Destination, Found, RestoreOptions, TakenSnapshot};
 use crate::engine::runner::{Outcome, OutcomeState, RunError};
 use crate::engine::tracking::{self, Record, State};
 use crate::engine::{self, planner::Direction, runner, DownRequest, Migration, RunOptions, TenantReport, UpRequest};
@@ -184,13 +184,7 @@ async fn run_tenant(
     opts.dry_run = a.dry_run;
     opts.allow_changed = a.allow_changed;
     if let (Some(d), false) = (&dest, a.dry_run) {
-        let so = SnapshotOptions {
-            source: format!("{}/{tenant}", conn.source),
-            tracking: opts.tracking.clone(),
-            run_id: Some(opts.run_id.clone()),
-            ..Default::default()
-        };
-        opts.before_change = Some(taken.hook(d.clone(), so));
+        taken.arm(d, &conn.source, tenant, &mut opts);
     }
     let (report, rollback, restored) = match &a.rollback_run {
         Some(run) => rollback_run(&db, tenant, migrations, run, &opts, dest.as_ref()).await?,
@@ -200,11 +194,7 @@ async fn run_tenant(
     r.rollback = rollback;
     r.restored = restored;
     if let (Some(d), true) = (&dest, report.ok && taken.get().is_some()) {
-        match d.retain(&db, a.backup_retention).await {
-            Ok(deleted) if !deleted.is_empty() => tracing::info!(?deleted, "deleted older snapshots"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not delete older snapshots"),
-        }
+        d.retain_logged(&db, a.backup_retention).await;
     }
     Ok(r)
 }

@@ -232,9 +232,9 @@ fn watch_timeline(
         let mut s = Box::pin(watcher(pods, watcher::Config::default()).default_backoff().applied_objects());
         while let Some(Ok(p)) = s.next().await {
             let now = start.elapsed().as_secs_f64();
-            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending");
-            let exited =
-                p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            let running = phase.is_some_and(|p| p != "Pending");
+            let exited = phase.is_some_and(|p| p == "Succeeded" || p == "Failed");
             let job = p.metadata.labels.as_ref().and_then(|l| l.get("job-name")).cloned();
             if let (true, Some(job)) = (running, job) {
                 let mut t = t.lock().unwrap();
@@ -343,7 +343,7 @@ async fn result_times(
     let at: Vec<f64> = futures::stream::iter(0..n)
         .map(|i| async move {
             let db = mongo.database(&format!("{prefix}_{i:05}"));
-            let d = db.collection::<Document>("_dbshift_results").find_one(doc! {}).await.ok()??;
+            let d = db.collection::<Document>(dbshift::job::batch::RESULTS).find_one(doc! {}).await.ok()??;
             let t = d.get_datetime("at").ok()?.to_system_time();
             Some(t.duration_since(wall).map(|d| d.as_secs_f64()).unwrap_or(0.0))
         })

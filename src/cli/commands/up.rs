@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::backup::{Destination, SnapshotOptions, TakenSnapshot};
+use crate::backup::{Destination, TakenSnapshot};
 use crate::cli::fleet::{self, for_each_tenant, worst};
 use crate::cli::{output, Global};
 use crate::engine::{runner, UpRequest};
@@ -57,13 +57,7 @@ pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
         let mut o = opts.clone();
         let taken = TakenSnapshot::default();
         if let Some(d) = dest {
-            let so = SnapshotOptions {
-                source: format!("{}/{t}", f.conn.source),
-                tracking: o.tracking.clone(),
-                run_id: Some(o.run_id.clone()),
-                ..Default::default()
-            };
-            o.before_change = Some(taken.hook(d.clone(), so));
+            taken.arm(d, &f.conn.source, &t, &mut o);
         }
         async move {
             let mut report = match runner::up(&db, &t, m, r, &o).await {
@@ -80,13 +74,7 @@ pub async fn run(g: &Global, a: &UpArgs, dry: bool) -> Result<Exit, Failure> {
             if let (Some(d), Some(snap)) = (dest, taken.get()) {
                 report.snapshot = Some(snap.location);
                 if report.ok {
-                    match d.retain(&db, a.backup_retention).await {
-                        Ok(deleted) if !deleted.is_empty() => {
-                            tracing::info!(tenant = %t, ?deleted, "deleted older snapshots")
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(tenant = %t, error = %e, "could not delete older snapshots"),
-                    }
+                    d.retain_logged(&db, a.backup_retention).await;
                 }
             }
             Ok(report)
