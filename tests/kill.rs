@@ -5,7 +5,9 @@
 //! - SIGTERM: the runner stops at the next safe point, undoes, records and exits;
 //! - two runners sharing hostname and PID (separate PID and UTS namespaces, as two
 //!   hostNetwork pods on one node) and two `dbshift up` started at once: both succeed, every
-//!   migration lands once.
+//!   migration lands once;
+//! - a lock holder whose renewals stall (a proxy holding the traffic): it waits for the next
+//!   renewal and goes on when nobody took the lock, and stops when another runner did.
 
 mod common;
 
@@ -477,4 +479,114 @@ async fn a_batch_stops_at_its_first_failure_unless_told_to_keep_going() {
             db.drop().await.unwrap();
         }
     }
+}
+
+/// A TCP proxy to the test server that can hold all traffic (a stalled network or server):
+/// bytes read while held are delivered when released. Threads, so it needs no runtime.
+struct Stall {
+    port: u16,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stall {
+    fn to(uri: &str) -> Stall {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let target = uri.trim_start_matches("mongodb://").split(['/', '?']).next().unwrap().to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(AtomicBool::new(false));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let held = h.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            while held.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Stall { port, held }
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    fn hold(&self, on: bool) {
+        self.held.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A lock holder whose renewals stall past what it can be sure of: before its next write it
+/// waits for a renewal to get through, and goes on if the lease still names it (nobody can
+/// have written meanwhile); if another runner took the expired lease during the stall, it
+/// stops. Before, any stall longer than 9/10 of the TTL failed the migration (CI saw it once
+/// with `--lock-ttl 3` on a loaded machine).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_lock_renewal_waits_and_goes_on_unless_another_runner_took_the_lock() {
+    use dbshift::engine::lock::Lease;
+    use dbshift::engine::pass::Guard;
+    let stall = Stall::to(&uri());
+    let through = mongodb::Client::with_uri_str(stall.uri()).await.unwrap();
+    let direct = client().await;
+    let ttl = Duration::from_secs(3);
+    let owner_of = |db: Database| async move {
+        let l = db.collection::<Document>("_dbshift_lock").find_one(doc! {}).await.unwrap();
+        l.and_then(|l| l.get_str("owner").ok().map(str::to_string))
+    };
+
+    // Nobody takes it: the holder waits out the stall and goes on, still the owner.
+    let name = unique("stall_kept");
+    let db = through.database(&name);
+    let lease = Lease::acquire(&db, "holder", "r1", ttl, Duration::ZERO).await.unwrap();
+    let guard = Guard::new(Some(&lease), None);
+    stall.hold(true);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert!(!lease.standing().known(), "a renewal got through a held proxy");
+    let release = tokio::spawn({
+        let held = stall.held.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            held.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let t = Instant::now();
+    guard.check().await.expect("the lease was still the holder's");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(700), "it did not wait for the renewal: {waited:?}");
+    assert!(lease.standing().known());
+    release.await.unwrap();
+    assert_eq!(owner_of(direct.database(&name)).await.as_deref(), Some("holder"));
+    lease.release().await.unwrap();
+    direct.database(&name).drop().await.unwrap();
+
+    // Another runner takes the expired lease during the stall: the holder stops.
+    let name = unique("stall_taken");
+    let db = through.database(&name);
+    let lease = Lease::acquire(&db, "holder", "r1", ttl, Duration::ZERO).await.unwrap();
+    let guard = Guard::new(Some(&lease), None);
+    stall.hold(true);
+    let other = Lease::acquire(&direct.database(&name), "other", "r2", ttl, Duration::from_secs(20)).await.unwrap();
+    stall.hold(false);
+    let e = guard.check().await.expect_err("the holder went on after another runner took the lock");
+    assert!(e.to_string().contains("lock was lost"), "{e}");
+    assert!(!lease.standing().known());
+    assert_eq!(owner_of(direct.database(&name)).await.as_deref(), Some("other"));
+    drop(lease);
+    other.release().await.unwrap();
+    direct.database(&name).drop().await.unwrap();
 }

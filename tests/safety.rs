@@ -215,7 +215,7 @@ async fn a_held_lock_is_renewed_while_its_holder_runs() {
         Lease::acquire(&db, "you/2", "r2", Duration::from_secs(3), Duration::ZERO).await.is_err(),
         "renewal kept it"
     );
-    assert!((l.valid())(), "still known to be held");
+    assert!(l.standing().known(), "still known to be held");
     l.release().await.unwrap();
 }
 

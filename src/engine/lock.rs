@@ -5,8 +5,12 @@
 //!   node with host networking share the hostname, and each container's dbshift is PID 1).
 //! - Expiry is judged on the server's clock (`$$NOW`), never the client's.
 //! - A holder knows its lease is valid until `ttl` after the last renewal it *sent* that the
-//!   server accepted; past that (the server may consider it expired) it counts the lease as
-//!   lost and stops before its next write ([`Lease::valid`]).
+//!   server accepted. Past that (the server may consider it expired) it writes nothing more
+//!   until a renewal gets through ([`Standing::confirm`]): a renewal matches only while the
+//!   lease still names this holder, so one that gets through proves no other runner took it
+//!   meanwhile (a slow server or a network stall costs a wait, not the migration). If another
+//!   runner took it, or no renewal gets through within `ttl`, the lease is lost and the holder
+//!   stops before its next write.
 //! - A runner that finds the tenant locked waits (`--lock-wait`), then takes the lock and plans
 //!   again under it.
 //! - The holder notes in the lease the sessions its transactions run in ([`Sessions`]). A
@@ -52,8 +56,48 @@ pub struct Lease {
     db: Database,
     owner: String,
     stop: watch::Sender<bool>,
+    standing: Standing,
+}
+
+/// What a holder knows of its lease, shared with the code that writes under it.
+#[derive(Clone)]
+pub struct Standing {
+    ttl: Duration,
     lost: Arc<AtomicBool>,
     valid_until: Arc<Mutex<Instant>>,
+    /// Bumped by the renewer after each renewal that got an answer (accepted, or lost).
+    renewed: watch::Receiver<u64>,
+}
+
+impl Standing {
+    /// Known held right now: not lost, and renewed recently enough that the server cannot
+    /// have let it expire.
+    pub fn known(&self) -> bool {
+        !self.lost.load(Ordering::SeqCst) && Instant::now() < *self.valid_until.lock().expect("lock")
+    }
+
+    /// Whether the lease is still held, waiting if need be: at once when [`Standing::known`];
+    /// otherwise for the renewer's next answer (at most `ttl`). A renewal accepted after the
+    /// last known moment proves the lease still names this holder (renewals match the owner),
+    /// so nobody else can have written under it.
+    pub async fn confirm(&self) -> bool {
+        let mut renewed = self.renewed.clone();
+        let deadline = tokio::time::Instant::now() + self.ttl;
+        loop {
+            renewed.borrow_and_update();
+            if self.lost.load(Ordering::SeqCst) {
+                return false;
+            }
+            if self.known() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, renewed.changed()).await {
+                Ok(Ok(())) => {}
+                // No answer within the TTL, or the renewer ended (released or lost).
+                _ => return self.known(),
+            }
+        }
+    }
 }
 
 impl Lease {
@@ -106,26 +150,38 @@ impl Lease {
 
     fn hold(db: &Database, owner: &str, ttl: Duration, sent: Instant) -> Lease {
         let (stop, mut stopped) = watch::channel(false);
+        let (answered, renewed) = watch::channel(0u64);
         let lost = Arc::new(AtomicBool::new(false));
         let valid_until = Arc::new(Mutex::new(sent + margin(ttl)));
         let (db2, owner2, lost2, valid2) = (db.clone(), owner.to_string(), lost.clone(), valid_until.clone());
         tokio::spawn(async move {
             let every = ttl / 3;
+            let mut next = every;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(next) => {}
                     _ = stopped.changed() => return,
                 }
+                next = every;
                 let sent = Instant::now();
                 let r = db2
                     .collection::<Document>(LOCK)
                     .update_one(doc! {"_id": LOCK_ID, "owner": &owner2}, vec![expiring(ttl)])
                     .await;
                 match r {
-                    Ok(r) if r.matched_count == 1 => *valid2.lock().expect("lock") = sent + margin(ttl),
+                    Ok(r) if r.matched_count == 1 => {
+                        *valid2.lock().expect("lock") = sent + margin(ttl);
+                        answered.send_modify(|n| *n += 1);
+                        if sent + margin(ttl) <= Instant::now() {
+                            // Answered too late to count (a stalled server or network): the
+                            // lease is still this holder's, so renew again at once.
+                            next = Duration::ZERO;
+                        }
+                    }
                     Ok(_) => {
                         tracing::error!("lost the migration lock (it expired and was taken by another runner)");
                         lost2.store(true, Ordering::SeqCst);
+                        answered.send_modify(|n| *n += 1);
                         return;
                     }
                     Err(e) => {
@@ -134,14 +190,12 @@ impl Lease {
                 }
             }
         });
-        Lease { db: db.clone(), owner: owner.to_string(), stop, lost, valid_until }
+        Lease { db: db.clone(), owner: owner.to_string(), stop, standing: Standing { ttl, lost, valid_until, renewed } }
     }
 
-    /// Whether the lease is still known to be held: not taken by another runner, and renewed
-    /// recently enough that the server cannot have let it expire.
-    pub fn valid(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
-        let (lost, until) = (self.lost.clone(), self.valid_until.clone());
-        Arc::new(move || !lost.load(Ordering::SeqCst) && Instant::now() < *until.lock().expect("lock"))
+    /// What the holder knows of the lease ([`Standing::confirm`] before each write).
+    pub fn standing(&self) -> Standing {
+        self.standing.clone()
     }
 
     pub fn owner(&self) -> &str {

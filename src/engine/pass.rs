@@ -98,7 +98,7 @@ impl Batching {
 /// It also notes the sessions transactions run in, in the lease (see [`super::lock::Sessions`]).
 #[derive(Clone, Default)]
 pub struct Guard {
-    lease_valid: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    lease: Option<super::lock::Standing>,
     sessions: Option<super::lock::Sessions>,
     stop: Option<Arc<AtomicBool>>,
 }
@@ -106,7 +106,7 @@ pub struct Guard {
 impl Guard {
     /// A guard over a held lock and a stop request (e.g. SIGTERM).
     pub fn new(lease: Option<&super::lock::Lease>, stop: Option<Arc<AtomicBool>>) -> Self {
-        Guard { lease_valid: lease.map(|l| l.valid()), sessions: lease.map(|l| l.sessions()), stop }
+        Guard { lease: lease.map(|l| l.standing()), sessions: lease.map(|l| l.sessions()), stop }
     }
 
     /// A session for transactions, noted in the lease before it is used.
@@ -118,15 +118,20 @@ impl Guard {
         Ok(session)
     }
 
-    pub fn check(&self) -> Result<(), ExecError> {
+    /// Before a write: not asked to stop, and the lock still held (waiting, when its last
+    /// renewal is too old to be sure, for the next one to get through).
+    pub async fn check(&self) -> Result<(), ExecError> {
         if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
             return Err(ExecError::Stopped("asked to stop (SIGTERM): stopped at a safe point".into()));
         }
-        if self.lease_valid.as_ref().is_some_and(|v| !v()) {
-            return Err(ExecError::Stopped(
-                "the migration lock was lost (not renewed in time); stopped before the next write to avoid two runners"
-                    .into(),
-            ));
+        if let Some(lease) = &self.lease {
+            if !lease.known() && !lease.confirm().await {
+                return Err(ExecError::Stopped(
+                    "the migration lock was lost (taken by another runner, or not renewed within its TTL); \
+                     stopped before the next write to avoid two runners"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -510,7 +515,7 @@ impl<'a> Pass<'a> {
         planned: &[Planned],
         reading: Reading<'_>,
     ) -> Result<Committed, ExecError> {
-        self.guard.check()?;
+        self.guard.check().await?;
         let writing = |coll: &str| mongo(format!("writing documents of {coll}"));
         if let Some(outer) = self.outer.take() {
             let r = async {
@@ -644,7 +649,7 @@ impl<'a> Pass<'a> {
                 if !conflict(&e) || started.elapsed() > CONFLICT_DEADLINE {
                     return Err(mongo(format!("writing documents of {}", self.coll))(e));
                 }
-                self.guard.check()?;
+                self.guard.check().await?;
                 if attempt >= 3 && part.len() > 1 {
                     let mid = lo + part.len() / 2;
                     parts.push((mid, hi));
@@ -697,7 +702,7 @@ impl<'a> Pass<'a> {
     ) -> Result<(u64, Vec<Bson>), ExecError> {
         let (Some(first), Some(last)) = (ids.first(), ids.last()) else { return Ok((0, ids)) };
         let Some(q) = id_range(first, last, filter) else { return Ok((0, ids)) };
-        self.guard.check()?;
+        self.guard.check().await?;
         let mut session = self.guard.session(self.db).await?;
         let mut wait = Duration::from_millis(50);
         for _attempt in 1..=3 {
@@ -717,7 +722,7 @@ impl<'a> Pass<'a> {
                 Failed::Driver(e) => return Err(mongo(format!("writing documents of {}", self.coll))(e)),
                 Failed::Plan(e) => return Err(e),
             };
-            self.guard.check()?;
+            self.guard.check().await?;
             tracing::debug!(error = %crate::mongo::describe(&e), "write conflict; retrying the batch");
             tokio::time::sleep(wait + Duration::from_millis(rand::random::<u64>() % 50)).await;
             wait *= 2;

@@ -56,7 +56,7 @@ impl Locked<'_> {
         let v = version_of(&record.id).to_string();
         for (i, op) in ops.iter().enumerate() {
             let fail = |e: String| Some(format!("step {} ({}): {e}", i + 1, op.kind()));
-            if let Err(e) = self.guard.check() {
+            if let Err(e) = self.guard.check().await {
                 s.error = fail(e.to_string());
                 break;
             }
