@@ -1441,6 +1441,26 @@ async fn batches_of_tenants_per_job_report_each_tenant() {
     );
     // Both tenants of a batch name its Job.
     assert_eq!(tenant_entry(&d, &env.tenant(4)).job, failed.job);
+    // Every runner pod is let go (a batch's while it still ran, once its tenants all reported):
+    // none keeps the controller's finalizer, whether the run ended before or after it exited.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: Vec<String> = pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| p.finalizers().iter().any(|f| f == "dbshift.io/runner-result"))
+            .map(|p| p.name_any())
+            .collect();
+        if held.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pods still held by the controller: {held:?}\n{}", env.log_tail());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let reasons = env.event_reasons().await;
     assert!(
         reasons.contains(&"TenantsFailed".to_string()) && reasons.contains(&"TenantsSucceeded".to_string()),

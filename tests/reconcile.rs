@@ -148,6 +148,23 @@ impl ApiServer {
         c.answer(200, pod);
     }
 
+    /// The list of a batch Job's pods while it still runs (its tenants all reported): the
+    /// one pod is released, running.
+    async fn running_pod_released(&mut self, job: &Job) {
+        let c = self.expect("GET", &format!("/api/v1/namespaces/{NS}/pods")).await;
+        let name = job.metadata.name.clone().unwrap();
+        assert!(c.query.contains(&format!("job-name%3D{name}")), "{}", c.query);
+        let pod = json!({
+            "metadata": { "name": format!("{name}-x"), "namespace": NS,
+                          "finalizers": ["batch.kubernetes.io/job-tracking", "dbshift.io/runner-result"] },
+            "status": { "phase": "Running" }
+        });
+        c.answer(200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod.clone()]}));
+        let c = self.expect("PATCH", &format!("/api/v1/namespaces/{NS}/pods/{name}-x")).await;
+        assert_eq!(c.body[1], json!({ "op": "remove", "path": "/metadata/finalizers/1" }));
+        c.answer(200, pod);
+    }
+
     /// The lists of runner pods a deleted resource releases (none left).
     async fn no_pods_left(&mut self, selectors: &[&str]) {
         for sel in selectors {
@@ -938,6 +955,74 @@ async fn a_killed_batch_reports_each_tenant_from_its_database() {
     assert_eq!(by(2).phase, TenantPhase::Failed);
     assert!(by(2).error.unwrap().contains("not started") && by(2).job == by(0).job);
     assert_eq!(st.phase, Some(Phase::Failed));
+    for t in &names {
+        mongo.database(t).drop().await.unwrap();
+    }
+}
+
+/// A batch Job whose every tenant wrote its result is done for the rollout while its pod still
+/// exits (seconds on a real cluster): the controller looks at the batch's results while it runs
+/// (every second: no Kubernetes event says a tenant finished), takes the outcomes once all are
+/// in, releases the running pod, announces the batch and ends the run, the Job still Running.
+/// With one result missing it only looks again (the Job's end says what became of the others).
+#[tokio::test]
+async fn a_batch_that_reported_in_full_ends_the_run_before_its_job_ends() {
+    let (ctx, mut api, mut writer) = context();
+    let p = common::unique("eb");
+    let names: Vec<String> = (0..3).map(|i| format!("{p}_{i}")).collect();
+    let rollout = json!({ "maxParallel": 2, "tenantsPerJob": 3, "parallelPerJob": 2, "onFailure": "halt" });
+    let mut d = resource_with(rollout.clone(), Default::default());
+    d.spec.tenants.names = names.clone();
+    let run = reconcile_on(&ctx, d.clone());
+    secret(&mut api).await;
+    api.pod_dry_run(200, Value::Null).await;
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.expect("POST", &format!("/api/v1/namespaces/{NS}/configmaps")).await.echo();
+    api.event("RunStarted").await;
+    let st = api.status().await;
+    let job = api.job().await;
+    api.event("Migrating").await;
+    run.done(&mut api).await;
+    let run_id = st.run_id.clone().unwrap();
+    put(&mut writer, &job); // running: no condition
+
+    let mongo = common::client().await;
+    let report = |i: usize, ok: bool| dbshift::job::JobResult {
+        v: 1,
+        tenant: names[i].clone(),
+        ok,
+        done: if ok { vec![("20250101000000_add_flag".into(), 5, 20)] } else { vec![] },
+        error: (!ok).then(|| "step 1 (addField): boom; every change of this migration was undone".into()),
+        ..Default::default()
+    };
+    // The last two (parallelPerJob) are looked at first: one of them has no result yet.
+    for i in [0, 2] {
+        dbshift::job::batch::write(&mongo.database(&names[i]), &run_id, false, &report(i, i == 0)).await.unwrap();
+    }
+    let mut d = resource_with(rollout.clone(), st.clone());
+    d.spec.tenants.names = names.clone();
+    let run = reconcile_on(&ctx, d);
+    secret(&mut api).await; // the results' connection, kept for the run
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(1)), "looked at again in a moment");
+
+    // All three reported (the last one failed): the outcomes, at once.
+    dbshift::job::batch::write(&mongo.database(&names[1]), &run_id, false, &report(1, true)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut d = resource_with(rollout.clone(), st.clone());
+    d.spec.tenants.names = names.clone();
+    let run = reconcile_on(&ctx, d);
+    api.running_pod_released(&job).await;
+    let ev = api.event("TenantsFailed").await;
+    assert!(ev["note"].as_str().unwrap().contains("2 succeeded, 0 skipped, 1 failed"), "{}", ev["note"]);
+    let st = api.status().await;
+    api.event("Failed").await;
+    run.done(&mut api).await;
+    assert_eq!(entry(&st, &names[0]), TenantPhase::Succeeded);
+    assert_eq!(entry(&st, &names[1]), TenantPhase::Succeeded);
+    assert_eq!(entry(&st, &names[2]), TenantPhase::Failed);
+    assert_eq!(st.phase, Some(Phase::Failed), "{:?}", st.message);
+    let store = ctx.jobs.state();
+    assert!(store.iter().any(|j| j.metadata.name == job.metadata.name && j.status.is_none()), "the Job had not ended");
     for t in &names {
         mongo.database(t).drop().await.unwrap();
     }

@@ -65,11 +65,21 @@ pub async fn write_status(ctx: &Context, r: &Resource<'_>, status: &DatabaseMigr
 /// tests the entry first, so another finalizer removed meanwhile is never put back; one that
 /// fails is released at the next look.
 pub async fn release_pods(ctx: &Context, ns: &str, pods: &[Pod]) {
+    release(ctx, ns, pods, false).await
+}
+
+/// Release runner pods whether or not they ended: a batch's pods once every tenant's result
+/// was read from its database (nothing more is read from the pods).
+pub async fn release_pods_now(ctx: &Context, ns: &str, pods: &[Pod]) {
+    release(ctx, ns, pods, true).await
+}
+
+async fn release(ctx: &Context, ns: &str, pods: &[Pod], running_too: bool) {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     for p in pods {
         let ended =
             p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
-        if !ended && p.metadata.deletion_timestamp.is_none() {
+        if !running_too && !ended && p.metadata.deletion_timestamp.is_none() {
             continue;
         }
         let Some(i) = p.finalizers().iter().position(|f| f == jobs::POD_FINALIZER) else { continue };

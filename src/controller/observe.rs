@@ -1,7 +1,10 @@
 //! Observe: the run's frozen plan and what its Jobs did, as the rollout decision needs it.
 //!
 //! Reads the Job store (no API call) and, for Jobs that finished since the last look, their
-//! pods' termination messages (one list call per finished Job, once).
+//! pods' termination messages (one list call per finished Job, once). A batch Job's outcomes
+//! are its tenants' results in their databases: they are read as soon as every tenant of the
+//! batch has one, which is before the pod has exited and the Job has counted it (seconds on a
+//! real cluster), so the rollout goes on then ([`probe_batches`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -53,12 +56,27 @@ pub struct RunMemory {
     outcomes: HashMap<String, Outcome>,
     /// Jobs whose end was already announced (Event, metrics).
     announced: HashSet<String>,
+    /// Batch Jobs whose outcomes were read while they still ran (announced then, not at their end).
+    read_early: HashSet<String>,
+    /// When each running batch Job's results were last looked at.
+    probed: HashMap<String, Instant>,
+    /// The connection batch results are read with, kept for the run (dropped after an error).
+    conn: Option<Arc<crate::mongo::Connection>>,
     pub running: usize,
 }
 
 impl RunMemory {
     pub fn new(plan: Arc<FrozenRun>) -> Self {
-        RunMemory { plan, launched: HashMap::new(), outcomes: HashMap::new(), announced: HashSet::new(), running: 0 }
+        RunMemory {
+            plan,
+            launched: HashMap::new(),
+            outcomes: HashMap::new(),
+            announced: HashSet::new(),
+            read_early: HashSet::new(),
+            probed: HashMap::new(),
+            conn: None,
+            running: 0,
+        }
     }
 
     /// The end of this Job was announced: never again.
@@ -74,9 +92,12 @@ pub struct Observed {
     /// Launches recorded in the status whose Jobs are missing (lost between the status write
     /// and the create): created again.
     pub missing: Vec<(usize, Action)>,
-    /// Jobs that ended while this process ran and whose end was not announced yet, with each
-    /// of their tenants' outcomes (one, or a batch's).
+    /// Jobs that ended while this process ran (or batch Jobs whose every tenant reported) and
+    /// whose end was not announced yet, with each of their tenants' outcomes (one, or a batch's).
     pub new_ends: Vec<Ended>,
+    /// Batch Jobs run whose results are not all in yet: looked at again in a moment (no
+    /// Kubernetes event says a tenant finished).
+    pub probing: bool,
 }
 
 /// A Job that ended, with each of its tenants' outcomes.
@@ -161,12 +182,50 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
             .cloned()
             .collect()
     };
+    // Running batch Jobs whose outcomes are not known, not looked at within the last moment.
+    let running_batches: Vec<Covered> = {
+        let runs = ctx.runs.lock().expect("lock");
+        let mem = runs.get(&r.key).filter(|m| m.plan.run_id == plan.run_id);
+        ordered
+            .iter()
+            .filter(|(j, a, t)| *a == Action::Migrate && t.len() > 1 && job_phase(j) == JobPhase::Running)
+            .filter(|(j, _, t)| {
+                mem.is_none_or(|m| !m.outcomes.contains_key(&outcome_key(plan, &j.name_any(), t[0], Action::Migrate)))
+            })
+            .cloned()
+            .collect()
+    };
+    let probing = !running_batches.is_empty();
+    let due: Vec<Covered> = {
+        let mut runs = ctx.runs.lock().expect("lock");
+        let mem = runs.get_mut(&r.key).filter(|m| m.plan.run_id == plan.run_id);
+        match mem {
+            Some(m) => running_batches
+                .into_iter()
+                .filter(|(j, _, _)| {
+                    let due = m.probed.get(&j.name_any()).is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+                    if due {
+                        m.probed.insert(j.name_any(), Instant::now());
+                    }
+                    due
+                })
+                .collect(),
+            None => running_batches,
+        }
+    };
+    let early = probe_batches(ctx, r, plan, due).await;
     let read = read_outcomes(ctx, r, plan, unread).await?;
 
     let mut runs = ctx.runs.lock().expect("lock");
     let mem = runs.entry(r.key.clone()).or_insert_with(|| RunMemory::new(plan.clone()));
     if mem.plan.run_id != plan.run_id {
         *mem = RunMemory::new(plan.clone());
+    }
+    for (job, outs) in early {
+        mem.read_early.insert(job.name_any());
+        for (i, o) in outs {
+            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, Action::Migrate), o);
+        }
     }
     for (job, action, outs) in read {
         for (i, o) in outs {
@@ -176,7 +235,7 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     // Ends are announced until an announcement went out (a failed reconcile retries them).
     let new_ends = ordered
         .iter()
-        .filter(|(j, _, _)| job_end(j).is_some_and(|t| t >= ctx.started))
+        .filter(|(j, _, _)| job_end(j).is_some_and(|t| t >= ctx.started) || mem.read_early.contains(&j.name_any()))
         .filter(|(j, _, _)| !mem.announced.contains(&j.name_any()))
         .filter_map(|(j, a, tenants)| {
             let outs: Option<Vec<(String, Outcome)>> = tenants
@@ -190,7 +249,121 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
         })
         .collect();
     let (views, missing) = tenant_views(plan, &r.name, &jobs, mem, &recorded);
-    Ok(Observed { views, missing, new_ends })
+    Ok(Observed { views, missing, new_ends, probing })
+}
+
+/// How often a running batch Job's results are looked at.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The connection batch results are read with: the run's, or a new one from the Secret.
+async fn results_connection(ctx: &Context, r: &Resource<'_>) -> Result<Arc<crate::mongo::Connection>, String> {
+    let kept = ctx.runs.lock().expect("lock").get(&r.key).and_then(|m| m.conn.clone());
+    if let Some(c) = kept {
+        return Ok(c);
+    }
+    let uri = super::inputs::read_uri(&ctx.client, r.dbm).await.map_err(|e| e.message)?;
+    let c = Arc::new(super::inputs::connect(&uri, ctx.config.connect_timeout).await.map_err(|e| e.message)?);
+    if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
+        m.conn = Some(c.clone());
+    }
+    Ok(c)
+}
+
+/// Forget the run's connection (after an error: the next look makes a new one from the Secret).
+fn drop_connection(ctx: &Context, r: &Resource<'_>) {
+    if let Some(m) = ctx.runs.lock().expect("lock").get_mut(&r.key) {
+        m.conn = None;
+    }
+}
+
+/// Running batch Jobs every one of whose tenants has its result in its database: their
+/// outcomes, read now rather than once the pod has exited and the Job counted it. A result is
+/// written after everything of its tenant is done (lock released, snapshot kept), so the
+/// outcome is the one the Job's end would give; the pods' finalizers are released at once
+/// (nothing more is read from them). Looks at the batch's last `parallelPerJob` tenants first
+/// (the last ones started), the whole batch only when they all reported. A batch without
+/// every result waits for its Job's end, which says what became of the others (a runner that
+/// stopped, a batch that stopped at a failure). Errors are logged and left for the next look.
+async fn probe_batches(
+    ctx: &Context,
+    r: &Resource<'_>,
+    plan: &FrozenRun,
+    jobs: Vec<Covered>,
+) -> Vec<(Arc<Job>, Vec<(usize, Outcome)>)> {
+    let mut read = Vec::new();
+    if jobs.is_empty() {
+        return read;
+    }
+    let conn = match results_connection(ctx, r).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(resource = r.key, error = %e, "could not look at running batches' results");
+            return read;
+        }
+    };
+    let tail = (plan.spec.rollout.parallel_per_job as usize).max(1);
+    for (job, _, tenants) in jobs {
+        let last = &tenants[tenants.len().saturating_sub(tail)..];
+        let complete = |looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]| {
+            looks.iter().all(|l| matches!(l, Ok(Some(_))))
+        };
+        let looks = match results(&conn, plan, last).await {
+            Ok(l) if complete(&l) => results(&conn, plan, &tenants).await,
+            Ok(_) => continue,
+            Err(e) => Err(e),
+        };
+        let looks = match looks {
+            Ok(l) if complete(&l) => l,
+            Ok(_) => continue,
+            Err(e) => {
+                drop_connection(ctx, r);
+                tracing::debug!(resource = r.key, job = %job.name_any(), error = %conn.redactor.apply(&e), "could not look at a running batch's results");
+                return read;
+            }
+        };
+        let outs = tenants
+            .iter()
+            .copied()
+            .zip(looks)
+            .filter_map(|(i, l)| {
+                let res = jobs::sanitized(l.ok()??);
+                Some((i, Outcome { ok: res.ok, ran: true, error: None, result: Some(res) }))
+            })
+            .collect();
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
+        match pods.list(&ListParams::default().labels(&format!("job-name={}", job.name_any()))).await {
+            Ok(p) => super::act::release_pods_now(ctx, &r.ns, &p.items).await,
+            // Read again at the next look (the outcomes are not taken without it).
+            Err(e) => {
+                tracing::warn!(job = %job.name_any(), error = %e, "could not read a batch's pods; retrying later");
+                continue;
+            }
+        }
+        read.push((job, outs));
+    }
+    read
+}
+
+/// The results of `tenants` in this run, read side by side. An unreachable server is an error;
+/// a result that is not one is its tenant's [`crate::job::batch::ReadError`].
+async fn results(
+    conn: &crate::mongo::Connection,
+    plan: &FrozenRun,
+    tenants: &[usize],
+) -> Result<Vec<Result<Option<JobResult>, crate::job::batch::ReadError>>, String> {
+    use crate::job::batch::ReadError;
+    use futures::StreamExt;
+    let dbs: Vec<mongodb::Database> = tenants.iter().map(|&i| conn.client.database(&plan.tenants[i])).collect();
+    let looks: Vec<Result<Option<JobResult>, ReadError>> =
+        futures::stream::iter(dbs.into_iter().map(|db| read_result(db, plan.run_id.clone())))
+            .buffered(RESULT_READS)
+            .collect()
+            .await;
+    // A server that does not answer now says nothing of the tenants: read them again later.
+    if let Some(Err(ReadError::Unreachable(e))) = looks.iter().find(|l| matches!(l, Err(ReadError::Unreachable(_)))) {
+        return Err(conn.redactor.apply(e));
+    }
+    Ok(looks)
 }
 
 /// The Jobs of this run, from the store.
@@ -261,8 +434,6 @@ async fn read_outcomes(
 ) -> Result<Vec<(Arc<Job>, Action, Vec<(usize, Outcome)>)>, ObserveError> {
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
     let mut read = Vec::new();
-    // One connection for every batch read in this look (made at the first).
-    let mut conn: Option<crate::mongo::Connection> = None;
     for (job, action, tenants) in jobs {
         let jn = job.name_any();
         let pods = pods_api
@@ -279,15 +450,14 @@ async fn read_outcomes(
             Some(one) => vec![one],
             None => {
                 let failed = |why: String| ObserveError::Results { job: jn.clone(), why };
-                if conn.is_none() {
-                    let uri = super::inputs::read_uri(&ctx.client, r.dbm).await.map_err(|e| failed(e.message))?;
-                    let c = super::inputs::connect(&uri, ctx.config.connect_timeout)
-                        .await
-                        .map_err(|e| failed(e.message))?;
-                    conn = Some(c);
-                }
-                let c = conn.as_ref().expect("connected above");
-                let o = batch_outcomes(c, plan, &tenants).await.map_err(failed)?;
+                let c = results_connection(ctx, r).await.map_err(failed)?;
+                let o = match batch_outcomes(&c, plan, &tenants).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        drop_connection(ctx, r);
+                        return Err(failed(e));
+                    }
+                };
                 tenants.iter().copied().zip(o).collect()
             }
         };
@@ -308,19 +478,8 @@ async fn batch_outcomes(
     plan: &FrozenRun,
     tenants: &[usize],
 ) -> Result<Vec<Outcome>, String> {
-    use futures::StreamExt;
     let run = plan.run_id.as_str();
-    let dbs: Vec<mongodb::Database> = tenants.iter().map(|&i| conn.client.database(&plan.tenants[i])).collect();
-    let looks: Vec<Result<Option<JobResult>, crate::job::batch::ReadError>> =
-        futures::stream::iter(dbs.into_iter().map(|db| read_result(db, plan.run_id.clone())))
-            .buffered(RESULT_READS)
-            .collect()
-            .await;
-    use crate::job::batch::ReadError;
-    // A server that does not answer now says nothing of the tenants: read them again later.
-    if let Some(Err(ReadError::Unreachable(e))) = looks.iter().find(|l| matches!(l, Err(ReadError::Unreachable(_)))) {
-        return Err(conn.redactor.apply(e));
-    }
+    let looks = results(conn, plan, tenants).await?;
     let any_failed = looks.iter().any(|l| matches!(l, Ok(Some(r)) if !r.ok) || l.is_err());
     // Without keep-going the batch stopped at its first failure: the tenants after it were left
     // by the policy, not by a stopped runner.
@@ -435,7 +594,12 @@ fn tenant_views(
                 };
                 let jn = job_name(resource, &plan.run_id, first, action);
                 if let Some(job) = jobs.get(&jn) {
+                    let known = mem.outcomes.get(&outcome_key(plan, &jn, i, action));
                     return match job_phase(job) {
+                        // A batch whose every tenant reported (its pod still exiting).
+                        JobPhase::Running if action == Action::Migrate && known.is_some() => {
+                            Step::Done(Box::new(known.cloned().expect("known")))
+                        }
                         JobPhase::Running => Step::Running,
                         JobPhase::Finished(_) => mem
                             .outcomes
@@ -462,7 +626,11 @@ fn tenant_views(
                 }
                 Step::NotStarted
             };
-            TenantView { migrate: step_of(Action::Migrate), rollback: step_of(Action::Rollback) }
+            let migrate = step_of(Action::Migrate);
+            let rollback = step_of(Action::Rollback);
+            let job = job_name(resource, &plan.run_id, &plan.tenants[plan.batch_start(i)], Action::Migrate);
+            let job_running = jobs.get(&job).is_some_and(|j| job_phase(j) == JobPhase::Running);
+            TenantView { migrate, rollback, job_running }
         })
         .collect();
     (views, missing)

@@ -481,6 +481,7 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         window,
     };
     let decision = rollout::decide(&plan, &seen.views, gates);
+    let probing = seen.probing;
     let running_before =
         seen.views.iter().filter(|v| v.migrate == Step::Running || v.rollback == Step::Running).count();
     let started_before = seen.views.iter().filter(|v| v.migrate != Step::NotStarted).count();
@@ -566,6 +567,8 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         (true, true) => Requeue::requeue(Duration::from_secs(1)),
         // Count the fleet as the run left it (see `follow`).
         (true, false) => Requeue::requeue(Duration::from_secs(1)),
+        // Batch Jobs run: their tenants' results are looked at again in a moment.
+        (false, _) if probing => Requeue::requeue(Duration::from_secs(1)),
         (false, _) => Requeue::requeue(until_window.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))),
     })
 }

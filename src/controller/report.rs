@@ -89,7 +89,9 @@ async fn batch_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[
             ctx.metrics.backup_bytes.inc_by(b.bytes.min(1 << 50));
         }
     }
-    if let (Some(start), Some(end)) = (job.metadata.creation_timestamp.as_ref(), job_end(job)) {
+    // Until the Job's end, or until now for a batch whose results were read while its pod exits.
+    let end = job_end(job).unwrap_or_else(k8s_openapi::jiff::Timestamp::now);
+    if let Some(start) = job.metadata.creation_timestamp.as_ref() {
         let secs = end.duration_since(start.0).as_secs_f64();
         ctx.metrics.tenant_duration.observe(secs.max(0.0) / outs.len().max(1) as f64);
     }

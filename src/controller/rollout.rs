@@ -32,6 +32,9 @@ impl Step {
 pub struct TenantView {
     pub migrate: Step,
     pub rollback: Step,
+    /// Its migration's Job has not ended, even if its outcome is known (a batch whose every
+    /// tenant reported, its pod still exiting): `maxParallel` counts the Job until it ends.
+    pub job_running: bool,
 }
 
 /// What to do now.
@@ -112,7 +115,9 @@ pub fn decide(plan: &FrozenRun, views: &[TenantView], gates: Gates) -> Decision 
         running: views.iter().filter(|v| v.migrate == Step::Running).count(),
         running_jobs: plan
             .batch_starts()
-            .filter(|&b| plan.batch(b).any(|i| views.get(i).is_some_and(|v| v.migrate == Step::Running)))
+            .filter(|&b| {
+                plan.batch(b).any(|i| views.get(i).is_some_and(|v| v.migrate == Step::Running || v.job_running))
+            })
             .count(),
         failures: views.iter().filter(|v| v.migrate.failed()).count(),
     };
@@ -289,7 +294,8 @@ fn policy_decision(t: &Tally<'_>, why: &str) -> Decision {
 mod tests {
     //! Scenarios as YAML fixtures: the plan's rollout and each tenant's Job states
     //! (`-`: not started, `R`: running, `ok` / `fail` / `fail0` (failed, nothing applied) /
-    //! `died` (no result)), with the expected launches and phase.
+    //! `died` (no result); a `+` after one: its Job has not ended yet), with the expected
+    //! launches and phase.
 
     use super::*;
     use crate::job::JobResult;
@@ -355,7 +361,9 @@ mod tests {
                 .iter()
                 .map(|t| {
                     let (m, r) = t.split_once('/').unwrap_or((t, "-"));
-                    TenantView { migrate: step(m), rollback: step(r) }
+                    // `+`: its migration's Job has not ended (a batch that reported in full).
+                    let (m, job_running) = m.strip_suffix('+').map_or((m, m == "R"), |m| (m, true));
+                    TenantView { migrate: step(m), rollback: step(r), job_running }
                 })
                 .collect();
             let gates = Gates {

@@ -413,7 +413,7 @@ spec:
             let size = serde_json::to_string(&s).unwrap().len();
             (s, size)
         };
-        let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted }; 10_000];
+        let mut views = vec![TenantView { migrate: ok(), rollback: Step::NotStarted, job_running: false }; 10_000];
         // A thousand failures with the longest errors a result carries, and escapes that grow
         // in JSON.
         for v in views.iter_mut().skip(9_000) {
@@ -444,6 +444,7 @@ spec:
                     result: Some(JobResult { v: 1, ok: true, done: many, checks: (0, 0), ..Default::default() }),
                 })),
                 rollback: Step::NotStarted,
+                job_running: false,
             };
             10_000
         ];
@@ -475,7 +476,7 @@ spec:
     #[test]
     fn a_tenant_entry_carries_what_its_job_reported() {
         let p = plan(1);
-        let v = TenantView { migrate: ok(), rollback: Step::NotStarted };
+        let v = TenantView { migrate: ok(), rollback: Step::NotStarted, job_running: false };
         let s = tenant_status(&p, "add-preferences", 0, &v, false);
         assert_eq!(s.phase, TenantPhase::Succeeded);
         assert_eq!(s.applied[0].documents_affected, 56789);
