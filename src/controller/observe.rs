@@ -53,7 +53,7 @@ pub struct RunMemory {
     /// Jobs created by this process, and when (the Job store may not show them yet).
     pub(super) launched: HashMap<(usize, Action), Instant>,
     /// Outcomes of finished Jobs, by [`outcome_key`].
-    outcomes: HashMap<String, Outcome>,
+    outcomes: HashMap<String, Arc<Outcome>>,
     /// Jobs whose end was already announced (Event, metrics).
     announced: HashSet<String>,
     /// Batch Jobs whose outcomes were read while they still ran (announced then, not at their end).
@@ -101,7 +101,7 @@ pub struct Observed {
 }
 
 /// A Job that ended, with each of its tenants' outcomes.
-pub type Ended = (Arc<Job>, Vec<(String, Outcome)>);
+pub type Ended = (Arc<Job>, Vec<(String, Arc<Outcome>)>);
 
 /// Where a tenant's outcome is kept: by Job name, and for a tenant of a batch by
 /// `<job>#<tenant index>` (one Job, several outcomes).
@@ -224,12 +224,12 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     for (job, outs) in early {
         mem.read_early.insert(job.name_any());
         for (i, o) in outs {
-            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, Action::Migrate), o);
+            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, Action::Migrate), Arc::new(o));
         }
     }
     for (job, action, outs) in read {
         for (i, o) in outs {
-            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, action), o);
+            mem.outcomes.insert(outcome_key(plan, &job.name_any(), i, action), Arc::new(o));
         }
     }
     // Ends are announced until an announcement went out (a failed reconcile retries them).
@@ -238,7 +238,7 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
         .filter(|(j, _, _)| job_end(j).is_some_and(|t| t >= ctx.started) || mem.read_early.contains(&j.name_any()))
         .filter(|(j, _, _)| !mem.announced.contains(&j.name_any()))
         .filter_map(|(j, a, tenants)| {
-            let outs: Option<Vec<(String, Outcome)>> = tenants
+            let outs: Option<Vec<(String, Arc<Outcome>)>> = tenants
                 .iter()
                 .map(|&i| {
                     let o = mem.outcomes.get(&outcome_key(plan, &j.name_any(), i, *a))?;
@@ -598,14 +598,14 @@ fn tenant_views(
                     return match job_phase(job) {
                         // A batch whose every tenant reported (its pod still exiting).
                         JobPhase::Running if action == Action::Migrate && known.is_some() => {
-                            Step::Done(Box::new(known.cloned().expect("known")))
+                            Step::Done(known.cloned().expect("known"))
                         }
                         JobPhase::Running => Step::Running,
                         JobPhase::Finished(_) => mem
                             .outcomes
                             .get(&outcome_key(plan, &jn, i, action))
                             .cloned()
-                            .map(|o| Step::Done(Box::new(o)))
+                            .map(Step::Done)
                             .unwrap_or(Step::Running),
                     };
                 }

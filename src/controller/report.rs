@@ -2,6 +2,8 @@
 //! not folded into one series) and the run metrics. Publishing is best effort: a lost Event
 //! is logged, never a reason to fail a reconcile.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType};
@@ -48,7 +50,7 @@ async fn publish_about(
 /// A Job ended: its Event (one for a batch, naming its failed tenants), then its tenants'
 /// metrics. `false` when the Event could not be published: both are tried again at the next
 /// reconcile.
-pub async fn job_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Outcome)]) -> bool {
+pub async fn job_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Arc<Outcome>)]) -> bool {
     match outs {
         [(_, o)] => tenant_ended(ctx, dbm, job, o).await,
         many => batch_ended(ctx, dbm, job, many).await,
@@ -57,9 +59,9 @@ pub async fn job_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: 
 
 /// The Event of a batch's end: how many succeeded, were skipped or failed, the first failures
 /// by name.
-async fn batch_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Outcome)]) -> bool {
+async fn batch_ended(ctx: &Context, dbm: &DatabaseMigration, job: &Job, outs: &[(String, Arc<Outcome>)]) -> bool {
     let skipped = |o: &Outcome| o.ok && o.result.as_ref().is_some_and(|r| r.skipped);
-    let failed: Vec<&(String, Outcome)> = outs.iter().filter(|(_, o)| !o.ok).collect();
+    let failed: Vec<&(String, Arc<Outcome>)> = outs.iter().filter(|(_, o)| !o.ok).collect();
     let n_skipped = outs.iter().filter(|(_, o)| skipped(o)).count();
     let n_ok = outs.len() - failed.len() - n_skipped;
     let first = outs.first().map(|(t, _)| t.as_str()).unwrap_or_default();

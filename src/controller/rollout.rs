@@ -15,7 +15,7 @@ pub enum Step {
     NotStarted,
     /// Launched (recorded in status, or seen running).
     Running,
-    Done(Box<Outcome>),
+    Done(std::sync::Arc<Outcome>),
 }
 
 impl Step {
@@ -330,7 +330,9 @@ mod tests {
             done: if applied { vec![("20250101000000_a".into(), 1, 1)] } else { vec![] },
             ..Default::default()
         };
-        let done = |ok, r: Option<JobResult>| Step::Done(Box::new(Outcome { ok, ran: true, result: r, error: None }));
+        let done = |ok, r: Option<JobResult>| {
+            Step::Done(std::sync::Arc::new(Outcome { ok, ran: true, result: r, error: None }))
+        };
         match s {
             "-" => Step::NotStarted,
             "R" => Step::Running,
@@ -339,7 +341,7 @@ mod tests {
             "fail" => done(false, Some(result(false, true))),
             "fail0" => done(false, Some(result(false, false))),
             "died" => done(false, None),
-            "never" => Step::Done(Box::new(Outcome { ok: false, ran: false, result: None, error: None })),
+            "never" => Step::Done(std::sync::Arc::new(Outcome { ok: false, ran: false, result: None, error: None })),
             other => panic!("unknown step {other}"),
         }
     }

@@ -386,7 +386,7 @@ spec:
     }
 
     fn ok() -> Step {
-        Step::Done(Box::new(Outcome {
+        Step::Done(std::sync::Arc::new(Outcome {
             ok: true,
             ran: true,
             error: None,
@@ -418,7 +418,8 @@ spec:
         // in JSON.
         for v in views.iter_mut().skip(9_000) {
             let error = "\"é\u{1}".repeat(2000);
-            v.migrate = Step::Done(Box::new(Outcome { ok: false, ran: true, result: None, error: Some(error) }));
+            v.migrate =
+                Step::Done(std::sync::Arc::new(Outcome { ok: false, ran: true, result: None, error: Some(error) }));
         }
         let (s, size) = status_of(&views, TENANT_ENTRIES_BYTES);
         assert!(size < 700_000, "status is {size} bytes");
@@ -437,7 +438,7 @@ spec:
             (0..200).map(|i| (format!("2025010100{i:04}_a_long_migration_name"), 1, 2)).collect();
         let views = vec![
             TenantView {
-                migrate: Step::Done(Box::new(Outcome {
+                migrate: Step::Done(std::sync::Arc::new(Outcome {
                     ok: true,
                     ran: true,
                     error: None,
