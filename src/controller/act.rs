@@ -62,20 +62,23 @@ pub async fn write_status(ctx: &Context, r: &Resource<'_>, status: &DatabaseMigr
 
 /// Let go of runner pods whose result was read (or that will never have one to read): remove
 /// [`jobs::POD_FINALIZER`] from each that has ended or is being deleted. A JSON patch that
-/// tests the entry first, so another finalizer removed meanwhile is never put back; one that
-/// fails is released at the next look.
+/// tests the entry first, so another finalizer removed meanwhile is never put back. One that
+/// fails is logged and left (the run does not wait on it): pruning the run or deleting the
+/// resource releases it.
 pub async fn release_pods(ctx: &Context, ns: &str, pods: &[Pod]) {
-    release(ctx, ns, pods, false).await
+    release(ctx, ns, pods, false).await;
 }
 
 /// Release runner pods whether or not they ended: a batch's pods once every tenant's result
-/// was read from its database (nothing more is read from the pods).
-pub async fn release_pods_now(ctx: &Context, ns: &str, pods: &[Pod]) {
+/// was read from its database (nothing more is read from the pods). `false` when one could
+/// not be released (the caller looks again later).
+pub async fn release_pods_now(ctx: &Context, ns: &str, pods: &[Pod]) -> bool {
     release(ctx, ns, pods, true).await
 }
 
-async fn release(ctx: &Context, ns: &str, pods: &[Pod], running_too: bool) {
+async fn release(ctx: &Context, ns: &str, pods: &[Pod], running_too: bool) -> bool {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut all = true;
     for p in pods {
         let ended =
             p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
@@ -93,10 +96,16 @@ async fn release(ctx: &Context, ns: &str, pods: &[Pod], running_too: bool) {
             Err(_) => continue,
         };
         ctx.metrics.write("pod finalizer");
-        if let Err(e) = api.patch(&p.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
-            tracing::warn!(pod = %p.name_any(), error = %e, "could not release a runner pod; retrying later");
+        match api.patch(&p.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                all = false;
+                tracing::warn!(pod = %p.name_any(), error = %e, "could not release a runner pod");
+            }
         }
     }
+    all
 }
 
 /// Release every runner pod of the resource (it is being deleted: nothing more is read).

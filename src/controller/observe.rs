@@ -331,9 +331,11 @@ async fn probe_batches(
             })
             .collect();
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
+        // The outcomes are taken only with the pods let go (after the Job's end nothing looks
+        // at them again): otherwise read again at the next look.
         match pods.list(&ListParams::default().labels(&format!("job-name={}", job.name_any()))).await {
-            Ok(p) => super::act::release_pods_now(ctx, &r.ns, &p.items).await,
-            // Read again at the next look (the outcomes are not taken without it).
+            Ok(p) if super::act::release_pods_now(ctx, &r.ns, &p.items).await => {}
+            Ok(_) => continue,
             Err(e) => {
                 tracing::warn!(job = %job.name_any(), error = %e, "could not read a batch's pods; retrying later");
                 continue;
