@@ -11,8 +11,9 @@
 //! dropped after it, so every run meets a server of the same size. Reports wall time from
 //! `kubectl apply` to `Succeeded` and its ratio to the CLI's, API requests per tenant (the API
 //! server's own counter), the final status's bytes (and per tenant), the controller's API writes
-//! and its peak memory (VmHWM, one controller process per run), and on stderr where each run's
-//! time went (Jobs created, pods running, tenant results written, pods exited, Jobs finished).
+//! and its peak memory (VmHWM, one controller process per run, up to the fleet count that
+//! follows the run), and on stderr where each run's time went (Jobs created, pods running,
+//! tenant results written, pods exited, Jobs finished) and its memory (sampled RSS by phase).
 //!
 //! Run with tests/bench/operator.sh, which starts the cluster, the database and the image.
 //! Env: DBSHIFT_BENCH_KUBECONFIG, DBSHIFT_BENCH_MONGODB_URI, DBSHIFT_BENCH_RUNNER_IMAGE,
@@ -153,6 +154,56 @@ struct Run {
     writes: f64,
     peak_kib: u64,
     timeline: Timeline,
+    memory: Memory,
+}
+
+/// The controller's resident memory through a run, sampled every 50 ms (KiB, seconds after
+/// the apply), to say where its peak comes from.
+#[derive(Default)]
+struct Memory {
+    samples: Vec<(f64, u64)>,
+    /// When the status first counted the fleet after the run (the census that follows it).
+    counted: Option<f64>,
+}
+
+impl Memory {
+    fn summary(&self, succeeded: f64, first_job: f64) -> String {
+        let mib = |k: u64| k as f64 / 1024.0;
+        let max_in = |a: f64, b: f64| {
+            self.samples.iter().filter(|(t, _)| *t >= a && *t <= b).map(|(_, k)| *k).max().unwrap_or(0)
+        };
+        let idle = self.samples.iter().filter(|(t, _)| *t < 0.0).map(|(_, k)| *k).max().unwrap_or(0);
+        let counted = self.counted.unwrap_or(f64::NAN);
+        format!(
+            "controller RSS: {:.1} MiB before the apply; max {:.1} MiB until the first Job (the plan); \
+             max {:.1} MiB from then to Succeeded; max {:.1} MiB from Succeeded to the fleet counted after the \
+             run ({counted:.2} s)",
+            mib(idle),
+            mib(max_in(0.0, first_job)),
+            mib(max_in(first_job, succeeded)),
+            mib(max_in(succeeded, f64::INFINITY)),
+        )
+    }
+}
+
+/// Sample `pid`'s VmRSS every 50 ms until `stop`, times relative to `origin`.
+fn sample_rss(
+    pid: u32,
+    origin: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(f64, u64)>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let kib = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+            if let Some(k) = kib {
+                out.push((origin.elapsed().as_secs_f64(), k));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        out
+    })
 }
 
 /// When, after the apply, each Job and its pod were first seen in each state (by watches
@@ -181,6 +232,9 @@ impl Timeline {
         let last_exited = self.exited.values().cloned().fold(0.0, f64::max);
         let spans = |from: &BTreeMap<String, f64>, to: &BTreeMap<String, f64>| {
             let mut v: Vec<f64> = from.iter().filter_map(|(k, a)| Some(to.get(k)? - a)).collect();
+            if v.is_empty() {
+                return "none seen before Succeeded".to_string();
+            }
             v.sort_by(|a, b| a.total_cmp(b));
             let med = v.get(v.len() / 2).copied().unwrap_or(f64::NAN);
             let max = v.last().copied().unwrap_or(f64::NAN);
@@ -190,16 +244,25 @@ impl Timeline {
             Some((a, b)) => format!("tenant results written from {a:.2} s to {b:.2} s; "),
             None => String::new(),
         };
+        // The watches stop at Succeeded: a batch run can end before its pods' exits are seen.
+        let at = |m: &BTreeMap<String, f64>, v: f64, what: &str| {
+            if m.is_empty() {
+                format!("{what} none before Succeeded")
+            } else {
+                format!("{what} {v:.2} s ({} of {})", m.len(), self.created.len())
+            }
+        };
         format!(
             "{} Jobs; apply to first Job {first_created:.2} s; first to last Job created {:.2} s; \
              Job created to pod running: {}; pod running to pod exited: {}; pod exited to Job \
-             counting it: {}; {results}last pod exited {last_exited:.2} s; last Job counted \
-             {last_finished:.2} s; Succeeded {total:.2} s",
+             counting it: {}; {results}{}; {}; Succeeded {total:.2} s",
             self.created.len(),
             last_created - first_created,
             spans(&self.created, &self.running),
             spans(&self.running, &self.exited),
             spans(&self.exited, &self.finished),
+            at(&self.exited, last_exited, "last pod seen exited"),
+            at(&self.finished, last_finished, "last Job seen counting its pod"),
         )
     }
 }
@@ -297,6 +360,8 @@ async fn operator(
     let dbm = DatabaseMigration::new("bench", s);
     let timeline = std::sync::Arc::new(std::sync::Mutex::new(Timeline::default()));
     let origin = Instant::now();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_rss(ctl.0.as_ref().map_or(0, |c| c.id()), origin, sampling.clone());
     let watches = watch_timeline(c, &ns, origin, timeline.clone());
     tokio::time::sleep(Duration::from_millis(500)).await; // the watches' first lists
     let start = Instant::now();
@@ -314,7 +379,25 @@ async fn operator(
     watches.iter().for_each(|w| w.abort());
     let requests = api_requests(c).await - r1;
     let writes = metric_sum(&get_metrics(), "dbshift_api_writes_total");
+    // The controller counts the fleet right after the run (every tenant read again): its memory
+    // then is part of the run's peak.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let counted = loop {
+        let d = dbms.get("bench").await.unwrap();
+        if d.status.as_ref().and_then(|s| s.fleet.as_ref()).and_then(|f| f.counted_at.as_ref()).is_some() {
+            break Some(start.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let peak_kib = peak_kib(ctl.0.as_ref().map_or(0, |c| c.id()));
+    sampling.store(true, std::sync::atomic::Ordering::SeqCst);
+    let offset0 = start.duration_since(origin).as_secs_f64();
+    let samples = sampler.join().unwrap().into_iter().map(|(t, k)| (t - offset0, k)).collect();
+    let memory = Memory { samples, counted };
     ctl.stop();
     let _ = Command::new("kubectl")
         .args(["--kubeconfig", &env("DBSHIFT_BENCH_KUBECONFIG", ""), "delete", "ns", &ns, "--wait=false"])
@@ -330,7 +413,7 @@ async fn operator(
     for m in [&mut timeline.created, &mut timeline.running, &mut timeline.exited, &mut timeline.finished] {
         m.values_mut().for_each(|v| *v -= offset);
     }
-    Run { secs, requests, status_bytes, writes, peak_kib, timeline }
+    Run { secs, requests, status_bytes, writes, peak_kib, timeline, memory }
 }
 
 /// When the first and last tenant result was written, in seconds after `wall`.
@@ -435,10 +518,13 @@ async fn main() {
             r.peak_kib as f64 / 1024.0
         );
         eprintln!("  {name}: {}", r.timeline.summary(r.secs));
+        let first_job = r.timeline.created.values().cloned().fold(f64::INFINITY, f64::min);
+        eprintln!("  {name}: {}", r.memory.summary(r.secs, first_job));
         json.push(serde_json::json!({
             "run": name, "tenants": count, "parallel": parallel, "cli_s": cli_s, "operator_s": r.secs, "ratio": ratio,
             "api_requests": r.requests, "status_bytes": r.status_bytes, "controller_writes": r.writes,
             "controller_peak_kib": r.peak_kib, "timeline": r.timeline.summary(r.secs),
+            "memory": r.memory.summary(r.secs, r.timeline.created.values().cloned().fold(f64::INFINITY, f64::min)),
         }));
     }
     std::fs::write("target/bench-operator.json", serde_json::to_string_pretty(&json).unwrap()).ok();
