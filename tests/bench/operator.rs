@@ -196,7 +196,8 @@ fn sample_rss(
         let mut out = Vec::new();
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let kib = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+            let kib =
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
             if let Some(k) = kib {
                 out.push((origin.elapsed().as_secs_f64(), k));
             }
