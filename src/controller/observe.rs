@@ -213,7 +213,9 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
             None => running_batches,
         }
     };
-    let early = probe_batches(ctx, r, plan, due).await;
+    // Bounded: an unreachable server delays the rollout's other work by at most this much (an
+    // early read cut short is done again at the next look, or at the Job's end).
+    let early = tokio::time::timeout(PROBE_BUDGET, probe_batches(ctx, r, plan, due)).await.unwrap_or_default();
     let read = read_outcomes(ctx, r, plan, unread).await?;
 
     let mut runs = ctx.runs.lock().expect("lock");
@@ -254,6 +256,8 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
 
 /// How often a running batch Job's results are looked at.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long one look at running batches may take within a reconcile.
+const PROBE_BUDGET: Duration = Duration::from_secs(2);
 
 /// The connection batch results are read with: the run's, or a new one from the Secret.
 async fn results_connection(ctx: &Context, r: &Resource<'_>) -> Result<Arc<crate::mongo::Connection>, String> {
@@ -276,14 +280,16 @@ fn drop_connection(ctx: &Context, r: &Resource<'_>) {
     }
 }
 
-/// Running batch Jobs every one of whose tenants has its result in its database: their
-/// outcomes, read now rather than once the pod has exited and the Job counted it. A result is
-/// written after everything of its tenant is done (lock released, snapshot kept), so the
-/// outcome is the one the Job's end would give; the pods' finalizers are released at once
-/// (nothing more is read from them). Looks at the batch's last `parallelPerJob` tenants first
-/// (the last ones started), the whole batch only when they all reported. A batch without
-/// every result waits for its Job's end, which says what became of the others (a runner that
-/// stopped, a batch that stopped at a failure). Errors are logged and left for the next look.
+/// Running batch Jobs every one of whose tenants has a successful result in its database:
+/// their outcomes, read now rather than once the pod has exited and the Job counted it. A
+/// result is written after everything of its tenant is done (lock released, snapshot kept);
+/// only successes are taken early, from a Job with no failed pod whose pods are neither failed
+/// nor being deleted: a failed result may be a runner stopped by an eviction, whose Job retries
+/// the batch in a new pod (which would find the successful tenants migrated and report them
+/// the same). The pods' finalizers are released at once (nothing more is read from them). Looks
+/// at the batch's last `parallelPerJob` tenants first (the last ones started), the whole batch
+/// only when they all succeeded. Any other batch waits for its Job's end, which says what
+/// became of every tenant. Errors are logged and left for the next look.
 async fn probe_batches(
     ctx: &Context,
     r: &Resource<'_>,
@@ -303,9 +309,12 @@ async fn probe_batches(
     };
     let tail = (plan.spec.rollout.parallel_per_job as usize).max(1);
     for (job, _, tenants) in jobs {
+        if job.status.as_ref().and_then(|s| s.failed).unwrap_or(0) > 0 {
+            continue;
+        }
         let last = &tenants[tenants.len().saturating_sub(tail)..];
         let complete = |looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]| {
-            looks.iter().all(|l| matches!(l, Ok(Some(_))))
+            looks.iter().all(|l| matches!(l, Ok(Some(r)) if r.ok))
         };
         let looks = match results(&conn, plan, last).await {
             Ok(l) if complete(&l) => results(&conn, plan, &tenants).await,
@@ -333,7 +342,12 @@ async fn probe_batches(
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &r.ns);
         // The outcomes are taken only with the pods let go (after the Job's end nothing looks
         // at them again): otherwise read again at the next look.
+        let settled = |p: &Pod| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|ph| ph != "Failed")
+        };
         match pods.list(&ListParams::default().labels(&format!("job-name={}", job.name_any()))).await {
+            Ok(p) if !p.items.iter().all(settled) => continue,
             Ok(p) if super::act::release_pods_now(ctx, &r.ns, &p.items).await => {}
             Ok(_) => continue,
             Err(e) => {
