@@ -996,19 +996,28 @@ async fn a_batch_that_reported_in_full_ends_the_run_before_its_job_ends() {
         error: (!ok).then(|| "step 1 (addField): boom; every change of this migration was undone".into()),
         ..Default::default()
     };
-    // The last two (parallelPerJob) are looked at first: one of them has no result yet.
-    for i in [0, 2] {
-        dbshift::job::batch::write(&mongo.database(&names[i]), &run_id, false, &report(i, true)).await.unwrap();
-    }
+    // No result yet: looked at again in a second.
     let mut d = resource_with(rollout.clone(), st.clone());
     d.spec.tenants.names = names.clone();
     let run = reconcile_on(&ctx, d);
     secret(&mut api).await; // the results' connection, kept for the run
     assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_secs(1)), "looked at again in a moment");
 
-    // All three reported, one failed (a runner stopped mid-tenant writes that too): not taken.
-    dbshift::job::batch::write(&mongo.database(&names[1]), &run_id, false, &report(1, false)).await.unwrap();
+    // The last two (parallelPerJob) decide: one of them has no result yet, but results came
+    // in, so the batch's end is near: looked at again sooner.
+    for i in [0, 2] {
+        dbshift::job::batch::write(&mongo.database(&names[i]), &run_id, false, &report(i, true)).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut d = resource_with(rollout.clone(), st.clone());
+    d.spec.tenants.names = names.clone();
+    let run = reconcile_on(&ctx, d);
+    assert_eq!(run.done(&mut api).await, Requeue::requeue(Duration::from_millis(200)), "its end is near");
+
+    // All three reported, one failed (a runner stopped mid-tenant writes that too): not taken,
+    // and no sooner look helps.
+    dbshift::job::batch::write(&mongo.database(&names[1]), &run_id, false, &report(1, false)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let mut d = resource_with(rollout.clone(), st.clone());
     d.spec.tenants.names = names.clone();
     let run = reconcile_on(&ctx, d);

@@ -58,8 +58,8 @@ pub struct RunMemory {
     announced: HashSet<String>,
     /// Batch Jobs whose outcomes were read while they still ran (announced then, not at their end).
     read_early: HashSet<String>,
-    /// When each running batch Job's results were last looked at.
-    probed: HashMap<String, Instant>,
+    /// When each running batch Job's results were last looked at, and how soon again.
+    probed: HashMap<String, Probed>,
     /// The connection batch results are read with, kept for the run (dropped after an error).
     conn: Option<Arc<crate::mongo::Connection>>,
     pub running: usize,
@@ -85,6 +85,13 @@ impl RunMemory {
     }
 }
 
+/// The last look at a running batch's results.
+struct Probed {
+    at: Instant,
+    /// [`PROBE_NEAR`] once its last tenants began reporting, else [`PROBE_EVERY`].
+    every: Duration,
+}
+
 /// What the run's Jobs did.
 pub struct Observed {
     /// Each tenant's Jobs, in plan order.
@@ -95,9 +102,9 @@ pub struct Observed {
     /// Jobs that ended while this process ran (or batch Jobs whose every tenant reported) and
     /// whose end was not announced yet, with each of their tenants' outcomes (one, or a batch's).
     pub new_ends: Vec<Ended>,
-    /// Batch Jobs run whose results are not all in yet: looked at again in a moment (no
+    /// Batch Jobs run whose results are not all in yet: looked at again after this long (no
     /// Kubernetes event says a tenant finished).
-    pub probing: bool,
+    pub probing: Option<Duration>,
 }
 
 /// A Job that ended, with each of its tenants' outcomes.
@@ -195,7 +202,7 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
             .cloned()
             .collect()
     };
-    let probing = !running_batches.is_empty();
+    let running_names: Vec<String> = running_batches.iter().map(|(j, _, _)| j.name_any()).collect();
     let due: Vec<Covered> = {
         let mut runs = ctx.runs.lock().expect("lock");
         let mem = runs.get_mut(&r.key).filter(|m| m.plan.run_id == plan.run_id);
@@ -203,9 +210,11 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
             Some(m) => running_batches
                 .into_iter()
                 .filter(|(j, _, _)| {
-                    let due = m.probed.get(&j.name_any()).is_none_or(|t| t.elapsed() >= PROBE_EVERY);
+                    let p =
+                        m.probed.entry(j.name_any()).or_insert(Probed { at: Instant::now(), every: Duration::ZERO });
+                    let due = p.at.elapsed() >= p.every;
                     if due {
-                        m.probed.insert(j.name_any(), Instant::now());
+                        *p = Probed { at: Instant::now(), every: PROBE_EVERY };
                     }
                     due
                 })
@@ -215,7 +224,8 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     };
     // Bounded: an unreachable server delays the rollout's other work by at most this much (an
     // early read cut short is done again at the next look, or at the Job's end).
-    let early = tokio::time::timeout(PROBE_BUDGET, probe_batches(ctx, r, plan, due)).await.unwrap_or_default();
+    let looked: HashSet<String> = due.iter().map(|(j, _, _)| j.name_any()).collect();
+    let (early, near) = tokio::time::timeout(PROBE_BUDGET, probe_batches(ctx, r, plan, due)).await.unwrap_or_default();
     let read = read_outcomes(ctx, r, plan, unread).await?;
 
     let mut runs = ctx.runs.lock().expect("lock");
@@ -223,6 +233,22 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     if mem.plan.run_id != plan.run_id {
         *mem = RunMemory::new(plan.clone());
     }
+    for job in near {
+        if let Some(p) = mem.probed.get_mut(&job) {
+            p.every = PROBE_NEAR;
+        }
+    }
+    // The next look is due when the soonest of the batches still running is (one looked at
+    // now, after its interval; another, after what is left of it).
+    let probing = running_names
+        .iter()
+        .filter(|j| !early.iter().any(|(e, _)| e.name_any() == **j))
+        .map(|j| match mem.probed.get(j) {
+            Some(p) if looked.contains(j) => p.every,
+            Some(p) => p.every.saturating_sub(p.at.elapsed()).max(PROBE_NEAR / 4),
+            None => PROBE_EVERY,
+        })
+        .min();
     for (job, outs) in early {
         mem.read_early.insert(job.name_any());
         for (i, o) in outs {
@@ -256,6 +282,8 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
 
 /// How often a running batch Job's results are looked at.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often once the batch's last tenants began reporting (its end is a tenant's work away).
+const PROBE_NEAR: Duration = Duration::from_millis(200);
 /// How long one look at running batches may take within a reconcile.
 const PROBE_BUDGET: Duration = Duration::from_secs(2);
 
@@ -287,47 +315,60 @@ fn drop_connection(ctx: &Context, r: &Resource<'_>) {
 /// nor being deleted: a failed result may be a runner stopped by an eviction, whose Job retries
 /// the batch in a new pod (which would find the successful tenants migrated and report them
 /// the same). The pods' finalizers are released at once (nothing more is read from them). Looks
-/// at the batch's last `parallelPerJob` tenants first (the last ones started), the whole batch
-/// only when they all succeeded. Any other batch waits for its Job's end, which says what
-/// became of every tenant. Errors are logged and left for the next look.
+/// at the batch's last tenants first (the last `parallelPerJob` ones, the last started, and as
+/// many before them, at least 4 in all), the whole batch only when the last `parallelPerJob`
+/// all succeeded. Any other batch waits for its Job's end, which says what became of every
+/// tenant. Also returns the batches not complete yet some of whose last tenants reported (their
+/// end is near: looked at again sooner). Errors are logged and left for the next look.
 async fn probe_batches(
     ctx: &Context,
     r: &Resource<'_>,
     plan: &FrozenRun,
     jobs: Vec<Covered>,
-) -> Vec<(Arc<Job>, Vec<(usize, Outcome)>)> {
-    let mut read = Vec::new();
+) -> (Vec<(Arc<Job>, Vec<(usize, Outcome)>)>, Vec<String>) {
+    let (mut read, mut near) = (Vec::new(), Vec::new());
     if jobs.is_empty() {
-        return read;
+        return (read, near);
     }
     let conn = match results_connection(ctx, r).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(resource = r.key, error = %e, "could not look at running batches' results");
-            return read;
+            return (read, near);
         }
     };
     let tail = (plan.spec.rollout.parallel_per_job as usize).max(1);
+    let window = (2 * tail).max(4);
     for (job, _, tenants) in jobs {
         if job.status.as_ref().and_then(|s| s.failed).unwrap_or(0) > 0 {
             continue;
         }
-        let last = &tenants[tenants.len().saturating_sub(tail)..];
+        let last = &tenants[tenants.len().saturating_sub(window)..];
         let complete = |looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]| {
             looks.iter().all(|l| matches!(l, Ok(Some(r)) if r.ok))
         };
         let looks = match results(&conn, plan, last).await {
-            Ok(l) if complete(&l) => results(&conn, plan, &tenants).await,
-            Ok(_) => continue,
+            Ok(l) if complete(&l[l.len().saturating_sub(tail)..]) => results(&conn, plan, &tenants).await,
+            Ok(l) => {
+                if nearly(&l) {
+                    near.push(job.name_any());
+                }
+                continue;
+            }
             Err(e) => Err(e),
         };
         let looks = match looks {
             Ok(l) if complete(&l) => l,
-            Ok(_) => continue,
+            Ok(l) => {
+                if nearly(&l) {
+                    near.push(job.name_any());
+                }
+                continue;
+            }
             Err(e) => {
                 drop_connection(ctx, r);
                 tracing::debug!(resource = r.key, job = %job.name_any(), error = %conn.redactor.apply(&e), "could not look at a running batch's results");
-                return read;
+                return (read, near);
             }
         };
         let outs = tenants
@@ -349,7 +390,10 @@ async fn probe_batches(
         match pods.list(&ListParams::default().labels(&format!("job-name={}", job.name_any()))).await {
             Ok(p) if !p.items.iter().all(settled) => continue,
             Ok(p) if super::act::release_pods_now(ctx, &r.ns, &p.items).await => {}
-            Ok(_) => continue,
+            Ok(_) => {
+                near.push(job.name_any());
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(job = %job.name_any(), error = %e, "could not read a batch's pods; retrying later");
                 continue;
@@ -357,7 +401,14 @@ async fn probe_batches(
         }
         read.push((job, outs));
     }
-    read
+    (read, near)
+}
+
+/// Some of these tenants reported, all successfully: the rest of the batch is near its end (a
+/// failed or unreadable result waits for the Job's end, no sooner look helps it).
+fn nearly(looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]) -> bool {
+    looks.iter().any(|l| matches!(l, Ok(Some(_))))
+        && looks.iter().all(|l| matches!(l, Ok(None) | Ok(Some(JobResult { ok: true, .. }))))
 }
 
 /// The results of `tenants` in this run, read side by side. An unreachable server is an error;

@@ -567,9 +567,11 @@ async fn continue_run(ctx: &Context, r: &Resource<'_>, plan: Arc<FrozenRun>, del
         (true, true) => Requeue::requeue(Duration::from_secs(1)),
         // Count the fleet as the run left it (see `follow`).
         (true, false) => Requeue::requeue(Duration::from_secs(1)),
-        // Batch Jobs run: their tenants' results are looked at again in a moment.
-        (false, _) if probing => Requeue::requeue(Duration::from_secs(1)),
-        (false, _) => Requeue::requeue(until_window.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))),
+        (false, _) => match probing {
+            // Batch Jobs run: their tenants' results are looked at again in a moment.
+            Some(again) => Requeue::requeue(again),
+            None => Requeue::requeue(until_window.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))),
+        },
     })
 }
 
