@@ -88,8 +88,46 @@ impl RunMemory {
 /// The last look at a running batch's results.
 struct Probed {
     at: Instant,
-    /// [`PROBE_NEAR`] once its last tenants began reporting, else [`PROBE_EVERY`].
+    /// How long after `at` the next look is due.
     every: Duration,
+    /// When the batch was last seen with fewer tenants left, and how many.
+    seen: Option<(Instant, usize)>,
+    /// Tenants reported per second, from the last two such sightings.
+    rate: Option<f64>,
+}
+
+impl Probed {
+    fn new() -> Self {
+        Probed { at: Instant::now(), every: Duration::ZERO, seen: None, rate: None }
+    }
+
+    /// When to look again, from about how many of the batch's tenants are `left` without a
+    /// result (`None`: none of its last tenants reported, or one failed: its Job's end decides).
+    /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
+    /// once that time is up, backing off from [`PROBE_NEAR`] (a slow last tenant).
+    fn next(&mut self, left: Option<usize>, now: Instant) -> Duration {
+        let Some(left) = left else {
+            (self.seen, self.rate) = (None, None);
+            return PROBE_EVERY;
+        };
+        match self.seen {
+            Some((t0, l0)) if left < l0 => {
+                let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+                self.rate = Some((l0 - left) as f64 / secs);
+                self.seen = Some((now, left));
+            }
+            Some(_) => {}
+            None => self.seen = Some((now, left)),
+        }
+        let since = self.seen.map_or(0.0, |(t, _)| now.duration_since(t).as_secs_f64());
+        match self.rate {
+            Some(rate) if left as f64 / rate > since => {
+                Duration::from_secs_f64((left as f64 / rate - since) / 2.0).clamp(PROBE_SOON, PROBE_EVERY)
+            }
+            Some(_) => (self.every * 2).clamp(PROBE_NEAR, PROBE_EVERY),
+            None => PROBE_NEAR,
+        }
+    }
 }
 
 /// What the run's Jobs did.
@@ -210,11 +248,10 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
             Some(m) => running_batches
                 .into_iter()
                 .filter(|(j, _, _)| {
-                    let p =
-                        m.probed.entry(j.name_any()).or_insert(Probed { at: Instant::now(), every: Duration::ZERO });
+                    let p = m.probed.entry(j.name_any()).or_insert_with(Probed::new);
                     let due = p.at.elapsed() >= p.every;
                     if due {
-                        *p = Probed { at: Instant::now(), every: PROBE_EVERY };
+                        p.at = Instant::now();
                     }
                     due
                 })
@@ -233,9 +270,15 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     if mem.plan.run_id != plan.run_id {
         *mem = RunMemory::new(plan.clone());
     }
-    for job in near {
-        if let Some(p) = mem.probed.get_mut(&job) {
-            p.every = PROBE_NEAR;
+    // A batch looked at now is looked at again when its progress says (one whose look came
+    // to nothing, e.g. the server did not answer, in a second).
+    let now = Instant::now();
+    let near: HashMap<String, Option<usize>> = near.into_iter().collect();
+    for job in &looked {
+        if let Some(p) = mem.probed.get_mut(job) {
+            let left = near.get(job).copied().flatten();
+            p.every = p.next(left, now);
+            tracing::debug!(resource = r.key, job, ?left, again = ?p.every, "looked at a running batch's results");
         }
     }
     // The next look is due when the soonest of the batches still running is (one looked at
@@ -245,7 +288,7 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
         .filter(|j| !early.iter().any(|(e, _)| e.name_any() == **j))
         .map(|j| match mem.probed.get(j) {
             Some(p) if looked.contains(j) => p.every,
-            Some(p) => p.every.saturating_sub(p.at.elapsed()).max(PROBE_NEAR / 4),
+            Some(p) => p.every.saturating_sub(p.at.elapsed()).max(PROBE_SOON),
             None => PROBE_EVERY,
         })
         .min();
@@ -282,8 +325,10 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
 
 /// How often a running batch Job's results are looked at.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How often once the batch's last tenants began reporting (its end is a tenant's work away).
+/// How often once the batch's last tenants began reporting, until its pace is known.
 const PROBE_NEAR: Duration = Duration::from_millis(200);
+/// The soonest look at a batch after the last one.
+const PROBE_SOON: Duration = Duration::from_millis(50);
 /// How long one look at running batches may take within a reconcile.
 const PROBE_BUDGET: Duration = Duration::from_secs(2);
 
@@ -314,18 +359,20 @@ fn drop_connection(ctx: &Context, r: &Resource<'_>) {
 /// only successes are taken early, from a Job with no failed pod whose pods are neither failed
 /// nor being deleted: a failed result may be a runner stopped by an eviction, whose Job retries
 /// the batch in a new pod (which would find the successful tenants migrated and report them
-/// the same). The pods' finalizers are released at once (nothing more is read from them). Looks
-/// at the batch's last tenants first (the last `parallelPerJob` ones, the last started, and as
-/// many before them, at least 4 in all), the whole batch only when the last `parallelPerJob`
-/// all succeeded. Any other batch waits for its Job's end, which says what became of every
-/// tenant. Also returns the batches not complete yet some of whose last tenants reported (their
-/// end is near: looked at again sooner). Errors are logged and left for the next look.
+/// the same). The pods' finalizers are released at once (nothing more is read from them). Any
+/// other batch waits for its Job's end, which says what became of every tenant.
+///
+/// A look reads the batch's last `parallelPerJob` tenants (the last ones started) and one
+/// tenant 1, 2, 4, ... places before them: tenants start in plan order, so where the results
+/// stop says about how many are left; the whole batch is read only when the last
+/// `parallelPerJob` all succeeded. Returns the batches taken, and for the others about how many
+/// of their tenants are left ([`Progress`]). Errors are logged and left for the next look.
 async fn probe_batches(
     ctx: &Context,
     r: &Resource<'_>,
     plan: &FrozenRun,
     jobs: Vec<Covered>,
-) -> (Vec<(Arc<Job>, Vec<(usize, Outcome)>)>, Vec<String>) {
+) -> (Vec<(Arc<Job>, Vec<(usize, Outcome)>)>, Progress) {
     let (mut read, mut near) = (Vec::new(), Vec::new());
     if jobs.is_empty() {
         return (read, near);
@@ -338,21 +385,19 @@ async fn probe_batches(
         }
     };
     let tail = (plan.spec.rollout.parallel_per_job as usize).max(1);
-    let window = (2 * tail).max(4);
     for (job, _, tenants) in jobs {
         if job.status.as_ref().and_then(|s| s.failed).unwrap_or(0) > 0 {
             continue;
         }
-        let last = &tenants[tenants.len().saturating_sub(window)..];
+        let offsets = sample_offsets(tenants.len(), tail);
+        let picks: Vec<usize> = offsets.iter().map(|o| tenants[tenants.len() - o]).collect();
         let complete = |looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]| {
             looks.iter().all(|l| matches!(l, Ok(Some(r)) if r.ok))
         };
-        let looks = match results(&conn, plan, last).await {
-            Ok(l) if complete(&l[l.len().saturating_sub(tail)..]) => results(&conn, plan, &tenants).await,
+        let looks = match results(&conn, plan, &picks).await {
+            Ok(l) if complete(&l[..tail.min(l.len())]) => results(&conn, plan, &tenants).await,
             Ok(l) => {
-                if nearly(&l) {
-                    near.push(job.name_any());
-                }
+                near.push((job.name_any(), left(&l, &offsets)));
                 continue;
             }
             Err(e) => Err(e),
@@ -360,9 +405,8 @@ async fn probe_batches(
         let looks = match looks {
             Ok(l) if complete(&l) => l,
             Ok(l) => {
-                if nearly(&l) {
-                    near.push(job.name_any());
-                }
+                let all: Vec<usize> = (1..=l.len()).rev().collect();
+                near.push((job.name_any(), left(&l, &all)));
                 continue;
             }
             Err(e) => {
@@ -391,7 +435,7 @@ async fn probe_batches(
             Ok(p) if !p.items.iter().all(settled) => continue,
             Ok(p) if super::act::release_pods_now(ctx, &r.ns, &p.items).await => {}
             Ok(_) => {
-                near.push(job.name_any());
+                near.push((job.name_any(), Some(0)));
                 continue;
             }
             Err(e) => {
@@ -404,11 +448,30 @@ async fn probe_batches(
     (read, near)
 }
 
-/// Some of these tenants reported, all successfully: the rest of the batch is near its end (a
-/// failed or unreadable result waits for the Job's end, no sooner look helps it).
-fn nearly(looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>]) -> bool {
-    looks.iter().any(|l| matches!(l, Ok(Some(_))))
-        && looks.iter().all(|l| matches!(l, Ok(None) | Ok(Some(JobResult { ok: true, .. }))))
+/// Running batches not taken, each with about how many of its tenants are left.
+type Progress = Vec<(String, Option<usize>)>;
+
+/// Where a look at a batch of `n` tenants reads, as places from its end: its last `tail`
+/// (1 to `tail`), then `tail` + 1, + 2, + 4, ... while within the batch.
+fn sample_offsets(n: usize, tail: usize) -> Vec<usize> {
+    let mut offsets: Vec<usize> = (1..=tail.min(n)).collect();
+    let mut k = 1;
+    while tail + k <= n {
+        offsets.push(tail + k);
+        k *= 2;
+    }
+    offsets
+}
+
+/// About how many tenants of a batch are left, from the results at these places from its end:
+/// the farthest back without one. `None` when none reported (too far to tell) or one failed or
+/// is unreadable (its Job's end decides; looking sooner helps nothing).
+fn left(looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>], offsets: &[usize]) -> Option<usize> {
+    let fine = looks.iter().all(|l| matches!(l, Ok(None) | Ok(Some(JobResult { ok: true, .. }))));
+    if !fine || !looks.iter().any(|l| matches!(l, Ok(Some(_)))) {
+        return None;
+    }
+    looks.iter().zip(offsets).filter(|(l, _)| matches!(l, Ok(None))).map(|(_, &o)| o).max()
 }
 
 /// The results of `tenants` in this run, read side by side. An unreachable server is an error;
@@ -713,4 +776,61 @@ pub fn job_end(job: &Job) -> Option<Timestamp> {
         .filter(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))
         .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0))
         .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Result<Option<JobResult>, crate::job::batch::ReadError> {
+        Ok(Some(JobResult { ok: true, ..Default::default() }))
+    }
+
+    #[test]
+    fn a_look_reads_the_last_tenants_and_samples_before_them() {
+        assert_eq!(sample_offsets(500, 5), [1, 2, 3, 4, 5, 6, 7, 9, 13, 21, 37, 69, 133, 261]);
+        assert_eq!(sample_offsets(3, 2), [1, 2, 3]);
+        assert_eq!(sample_offsets(2, 5), [1, 2]);
+        let offsets = sample_offsets(20, 2); // 1, 2, 3, 4, 6, 10, 18
+        let (none, failed) = (Ok(None), Ok(Some(JobResult::default())));
+        let looks = |reported: usize| -> Vec<_> {
+            offsets.iter().map(|&o| if o > reported { ok() } else { Ok(None) }).collect()
+        };
+        assert_eq!(left(&looks(20), &offsets), None, "nothing reported: too far to tell");
+        assert_eq!(left(&looks(8), &offsets), Some(6), "results stop between 6 and 10 from the end");
+        assert_eq!(left(&looks(1), &offsets), Some(1));
+        let mut with_failure = looks(8);
+        with_failure[6] = failed;
+        assert_eq!(left(&with_failure, &offsets), None, "a failure waits for the Job's end");
+        with_failure[6] = Err(crate::job::batch::ReadError::Invalid("bad".into()));
+        assert_eq!(left(&with_failure, &offsets), None);
+        assert_eq!(left(&[none], &[1]), None);
+    }
+
+    #[test]
+    fn looks_come_sooner_as_a_batch_nears_its_end_at_its_own_pace() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut p = Probed::new();
+        assert_eq!(p.next(None, at(0)), PROBE_EVERY, "far: once a second");
+        assert_eq!(p.next(Some(261), at(1000)), PROBE_NEAR, "results came in, pace unknown");
+        // 128 tenants in 400 ms: 133 left is about 416 ms away: looked at in half of that.
+        p.every = p.next(Some(261), at(1200));
+        assert_eq!(p.every, PROBE_NEAR, "no change seen yet");
+        let d = p.next(Some(133), at(1400));
+        assert!((Duration::from_millis(200)..=Duration::from_millis(220)).contains(&d), "{d:?}");
+        // Nearly there: the soonest look.
+        p.every = p.next(Some(3), at(1600));
+        assert_eq!(p.every, PROBE_SOON);
+        // The last tenant is slow: backing off, to once a second.
+        let mut again = vec![];
+        for ms in [1700, 1800, 2000, 2400, 3200, 4200] {
+            p.every = p.next(Some(3), at(ms));
+            again.push(p.every.as_millis());
+        }
+        assert_eq!(again, [200, 400, 800, 1000, 1000, 1000]);
+        // A failure (or the results gone): back to once a second, the pace forgotten.
+        assert_eq!(p.next(None, at(5000)), PROBE_EVERY);
+        assert_eq!(p.next(Some(3), at(6000)), PROBE_NEAR);
+    }
 }

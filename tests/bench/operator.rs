@@ -337,7 +337,8 @@ async fn operator(
         // The runner pods reach the server on 127.0.0.1: the node's network.
         .args(["--runner-image", image, "--job-allow", "hostNetwork"])
         .env("KUBECONFIG", env("DBSHIFT_BENCH_KUBECONFIG", ""))
-        .env("DBSHIFT_LOG", "warn")
+        // DBSHIFT_BENCH_CONTROLLER_LOG=dbshift=debug shows each look at a running batch.
+        .env("DBSHIFT_LOG", env("DBSHIFT_BENCH_CONTROLLER_LOG", "warn"))
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the controller");
