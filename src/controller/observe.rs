@@ -104,28 +104,33 @@ impl Probed {
     /// When to look again, from about how many of the batch's tenants are `left` without a
     /// result (`None`: none of its last tenants reported, or one failed: its Job's end decides).
     /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
-    /// once that time is up, backing off from [`PROBE_NEAR`] (a slow last tenant).
+    /// [`PROBE_NEAR`] when the pace is not known yet; backing off from there to once a second
+    /// while nothing changes beyond what the pace said (a slow tenant).
     fn next(&mut self, left: Option<usize>, now: Instant) -> Duration {
         let Some(left) = left else {
             (self.seen, self.rate) = (None, None);
             return PROBE_EVERY;
         };
-        match self.seen {
+        let moved = match self.seen {
             Some((t0, l0)) if left < l0 => {
                 let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
                 self.rate = Some((l0 - left) as f64 / secs);
-                self.seen = Some((now, left));
+                true
             }
-            Some(_) => {}
-            None => self.seen = Some((now, left)),
+            Some(_) => false,
+            None => true,
+        };
+        if moved {
+            self.seen = Some((now, left));
         }
         let since = self.seen.map_or(0.0, |(t, _)| now.duration_since(t).as_secs_f64());
+        let backoff = (self.every * 2).clamp(PROBE_NEAR, PROBE_EVERY);
         match self.rate {
             Some(rate) if left as f64 / rate > since => {
                 Duration::from_secs_f64((left as f64 / rate - since) / 2.0).clamp(PROBE_SOON, PROBE_EVERY)
             }
-            Some(_) => (self.every * 2).clamp(PROBE_NEAR, PROBE_EVERY),
-            None => PROBE_NEAR,
+            None if moved => PROBE_NEAR,
+            _ => backoff,
         }
     }
 }
@@ -832,5 +837,13 @@ mod tests {
         // A failure (or the results gone): back to once a second, the pace forgotten.
         assert_eq!(p.next(None, at(5000)), PROBE_EVERY);
         assert_eq!(p.next(Some(3), at(6000)), PROBE_NEAR);
+        // Results far from the end, not moving yet (a long batch): backing off too.
+        let mut p = Probed::new();
+        let mut again = vec![];
+        for ms in [0, 200, 600, 1400, 2400] {
+            p.every = p.next(Some(513), at(ms));
+            again.push(p.every.as_millis());
+        }
+        assert_eq!(again, [200, 400, 800, 1000, 1000]);
     }
 }
