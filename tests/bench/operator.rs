@@ -162,6 +162,8 @@ struct Run {
 #[derive(Default)]
 struct Memory {
     samples: Vec<(f64, u64)>,
+    /// The controller's CPU time (user + system, clock ticks of 10 ms) at each sample.
+    cpu: Vec<(f64, u64)>,
     /// When the status first counted the fleet after the run (the census that follows it).
     counted: Option<f64>,
 }
@@ -174,32 +176,41 @@ impl Memory {
         };
         let idle = self.samples.iter().filter(|(t, _)| *t < 0.0).map(|(_, k)| *k).max().unwrap_or(0);
         let counted = self.counted.unwrap_or(f64::NAN);
+        let ticks_at = |t: f64| self.cpu.iter().filter(|(at, _)| *at <= t).map(|(_, c)| *c).max().unwrap_or(0);
+        let cpu = (ticks_at(succeeded) - ticks_at(0.0)) as f64 / 100.0;
         format!(
             "controller RSS: {:.1} MiB before the apply; max {:.1} MiB until the first Job (the plan); \
              max {:.1} MiB from then to Succeeded; max {:.1} MiB from Succeeded to the fleet counted after the \
-             run ({counted:.2} s)",
+             run ({counted:.2} s); controller CPU from the apply to Succeeded {cpu:.2} s ({:.0}% of one core)",
             mib(idle),
             mib(max_in(0.0, first_job)),
             mib(max_in(first_job, succeeded)),
             mib(max_in(succeeded, f64::INFINITY)),
+            100.0 * cpu / succeeded,
         )
     }
 }
 
-/// Sample `pid`'s VmRSS every 50 ms until `stop`, times relative to `origin`.
+/// Sample `pid`'s VmRSS (KiB) and CPU time (user + system ticks) every 50 ms until `stop`,
+/// times relative to `origin`.
 fn sample_rss(
     pid: u32,
     origin: Instant,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Vec<(f64, u64)>> {
+) -> std::thread::JoinHandle<Vec<(f64, u64, u64)>> {
     std::thread::spawn(move || {
         let mut out = Vec::new();
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             let kib =
                 s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+            // /proc/PID/stat: after the command, field 0 is the state; utime and stime are 11 and 12.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let tick = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            let ticks = tick(11) + tick(12);
             if let Some(k) = kib {
-                out.push((origin.elapsed().as_secs_f64(), k));
+                out.push((origin.elapsed().as_secs_f64(), k, ticks));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -398,8 +409,10 @@ async fn operator(
     let peak_kib = peak_kib(ctl.0.as_ref().map_or(0, |c| c.id()));
     sampling.store(true, std::sync::atomic::Ordering::SeqCst);
     let offset0 = start.duration_since(origin).as_secs_f64();
-    let samples = sampler.join().unwrap().into_iter().map(|(t, k)| (t - offset0, k)).collect();
-    let memory = Memory { samples, counted };
+    let sampled = sampler.join().unwrap();
+    let samples = sampled.iter().map(|(t, k, _)| (t - offset0, *k)).collect();
+    let cpu = sampled.iter().map(|(t, _, c)| (t - offset0, *c)).collect();
+    let memory = Memory { samples, cpu, counted };
     ctl.stop();
     let _ = Command::new("kubectl")
         .args(["--kubeconfig", &env("DBSHIFT_BENCH_KUBECONFIG", ""), "delete", "ns", &ns, "--wait=false"])
