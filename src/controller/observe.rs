@@ -102,7 +102,8 @@ impl Probed {
     }
 
     /// When to look again, from about how many of the batch's tenants are `left` without a
-    /// result (`None`: none of its last tenants reported, or one failed: its Job's end decides).
+    /// result (`None`: too far to tell, a failed result, or a look that came to nothing: the
+    /// server did not answer, the pods could not be read or are not settled, a failed pod).
     /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
     /// [`PROBE_NEAR`] when the pace is not known yet; backing off from there to once a second
     /// while nothing changes beyond what the pace said (a slow tenant).
@@ -280,11 +281,11 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     let now = Instant::now();
     let near: HashMap<String, Option<usize>> = near.into_iter().collect();
     for job in &looked {
-        if let Some(p) = mem.probed.get_mut(job) {
-            let left = near.get(job).copied().flatten();
-            p.every = p.next(left, now);
-            tracing::debug!(resource = r.key, job, ?left, again = ?p.every, "looked at a running batch's results");
-        }
+        // (Made here too: the first look after a restart or at a new run counts.)
+        let p = mem.probed.entry(job.clone()).or_insert_with(Probed::new);
+        let left = near.get(job).copied().flatten();
+        p.every = p.next(left, now);
+        tracing::debug!(resource = r.key, job, ?left, again = ?p.every, "looked at a running batch's results");
     }
     // The next look is due when the soonest of the batches still running is (one looked at
     // now, after its interval; another, after what is left of it).
@@ -328,9 +329,11 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     Ok(Observed { views, missing, new_ends, probing })
 }
 
-/// How often a running batch Job's results are looked at.
+/// The longest wait between looks at a running batch Job's results (and the wait while none
+/// of the tenants a look reads has reported).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How often once the batch's last tenants began reporting, until its pace is known.
+/// The wait once some of the tenants a look reads have reported (as far back as about half the
+/// batch), until the batch's pace is known.
 const PROBE_NEAR: Duration = Duration::from_millis(200);
 /// The soonest look at a batch after the last one.
 const PROBE_SOON: Duration = Duration::from_millis(50);
@@ -370,8 +373,9 @@ fn drop_connection(ctx: &Context, r: &Resource<'_>) {
 /// A look reads the batch's last `parallelPerJob` tenants (the last ones started) and one
 /// tenant 1, 2, 4, ... places before them: tenants start in plan order, so where the results
 /// stop says about how many are left; the whole batch is read only when the last
-/// `parallelPerJob` all succeeded. Returns the batches taken, and for the others about how many
-/// of their tenants are left ([`Progress`]). Errors are logged and left for the next look.
+/// `parallelPerJob` all succeeded. Returns the batches taken, and for others about how many
+/// of their tenants are left ([`Progress`]; a batch missing from it learned nothing from this
+/// look). Errors are logged and left for the next look.
 async fn probe_batches(
     ctx: &Context,
     r: &Resource<'_>,
@@ -469,7 +473,8 @@ fn sample_offsets(n: usize, tail: usize) -> Vec<usize> {
 }
 
 /// About how many tenants of a batch are left, from the results at these places from its end:
-/// the farthest back without one. `None` when none reported (too far to tell) or one failed or
+/// the farthest sampled place without one (a lower bound: the true count may be up to about
+/// twice as many, the next place sampled). `None` when none reported (too far to tell) or one failed or
 /// is unreadable (its Job's end decides; looking sooner helps nothing).
 fn left(looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>], offsets: &[usize]) -> Option<usize> {
     let fine = looks.iter().all(|l| matches!(l, Ok(None) | Ok(Some(JobResult { ok: true, .. }))));
