@@ -102,8 +102,8 @@ impl Probed {
     }
 
     /// When to look again, from about how many of the batch's tenants are `left` without a
-    /// result (`None`: too far to tell, a failed result, or a look that came to nothing: the
-    /// server did not answer, the pods could not be read or are not settled, a failed pod).
+    /// result (`None`: too far to tell, a failed result, or a tenant before the batch's last
+    /// ones still at work: looked at again in a second, the pace forgotten).
     /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
     /// [`PROBE_NEAR`] when the pace is not known yet; backing off from there to once a second
     /// while nothing changes beyond what the pace said (a slow tenant).
@@ -277,14 +277,14 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
         *mem = RunMemory::new(plan.clone());
     }
     // A batch looked at now is looked at again when its progress says (one whose look came
-    // to nothing, e.g. the server did not answer, in a second).
+    // to nothing, e.g. the server did not answer, in a second, its pace kept).
     let now = Instant::now();
     let near: HashMap<String, Option<usize>> = near.into_iter().collect();
     for job in &looked {
         // (Made here too: the first look after a restart or at a new run counts.)
         let p = mem.probed.entry(job.clone()).or_insert_with(Probed::new);
-        let left = near.get(job).copied().flatten();
-        p.every = p.next(left, now);
+        let left = near.get(job).copied();
+        p.every = left.map_or(PROBE_EVERY, |left| p.next(left, now));
         tracing::debug!(resource = r.key, job, ?left, again = ?p.every, "looked at a running batch's results");
     }
     // The next look is due when the soonest of the batches still running is (one looked at
@@ -375,7 +375,8 @@ fn drop_connection(ctx: &Context, r: &Resource<'_>) {
 /// stop says about how many are left; the whole batch is read only when the last
 /// `parallelPerJob` all succeeded. Returns the batches taken, and for others about how many
 /// of their tenants are left ([`Progress`]; a batch missing from it learned nothing from this
-/// look). Errors are logged and left for the next look.
+/// look: the server did not answer, its pods could not be read or are not settled, a failed
+/// pod). Errors are logged and left for the next look.
 async fn probe_batches(
     ctx: &Context,
     r: &Resource<'_>,
@@ -413,9 +414,10 @@ async fn probe_batches(
         };
         let looks = match looks {
             Ok(l) if complete(&l) => l,
-            Ok(l) => {
-                let all: Vec<usize> = (1..=l.len()).rev().collect();
-                near.push((job.name_any(), left(&l, &all)));
+            // Its last tenants reported but one before them is still at work (a larger
+            // tenant): the whole batch is read again in a second, not sooner.
+            Ok(_) => {
+                near.push((job.name_any(), None));
                 continue;
             }
             Err(e) => {
