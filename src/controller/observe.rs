@@ -102,8 +102,8 @@ impl Probed {
     }
 
     /// When to look again, from about how many of the batch's tenants are `left` without a
-    /// result (`None`: too far to tell, a failed result, or a tenant before the batch's last
-    /// ones still at work: looked at again in a second, the pace forgotten).
+    /// result (`None`: too far to tell, or a failed result: looked at again in a second, the
+    /// pace forgotten).
     /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
     /// [`PROBE_NEAR`] when the pace is not known yet; backing off from there to once a second
     /// while nothing changes beyond what the pace said (a slow tenant).
@@ -279,12 +279,17 @@ pub async fn jobs(ctx: &Context, r: &Resource<'_>, plan: &Arc<FrozenRun>) -> Res
     // A batch looked at now is looked at again when its progress says (one whose look came
     // to nothing, e.g. the server did not answer, in a second, its pace kept).
     let now = Instant::now();
-    let near: HashMap<String, Option<usize>> = near.into_iter().collect();
+    let near: HashMap<String, (Option<usize>, bool)> = near.into_iter().map(|(j, l, w)| (j, (l, w))).collect();
     for job in &looked {
         // (Made here too: the first look after a restart or at a new run counts.)
         let p = mem.probed.entry(job.clone()).or_insert_with(Probed::new);
         let left = near.get(job).copied();
-        p.every = left.map_or(PROBE_EVERY, |left| p.next(left, now));
+        p.every = match left {
+            // A look that read the whole batch: not again sooner than this.
+            Some((left, true)) => p.next(left, now).max(PROBE_NEAR),
+            Some((left, false)) => p.next(left, now),
+            None => PROBE_EVERY,
+        };
         tracing::debug!(resource = r.key, job, ?left, again = ?p.every, "looked at a running batch's results");
     }
     // The next look is due when the soonest of the batches still running is (one looked at
@@ -407,7 +412,7 @@ async fn probe_batches(
         let looks = match results(&conn, plan, &picks).await {
             Ok(l) if complete(&l[..tail.min(l.len())]) => results(&conn, plan, &tenants).await,
             Ok(l) => {
-                near.push((job.name_any(), left(&l, &offsets)));
+                near.push((job.name_any(), left(&l, &offsets), false));
                 continue;
             }
             Err(e) => Err(e),
@@ -415,9 +420,10 @@ async fn probe_batches(
         let looks = match looks {
             Ok(l) if complete(&l) => l,
             // Its last tenants reported but one before them is still at work (a larger
-            // tenant): the whole batch is read again in a second, not sooner.
-            Ok(_) => {
-                near.push((job.name_any(), None));
+            // tenant): the whole batch is read again at its pace, not sooner than PROBE_NEAR.
+            Ok(l) => {
+                let all: Vec<usize> = (1..=l.len()).rev().collect();
+                near.push((job.name_any(), left(&l, &all), true));
                 continue;
             }
             Err(e) => {
@@ -446,7 +452,7 @@ async fn probe_batches(
             Ok(p) if !p.items.iter().all(settled) => continue,
             Ok(p) if super::act::release_pods_now(ctx, &r.ns, &p.items).await => {}
             Ok(_) => {
-                near.push((job.name_any(), Some(0)));
+                near.push((job.name_any(), Some(0), false));
                 continue;
             }
             Err(e) => {
@@ -460,7 +466,7 @@ async fn probe_batches(
 }
 
 /// Running batches not taken, each with about how many of its tenants are left.
-type Progress = Vec<(String, Option<usize>)>;
+type Progress = Vec<(String, Option<usize>, bool)>;
 
 /// Where a look at a batch of `n` tenants reads, as places from its end: its last `tail`
 /// (1 to `tail`), then `tail` + 1, + 2, + 4, ... while within the batch.
