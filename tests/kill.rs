@@ -155,9 +155,21 @@ async fn killed_at_random_moments_the_next_run_leaves_it_exactly_before_or_after
         seed(&db, DOCS).await;
         let as_job = round % 2 == 1;
         let mut child = runner(as_job, d, db.name(), result.to_str().unwrap());
-        // Anywhere from before it starts to just after it would have finished.
-        let at = Duration::from_millis(rand::random::<u64>() % (full.as_millis() as u64 + 300));
-        tokio::time::sleep(at).await;
+        // Anywhere from before it starts to just after it would have finished; every third
+        // round once a migration is under way (the reference run's time was measured beside
+        // the other tests: under other load, random moments may all miss the middle).
+        let t = Instant::now();
+        if round % 3 == 0 {
+            while t.elapsed() < Duration::from_secs(60)
+                && !records(&db).await.iter().any(|r| matches!(r.get_str("state"), Ok("applying")))
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 50)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % (full.as_millis() as u64 + 300))).await;
+        }
+        let at = t.elapsed();
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         if records(&db).await.iter().any(|r| matches!(r.get_str("state"), Ok("applying" | "rolling_back"))) {
