@@ -103,8 +103,7 @@ impl Probed {
 
     /// When to look again, from about how many of the batch's tenants are `left` without a
     /// result (`None`: too far to tell, or a failed result: looked at again in a second, the
-    /// pace forgotten).
-    /// Half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
+    /// pace forgotten): half the time the batch's pace says is left, between [`PROBE_SOON`] and [`PROBE_EVERY`];
     /// [`PROBE_NEAR`] when the pace is not known yet; backing off from there to once a second
     /// while nothing changes beyond what the pace said (a slow tenant).
     fn next(&mut self, left: Option<usize>, now: Instant) -> Duration {
@@ -482,8 +481,8 @@ fn sample_offsets(n: usize, tail: usize) -> Vec<usize> {
 
 /// About how many tenants of a batch are left, from the results at these places from its end:
 /// the farthest sampled place without one (a lower bound: the true count may be up to about
-/// twice as many, the next place sampled). `None` when none reported (too far to tell) or one failed or
-/// is unreadable (its Job's end decides; looking sooner helps nothing).
+/// twice as many, the next place sampled). `None` when none reported (too far to tell) or one
+/// failed or is unreadable (its Job's end decides; looking sooner helps nothing).
 fn left(looks: &[Result<Option<JobResult>, crate::job::batch::ReadError>], offsets: &[usize]) -> Option<usize> {
     let fine = looks.iter().all(|l| matches!(l, Ok(None) | Ok(Some(JobResult { ok: true, .. }))));
     if !fine || !looks.iter().any(|l| matches!(l, Ok(Some(_)))) {
